@@ -1,0 +1,89 @@
+"""Images: the K images of a round, where they are stored and which model made them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from db.connect import Executor
+
+
+@dataclass(frozen=True)
+class NewImage:
+    position: int  # 1..K, the order shown
+    sha256: str
+    storage_key: str
+    seed: int | None = None
+    model_version_id: int | None = None  # None: made elsewhere (an imported dataset)
+    width: int | None = None
+    height: int | None = None
+    nsfw: bool = False  # flagged by the safety checker: recorded, never shown
+    hps_score: float | None = None
+    hps_version_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Image:
+    id: int
+    round_id: int
+    position: int
+    model_version_id: int | None
+    seed: int | None
+    sha256: str
+    storage_key: str
+    width: int | None
+    height: int | None
+    nsfw: bool
+    hps_score: float | None
+    hps_version_id: int | None
+    created_at: datetime
+
+
+INSERT_IMAGES_SQL = """
+INSERT INTO images (round_id, position, sha256, storage_key, seed, model_version_id,
+                    width, height, nsfw, hps_score, hps_version_id)
+SELECT $1, * FROM unnest($2::smallint[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+                         $7::int[], $8::int[], $9::bool[], $10::real[], $11::bigint[])
+ON CONFLICT (round_id, position) DO NOTHING
+"""
+
+
+async def insert_images(db: Executor, round_id: int, images: list[NewImage]) -> None:
+    """Insert a round's images in one statement (positions already present are kept)."""
+    columns = [
+        [getattr(image, name) for image in images]
+        for name in (
+            "position",
+            "sha256",
+            "storage_key",
+            "seed",
+            "model_version_id",
+            "width",
+            "height",
+            "nsfw",
+            "hps_score",
+            "hps_version_id",
+        )
+    ]
+    await db.execute(INSERT_IMAGES_SQL, round_id, *columns)
+
+
+IMAGES_OF_ROUND_SQL = """
+SELECT * FROM images WHERE round_id = $1 AND ($2 OR NOT nsfw) ORDER BY position
+"""
+
+
+async def images_of_round(db: Executor, round_id: int, *, include_nsfw: bool) -> list[Image]:
+    return [Image(**dict(r)) for r in await db.fetch(IMAGES_OF_ROUND_SQL, round_id, include_nsfw)]
+
+
+SET_SCORES_SQL = """
+UPDATE images i SET hps_score = s.score, hps_version_id = $3
+FROM unnest($1::bigint[], $2::real[]) AS s(id, score)
+WHERE i.id = s.id
+"""
+
+
+async def set_scores(db: Executor, scores: dict[int, float], hps_version_id: int | None) -> None:
+    """Store HPS scores (image id → score) and the classifier version that gave them."""
+    await db.execute(SET_SCORES_SQL, list(scores), list(scores.values()), hps_version_id)

@@ -1,0 +1,75 @@
+"""Prompts: one row per distinct (prompt, negative prompt) after normalisation.
+
+Normalisation is NFKC, whitespace collapsed, case folded. CLIP's tokenizer lower-cases and
+cleans whitespace itself, so two prompts that normalise alike generate and score alike; the
+row keeps the first spelling seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+
+from db.connect import Executor
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def prompt_hash(text: str, negative_text: str = "") -> str:
+    """The key that makes two prompts the same prompt."""
+    return hashlib.sha256(f"{normalize(text)}\x00{normalize(negative_text)}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: int
+    text: str
+    negative_text: str
+    norm_hash: str
+    contains_name: bool
+    created_at: datetime
+
+
+ENSURE_PROMPT_SQL = """
+WITH inserted AS (
+    INSERT INTO prompts (text, negative_text, norm_hash, contains_name)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (norm_hash) DO NOTHING
+    RETURNING id
+)
+SELECT id FROM inserted
+UNION ALL
+SELECT id FROM prompts WHERE norm_hash = $3
+"""
+
+PROMPT_ID_SQL = """
+SELECT id FROM prompts WHERE norm_hash = $1
+"""
+
+
+async def ensure_prompt(
+    db: Executor, text: str, negative_text: str = "", *, contains_name: bool = False
+) -> int:
+    """The id of this prompt's row, inserted if new."""
+    key = prompt_hash(text, negative_text)
+    prompt_id = await db.fetchval(ENSURE_PROMPT_SQL, text, negative_text, key, contains_name)
+    if prompt_id is None:  # inserted concurrently after this statement's snapshot
+        prompt_id = await db.fetchval(PROMPT_ID_SQL, key)
+    return prompt_id
+
+
+GET_PROMPT_SQL = """
+SELECT * FROM prompts WHERE id = $1
+"""
+
+
+async def get_prompt(db: Executor, prompt_id: int) -> Prompt | None:
+    record = await db.fetchrow(GET_PROMPT_SQL, prompt_id)
+    return Prompt(**dict(record)) if record else None

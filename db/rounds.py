@@ -1,0 +1,341 @@
+"""Rounds: one /dream, from request to closed.
+
+Status lifecycle (enforced here, checked by the schema):
+
+    queued ──▶ generating ──▶ ready ──▶ closed
+       │            │
+       └────────────┴──▶ failed ──(retry)──▶ queued
+
+Every status change NOTIFYs `hps_rounds` with `{"round_id": …, "status": …}`; the NOTIFY is
+part of the transaction, so listeners hear of a change exactly when it is visible.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from db import jobs, prompts, users
+from db.connect import Executor, transaction
+from db.images import Image, NewImage, images_of_round, insert_images
+
+ROUNDS_CHANNEL = "hps_rounds"
+GENERATE_KIND = "generate"
+
+
+@dataclass(frozen=True)
+class Round:
+    id: int
+    prompt_id: int
+    requester_id: int | None
+    source: str
+    external_id: str | None
+    split: str | None
+    guild_id: int | None
+    channel_id: int | None
+    message_id: int | None
+    params: dict[str, Any]
+    k: int
+    status: str
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    ready_at: datetime | None
+    closed_at: datetime | None
+
+
+def _round(record: Any) -> Round:
+    return Round(**{f: record[f] for f in Round.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-user round limits; 0 means no rounds at all, None means no limit."""
+
+    per_hour: int | None = None
+    in_flight: int | None = None
+    per_week: int | None = None
+
+
+class RoundRefused(Exception):
+    """A /dream that may not start. `code` is for programs, the message for people."""
+
+    def __init__(self, code: str, message: str, retry_after: timedelta | None = None):
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class CreatedRound:
+    round: Round
+    job: jobs.Job
+    queue_position: int
+
+
+USAGE_SQL = """
+SELECT
+    count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS last_hour,
+    count(*) FILTER (WHERE status IN ('queued', 'generating')) AS in_flight,
+    count(*) AS last_week,
+    min(created_at) FILTER (WHERE created_at > now() - interval '1 hour')
+        + interval '1 hour' - now() AS hour_frees_in,
+    min(created_at) + interval '7 days' - now() AS week_frees_in
+FROM rounds
+WHERE requester_id = $1 AND created_at > now() - interval '7 days'
+"""
+
+INSERT_ROUND_SQL = """
+INSERT INTO rounds (prompt_id, requester_id, guild_id, channel_id, params, k)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING *
+"""
+
+
+async def create_round(
+    db: Executor,
+    *,
+    requester_discord_id: int,
+    prompt: str,
+    negative_prompt: str = "",
+    k: int,
+    params: dict[str, Any] | None = None,
+    guild_id: int | None = None,
+    channel_id: int | None = None,
+    limits: Limits = Limits(),
+    priority: int = 0,
+) -> CreatedRound:
+    """Check the user may dream, then insert the round and enqueue its generate job, in one
+    transaction. Raises `RoundRefused` (and changes nothing) when the user is banned or over
+    a limit. The user's row is locked meanwhile, so concurrent requests cannot both slip
+    under a limit."""
+    async with transaction(db) as conn:
+        user = await users.ensure_user(conn, requester_discord_id)
+        if user.banned:
+            raise RoundRefused("banned", "You are not allowed to start rounds here.")
+        usage = await conn.fetchrow(USAGE_SQL, user.id)
+        _check_limits(usage, limits)
+        prompt_id = await prompts.ensure_prompt(conn, prompt, negative_prompt)
+        record = await conn.fetchrow(
+            INSERT_ROUND_SQL, prompt_id, user.id, guild_id, channel_id, params or {}, k
+        )
+        created = _round(record)
+        job, _ = await jobs.enqueue(
+            conn,
+            GENERATE_KIND,
+            {"round_id": created.id},
+            dedupe_key=f"generate:round:{created.id}",
+            priority=priority,
+            requested_by=f"discord:{requester_discord_id}",
+        )
+        await _notify(conn, created.id, created.status)
+        position = await jobs.queue_position(conn, job)
+        return CreatedRound(created, job, position)
+
+
+def _check_limits(usage: Any, limits: Limits) -> None:
+    if limits.in_flight is not None and usage["in_flight"] >= limits.in_flight:
+        raise RoundRefused(
+            "in_flight",
+            f"You already have {usage['in_flight']} round(s) being generated "
+            f"(limit {limits.in_flight}); wait for them to finish.",
+        )
+    if limits.per_hour is not None and usage["last_hour"] >= limits.per_hour:
+        raise RoundRefused(
+            "per_hour",
+            f"You have started {usage['last_hour']} round(s) in the last hour "
+            f"(limit {limits.per_hour}).",
+            retry_after=usage["hour_frees_in"],
+        )
+    if limits.per_week is not None and usage["last_week"] >= limits.per_week:
+        raise RoundRefused(
+            "per_week",
+            f"You have started {usage['last_week']} round(s) in the last 7 days "
+            f"(limit {limits.per_week}).",
+            retry_after=usage["week_frees_in"],
+        )
+
+
+GET_ROUND_SQL = """
+SELECT * FROM rounds WHERE id = $1
+"""
+
+
+async def get_round(db: Executor, round_id: int) -> Round | None:
+    record = await db.fetchrow(GET_ROUND_SQL, round_id)
+    return _round(record) if record else None
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """A round with what it takes to show or generate it."""
+
+    round: Round
+    prompt: str
+    negative_prompt: str
+    requester_discord_id: int | None
+    images: list[Image] = field(default_factory=list)  # shown images only (never nsfw)
+
+
+ROUND_VIEW_SQL = """
+SELECT r.*, p.text AS prompt, p.negative_text AS negative_prompt,
+       u.discord_id AS requester_discord_id
+FROM rounds r
+JOIN prompts p ON p.id = r.prompt_id
+LEFT JOIN users u ON u.id = r.requester_id
+WHERE r.id = $1
+"""
+
+
+async def get_round_view(db: Executor, round_id: int) -> RoundView | None:
+    record = await db.fetchrow(ROUND_VIEW_SQL, round_id)
+    if record is None:
+        return None
+    shown = await images_of_round(db, round_id, include_nsfw=False)
+    return RoundView(
+        _round(record),
+        record["prompt"],
+        record["negative_prompt"],
+        record["requester_discord_id"],
+        shown,
+    )
+
+
+START_GENERATING_SQL = """
+UPDATE rounds SET status = 'generating', started_at = coalesce(started_at, now())
+WHERE id = $1 AND status IN ('queued', 'generating')
+RETURNING id
+"""
+
+
+async def start_generating(db: Executor, round_id: int) -> RoundView | None:
+    """Move a queued round to generating (a retried job finds it generating already) and
+    return it; None if the round is gone or no longer waits for images."""
+    async with transaction(db) as conn:
+        if await conn.fetchrow(START_GENERATING_SQL, round_id) is None:
+            return None
+        await _notify(conn, round_id, "generating")
+        return await get_round_view(conn, round_id)
+
+
+MARK_READY_SQL = """
+UPDATE rounds SET status = 'ready', ready_at = now(), error = NULL
+WHERE id = $1 AND status IN ('queued', 'generating')
+RETURNING id
+"""
+
+
+async def finish_round(db: Executor, round_id: int, images: list[NewImage]) -> bool:
+    """Insert the round's images and mark it ready, in one transaction (the caller's, if it
+    passes a connection inside one, so the job's completion can commit with it). False,
+    with nothing written, if the round no longer waits for images."""
+    async with transaction(db) as conn:
+        if await conn.fetchrow(MARK_READY_SQL, round_id) is None:
+            return False
+        await insert_images(conn, round_id, images)
+        await _notify(conn, round_id, "ready")
+        return True
+
+
+FAIL_ROUND_SQL = """
+UPDATE rounds SET status = 'failed', error = $2
+WHERE id = $1 AND status IN ('queued', 'generating')
+RETURNING id
+"""
+
+
+async def fail_round(db: Executor, round_id: int, error: str) -> bool:
+    """Mark a round failed with a reason the requester may read."""
+    async with transaction(db) as conn:
+        if await conn.fetchrow(FAIL_ROUND_SQL, round_id, error[:1000]) is None:
+            return False
+        await _notify(conn, round_id, "failed")
+        return True
+
+
+REQUEUE_ROUND_SQL = """
+UPDATE rounds SET status = 'queued', error = NULL, started_at = NULL
+WHERE id = $1 AND status = 'failed'
+RETURNING id
+"""
+
+
+async def retry_round(db: Executor, round_id: int) -> jobs.Job | None:
+    """Put a failed round back in the queue (its generate job too); None if not failed."""
+    async with transaction(db) as conn:
+        if await conn.fetchrow(REQUEUE_ROUND_SQL, round_id) is None:
+            return None
+        key = f"generate:round:{round_id}"
+        latest = await conn.fetchrow(LATEST_GENERATE_JOB_SQL, key)
+        job = await jobs.get(conn, latest["id"]) if latest else None
+        if job is not None and job.state in ("dead", "cancelled"):
+            job = await jobs.retry(conn, job.id)
+        elif job is None or job.state == "done":
+            # done: the job finished by failing the round on purpose (e.g. all images
+            # flagged); a fresh job with an attempt-numbered key runs it again.
+            number = latest["n"] + 1 if latest else 1
+            job, _ = await jobs.enqueue(
+                conn, GENERATE_KIND, {"round_id": round_id}, dedupe_key=f"{key}:{number}"
+            )
+        await _notify(conn, round_id, "queued")
+        return job
+
+
+# A round's generate jobs: its first, and one per retry after a deliberate failure.
+LATEST_GENERATE_JOB_SQL = """
+SELECT id, count(*) OVER () AS n FROM jobs
+WHERE dedupe_key = $1 OR dedupe_key LIKE $1 || ':%'
+ORDER BY id DESC LIMIT 1
+"""
+
+CLOSE_STALE_SQL = """
+UPDATE rounds SET status = 'closed', closed_at = now()
+WHERE status = 'ready' AND ready_at < now() - $1::interval
+RETURNING id
+"""
+
+
+async def close_stale_rounds(db: Executor, ttl: timedelta) -> list[int]:
+    """Close rounds ready for longer than `ttl`; returns their ids."""
+    async with transaction(db) as conn:
+        ids = [r["id"] for r in await conn.fetch(CLOSE_STALE_SQL, ttl)]
+        for round_id in ids:
+            await _notify(conn, round_id, "closed")
+        return ids
+
+
+CLOSE_ROUND_SQL = """
+UPDATE rounds SET status = 'closed', closed_at = now()
+WHERE id = $1 AND status = 'ready'
+RETURNING id
+"""
+
+
+async def close_round(db: Executor, round_id: int) -> bool:
+    async with transaction(db) as conn:
+        if await conn.fetchrow(CLOSE_ROUND_SQL, round_id) is None:
+            return False
+        await _notify(conn, round_id, "closed")
+        return True
+
+
+SET_MESSAGE_SQL = """
+UPDATE rounds SET message_id = $2 WHERE id = $1
+"""
+
+
+async def set_message(db: Executor, round_id: int, message_id: int) -> None:
+    """Remember the Discord message that shows the round."""
+    await db.execute(SET_MESSAGE_SQL, round_id, message_id)
+
+
+NOTIFY_ROUND_SQL = """
+SELECT pg_notify($1, $2)
+"""
+
+
+async def _notify(conn: Executor, round_id: int, status: str) -> None:
+    payload = json.dumps({"round_id": round_id, "status": status})
+    await conn.execute(NOTIFY_ROUND_SQL, ROUNDS_CHANNEL, payload)

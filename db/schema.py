@@ -1,0 +1,313 @@
+"""The schema the code expects, declared with SQLAlchemy Core.
+
+This is the source of truth for `alembic revision --autogenerate` and for the drift test
+(`compare_metadata` between this and a database migrated to head must be empty). Queries do
+not use it: they are plain SQL over asyncpg. Views, triggers and grants live only in the
+migrations (autogenerate does not see them); the tests cover them directly.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def _id() -> Column:
+    return Column("id", BigInteger, Identity(), primary_key=True)
+
+
+def _now(name: str, nullable: bool = False) -> Column:
+    return Column(name, DateTime(timezone=True), nullable=nullable, server_default=text("now()"))
+
+
+def _at(name: str) -> Column:
+    return Column(name, DateTime(timezone=True), nullable=True)
+
+
+ROUND_STATUSES = ("queued", "generating", "ready", "closed", "failed")
+VERDICTS = ("pick", "tie", "none")
+CHOICE_OUTCOMES = ("recorded", "changed", "unchanged")
+MODEL_KINDS = ("classifier", "sd_base", "sd_adapter")
+MODEL_STATUSES = ("candidate", "testing", "serving", "retired")
+MODEL_ACTIONS = ("registered", "testing", "promoted", "retired", "rolled_back")
+JOB_STATES = ("queued", "running", "done", "dead", "cancelled")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+users = Table(
+    "users",
+    metadata,
+    _id(),
+    Column("discord_id", BigInteger, nullable=True, unique=True),
+    # Stable pseudonymous id for exports and analysts; not derivable from the Discord id.
+    Column(
+        "pseudonym",
+        Text,
+        nullable=False,
+        unique=True,
+        server_default=text("replace(gen_random_uuid()::text, '-', '')"),
+    ),
+    Column("source", Text, nullable=False, server_default="discord"),
+    _now("first_seen_at"),
+    _now("last_seen_at"),
+    Column("banned", Boolean, nullable=False, server_default=text("false")),
+    Column("shadow_banned", Boolean, nullable=False, server_default=text("false")),
+    Column("ban_reason", Text, nullable=True),
+    _at("banned_at"),
+    Column("banned_by", Text, nullable=True),
+    _at("forgotten_at"),
+    CheckConstraint(_in("source", ("discord", "import")), name="source"),
+    CheckConstraint("NOT (banned AND shadow_banned)", name="one_ban"),
+)
+
+prompts = Table(
+    "prompts",
+    metadata,
+    _id(),
+    Column("text", Text, nullable=False),
+    Column("negative_text", Text, nullable=False, server_default=""),
+    # sha256 of the normalized (text, negative_text): one row per distinct prompt.
+    Column("norm_hash", Text, nullable=False, unique=True),
+    Column("contains_name", Boolean, nullable=False, server_default=text("false")),
+    _now("created_at"),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    _id(),
+    Column("kind", Text, nullable=False),
+    Column("name", Text, nullable=False, unique=True),
+    Column("parent_id", BigInteger, ForeignKey("model_versions.id"), nullable=True),
+    Column("artifact", Text, nullable=False),  # local path or hub id
+    Column("sha256", Text, nullable=True),
+    Column("config", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("metrics", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("status", Text, nullable=False, server_default="candidate"),
+    _now("created_at"),
+    _at("promoted_at"),
+    _at("retired_at"),
+    CheckConstraint(_in("kind", MODEL_KINDS), name="kind"),
+    CheckConstraint(_in("status", MODEL_STATUSES), name="status"),
+    Index(
+        "uq_model_versions_one_serving",
+        "kind",
+        unique=True,
+        postgresql_where=text("status = 'serving'"),
+    ),
+)
+
+model_events = Table(
+    "model_events",
+    metadata,
+    _id(),
+    Column(
+        "model_version_id",
+        BigInteger,
+        ForeignKey("model_versions.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("action", Text, nullable=False),
+    Column("actor", Text, nullable=True),
+    Column("reason", Text, nullable=True),
+    _now("created_at"),
+    CheckConstraint(_in("action", MODEL_ACTIONS), name="action"),
+)
+
+rounds = Table(
+    "rounds",
+    metadata,
+    _id(),
+    Column("prompt_id", BigInteger, ForeignKey("prompts.id"), nullable=False, index=True),
+    Column("requester_id", BigInteger, ForeignKey("users.id"), nullable=True),
+    Column("source", Text, nullable=False, server_default="discord"),
+    Column("external_id", Text, nullable=True),
+    Column("split", Text, nullable=True),
+    Column("guild_id", BigInteger, nullable=True),
+    Column("channel_id", BigInteger, nullable=True),
+    Column("message_id", BigInteger, nullable=True),
+    Column("params", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("k", SmallInteger, nullable=False),
+    Column("status", Text, nullable=False, server_default="queued"),
+    Column("error", Text, nullable=True),
+    _now("created_at"),
+    _at("started_at"),
+    _at("ready_at"),
+    _at("closed_at"),
+    CheckConstraint(_in("source", ("discord", "import")), name="source"),
+    CheckConstraint("split IS NULL OR " + _in("split", ("train", "test")), name="split"),
+    CheckConstraint("k BETWEEN 1 AND 16", name="k"),
+    CheckConstraint(_in("status", ROUND_STATUSES), name="status"),
+    UniqueConstraint("source", "external_id"),
+    Index("ix_rounds_requester_id_created_at", "requester_id", "created_at"),
+    Index("ix_rounds_status_created_at", "status", "created_at"),
+    Index("ix_rounds_created_at", "created_at"),
+)
+
+images = Table(
+    "images",
+    metadata,
+    _id(),
+    Column("round_id", BigInteger, ForeignKey("rounds.id", ondelete="CASCADE"), nullable=False),
+    Column("position", SmallInteger, nullable=False),
+    Column(
+        "model_version_id", BigInteger, ForeignKey("model_versions.id"), nullable=True, index=True
+    ),
+    Column("seed", BigInteger, nullable=True),
+    Column("sha256", Text, nullable=False, index=True),
+    Column("storage_key", Text, nullable=False),
+    Column("width", Integer, nullable=True),
+    Column("height", Integer, nullable=True),
+    # Flagged by the safety checker: recorded, never posted.
+    Column("nsfw", Boolean, nullable=False, server_default=text("false")),
+    Column("hps_score", REAL, nullable=True),
+    Column("hps_version_id", BigInteger, ForeignKey("model_versions.id"), nullable=True),
+    _now("created_at"),
+    CheckConstraint("position BETWEEN 1 AND 16", name="position"),
+    CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="sha256"),
+    UniqueConstraint("round_id", "position"),
+)
+
+choices = Table(
+    "choices",
+    metadata,
+    _id(),
+    Column("round_id", BigInteger, ForeignKey("rounds.id", ondelete="CASCADE"), nullable=False),
+    Column(
+        "user_id",
+        BigInteger,
+        ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("verdict", Text, nullable=False),
+    Column("chosen_position", SmallInteger, nullable=True),
+    Column("is_requester", Boolean, nullable=False),
+    Column("flagged", Boolean, nullable=False, server_default=text("false")),
+    Column("revision", Integer, nullable=False, server_default=text("1")),
+    _now("created_at"),
+    _now("updated_at"),
+    CheckConstraint(_in("verdict", VERDICTS), name="verdict"),
+    CheckConstraint("(verdict = 'pick') = (chosen_position IS NOT NULL)", name="pick_position"),
+    UniqueConstraint("round_id", "user_id"),
+    ForeignKeyConstraint(
+        ["round_id", "chosen_position"],
+        ["images.round_id", "images.position"],
+        name="fk_choices_chosen_image",
+    ),
+    Index("ix_choices_created_at", "created_at"),
+)
+
+choice_events = Table(
+    "choice_events",
+    metadata,
+    _id(),
+    Column(
+        "round_id",
+        BigInteger,
+        ForeignKey("rounds.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column(
+        "user_id",
+        BigInteger,
+        ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("verdict", Text, nullable=False),
+    Column("chosen_position", SmallInteger, nullable=True),
+    Column("is_requester", Boolean, nullable=False),
+    Column("flagged", Boolean, nullable=False),
+    Column("outcome", Text, nullable=False),
+    Column("interaction_id", BigInteger, nullable=True),
+    _now("created_at"),
+    CheckConstraint(_in("verdict", VERDICTS), name="verdict"),
+    CheckConstraint(_in("outcome", CHOICE_OUTCOMES), name="outcome"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    _id(),
+    Column("kind", Text, nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("state", Text, nullable=False, server_default="queued"),
+    Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+    Column("dedupe_key", Text, nullable=True, unique=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("3")),
+    _now("run_after"),
+    Column("worker_id", Text, nullable=True),
+    _at("lease_expires_at"),
+    _at("heartbeat_at"),
+    _now("created_at"),
+    _at("started_at"),
+    _at("finished_at"),
+    Column("result", JSONB, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("requested_by", Text, nullable=True),
+    CheckConstraint(_in("state", JOB_STATES), name="state"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    Index(
+        "ix_jobs_queued",
+        "kind",
+        text("priority DESC"),
+        "run_after",
+        "id",
+        postgresql_where=text("state = 'queued'"),
+    ),
+    Index(
+        "ix_jobs_running_lease",
+        "lease_expires_at",
+        postgresql_where=text("state = 'running'"),
+    ),
+    Index("ix_jobs_kind_state", "kind", "state"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("kinds", ARRAY(Text), nullable=False),
+    Column("device", Text, nullable=False),
+    _now("started_at"),
+    _now("last_seen_at"),
+    _at("stopped_at"),
+    Column("current_job_id", BigInteger, nullable=True),
+)

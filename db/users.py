@@ -1,0 +1,184 @@
+"""Users: Discord accounts (and imported dataset users), bans, and forgetting.
+
+Forgetting a user (our documented choice: deletion, not pseudonymisation), in one transaction:
+- every choice and choice event the user made is deleted;
+- every round the user requested is deleted with its images' rows and the votes others cast
+  on it (the prompt text is the user's content); prompts no other round uses are deleted;
+  queued generate jobs of those rounds are cancelled;
+- the user row stays as a tombstone (so user counts stay right) with a fresh pseudonym,
+  `forgotten_at` set and the Discord id removed, except for a banned or shadow-banned user,
+  whose Discord id is kept so that forgetting cannot be used to shed a ban.
+The image files that no remaining row references are returned for the caller to delete from
+the image store after the commit (a crash in between leaves only unreferenced files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from db.connect import Executor, transaction
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    discord_id: int | None
+    pseudonym: str
+    source: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+    banned: bool
+    shadow_banned: bool
+    ban_reason: str | None
+    banned_at: datetime | None
+    banned_by: str | None
+    forgotten_at: datetime | None
+
+
+ENSURE_DISCORD_USER_SQL = """
+INSERT INTO users (discord_id) VALUES ($1)
+ON CONFLICT (discord_id) DO UPDATE SET last_seen_at = now()
+RETURNING *
+"""
+
+
+async def ensure_user(db: Executor, discord_id: int) -> User:
+    """The user with this Discord id, created on first sight. Inside a transaction the row
+    stays locked until commit, which serialises one user's concurrent actions."""
+    return User(**dict(await db.fetchrow(ENSURE_DISCORD_USER_SQL, discord_id)))
+
+
+GET_BY_DISCORD_ID_SQL = """
+SELECT * FROM users WHERE discord_id = $1
+"""
+
+
+async def get_user(db: Executor, discord_id: int) -> User | None:
+    record = await db.fetchrow(GET_BY_DISCORD_ID_SQL, discord_id)
+    return User(**dict(record)) if record else None
+
+
+ENSURE_IMPORTED_USER_SQL = """
+INSERT INTO users (pseudonym, source) VALUES ($1, 'import')
+ON CONFLICT (pseudonym) DO UPDATE SET last_seen_at = users.last_seen_at
+RETURNING *
+"""
+
+
+async def ensure_imported_user(db: Executor, pseudonym: str) -> User:
+    """A user known only by a dataset's pseudonymous id (e.g. HPD's `user_hash`)."""
+    return User(**dict(await db.fetchrow(ENSURE_IMPORTED_USER_SQL, pseudonym)))
+
+
+SET_BAN_SQL = """
+INSERT INTO users (discord_id, banned, shadow_banned, ban_reason, banned_at, banned_by)
+VALUES ($1, NOT $2, $2, $3, now(), $4)
+ON CONFLICT (discord_id) DO UPDATE
+SET banned = NOT $2, shadow_banned = $2, ban_reason = $3, banned_at = now(), banned_by = $4
+RETURNING *
+"""
+
+
+async def ban(
+    db: Executor, discord_id: int, *, shadow: bool = False, reason: str | None, actor: str
+) -> User:
+    """Ban a user (created if never seen). A shadow-banned user's actions look normal to
+    them but their choices are stored flagged and left out of training and exports."""
+    return User(**dict(await db.fetchrow(SET_BAN_SQL, discord_id, shadow, reason, actor)))
+
+
+UNBAN_SQL = """
+UPDATE users
+SET banned = false, shadow_banned = false, ban_reason = NULL, banned_at = NULL, banned_by = NULL
+WHERE discord_id = $1
+RETURNING *
+"""
+
+
+async def unban(db: Executor, discord_id: int) -> User | None:
+    """Lift any ban; None if the user is unknown. Past flagged choices stay flagged."""
+    record = await db.fetchrow(UNBAN_SQL, discord_id)
+    return User(**dict(record)) if record else None
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    user_id: int
+    choices_deleted: int
+    events_deleted: int
+    rounds_deleted: int
+    orphaned_image_keys: list[str]
+
+
+LOCK_USER_SQL = """
+SELECT id FROM users WHERE discord_id = $1 FOR UPDATE
+"""
+
+FORGET_EVENTS_SQL = """
+DELETE FROM choice_events WHERE user_id = $1
+"""
+
+FORGET_CHOICES_SQL = """
+DELETE FROM choices WHERE user_id = $1
+"""
+
+REQUESTED_ROUNDS_SQL = """
+SELECT r.id, r.prompt_id,
+       coalesce(array_agg(i.storage_key) FILTER (WHERE i.id IS NOT NULL), '{}') AS keys
+FROM rounds r LEFT JOIN images i ON i.round_id = r.id
+WHERE r.requester_id = $1
+GROUP BY r.id
+"""
+
+CANCEL_ROUND_JOBS_SQL = """
+UPDATE jobs SET state = 'cancelled', finished_at = now()
+WHERE kind = 'generate' AND state = 'queued'
+  AND (payload->>'round_id')::bigint = ANY($1::bigint[])
+"""
+
+DELETE_ROUNDS_SQL = """
+DELETE FROM rounds WHERE id = ANY($1::bigint[])
+"""
+
+DELETE_ORPHAN_PROMPTS_SQL = """
+DELETE FROM prompts p
+WHERE p.id = ANY($1::bigint[]) AND NOT EXISTS (SELECT FROM rounds r WHERE r.prompt_id = p.id)
+"""
+
+UNREFERENCED_KEYS_SQL = """
+SELECT DISTINCT k FROM unnest($1::text[]) AS k
+WHERE NOT EXISTS (SELECT FROM images i WHERE i.storage_key = k)
+"""
+
+TOMBSTONE_SQL = """
+UPDATE users
+SET discord_id = CASE WHEN banned OR shadow_banned THEN discord_id END,
+    pseudonym = replace(gen_random_uuid()::text, '-', ''),
+    forgotten_at = now()
+WHERE id = $1
+"""
+
+
+async def forget_user(db: Executor, discord_id: int) -> ForgetResult | None:
+    """Delete the user's data as described in the module docstring; None if unknown."""
+    async with transaction(db) as conn:
+        user_id = await conn.fetchval(LOCK_USER_SQL, discord_id)
+        if user_id is None:
+            return None
+        events = _count(await conn.execute(FORGET_EVENTS_SQL, user_id))
+        choices = _count(await conn.execute(FORGET_CHOICES_SQL, user_id))
+        rounds = await conn.fetch(REQUESTED_ROUNDS_SQL, user_id)
+        round_ids = [r["id"] for r in rounds]
+        keys = [k for r in rounds for k in r["keys"]]
+        await conn.execute(CANCEL_ROUND_JOBS_SQL, round_ids)
+        await conn.execute(DELETE_ROUNDS_SQL, round_ids)
+        await conn.execute(DELETE_ORPHAN_PROMPTS_SQL, list({r["prompt_id"] for r in rounds}))
+        orphaned = [r["k"] for r in await conn.fetch(UNREFERENCED_KEYS_SQL, keys)]
+        await conn.execute(TOMBSTONE_SQL, user_id)
+        return ForgetResult(user_id, choices, events, len(round_ids), sorted(orphaned))
+
+
+def _count(status: str) -> int:
+    """The row count of an asyncpg command status such as `DELETE 3`."""
+    return int(status.rsplit(" ", 1)[-1])

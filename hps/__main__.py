@@ -1,0 +1,5 @@
+"""`python -m hps` runs the CLI."""
+
+from hps.cli import main
+
+main()

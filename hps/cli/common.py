@@ -1,0 +1,39 @@
+"""What every command shares: settings with a readable failure, logging, async entry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from hps.logs import configure_logging
+from hps.settings import ConfigError, Settings, get_settings
+
+T = TypeVar("T")
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def settings() -> Settings:
+    """The settings, or exit 2 with the config error (naming the setting)."""
+    try:
+        loaded = get_settings()
+    except ConfigError as exc:
+        err_console.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    configure_logging(loaded.log_level, loaded.log_format, loaded.secret_values())
+    return loaded
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print an error a user caused and return the Exit to raise."""
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    return typer.Exit(code)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)

@@ -1,0 +1,66 @@
+"""`hps db upgrade|downgrade|status`."""
+
+from __future__ import annotations
+
+import typer
+
+from hps.cli.common import console, fail, run, settings
+from hps.settings import redact_url
+
+app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+
+
+def _url() -> str:
+    from db.connect import database_url
+
+    return database_url(settings())
+
+
+@app.command("upgrade")
+def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    from db import migrate
+
+    url = _url()
+    migrate.upgrade(url, revision)
+    console.print(f"{redact_url(url)}: upgraded to {revision}", highlight=False)
+
+
+@app.command("downgrade")
+def downgrade(
+    revision: str = typer.Argument(..., help="Target revision, e.g. -1 or base."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+) -> None:
+    """Revert migrations down to REVISION (this can drop data)."""
+    from db import migrate
+
+    url = _url()
+    if not yes:
+        typer.confirm(f"Downgrade {redact_url(url)} to {revision}? This can drop data", abort=True)
+    migrate.downgrade(url, revision)
+    console.print(f"database downgraded to {revision}")
+
+
+@app.command("status")
+def status() -> None:
+    """Show the current and newest revisions; exit 1 if migrations are pending."""
+    from db import migrate
+    from db.connect import connect
+
+    url = _url()
+
+    async def _status() -> migrate.MigrationStatus:
+        conn = await connect(url)
+        try:
+            return await migrate.status(conn)
+        finally:
+            await conn.close()
+
+    state = run(_status())
+    console.print(f"database: {redact_url(url)}", highlight=False)
+    console.print(f"current:  {state.current or '(empty database)'}")
+    console.print(f"head:     {state.head}")
+    if not state.up_to_date:
+        console.print(f"pending:  {', '.join(state.pending)}")
+        raise fail("migrations are pending: run `hps db upgrade`")
+    console.print("up to date")

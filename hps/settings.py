@@ -1,0 +1,289 @@
+"""The one settings object: `HPS_*` environment variables over an optional TOML file.
+
+Sections are nested models; in the environment a section and its key are joined by a double
+underscore (`HPS_DISCORD__TOKEN`, `HPS_LIMITS__ROUNDS_PER_HOUR`); in TOML they are tables
+(`[discord] token = "..."`). The TOML file is `HPS_CONFIG` if set, else `./hps.toml` if present.
+Environment variables win over the file, the file over the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "HPS_"
+NESTED_DELIMITER = "__"
+DEFAULT_CONFIG_FILE = Path("hps.toml")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the setting and never its value."""
+
+
+class Section(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+class DiscordSettings(Section):
+    token: SecretStr | None = Field(None, description="Bot token (secret).")
+    guild_ids: list[int] = Field(
+        default_factory=list,
+        description="Guilds the command tree is synced to on start (fast); empty = global sync.",
+    )
+    channel_ids: list[int] = Field(
+        default_factory=list, description="Channels where /dream is allowed; empty = any channel."
+    )
+    maintainer_role_ids: list[int] = Field(
+        default_factory=list, description="Roles allowed to run maintainer commands."
+    )
+    log_channel_id: int | None = Field(
+        None, description="Channel where training and promotion outcomes are posted."
+    )
+    api_base_url: str | None = Field(
+        None, description="REST base URL override (an API proxy, or a local test server)."
+    )
+    gateway_url: str | None = Field(None, description="Gateway websocket URL override.")
+    shard_count: int | None = Field(None, ge=1, description="Shards; empty = Discord's advice.")
+
+
+class LimitSettings(Section):
+    rounds_per_hour: int = Field(10, ge=0, description="Rounds one user may start per hour.")
+    rounds_in_flight: int = Field(2, ge=0, description="Rounds of one user queued or generating.")
+    rounds_per_week: int = Field(200, ge=0, description="Rounds one user may start per 7 days.")
+    prompt_max_length: int = Field(500, ge=1, le=4000, description="Longest prompt accepted.")
+    banned_terms: list[str] = Field(
+        default_factory=list, description="Case-insensitive terms a prompt may not contain."
+    )
+    round_ttl_minutes: int = Field(
+        24 * 60, ge=1, description="Minutes after which a ready round closes to new clicks."
+    )
+    others_may_vote: bool = Field(True, description="Users other than the requester may vote.")
+    score_max_images: int = Field(4, ge=1, le=10, description="Images per /score.")
+    score_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Bytes per scored image.")
+    score_max_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Pixels per scored image (decompression bombs)."
+    )
+
+
+class GenerationSettings(Section):
+    sd_model: str = Field(
+        "CompVis/stable-diffusion-v1-4",
+        description="Base text-to-image pipeline: a hub id or a local folder (diffusers layout).",
+    )
+    images_per_round: int = Field(4, ge=2, le=8, description="Images (K) shown per round.")
+    steps: int = Field(50, ge=1, le=500, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    width: int = Field(512, ge=64, le=2048, multiple_of=8, description="Image width (square).")
+    height: int = Field(512, ge=64, le=2048, multiple_of=8, description="Image height (square).")
+    safety_checker: bool = Field(True, description="Run the pipeline's safety checker.")
+    post_grid: bool = Field(False, description="Also post a grid of the round's images.")
+
+
+class ModelSettings(Section):
+    hps_arch: str = Field(
+        "ViT-L-14", description="open_clip architecture name or model-config JSON path."
+    )
+    hps_pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag or weights file for the base CLIP."
+    )
+    hps_checkpoint: Path | None = Field(
+        None, description="Fine-tuned HPS weights (the paper's hpc.pth, or one of ours)."
+    )
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1, ...")
+
+
+class ScheduleSettings(Section):
+    timezone: str = Field("UTC", description="Time zone of the cron expressions.")
+    retrain_classifier: str | None = Field(
+        "0 3 * * *", description="Cron of classifier retraining; empty = off."
+    )
+    retrain_min_new_choices: int = Field(
+        500, ge=0, description="Retrain only when this many new choices arrived since last time."
+    )
+    adapt_sd: str | None = Field("0 4 * * 0", description="Cron of SD re-adaptation; empty = off.")
+    close_stale_rounds: str | None = Field(
+        "*/5 * * * *", description="Cron of closing rounds past their TTL; empty = off."
+    )
+
+
+class WorkerSettings(Section):
+    kinds: list[str] = Field(
+        default_factory=lambda: ["generate", "score", "train_classifier", "adapt_sd"],
+        description="Job kinds this worker takes.",
+    )
+    lease_seconds: int = Field(
+        120, ge=5, description="A job whose worker misses heartbeats this long is taken again."
+    )
+    heartbeat_seconds: int = Field(20, ge=1, description="Seconds between heartbeats.")
+    max_attempts: int = Field(3, ge=1, description="Attempts before a job goes to dead-letter.")
+    poll_seconds: float = Field(5.0, gt=0, description="Poll interval when no NOTIFY arrives.")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> WorkerSettings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be at most half of lease_seconds")
+        return self
+
+
+def _toml_path() -> Path | None:
+    configured = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if configured:
+        path = Path(configured)
+        if not path.is_file():
+            raise ConfigError(f"{ENV_PREFIX}CONFIG: no such file: {path}")
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Secrets are `SecretStr` and never printed."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL (may hold a password); empty = embedded server in data_dir.",
+    )
+    data_dir: Path = Field(
+        Path("data"), description="Image store, models, runs and the embedded PostgreSQL."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="json for log shippers.")
+
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # Paths below data_dir, one place for each.
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.data_dir / "postgres"
+
+    def secret_values(self) -> list[str]:
+        """Every secret's plain value, for the log redaction filter."""
+        values = []
+        if self.discord.token is not None:
+            values.append(self.discord.token.get_secret_value())
+        if self.database_url is not None:
+            password = urlsplit(self.database_url.get_secret_value()).password
+            if password:
+                values.append(password)
+        return [v for v in values if v]
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with every secret replaced, for `hps config show`."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = (
+            redact_url(self.database_url.get_secret_value()) if self.database_url else None
+        )
+        data["discord"]["token"] = "********" if self.discord.token else None
+        return data
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+def _setting_name(loc: tuple[Any, ...]) -> str:
+    keys = [str(part) for part in loc if not isinstance(part, int)]
+    env = ENV_PREFIX + NESTED_DELIMITER.join(key.upper() for key in keys)
+    return f"{env} ({'.'.join(keys)})"
+
+
+# HPS_* variables that are not settings but are read elsewhere.
+OTHER_ENV_VARS = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}TEST_DATABASE_URL"}
+
+
+def known_env_vars() -> set[str]:
+    """Every environment variable name that sets a setting."""
+    names = set(OTHER_ENV_VARS)
+    for name, info in Settings.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        names.add(env)
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, Section):
+            names.update(f"{env}{NESTED_DELIMITER}{key.upper()}" for key in section.model_fields)
+    return names
+
+
+def _unknown_env_vars() -> list[str]:
+    known = known_env_vars()
+    return sorted(
+        k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+    )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the settings; raise `ConfigError` naming each bad setting.
+
+    An unknown `HPS_*` variable is an error too: a typo would otherwise be ignored silently.
+    """
+    unknown = _unknown_env_vars()
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)} (see `hps config show`)")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        # Never echo the input: it may be a secret.
+        problems = [f"{_setting_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+    except ValueError as exc:  # malformed TOML, or a complex value that is not JSON
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,160 @@
+"""Recording choices: idempotent under concurrency, refusals change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from db import rounds, users
+from db.choices import ChoiceRefused, choices_of_round, record_choice
+from tests.factories import queued_round, ready_round
+
+
+async def _counts(pool, round_id: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    choices = await pool.fetchval("SELECT count(*) FROM choices WHERE round_id = $1", round_id)
+    events = await pool.fetchval("SELECT count(*) FROM choice_events WHERE round_id = $1", round_id)
+    return choices, events
+
+
+def _verdict(i: int) -> dict:
+    """Click number i of a user: picks 1..4, then a tie, then none, cycling."""
+    options = [("pick", 1), ("pick", 2), ("pick", 3), ("pick", 4), ("tie", None), ("none", None)]
+    verdict, position = options[i % len(options)]
+    return {"verdict": verdict, "position": position}
+
+
+async def test_fifty_concurrent_clicks_from_one_user_leave_one_choice(pool) -> None:  # type: ignore[no-untyped-def]
+    round_id = await ready_round(pool, requester=7)
+    results = await asyncio.gather(
+        *(
+            record_choice(pool, round_id=round_id, discord_user_id=7, **_verdict(i))
+            for i in range(50)
+        )
+    )
+    assert await _counts(pool, round_id) == (1, 50)
+    assert sum(r.outcome == "recorded" for r in results) == 1
+    [choice] = await choices_of_round(pool, round_id)
+    last = await pool.fetchrow(
+        "SELECT verdict, chosen_position FROM choice_events WHERE round_id = $1"
+        " ORDER BY id DESC LIMIT 1",
+        round_id,
+    )
+    assert (choice.verdict, choice.chosen_position) == (last["verdict"], last["chosen_position"])
+    assert choice.revision == 50 and choice.is_requester
+
+
+async def test_many_users_clicking_concurrently_get_one_choice_each(pool) -> None:  # type: ignore[no-untyped-def]
+    round_id = await ready_round(pool, requester=1)
+    rng = random.Random(5)
+    clicks = [(user, rng.randrange(6)) for user in range(1, 51) for _ in range(4)]
+    rng.shuffle(clicks)
+    await asyncio.gather(
+        *(
+            record_choice(pool, round_id=round_id, discord_user_id=user, **_verdict(i))
+            for user, i in clicks
+        )
+    )
+    assert await _counts(pool, round_id) == (50, 200)
+    mismatched = await pool.fetchval(
+        """
+        SELECT count(*) FROM choices c
+        CROSS JOIN LATERAL (
+            SELECT e.verdict, e.chosen_position FROM choice_events e
+            WHERE e.round_id = c.round_id AND e.user_id = c.user_id
+            ORDER BY e.id DESC LIMIT 1) last
+        WHERE (c.verdict, c.chosen_position) IS DISTINCT FROM (last.verdict, last.chosen_position)
+        """
+    )
+    assert mismatched == 0
+    requester_choices = await pool.fetchval(
+        "SELECT count(*) FROM choices WHERE round_id = $1 AND is_requester", round_id
+    )
+    assert requester_choices == 1
+
+
+async def test_outcomes_say_whether_the_choice_changed(pool) -> None:  # type: ignore[no-untyped-def]
+    round_id = await ready_round(pool, requester=1)
+    first = await record_choice(
+        pool, round_id=round_id, discord_user_id=1, verdict="pick", position=2
+    )
+    same = await record_choice(
+        pool, round_id=round_id, discord_user_id=1, verdict="pick", position=2
+    )
+    changed = await record_choice(pool, round_id=round_id, discord_user_id=1, verdict="tie")
+    assert [first.outcome, same.outcome, changed.outcome] == ["recorded", "unchanged", "changed"]
+    assert (changed.previous_verdict, changed.previous_position) == ("pick", 2)
+    assert changed.choice.verdict == "tie" and changed.choice.chosen_position is None
+
+
+@pytest.mark.parametrize(
+    ("setup", "click", "code"),
+    [
+        ("missing", {"verdict": "tie"}, "unknown_round"),
+        ("queued", {"verdict": "tie"}, "not_ready"),
+        ("generating", {"verdict": "tie"}, "not_ready"),
+        ("failed", {"verdict": "tie"}, "failed"),
+        ("closed", {"verdict": "tie"}, "closed"),
+        ("ready", {"verdict": "pick", "position": 9}, "bad_position"),
+        ("ready", {"verdict": "pick", "position": 3}, "bad_position"),  # safety-flagged
+        ("ready", {"verdict": "pick"}, "bad_position"),
+        ("ready", {"verdict": "tie", "position": 1}, "bad_position"),
+        ("ready", {"verdict": "maybe"}, "bad_verdict"),
+        ("banned", {"verdict": "tie"}, "banned"),
+        ("requester_only", {"verdict": "tie"}, "requester_only"),
+    ],
+)
+async def test_refused_clicks_change_nothing(pool, setup: str, click: dict, code: str) -> None:  # type: ignore[no-untyped-def]
+    voter = 2
+    others_may_vote = setup != "requester_only"
+    if setup in ("queued", "generating", "failed", "missing"):
+        round_id = await queued_round(pool, requester=1)
+        if setup == "generating":
+            await rounds.start_generating(pool, round_id)
+        if setup == "failed":
+            await rounds.fail_round(pool, round_id, "boom")
+        if setup == "missing":
+            round_id += 1000
+    else:
+        round_id = await ready_round(pool, requester=1, nsfw_positions=(3,))
+        if setup == "closed":
+            assert await rounds.close_round(pool, round_id)
+        if setup == "banned":
+            await users.ban(pool, voter, reason="spam", actor="test")
+    users_before = await pool.fetchval("SELECT count(*) FROM users")
+    with pytest.raises(ChoiceRefused) as refused:
+        await record_choice(
+            pool,
+            round_id=round_id,
+            discord_user_id=voter,
+            others_may_vote=others_may_vote,
+            **click,
+        )
+    assert refused.value.code == code
+    assert str(refused.value)  # a sentence for the user
+    assert await _counts(pool, round_id) == (0, 0)
+    assert await pool.fetchval("SELECT count(*) FROM users") == users_before
+
+
+async def test_the_requester_may_choose_when_others_may_not(pool) -> None:  # type: ignore[no-untyped-def]
+    round_id = await ready_round(pool, requester=1)
+    result = await record_choice(
+        pool, round_id=round_id, discord_user_id=1, verdict="none", others_may_vote=False
+    )
+    assert result.choice.is_requester and result.outcome == "recorded"
+
+
+async def test_shadow_banned_clicks_are_stored_flagged(pool) -> None:  # type: ignore[no-untyped-def]
+    round_id = await ready_round(pool, requester=1)
+    await users.ban(pool, 66, shadow=True, reason="brigading", actor="mod")
+    result = await record_choice(
+        pool, round_id=round_id, discord_user_id=66, verdict="pick", position=1
+    )
+    assert result.outcome == "recorded" and result.choice.flagged
+    assert await pool.fetchval("SELECT flagged FROM choice_events") is True
+    await users.unban(pool, 66)
+    again = await record_choice(
+        pool, round_id=round_id, discord_user_id=66, verdict="pick", position=2
+    )
+    assert not again.choice.flagged

@@ -1,0 +1,173 @@
+"""Migrations: they apply and revert cleanly, and match what the code expects."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import pkgutil
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import pool
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import db
+from db import migrate
+from db.connect import connect
+from db.schema import metadata
+from tests.factories import ready_round
+
+TABLES = {
+    "users",
+    "prompts",
+    "rounds",
+    "images",
+    "choices",
+    "choice_events",
+    "model_versions",
+    "model_events",
+    "jobs",
+    "workers",
+}
+
+TABLES_SQL = """
+SELECT table_name FROM information_schema.tables
+WHERE table_schema = 'public' AND table_type = 'BASE TABLE'
+"""
+
+
+async def _tables(url: str) -> set[str]:
+    conn = await connect(url)
+    try:
+        return {r["table_name"] for r in await conn.fetch(TABLES_SQL)} - {"alembic_version"}
+    finally:
+        await conn.close()
+
+
+async def test_upgrade_downgrade_upgrade_on_an_empty_database(empty_database_url: str) -> None:
+    assert await _tables(empty_database_url) == set()
+    await asyncio.to_thread(migrate.upgrade, empty_database_url)
+    assert await _tables(empty_database_url) == TABLES
+    await asyncio.to_thread(migrate.downgrade, empty_database_url, "base")
+    assert await _tables(empty_database_url) == set()
+    await asyncio.to_thread(migrate.upgrade, empty_database_url)
+    assert await _tables(empty_database_url) == TABLES
+    conn = await connect(empty_database_url)
+    try:
+        state = await migrate.status(conn)
+    finally:
+        await conn.close()
+    assert state.up_to_date and state.current == migrate.head_revision()
+
+
+async def test_status_reports_pending_migrations(empty_database_url: str) -> None:
+    conn = await connect(empty_database_url)
+    try:
+        state = await migrate.status(conn)
+    finally:
+        await conn.close()
+    assert state.current is None
+    assert state.pending and state.pending[-1] == state.head
+    assert not state.up_to_date
+
+
+async def test_no_drift_between_migrations_and_declared_schema(database_url: str) -> None:
+    engine = create_async_engine(
+        database_url.replace("postgresql://", "postgresql+asyncpg://"), poolclass=pool.NullPool
+    )
+
+    def diff(sync_conn):  # type: ignore[no-untyped-def]
+        context = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+        return compare_metadata(context, metadata)
+
+    try:
+        async with engine.connect() as conn:
+            differences = await conn.run_sync(diff)
+    finally:
+        await engine.dispose()
+    assert differences == []
+
+
+def _all_statements() -> list[tuple[str, str]]:
+    statements = []
+    for info in pkgutil.iter_modules(db.__path__):
+        module = importlib.import_module(f"db.{info.name}")
+        for name, value in vars(module).items():
+            if name.endswith("_SQL") and isinstance(value, str):
+                statements.append((f"db.{info.name}.{name}", value))
+    return statements
+
+
+def test_the_data_layer_keeps_its_sql_in_named_statements() -> None:
+    names = {name for name, _ in _all_statements()}
+    assert "db.choices.INSERT_CHOICE_SQL" in names
+    assert "db.jobs.CLAIM_SQL" in names
+    assert len(names) > 60
+
+
+async def test_every_statement_of_the_data_layer_prepares_against_head(pool) -> None:  # type: ignore[no-untyped-def]
+    """Preparing checks every table, column, type and parameter a query names."""
+    failures = []
+    async with pool.acquire() as conn:
+        for name, sql in _all_statements():
+            try:
+                await conn.prepare(sql)
+            except asyncpg.PostgresError as exc:
+                failures.append(f"{name}: {exc}")
+    assert failures == []
+
+
+async def test_choices_flat_has_one_row_per_choice(pool) -> None:  # type: ignore[no-untyped-def]
+    from db.choices import record_choice
+
+    round_id = await ready_round(pool, requester=1, k=4, nsfw_positions=(3,))
+    await record_choice(pool, round_id=round_id, discord_user_id=1, verdict="pick", position=2)
+    await record_choice(pool, round_id=round_id, discord_user_id=2, verdict="tie")
+    rows = await pool.fetch("SELECT * FROM choices_flat ORDER BY choice_id")
+    assert len(rows) == 2
+    first, second = rows
+    assert first["prompt"] == "a red cube"
+    assert first["is_requester"] and not second["is_requester"]
+    assert first["verdict"] == "pick" and first["chosen_position"] == 2
+    assert first["chosen_image_key"] == first["image_keys"][1]
+    assert first["shown_count"] == 3 and first["shown_positions"] == [1, 2, 4]
+    assert first["requester"] == first["chooser"] != second["chooser"]
+    assert second["verdict"] == "tie" and second["chosen_image_key"] is None
+    assert "discord_id" not in first
+
+
+async def test_choice_events_are_append_only(pool) -> None:  # type: ignore[no-untyped-def]
+    from db.choices import record_choice
+
+    round_id = await ready_round(pool, requester=1)
+    await record_choice(pool, round_id=round_id, discord_user_id=1, verdict="none")
+    with pytest.raises(asyncpg.RaiseError, match="append-only"):
+        await pool.execute("UPDATE choice_events SET verdict = 'tie'")
+
+
+async def test_schema_checks_reject_impossible_rows(pool) -> None:  # type: ignore[no-untyped-def]
+    round_id = await ready_round(pool, requester=1, k=2)
+    user_id = await pool.fetchval("SELECT id FROM users")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("UPDATE rounds SET status = 'exploded' WHERE id = $1", round_id)
+    with pytest.raises(asyncpg.CheckViolationError):  # a pick without a position
+        await pool.execute(
+            "INSERT INTO choices (round_id, user_id, verdict, is_requester)"
+            " VALUES ($1, $2, 'pick', true)",
+            round_id,
+            user_id,
+        )
+    with pytest.raises(asyncpg.ForeignKeyViolationError):  # a position that was not shown
+        await pool.execute(
+            "INSERT INTO choices (round_id, user_id, verdict, chosen_position, is_requester)"
+            " VALUES ($1, $2, 'pick', 7, true)",
+            round_id,
+            user_id,
+        )
+    with pytest.raises(asyncpg.UniqueViolationError):  # two serving versions of a kind
+        await pool.execute(
+            "INSERT INTO model_versions (kind, name, artifact, status) VALUES"
+            " ('classifier', 'a', 'x', 'serving'), ('classifier', 'b', 'y', 'serving')"
+        )

@@ -1,0 +1,68 @@
+"""The model registry: one serving version per kind, promotion and rollback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from db import models
+from db.models import ModelError
+
+
+async def test_register_promote_rollback(pool) -> None:  # type: ignore[no-untyped-def]
+    a = await models.register(pool, kind="classifier", artifact="/m/a", metrics={"acc": 0.4})
+    b = await models.register(pool, kind="classifier", artifact="/m/b", parent_id=a.id)
+    assert a.name == f"classifier-{a.id}" and a.status == "candidate"
+    assert await models.serving(pool, "classifier") is None
+
+    first = await models.promote(pool, a.id, actor="ann")
+    assert first.promoted.status == "serving" and first.retired is None
+    second = await models.promote(pool, b.name, actor="ann", reason="better")
+    assert second.promoted.id == b.id and second.retired.id == a.id
+    assert (await models.serving(pool, "classifier")).id == b.id
+
+    back = await models.rollback(pool, "classifier", actor="bob")
+    assert back.retired.id == b.id and back.promoted.id == a.id
+    assert (await models.serving(pool, "classifier")).id == a.id
+    to_nothing = await models.rollback(pool, "classifier", actor="bob")
+    assert to_nothing.promoted is None and to_nothing.retired.id == a.id
+    with pytest.raises(ModelError, match="nothing to roll back"):
+        await models.rollback(pool, "classifier", actor="bob")
+    actions = [e["action"] for e in await models.events(pool, "classifier")]
+    assert actions.count("promoted") == 3 and actions.count("rolled_back") == 2
+
+
+async def test_transitions_are_checked(pool) -> None:  # type: ignore[no-untyped-def]
+    v = await models.register(pool, kind="sd_adapter", artifact="/m/lora")
+    with pytest.raises(ModelError, match="Unknown model version"):
+        await models.promote(pool, "no-such-version", actor="x")
+    tested = await models.start_testing(pool, v.id, actor="x")
+    assert tested.status == "testing" and [
+        t.id for t in await models.testing(pool, "sd_adapter")
+    ] == [v.id]
+    with pytest.raises(ModelError, match="not a candidate"):
+        await models.start_testing(pool, v.id, actor="x")
+    retired = await models.retire(pool, v.id, actor="x", reason="lost the A/B test")
+    assert retired.status == "retired" and retired.retired_at is not None
+    merged = await models.merge_metrics(pool, v.id, {"live": {"win_rate": 0.4}})
+    assert merged.metrics == {"live": {"win_rate": 0.4}}
+
+
+async def test_concurrent_promotions_leave_one_serving(pool) -> None:  # type: ignore[no-untyped-def]
+    versions = [
+        await models.register(pool, kind="classifier", artifact=f"/m/{i}") for i in range(8)
+    ]
+    await asyncio.gather(*(models.promote(pool, v.id, actor="x") for v in versions))
+    serving = await pool.fetchval(
+        "SELECT count(*) FROM model_versions WHERE kind = 'classifier' AND status = 'serving'"
+    )
+    assert serving == 1
+
+
+async def test_ensure_base_is_idempotent_and_serves_first(pool) -> None:  # type: ignore[no-untyped-def]
+    base = await models.ensure_base(pool, kind="sd_base", artifact="CompVis/stable-diffusion-v1-4")
+    again = await models.ensure_base(pool, kind="sd_base", artifact="CompVis/stable-diffusion-v1-4")
+    assert base.id == again.id and again.status == "serving"
+    other = await models.ensure_base(pool, kind="sd_base", artifact="/local/sd15")
+    assert other.status == "candidate"  # one serves already

@@ -1,0 +1,56 @@
+"""Bans and forgetting a user."""
+
+from __future__ import annotations
+
+from db import jobs, rounds, users
+from db.choices import record_choice
+from tests.factories import queued_round, ready_round
+
+
+async def test_forgetting_deletes_the_users_data_and_keeps_others(pool) -> None:  # type: ignore[no-untyped-def]
+    mine = await ready_round(pool, requester=1, prompt="my private prompt")
+    theirs = await ready_round(pool, requester=2, prompt="their prompt")
+    pending = await queued_round(pool, requester=1, prompt="my queued prompt")
+    await record_choice(pool, round_id=mine, discord_user_id=1, verdict="pick", position=1)
+    await record_choice(pool, round_id=mine, discord_user_id=2, verdict="tie")
+    await record_choice(pool, round_id=theirs, discord_user_id=1, verdict="pick", position=2)
+    await record_choice(pool, round_id=theirs, discord_user_id=1, verdict="pick", position=3)
+    await record_choice(pool, round_id=theirs, discord_user_id=2, verdict="none")
+    pseudonym = (await users.get_user(pool, 1)).pseudonym
+
+    result = await users.forget_user(pool, 1)
+
+    assert result is not None
+    assert (result.choices_deleted, result.events_deleted, result.rounds_deleted) == (2, 3, 2)
+    assert len(result.orphaned_image_keys) == 4  # the images of the round they asked for
+    assert await users.get_user(pool, 1) is None
+    tombstone = await pool.fetchrow("SELECT * FROM users WHERE id = $1", result.user_id)
+    assert tombstone["discord_id"] is None and tombstone["forgotten_at"] is not None
+    assert tombstone["pseudonym"] != pseudonym
+    assert await pool.fetchval("SELECT count(*) FROM rounds") == 1
+    assert await pool.fetchval("SELECT count(*) FROM choices") == 1  # user 2 on their round
+    assert await pool.fetchval("SELECT count(*) FROM choice_events") == 1
+    assert await pool.fetchval("SELECT count(*) FROM prompts") == 1
+    job = await jobs.get_by_dedupe_key(pool, f"generate:round:{pending}")
+    assert job.state == "cancelled"
+    assert await pool.fetchval("SELECT count(*) FROM choices_flat") == 1
+    assert await users.forget_user(pool, 1) is None  # unknown now
+
+
+async def test_a_banned_user_stays_banned_after_forgetting(pool) -> None:  # type: ignore[no-untyped-def]
+    await users.ban(pool, 3, shadow=True, reason="sockpuppet", actor="mod")
+    await users.forget_user(pool, 3)
+    user = await users.get_user(pool, 3)
+    assert user is not None and user.shadow_banned and user.forgotten_at is not None
+
+
+async def test_ban_unban(pool) -> None:  # type: ignore[no-untyped-def]
+    banned = await users.ban(pool, 4, reason="spam", actor="mod")
+    assert banned.banned and not banned.shadow_banned and banned.banned_by == "mod"
+    shadow = await users.ban(pool, 4, shadow=True, reason="spam", actor="mod")
+    assert shadow.shadow_banned and not shadow.banned
+    lifted = await users.unban(pool, 4)
+    assert not lifted.banned and not lifted.shadow_banned and lifted.ban_reason is None
+    assert await users.unban(pool, 999) is None
+    round_id = await rounds.create_round(pool, requester_discord_id=4, prompt="ok", k=2)
+    assert round_id.round.requester_id == lifted.id

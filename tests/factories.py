@@ -1,0 +1,50 @@
+"""Test data built through the real data layer (never by hand-written INSERTs)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from db import rounds
+from db.connect import Executor
+from db.images import NewImage
+
+
+def fake_image(round_id: int, position: int, **fields: object) -> NewImage:
+    digest = hashlib.sha256(f"round {round_id} image {position}".encode()).hexdigest()
+    return NewImage(
+        position=position,
+        sha256=digest,
+        storage_key=f"{digest[:2]}/{digest[2:4]}/{digest}.png",
+        seed=1000 + position,
+        width=64,
+        height=64,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def queued_round(
+    db: Executor, *, requester: int = 1000, prompt: str = "a red cube", k: int = 4
+) -> int:
+    created = await rounds.create_round(db, requester_discord_id=requester, prompt=prompt, k=k)
+    return created.round.id
+
+
+async def ready_round(
+    db: Executor,
+    *,
+    requester: int = 1000,
+    prompt: str = "a red cube",
+    k: int = 4,
+    nsfw_positions: tuple[int, ...] = (),
+    model_version_ids: dict[int, int] | None = None,
+) -> int:
+    """A round whose K images are stored and that accepts choices."""
+    round_id = await queued_round(db, requester=requester, prompt=prompt, k=k)
+    assert await rounds.start_generating(db, round_id) is not None
+    versions = model_version_ids or {}
+    images = [
+        fake_image(round_id, p, nsfw=p in nsfw_positions, model_version_id=versions.get(p))
+        for p in range(1, k + 1)
+    ]
+    assert await rounds.finish_round(db, round_id, images)
+    return round_id

@@ -1,0 +1,76 @@
+"""The `hps` CLI, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hps(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "hps", *args],
+        capture_output=True,
+        text=True,
+        env=clean,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_db_upgrade_status_downgrade(empty_database_url: str) -> None:
+    env = {"HPS_DATABASE_URL": empty_database_url}
+    status = hps("db", "status", env=env)
+    assert status.returncode == 1 and "migrations are pending" in status.stderr
+    assert hps("db", "upgrade", env=env).returncode == 0
+    status = hps("db", "status", env=env)
+    assert status.returncode == 0 and "up to date" in status.stdout
+    assert hps("db", "downgrade", "base", "--yes", env=env).returncode == 0
+    assert hps("db", "status", env=env).returncode == 1
+
+
+def test_config_show_redacts_secrets(tmp_path: Path) -> None:
+    env = {
+        "HPS_DISCORD__TOKEN": "tok-SECRET",
+        "HPS_DATABASE_URL": "postgresql://u:pw-SECRET@h/db",
+        "HPS_DATA_DIR": str(tmp_path),
+    }
+    shown = hps("config", "show", env=env)
+    assert shown.returncode == 0
+    assert "SECRET" not in shown.stdout + shown.stderr
+    assert "postgresql://u:***@h/db" in shown.stdout
+    as_json = hps("config", "show", "--json", env=env)
+    assert '"token": "********"' in as_json.stdout
+
+
+def test_invalid_config_fails_at_start_naming_the_setting() -> None:
+    result = hps("db", "status", env={"HPS_LIMITS__ROUNDS_PER_HOUR": "many"})
+    assert result.returncode == 2
+    assert "HPS_LIMITS__ROUNDS_PER_HOUR" in result.stderr and "many" not in result.stderr
+
+
+@pytest.mark.slow
+def test_embedded_postgres_is_the_default(tmp_path: Path) -> None:
+    """With no database URL, `hps db upgrade` starts pgserver in the data directory."""
+    env = {"HPS_DATA_DIR": str(tmp_path / "data")}
+    upgrade = hps("db", "upgrade", env=env)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert (tmp_path / "data" / "postgres" / "PG_VERSION").is_file()
+    status = hps("db", "status", env=env)
+    assert status.returncode == 0 and "up to date" in status.stdout
+    assert "host=" in status.stdout  # a Unix socket in the data directory, no TCP server
+
+    # The server stops when the last process using it exits.
+    pgdata = str(tmp_path / "data" / "postgres")
+    running = [
+        p for p in psutil.process_iter(["cmdline"]) if pgdata in " ".join(p.info["cmdline"] or [])
+    ]
+    assert running == []

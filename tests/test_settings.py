@@ -1,0 +1,85 @@
+"""Settings: sources and precedence, validation messages, secrets never shown."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+
+from hps.logs import JsonFormatter, RedactingFilter, TextFormatter
+from hps.settings import ConfigError, load_settings, redact_url
+
+
+def test_environment_overrides_toml_overrides_defaults(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "hps.toml"
+    config.write_text(
+        "[limits]\nrounds_per_hour = 3\nrounds_per_week = 9\n[discord]\nguild_ids = [1, 2]\n"
+    )
+    monkeypatch.setenv("HPS_CONFIG", str(config))
+    monkeypatch.setenv("HPS_LIMITS__ROUNDS_PER_HOUR", "7")
+    settings = load_settings()
+    assert settings.limits.rounds_per_hour == 7  # env
+    assert settings.limits.rounds_per_week == 9  # file
+    assert settings.limits.rounds_in_flight == 2  # default
+    assert settings.discord.guild_ids == [1, 2]
+
+
+def test_invalid_settings_are_named_without_their_value(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("HPS_GENERATION__IMAGES_PER_ROUND", "99")
+    monkeypatch.setenv("HPS_WORKER__LEASE_SECONDS", "secret-looking-value")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert "HPS_GENERATION__IMAGES_PER_ROUND (generation.images_per_round)" in message
+    assert "HPS_WORKER__LEASE_SECONDS (worker.lease_seconds)" in message
+    assert "secret-looking-value" not in message
+
+
+def test_unknown_variables_and_files_are_errors(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("HPS_LIMITS__ROUND_PER_HOUR", "3")  # typo
+    with pytest.raises(ConfigError, match="HPS_LIMITS__ROUND_PER_HOUR"):
+        load_settings()
+    monkeypatch.delenv("HPS_LIMITS__ROUND_PER_HOUR")
+    monkeypatch.setenv("HPS_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\nrounds_per_hour = \n")
+    monkeypatch.setenv("HPS_CONFIG", str(bad))
+    with pytest.raises(ConfigError):
+        load_settings()
+
+
+def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("HPS_DISCORD__TOKEN", "tok-ABC.123")
+    monkeypatch.setenv("HPS_DATABASE_URL", "postgresql://app:pa55word@db:5432/hps")
+    settings = load_settings()
+    shown = str(settings.redacted())
+    assert "tok-ABC.123" not in shown and "pa55word" not in shown
+    assert "postgresql://app:***@db:5432/hps" in shown
+    assert "tok-ABC.123" not in repr(settings) and "pa55word" not in repr(settings)
+    assert sorted(settings.secret_values()) == ["pa55word", "tok-ABC.123"]
+    assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()])
+def test_logs_never_carry_secrets(formatter: logging.Formatter) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.addFilter(RedactingFilter(["tok-ABC.123"]))
+    logger = logging.getLogger("test.redaction")
+    logger.addHandler(handler)
+    try:
+        logger.warning("connecting with %s", "tok-ABC.123", extra={"round_id": 5})
+        try:
+            raise RuntimeError("bad token tok-ABC.123")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert "tok-ABC.123" not in output
+    assert output.count("********") >= 2 and "round_id" in output

@@ -457,3 +457,52 @@ ORDER BY last_seen_at DESC
 async def list_workers(db: Executor, recent: timedelta = timedelta(days=1)) -> list[Worker]:
     """Running workers and those stopped within `recent`."""
     return [Worker(**dict(r)) for r in await db.fetch(LIST_WORKERS_SQL, recent)]
+
+
+# -- training jobs: one entry point for the scheduler and the maintainers' /retrain ----
+
+TRAINING_KINDS = {"classifier": "train_classifier", "sd": "adapt_sd"}
+
+LOCK_KIND_SQL = """
+SELECT pg_advisory_xact_lock(hashtext('hps_jobs:' || $1))
+"""
+
+ACTIVE_OF_KIND_SQL = """
+SELECT * FROM jobs WHERE kind = $1 AND state IN ('queued', 'running') ORDER BY id LIMIT 1
+"""
+
+
+async def enqueue_training(
+    db: Executor,
+    target: str,
+    *,
+    requested_by: str,
+    dedupe_key: str | None = None,
+    payload: dict[str, Any] | None = None,
+) -> tuple[Job, bool]:
+    """Enqueue a training run of `target` ("classifier" or "sd") unless one is already
+    queued or running, in which case that one is returned with `created=False`.
+
+    The scheduler passes a `dedupe_key` per schedule and period, so that a restart or a
+    second scheduler never enqueues the same period twice; /retrain passes none.
+    """
+    kind = TRAINING_KINDS.get(target)
+    if kind is None:
+        raise ValueError(f"unknown training target {target!r}: use one of {sorted(TRAINING_KINDS)}")
+    async with transaction(db) as conn:
+        await conn.execute(LOCK_KIND_SQL, kind)
+        if dedupe_key is not None:
+            existing = await get_by_dedupe_key(conn, dedupe_key)
+            if existing is not None:
+                return existing, False
+        active = await conn.fetchrow(ACTIVE_OF_KIND_SQL, kind)
+        if active is not None:
+            return _job(active), False
+        return await enqueue(
+            conn,
+            kind,
+            {"requested_by": requested_by, **(payload or {})},
+            dedupe_key=dedupe_key,
+            requested_by=requested_by,
+            max_attempts=2,
+        )

@@ -108,3 +108,26 @@ async def test_workers_are_listed_with_their_heartbeat(pool) -> None:  # type: i
     assert worker.current_job_id == 17 and worker.kinds == ["generate"]
     await jobs.stop_worker(pool, "gpu-1:42")
     assert (await jobs.list_workers(pool))[0].stopped_at is not None
+
+
+async def test_training_is_enqueued_once_while_active(pool) -> None:  # type: ignore[no-untyped-def]
+    results = await asyncio.gather(
+        *(jobs.enqueue_training(pool, "classifier", requested_by=f"u{i}") for i in range(10))
+    )
+    assert sum(created for _, created in results) == 1
+    [claimed] = await jobs.claim(pool, ["train_classifier"], "w", LEASE)
+    job, created = await jobs.enqueue_training(pool, "classifier", requested_by="again")
+    assert not created and job.id == claimed.id  # still running
+    await jobs.complete(pool, claimed, "w", {"summary": "ok"})
+    job, created = await jobs.enqueue_training(pool, "classifier", requested_by="again")
+    assert created and job.payload == {"requested_by": "again"}
+    # A schedule's period runs once, even after the job finished.
+    sched, created = await jobs.enqueue_training(
+        pool, "sd", requested_by="schedule", dedupe_key="schedule:adapt_sd:2026-W48"
+    )
+    [claimed] = await jobs.claim(pool, ["adapt_sd"], "w", LEASE)
+    await jobs.complete(pool, claimed, "w", None)
+    again, created = await jobs.enqueue_training(
+        pool, "sd", requested_by="schedule", dedupe_key="schedule:adapt_sd:2026-W48"
+    )
+    assert not created and again.id == sched.id

@@ -125,7 +125,7 @@ async def create_round(
         job, _ = await jobs.enqueue(
             conn,
             GENERATE_KIND,
-            {"round_id": created.id},
+            generate_payload(created),
             dedupe_key=f"generate:round:{created.id}",
             priority=priority,
             requested_by=f"discord:{requester_discord_id}",
@@ -133,6 +133,12 @@ async def create_round(
         await _notify(conn, created.id, created.status)
         position = await jobs.queue_position(conn, job)
         return CreatedRound(created, job, position)
+
+
+def generate_payload(round_: Round) -> dict[str, Any]:
+    """The payload of a round's generate job. `batch` is equal for rounds with equal
+    parameters: a worker generates such rounds together (`jobs.claim_matching`)."""
+    return {"round_id": round_.id, "batch": json.dumps(round_.params, sort_keys=True)}
 
 
 def _check_limits(usage: Any, limits: Limits) -> None:
@@ -258,14 +264,15 @@ async def fail_round(db: Executor, round_id: int, error: str) -> bool:
 REQUEUE_ROUND_SQL = """
 UPDATE rounds SET status = 'queued', error = NULL, started_at = NULL
 WHERE id = $1 AND status = 'failed'
-RETURNING id
+RETURNING *
 """
 
 
 async def retry_round(db: Executor, round_id: int) -> jobs.Job | None:
     """Put a failed round back in the queue (its generate job too); None if not failed."""
     async with transaction(db) as conn:
-        if await conn.fetchrow(REQUEUE_ROUND_SQL, round_id) is None:
+        record = await conn.fetchrow(REQUEUE_ROUND_SQL, round_id)
+        if record is None:
             return None
         key = f"generate:round:{round_id}"
         latest = await conn.fetchrow(LATEST_GENERATE_JOB_SQL, key)
@@ -277,7 +284,7 @@ async def retry_round(db: Executor, round_id: int) -> jobs.Job | None:
             # flagged); a fresh job with an attempt-numbered key runs it again.
             number = latest["n"] + 1 if latest else 1
             job, _ = await jobs.enqueue(
-                conn, GENERATE_KIND, {"round_id": round_id}, dedupe_key=f"{key}:{number}"
+                conn, GENERATE_KIND, generate_payload(_round(record)), dedupe_key=f"{key}:{number}"
             )
         await _notify(conn, round_id, "queued")
         return job

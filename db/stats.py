@@ -91,3 +91,18 @@ SELECT
 async def totals(db: Executor) -> Totals:
     """The community's totals (flagged choices are not counted)."""
     return Totals(**dict(await db.fetchrow(TOTALS_SQL)))
+
+
+REQUESTER_CHOICES_SINCE_TRAINING_SQL = """
+SELECT count(*) FROM choices
+WHERE is_requester AND NOT flagged
+  AND updated_at > coalesce(
+      (SELECT max(started_at) FROM jobs WHERE kind = 'train_classifier' AND state = 'done'),
+      '-infinity')
+"""
+
+
+async def requester_choices_since_training(db: Executor) -> int:
+    """Requesters' choices (not flagged) made or changed since the last classifier training
+    that finished started: what a new training would learn from."""
+    return await db.fetchval(REQUESTER_CHOICES_SINCE_TRAINING_SQL)

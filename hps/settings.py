@@ -88,6 +88,23 @@ class GenerationSettings(Section):
     height: int = Field(512, ge=64, le=2048, multiple_of=8, description="Image height (square).")
     safety_checker: bool = Field(True, description="Run the pipeline's safety checker.")
     post_grid: bool = Field(False, description="Also post a grid of the round's images.")
+    ab_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of rounds that mix the serving model half/half with an adapter in "
+        "testing (when one is).",
+    )
+    batch_rounds: int = Field(
+        4, ge=1, le=16, description="Queued rounds with equal parameters generated in one call."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights' dtype: auto = float16 on a GPU, float32 on the CPU."
+    )
+    channels_last: bool = Field(True, description="channels-last UNet/VAE memory on a GPU.")
+    torch_compile: bool = Field(
+        False, description="torch.compile the UNet on a GPU (slow first round, faster after)."
+    )
 
 
 class ModelSettings(Section):
@@ -128,6 +145,15 @@ class WorkerSettings(Section):
     heartbeat_seconds: int = Field(20, ge=1, description="Seconds between heartbeats.")
     max_attempts: int = Field(3, ge=1, description="Attempts before a job goes to dead-letter.")
     poll_seconds: float = Field(5.0, gt=0, description="Poll interval when no NOTIFY arrives.")
+    concurrency: int = Field(1, ge=1, le=64, description="Jobs one worker runs at once.")
+    backoff_seconds: float = Field(
+        10.0, ge=0, description="Retry delay after a failure, doubled at each further attempt."
+    )
+    shutdown_grace_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="On SIGTERM, how long jobs in hand may run on before they are released.",
+    )
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerSettings:

@@ -10,6 +10,13 @@ kinds it takes (a CPU-only worker for `score` never imports diffusers).
   connection of its own transaction instead; the worker then does nothing more.
 - Raising `PermanentError` dead-letters the job at once (bad payload, a round that no longer
   exists); any other exception is retried with backoff until attempts are spent.
+- A handler may take more queued jobs of its kind to run in the same pass
+  (`ctx.claim_matching`, e.g. rounds generated in one batched call). The worker heartbeats
+  them with the handler's own job, and the handler completes each with
+  `ctx.complete(conn, result, job=...)`; any it leaves unfinished are failed (if the
+  handler raised) or released (if it returned) by the worker.
+- `LeaseLost`: raise it (from `ctx.complete` returning False) to roll back a transaction
+  whose job another worker has taken over; the worker logs it and moves on.
 - GPU or CPU-heavy work runs in a thread (`await asyncio.to_thread(...)`) so the worker's
   event loop keeps heartbeating.
 - `ctx.cache` lives as long as the worker process: handlers keep loaded models there so
@@ -22,6 +29,7 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -43,6 +51,10 @@ class PermanentError(Exception):
     """The job can never succeed as given: dead-letter it without retrying."""
 
 
+class LeaseLost(Exception):
+    """This worker no longer holds the job (its lease expired and another worker took it)."""
+
+
 @dataclass
 class JobContext:
     job: jobs.Job
@@ -54,6 +66,8 @@ class JobContext:
     cache: dict[str, Any]
     log: logging.LoggerAdapter = field(init=False)
     completed: bool = field(default=False, init=False)
+    # Jobs taken by `claim_matching`, run by this handler along with `job`.
+    extra_jobs: list[jobs.Job] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.log = logging.LoggerAdapter(
@@ -61,11 +75,32 @@ class JobContext:
             {"job_id": self.job.id, "job_kind": self.job.kind},
         )
 
-    async def complete(self, conn: Executor, result: Any = None) -> bool:
-        """Mark the job done on `conn` (inside the caller's transaction). False if this
-        worker lost the job's lease, in which case the caller should roll back."""
-        self.completed = await jobs.complete(conn, self.job, self.worker_id, result)
-        return self.completed
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.settings.worker.lease_seconds)
+
+    async def complete(
+        self, conn: Executor, result: Any = None, job: jobs.Job | None = None
+    ) -> bool:
+        """Mark the job (or one of `extra_jobs`) done on `conn`, inside the caller's
+        transaction. False if this worker lost the job's lease: the caller should roll back
+        (raise `LeaseLost`)."""
+        target = job or self.job
+        done = await jobs.complete(conn, target, self.worker_id, result)
+        if target is self.job:
+            self.completed = done
+        return done
+
+    async def claim_matching(self, payload_contains: dict[str, Any], limit: int) -> list[jobs.Job]:
+        """Take up to `limit` more queued jobs of this kind whose payload contains
+        `payload_contains`, to run in this pass; they are heartbeated with this job."""
+        if limit <= 0:
+            return []
+        claimed = await jobs.claim_matching(
+            self.pool, self.job.kind, payload_contains, self.worker_id, self.lease, limit=limit
+        )
+        self.extra_jobs.extend(claimed)
+        return claimed
 
 
 Handler = Callable[[JobContext], Awaitable[Any]]

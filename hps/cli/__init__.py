@@ -7,7 +7,9 @@ import typer
 
 from hps.cli import config as config_cli
 from hps.cli import db as db_cli
+from hps.cli.scheduler import scheduler
 from hps.cli.serve import serve
+from hps.cli.worker import worker
 
 app = typer.Typer(
     name="hps",
@@ -19,6 +21,8 @@ app = typer.Typer(
 app.add_typer(db_cli.app, name="db")
 app.add_typer(config_cli.app, name="config")
 app.command("serve")(serve)
+app.command("worker")(worker)
+app.command("scheduler")(scheduler)
 
 
 def main() -> None:

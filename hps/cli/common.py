@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import signal
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import typer
@@ -37,3 +38,16 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+def run_service(service: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run a long-lived service, passing it an event that SIGTERM or SIGINT sets."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service(stop)
+
+    asyncio.run(main())

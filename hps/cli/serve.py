@@ -1,21 +1,98 @@
-"""`hps serve`: everything on one machine."""
+"""`hps serve`: everything on one machine, as child processes of one supervisor.
+
+The children are `python -m hps bot`, `python -m hps scheduler` and `python -m hps worker`,
+sharing this process's settings, with the database URL resolved once here (so an embedded
+PostgreSQL is started once and lives as long as the supervisor). SIGTERM or SIGINT is
+passed on to every child, each stops cleanly (the worker finishes or releases its job),
+and the supervisor exits 0. A child that exits on its own stops the others, and the
+supervisor exits 1.
+"""
 
 from __future__ import annotations
 
-from hps.cli.common import console, fail, settings
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from hps.cli.common import console, err_console, settings
+
+log_prefix = "[bold]hps serve:[/bold]"
 
 
 def serve() -> None:
-    """Run the platform on this machine (the database is migrated first)."""
+    """Run the platform on this machine: migrate the database, then run the bot, the
+    scheduler and a local worker until SIGTERM or Ctrl-C."""
+    import typer
+
     from db import migrate
     from db.connect import database_url
 
     config = settings()
-    migrate.upgrade(database_url(config))
-    console.print("database is up to date")
+    url = database_url(config)
+    migrate.upgrade(url)
+    console.print(f"{log_prefix} database is up to date", highlight=False)
+    services = ["scheduler", "worker"]
     if config.discord.token is None:
-        raise fail(
-            "no Discord bot token: set HPS_DISCORD__TOKEN (or [discord] token in hps.toml); "
-            "see README.md, section Configuration"
+        err_console.print(
+            f"{log_prefix} [yellow]no Discord bot token[/yellow] (set HPS_DISCORD__TOKEN or "
+            "[discord] token in hps.toml): running the scheduler and a worker without the bot",
+            highlight=False,
         )
-    raise fail("the Discord bot is not part of this build yet")
+    else:
+        services.insert(0, "bot")
+    env = {**os.environ, "HPS_DATABASE_URL": url}
+    grace = config.worker.shutdown_grace_seconds + 30
+    raise typer.Exit(supervise(services, env, grace))
+
+
+def supervise(services: list[str], env: dict[str, str], grace: float) -> int:
+    """Run `python -m hps <service>` for each service until a signal or a child's exit."""
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop_signal.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in services:
+            children[name] = subprocess.Popen([sys.executable, "-m", "hps", name], env=env)
+            console.print(f"{log_prefix} started {name} (pid {children[name].pid})")
+        died = None
+        while not stop_signal and died is None:
+            time.sleep(0.2)
+            died = next((n for n, p in children.items() if p.poll() is not None), None)
+        if died is not None:
+            err_console.print(
+                f"{log_prefix} [red]{died} exited with code {children[died].returncode}[/red]: "
+                "stopping the others",
+                highlight=False,
+            )
+        else:
+            console.print(f"{log_prefix} {signal.Signals(stop_signal[0]).name}: stopping")
+        codes = _stop(children, grace)
+        return 1 if died is not None or any(codes.values()) else 0
+    finally:
+        _stop(children, 5)  # only children still running after an error here
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(children: dict[str, subprocess.Popen[bytes]], grace: float) -> dict[str, int]:
+    """SIGTERM every running child, wait up to `grace` seconds, then SIGKILL."""
+    for process in children.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    codes = {}
+    for name, process in children.items():
+        try:
+            codes[name] = process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            err_console.print(f"{log_prefix} {name} did not stop in time: killed")
+            process.kill()
+            codes[name] = process.wait()
+    return codes

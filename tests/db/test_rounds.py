@@ -41,7 +41,10 @@ async def test_create_round_enqueues_one_generate_job(pool) -> None:  # type: ig
     )
     second = await rounds.create_round(pool, requester_discord_id=2, prompt="A  cat ", k=4)
     assert first.round.status == "queued" and first.round.params == {"seed": 3}
-    assert first.job.kind == "generate" and first.job.payload == {"round_id": first.round.id}
+    assert first.job.kind == "generate"
+    # Rounds with equal parameters share a batch key: a worker generates them together.
+    assert first.job.payload == {"round_id": first.round.id, "batch": '{"seed": 3}'}
+    assert second.job.payload == {"round_id": second.round.id, "batch": "{}"}
     assert (first.queue_position, second.queue_position) == (1, 2)
     # Same prompt after normalisation: one prompt row, first spelling kept.
     assert first.round.prompt_id == second.round.prompt_id

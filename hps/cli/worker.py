@@ -1,0 +1,70 @@
+"""`hps worker`: run queue jobs on this machine's device."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from hps.cli.common import fail, run_service, settings
+
+
+def worker(
+    kinds: str | None = typer.Option(
+        None, "--kinds", help="Comma-separated job kinds to take (default: worker.kinds)."
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="Torch device: auto, cpu, cuda, cuda:1 … (default: models.device)."
+    ),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", min=1, help="Jobs run at once (default: worker.concurrency)."
+    ),
+    handlers: list[str] = typer.Option(
+        [],
+        "--handler",
+        help="KIND=module:function: add or replace the handler of a kind (plugins, tests).",
+    ),
+    worker_id: str | None = typer.Option(None, "--id", help="Worker id (default: hostname:pid)."),
+) -> None:
+    """Take jobs from the queue and run them until SIGTERM or Ctrl-C (the job in hand
+    finishes first)."""
+    from db.connect import create_pool, database_url
+    from pipeline.devices import resolve_device
+    from pipeline.handlers import HANDLERS
+    from pipeline.worker import Worker
+
+    config = settings()
+    registry = dict(HANDLERS)
+    for spec in handlers:
+        kind, _, target = spec.partition("=")
+        if not kind or ":" not in target:
+            raise fail(f"--handler {spec!r}: expected KIND=module:function", 2)
+        registry[kind] = target
+    chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+    device = resolve_device(device or config.models.device)
+
+    async def service(stop: asyncio.Event) -> None:
+        pool = await create_pool(database_url(config))
+        try:
+            runner = Worker(
+                pool,
+                config,
+                kinds=chosen,
+                device=device,
+                concurrency=concurrency,
+                worker_id=worker_id,
+                registry=registry,
+            )
+            task = asyncio.create_task(runner.run())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+            runner.stop()
+            stopping.cancel()
+            await task
+        finally:
+            await pool.close()
+
+    try:
+        run_service(service)
+    except ValueError as exc:  # an unknown kind
+        raise fail(str(exc), 2) from None

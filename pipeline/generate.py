@@ -1,0 +1,456 @@
+"""The image generator and the `generate` job.
+
+`Generator` keeps one diffusers text-to-image pipeline resident (a hub id or a local folder;
+`AutoPipelineForText2Image` picks the SD 1.x/2.x or SDXL class from the folder) together
+with LoRA adapters loaded by name, and makes a batch of images in one pipeline call per
+model version, one `torch.Generator` per image so that each image depends only on its seed.
+
+`handle_generate` runs one round's job, together with up to `generation.batch_rounds - 1`
+more queued rounds of equal parameters (`ctx.claim_matching` on the payload's batch key):
+
+1. each round moves to `generating` (a round that is gone completes its job as a no-op);
+2. the serving policy (`pipeline.serving.plan_round`) says which version makes each
+   position: the incumbent, or half incumbent and half an adapter in testing;
+3. seeds come from a generator seeded by the job id (or the round's `seed` param), so a
+   retried job plans and draws the same round again;
+4. the images are made (one call per version and parameter set across all rounds), written
+   to the image store, and then, per round, the image rows, the round's `ready` status (and
+   its NOTIFY) and the job's completion commit in one transaction. A crash before that
+   commit leaves no rows and the job retryable; the same seeds give the same files again.
+
+Images the safety checker flags are stored and recorded with `nsfw=True` (never shown); a
+round with fewer than two unflagged images fails with a reason its requester can read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from db import jobs, models, rounds
+from db.connect import transaction
+from db.images import NewImage
+from hps.settings import GenerationSettings
+from pipeline.devices import resolve_device, resolve_dtype
+from pipeline.handlers import JobContext, LeaseLost, PermanentError
+from pipeline.serving import RoundPlan, plan_round
+
+log = logging.getLogger(__name__)
+
+SAMPLING_KEYS = ("steps", "guidance_scale", "width", "height")
+MIN_SHOWN = 2  # a choice needs at least two images
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+    @classmethod
+    def for_round(cls, params: dict[str, Any], defaults: GenerationSettings) -> SamplingParams:
+        """A round's own parameters over the configured ones, checked against the same
+        bounds as the settings; ValueError with a readable message when out of range."""
+        overrides = {key: params[key] for key in SAMPLING_KEYS if key in params}
+        try:
+            merged = GenerationSettings.model_validate({**defaults.model_dump(), **overrides})
+        except ValidationError as exc:
+            problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"This round's parameters are not valid ({problems}).") from None
+        return cls(**{key: getattr(merged, key) for key in SAMPLING_KEYS})
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    adapter: str | None = None  # an adapter loaded with `Generator.load_adapter`; None = base
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png: bytes
+    nsfw: bool
+    width: int
+    height: int
+
+
+class Generator:
+    """A resident text-to-image pipeline with named LoRA adapters. Thread-safe: calls
+    serialise on a lock, since the active adapter is pipeline-wide state."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        safety_checker: bool = True,
+        channels_last: bool = True,
+        torch_compile: bool = False,
+    ) -> None:
+        from diffusers import AutoPipelineForText2Image
+
+        self.model = model
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self._lock = threading.Lock()
+        self.adapters: dict[str, str] = {}  # adapter name → artifact it was loaded from
+        kwargs: dict[str, Any] = {"torch_dtype": self.dtype}
+        if not safety_checker:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        started = time.perf_counter()
+        pipe = AutoPipelineForText2Image.from_pretrained(model, **kwargs)
+        if safety_checker and getattr(pipe, "safety_checker", None) is None:
+            log.warning("%s has no safety checker: its images are not checked", model)
+        pipe.set_progress_bar_config(disable=True)
+        # Attention already uses torch's scaled_dot_product_attention (diffusers' default
+        # processor on torch 2), which picks flash or memory-efficient kernels on a GPU.
+        if self.device.startswith("cuda"):
+            if channels_last:
+                pipe.unet.to(memory_format=torch.channels_last)
+                pipe.vae.to(memory_format=torch.channels_last)
+            if torch_compile:
+                # In place, so the UNet stays a diffusers model that LoRA adapters load into;
+                # switching adapters recompiles once per new combination.
+                pipe.unet.compile(mode="max-autotune-no-cudagraphs")
+        self.pipe = pipe.to(self.device)
+        log.info(
+            "loaded %s on %s (%s) in %.1f s",
+            model,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: GenerationSettings, device: str) -> Generator:
+        return cls(
+            settings.sd_model,
+            device=device,
+            dtype=settings.dtype,
+            safety_checker=settings.safety_checker,
+            channels_last=settings.channels_last,
+            torch_compile=settings.torch_compile,
+        )
+
+    def load_adapter(self, name: str, artifact: str) -> None:
+        """Load a LoRA adapter (diffusers format, a folder or hub id) under `name`, once."""
+        with self._lock:
+            if name in self.adapters:
+                return
+            self.pipe.load_lora_weights(artifact, adapter_name=name)
+            self.adapters[name] = artifact
+            log.info("loaded adapter %s from %s", name, artifact)
+
+    def keep_adapters(self, names: set[str]) -> None:
+        """Unload the adapters not in `names` (retired versions), freeing their memory."""
+        with self._lock:
+            stale = [name for name in self.adapters if name not in names]
+            if stale:
+                self.pipe.delete_adapters(stale)
+                for name in stale:
+                    del self.adapters[name]
+                log.info("unloaded adapters %s", ", ".join(stale))
+
+    def generate(
+        self, requests: list[ImageRequest], params: SamplingParams
+    ) -> list[GeneratedImage]:
+        """Make one image per request, in request order: one pipeline call per adapter."""
+        groups: dict[str | None, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(request.adapter, []).append(index)
+        made: list[GeneratedImage | None] = [None] * len(requests)
+        with self._lock, torch.inference_mode():
+            for adapter, indices in groups.items():
+                self._activate(adapter)
+                batch = [requests[i] for i in indices]
+                output = self.pipe(
+                    prompt=[r.prompt for r in batch],
+                    negative_prompt=[r.negative_prompt for r in batch],
+                    num_inference_steps=params.steps,
+                    guidance_scale=params.guidance_scale,
+                    width=params.width,
+                    height=params.height,
+                    # CPU generators: a seed gives the same image on any device.
+                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
+                    output_type="pil",
+                )
+                flags = getattr(output, "nsfw_content_detected", None) or [False] * len(batch)
+                for i, image, flagged in zip(indices, output.images, flags, strict=True):
+                    made[i] = GeneratedImage(_png(image), bool(flagged), *image.size)
+        return [image for image in made if image is not None]
+
+    def _activate(self, adapter: str | None) -> None:
+        if adapter is None:
+            if self.adapters:
+                self.pipe.disable_lora()
+            return
+        # set_adapters does not undo an earlier disable_lora: enable first.
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([adapter])
+
+
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -- the generate job --------------------------------------------------------------------
+
+GENERATOR_KEY = "generate.generator"
+GENERATOR_LOCK_KEY = "generate.lock"
+
+
+async def get_generator(ctx: JobContext) -> Generator:
+    """The worker's resident generator, (re)loaded when its settings changed."""
+    settings = ctx.settings.generation
+    key = (
+        settings.sd_model,
+        ctx.device,
+        settings.dtype,
+        settings.safety_checker,
+        settings.channels_last,
+        settings.torch_compile,
+    )
+    async with ctx.cache.setdefault(GENERATOR_LOCK_KEY, asyncio.Lock()):
+        cached = ctx.cache.get(GENERATOR_KEY)
+        if cached is None or cached[0] != key:
+            ctx.cache.pop(GENERATOR_KEY, None)
+            ctx.log.info("loading the text-to-image pipeline %s", settings.sd_model)
+            generator = await asyncio.to_thread(Generator.from_settings, settings, ctx.device)
+            ctx.cache[GENERATOR_KEY] = cached = (key, generator)
+        return cached[1]
+
+
+def adapter_name(version: models.ModelVersion) -> str:
+    return f"v{version.id}"
+
+
+@dataclass
+class _Versions:
+    base: models.ModelVersion
+    incumbent: models.ModelVersion  # the serving adapter, or the base
+    candidates: list[models.ModelVersion]  # adapters in testing that loaded
+
+    def adapter_of(self, version_id: int) -> str | None:
+        if version_id == self.base.id:
+            return None
+        return f"v{version_id}"
+
+
+async def _serving_versions(ctx: JobContext, generator: Generator) -> _Versions:
+    """The versions rounds may use now, with their adapters loaded in the generator."""
+    base = await models.ensure_base(ctx.pool, kind="sd_base", artifact=generator.model)
+    incumbent = await models.serving(ctx.pool, "sd_adapter") or base
+    if incumbent is not base:
+        # The serving adapter must load: without it the round would silently be the base's.
+        await asyncio.to_thread(generator.load_adapter, adapter_name(incumbent), incumbent.artifact)
+    candidates = []
+    for version in await models.testing(ctx.pool, "sd_adapter"):
+        try:
+            await asyncio.to_thread(generator.load_adapter, adapter_name(version), version.artifact)
+        except Exception:
+            ctx.log.exception("adapter %s does not load: left out of A/B rounds", version.name)
+            continue
+        candidates.append(version)
+    keep = {adapter_name(v) for v in [*candidates, incumbent] if v is not base}
+    await asyncio.to_thread(generator.keep_adapters, keep)
+    return _Versions(base, incumbent, candidates)
+
+
+@dataclass
+class _Round:
+    job: jobs.Job
+    view: rounds.RoundView
+    params: SamplingParams
+    plan: RoundPlan
+    seeds: list[int]
+
+
+def _round_id(job: jobs.Job) -> int:
+    round_id = job.payload.get("round_id")
+    if not isinstance(round_id, int) or isinstance(round_id, bool):
+        raise PermanentError(f"payload has no integer round_id: {job.payload!r}")
+    return round_id
+
+
+def _seeds(params: dict[str, Any], k: int, rng: random.Random) -> list[int]:
+    seed = params.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
+        return [seed + i for i in range(k)]
+    return [rng.randrange(2**31) for _ in range(k)]
+
+
+async def handle_generate(ctx: JobContext) -> None:
+    """Generate the round of `ctx.job` (payload `{"round_id": …}`) and compatible queued
+    rounds; every job of the batch completes in its round's transaction."""
+    _round_id(ctx.job)  # a malformed payload is dead-lettered before any work
+    generator = await get_generator(ctx)
+    batch = [ctx.job]
+    batch_key = ctx.job.payload.get("batch")
+    if batch_key is not None:
+        limit = ctx.settings.generation.batch_rounds - 1
+        batch += await ctx.claim_matching({"batch": batch_key}, limit)
+    try:
+        await _generate_batch(ctx, generator, batch)
+    except LeaseLost:
+        raise
+    except Exception:
+        # On a job's last attempt, tell the requester rather than leave the round hanging.
+        for job in batch:
+            round_id = job.payload.get("round_id")
+            if job.attempts >= job.max_attempts and isinstance(round_id, int):
+                await rounds.fail_round(ctx.pool, round_id, "Making the images failed, sorry.")
+        raise
+
+
+async def _generate_batch(ctx: JobContext, generator: Generator, batch: list[jobs.Job]) -> None:
+    started = time.perf_counter()
+    settings = ctx.settings.generation
+    versions = await _serving_versions(ctx, generator)
+    candidate_ids = [v.id for v in versions.candidates]
+    work: list[_Round] = []
+    lost = 0  # jobs whose lease another worker took meanwhile
+    for job in batch:
+        try:
+            round_id = _round_id(job)
+        except PermanentError as exc:  # only an extra job can get here
+            await jobs.fail(ctx.pool, job, ctx.worker_id, str(exc), retry=False)
+            continue
+        view = await rounds.start_generating(ctx.pool, round_id)
+        if view is None:  # e.g. its requester was forgotten meanwhile
+            lost += not await _commit(ctx, job, round_id)
+            continue
+        try:
+            params = SamplingParams.for_round(view.round.params, settings)
+        except ValueError as exc:
+            lost += not await _commit(ctx, job, round_id, failure=str(exc))
+            continue
+        rng = random.Random(job.id)  # a retry of this job plans and draws the same round
+        plan = plan_round(
+            view.round.k, versions.incumbent.id, candidate_ids, ab_share=settings.ab_share, rng=rng
+        )
+        work.append(_Round(job, view, params, plan, _seeds(view.round.params, view.round.k, rng)))
+
+    by_params: dict[SamplingParams, list[_Round]] = {}
+    for item in work:
+        by_params.setdefault(item.params, []).append(item)
+    made: dict[int, list[GeneratedImage]] = {}
+    for params, items in by_params.items():
+        requests = [
+            ImageRequest(
+                item.view.prompt,
+                item.view.negative_prompt,
+                seed,
+                versions.adapter_of(version_id),
+            )
+            for item in items
+            for seed, version_id in zip(item.seeds, item.plan.versions, strict=True)
+        ]
+        images = await asyncio.to_thread(generator.generate, requests, params)
+        for item in items:
+            made[item.job.id], images = images[: item.view.round.k], images[item.view.round.k :]
+    generated_at = time.perf_counter()
+
+    for item in work:
+        lost += not await _finish_round(ctx, item, made[item.job.id], generator.device, started)
+    ctx.log.info(
+        "generated %d round(s), %d image(s) in %.2f s (pipeline %.2f s)",
+        len(work),
+        sum(len(images) for images in made.values()),
+        time.perf_counter() - started,
+        generated_at - started,
+        extra={"batch": [j.id for j in batch], "lost": lost},
+    )
+    if not ctx.completed:
+        raise LeaseLost(f"job {ctx.job.id} was taken over by another worker")
+
+
+async def _finish_round(
+    ctx: JobContext, item: _Round, images: list[GeneratedImage], device: str, started: float
+) -> bool:
+    stored = await asyncio.to_thread(lambda: [ctx.store.put(image.png) for image in images])
+    rows = [
+        NewImage(
+            position=position,
+            sha256=blob.sha256,
+            storage_key=blob.key,
+            seed=seed,
+            model_version_id=version_id,
+            width=image.width,
+            height=image.height,
+            nsfw=image.nsfw,
+        )
+        for position, (image, blob, seed, version_id) in enumerate(
+            zip(images, stored, item.seeds, item.plan.versions, strict=True), start=1
+        )
+    ]
+    round_id = item.view.round.id
+    result = {
+        "round_id": round_id,
+        "plan": item.plan.as_json(),
+        "images": [
+            {
+                "position": row.position,
+                "seed": row.seed,
+                "model_version_id": row.model_version_id,
+                "nsfw": row.nsfw,
+                "sha256": row.sha256,
+            }
+            for row in rows
+        ],
+        "device": device,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    flagged = sum(row.nsfw for row in rows)
+    if len(rows) - flagged < MIN_SHOWN:
+        failure = (
+            f"The safety filter held back {flagged} of the {len(rows)} images, leaving too few "
+            "to choose from. Try another prompt."
+        )
+        return await _commit(ctx, item.job, round_id, result=result, failure=failure)
+    return await _commit(ctx, item.job, round_id, result=result, images=rows)
+
+
+async def _commit(
+    ctx: JobContext,
+    job: jobs.Job,
+    round_id: int,
+    *,
+    result: dict[str, Any] | None = None,
+    images: list[NewImage] | None = None,
+    failure: str | None = None,
+) -> bool:
+    """The round's outcome and the job's completion, in one transaction; with neither
+    `images` nor `failure` the job completes as a no-op. A failed round keeps no image
+    rows, so that retrying it starts clean. False (and nothing written) if another worker
+    took the job over."""
+    result = dict(result or {"round_id": round_id})
+    try:
+        async with transaction(ctx.pool) as conn:
+            if failure is not None:
+                await rounds.fail_round(conn, round_id, failure)
+                result.update(status="failed", error=failure)
+            elif images is not None and await rounds.finish_round(conn, round_id, images):
+                result["status"] = "ready"
+            else:
+                result.update(status="skipped", reason="the round no longer waits for images")
+            if not await ctx.complete(conn, result, job=job):
+                raise LeaseLost(f"job {job.id} was taken over by another worker")
+    except LeaseLost:
+        ctx.log.warning("lost the lease of job %s: its round's outcome was rolled back", job.id)
+        return False
+    return True

@@ -1,0 +1,198 @@
+"""The scheduler: cron schedules (`settings.schedules`) that enqueue work, never run it.
+
+APScheduler 3.x (`AsyncIOScheduler`, an in-memory job store built from the settings at start)
+fires the schedules; each firing only touches the database:
+
+- `retrain_classifier` enqueues a `train_classifier` job when at least
+  `schedules.retrain_min_new_choices` requester choices arrived since the last training
+  job that finished;
+- `adapt_sd` enqueues an `adapt_sd` job;
+- `close_stale_rounds` closes rounds ready for longer than `limits.round_ttl_minutes`
+  (a single idempotent UPDATE, run in place).
+
+Training jobs go through `db.jobs.enqueue_training` (the same entry point as /retrain) with
+the dedupe key `schedule:<name>:<period start>`, the period being the schedule's latest
+fire time; so any number of schedulers, or one restarted, enqueue a period at most once.
+
+Cron expressions have the crontab's five fields (minute hour day month weekday, weekday 0 or
+7 = Sunday), or six with seconds first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import asyncpg
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from db import jobs, rounds, stats
+from hps.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("retrain_classifier", "adapt_sd", "close_stale_rounds")
+TRAINING_TARGETS = {"retrain_classifier": "classifier", "adapt_sd": "sd"}
+WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _crontab_weekdays(field: str) -> str:
+    """The crontab weekday field in APScheduler 3's terms: numbers become names, since
+    APScheduler 3 counts 0 as Monday where crontab counts 0 (and 7) as Sunday."""
+    parts: list[str] = []
+    for part in field.split(","):
+        span, _, step = part.partition("/")
+        if span != "*" and not span.replace("-", "").isdigit():
+            parts.append(part)  # names mean the same to both
+            continue
+        if span == "*":
+            if not step:
+                parts.append(part)
+                continue
+            first, last = 0, 6
+        elif "-" in span:
+            first, last = (int(x) for x in span.split("-", 1))
+        else:
+            first = int(span)
+            last = 6 if step else first
+        if not (0 <= first <= last <= 7):
+            raise ValueError(f"weekday {part!r} is not within 0-7")
+        for day in range(first, last + 1, int(step or 1)):
+            if WEEKDAYS[day % 7] not in parts:
+                parts.append(WEEKDAYS[day % 7])
+    return ",".join(parts)
+
+
+def cron_trigger(expr: str, timezone: str) -> CronTrigger:
+    """A trigger from a crontab expression (5 fields, or 6 with seconds first)."""
+    fields = expr.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(f"{expr!r} has {len(fields)} fields, not 5 (or 6 with seconds first)")
+    second = fields.pop(0) if len(fields) == 6 else "0"
+    minute, hour, day, month, weekday = fields
+    return CronTrigger(
+        second=second,
+        minute=minute,
+        hour=hour,
+        day=day,
+        month=month,
+        day_of_week=_crontab_weekdays(weekday),
+        timezone=ZoneInfo(timezone),
+    )
+
+
+def period_start(trigger: CronTrigger, now: datetime) -> datetime | None:
+    """The trigger's latest fire time at or before `now` (None if it never fired in the
+    last ~2 years): the period a firing at `now` stands for."""
+    window = timedelta(minutes=1)
+    while window < timedelta(days=800):
+        fire = trigger.get_next_fire_time(None, now - window)
+        if fire is not None and fire <= now:
+            while (later := trigger.get_next_fire_time(None, fire + timedelta(seconds=1))) and (
+                later <= now
+            ):
+                fire = later
+            return fire
+        window *= 2
+    return None
+
+
+@dataclass(frozen=True)
+class Firing:
+    """What one firing of a schedule did."""
+
+    schedule: str
+    period: datetime
+    action: str  # enqueued | existing | skipped | closed
+    job_id: int | None = None
+    detail: str = ""
+
+
+class Scheduler:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        config = settings.schedules
+        self.triggers: dict[str, CronTrigger] = {}
+        for name in SCHEDULES:
+            expr = getattr(config, name)
+            if not expr:
+                continue
+            try:
+                self.triggers[name] = cron_trigger(expr, config.timezone)
+            except ValueError as exc:
+                env = f"HPS_SCHEDULES__{name.upper()}"
+                raise ValueError(f"{env} (schedules.{name}): invalid cron: {exc}") from None
+
+    async def fire(self, name: str, now: datetime | None = None) -> Firing:
+        """Do what schedule `name` does for the period containing `now` (default: now)."""
+        now = now or datetime.now(UTC)
+        period = period_start(self.triggers[name], now) or now
+        key = f"schedule:{name}:{period.astimezone(UTC).isoformat()}"
+        if name == "close_stale_rounds":
+            ttl = timedelta(minutes=self.settings.limits.round_ttl_minutes)
+            closed = await rounds.close_stale_rounds(self.pool, ttl)
+            return Firing(name, period, "closed", detail=f"{len(closed)} round(s) closed")
+        payload: dict[str, object] = {"schedule": name, "period": period.isoformat()}
+        if name == "retrain_classifier":
+            new = await stats.requester_choices_since_training(self.pool)
+            needed = self.settings.schedules.retrain_min_new_choices
+            if new < needed:
+                detail = f"{new} new requester choice(s) since the last training, {needed} needed"
+                return Firing(name, period, "skipped", detail=detail)
+            payload["new_choices"] = new
+        job, created = await jobs.enqueue_training(
+            self.pool,
+            TRAINING_TARGETS[name],
+            requested_by=f"schedule:{name}",
+            dedupe_key=key,
+            payload=payload,
+        )
+        return Firing(name, period, "enqueued" if created else "existing", job.id)
+
+    async def _fire_logged(self, name: str) -> None:
+        try:
+            firing = await self.fire(name)
+        except Exception:
+            log.exception("schedule %s failed", name, extra={"schedule": name})
+            return
+        log.info(
+            "schedule %s: %s %s",
+            name,
+            firing.action,
+            firing.detail or f"job {firing.job_id}",
+            extra={"schedule": name, "period": firing.period.isoformat(), "job_id": firing.job_id},
+        )
+
+    def start(self) -> AsyncIOScheduler:
+        """Start firing on the running event loop; the caller shuts the result down."""
+        scheduler = AsyncIOScheduler(timezone=ZoneInfo(self.settings.schedules.timezone))
+        for name, trigger in self.triggers.items():
+            scheduler.add_job(
+                self._fire_logged,
+                trigger,
+                args=[name],
+                id=name,
+                name=name,
+                coalesce=True,  # after a stall, one firing for all missed ones
+                max_instances=1,
+                misfire_grace_time=300,
+            )
+        scheduler.start()
+        for job in scheduler.get_jobs():
+            log.info("schedule %s: next at %s", job.id, job.next_run_time.isoformat())
+        if not self.triggers:
+            log.warning("every schedule is off: nothing to do")
+        return scheduler
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fire schedules until `stop` is set."""
+        scheduler = self.start()
+        try:
+            await stop.wait()
+        finally:
+            scheduler.shutdown(wait=False)

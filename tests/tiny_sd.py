@@ -1,0 +1,204 @@
+"""A tiny Stable Diffusion pipeline and LoRA adapters, built offline for tests.
+
+The components follow diffusers' own tests (a 2-block UNet, a 2-block VAE, a 2-layer CLIP
+text encoder) with the real CLIP BPE vocabulary taken from open_clip's bundled file, so
+prompts tokenize as in production. Everything is saved with `save_pretrained` /
+`save_lora_weights` and loaded back by the code under test through `from_pretrained` /
+`load_lora_weights`, like a downloaded model.
+
+`FlagEveryNth` is a stand-in safety checker: the real one needs CLIP weights we cannot
+download, so this one flags batch positions 0, n, 2n, … the way the real one reports
+(blacked-out images and a per-image flag list), through the same pipeline code path.
+
+Fixtures (session-scoped, each built once): `tiny_sd_dir`, `tiny_sd_flagging_dir`,
+`tiny_lora_dirs` (two different adapters for `tiny_sd_dir`). Test modules import them:
+`from tests.tiny_sd import tiny_sd_dir  # noqa: F401`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SIZE = 32  # pixels; the VAE halves once, so latents are 16×16
+CROSS_DIM = 8
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character map."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_clip_tokenizer_files(folder: Path) -> Path:
+    """vocab.json + merges.txt of CLIP's tokenizer, from open_clip's bundled BPE merges
+    (the same construction as open_clip's SimpleTokenizer: 49,408 tokens)."""
+    import open_clip
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(merge) for merge in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    )
+    return folder
+
+
+class FlagEveryNth(ModelMixin, ConfigMixin):
+    """A safety checker stand-in that flags batch indices 0, n, 2n, … and blacks them out,
+    returning `(images, has_nsfw_concept)` like `StableDiffusionSafetyChecker`."""
+
+    @register_to_config
+    def __init__(self, every: int = 2) -> None:
+        super().__init__()
+        # A parameter, so that the pipeline can move the module to a device and dtype.
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @torch.no_grad()
+    def forward(self, clip_input: torch.Tensor, images):  # type: ignore[no-untyped-def]
+        flags = [i % self.config.every == 0 for i in range(len(images))]
+        for i, flagged in enumerate(flags):
+            if flagged:
+                images[i] = images[i] * 0
+        return images, flags
+
+
+def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = None) -> Path:
+    """Build a tiny SD 1.x pipeline from configs and save it in the diffusers layout."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CROSS_DIM,
+        norm_num_groups=2,
+        attention_head_dim=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=SIZE,
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        write_clip_tokenizer_files(folder / "_bpe"), model_max_length=77
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            hidden_size=CROSS_DIM,
+            intermediate_size=16,
+            layer_norm_eps=1e-05,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    safety = FlagEveryNth(every=safety_every) if safety_every else None
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=safety,
+        feature_extractor=CLIPImageProcessor(crop_size=SIZE, size=SIZE) if safety else None,
+        requires_safety_checker=safety is not None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_lora(sd_folder: Path, out: Path, *, seed: int, rank: int = 2) -> Path:
+    """A LoRA adapter on the tiny UNet's attention, saved in the diffusers format.
+
+    peft initialises LoRA's B matrices to zero (a no-op adapter); they are randomised here
+    so that the adapter visibly changes the images."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    StableDiffusionPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        safe_serialization=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD pipeline folder without a safety checker."""
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_flagging_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same pipeline with a safety checker that flags batch indices 0, 4, 8, …"""
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_flagging"), safety_every=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dirs(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two different LoRA adapters for `tiny_sd_dir`."""
+    root = tmp_path_factory.mktemp("tiny_lora")
+    return [build_tiny_lora(tiny_sd_dir, root / f"lora{i}", seed=i + 1) for i in range(2)]

@@ -107,7 +107,7 @@ class Generator:
         self.dtype = resolve_dtype(dtype, self.device)
         self._lock = threading.Lock()
         self.adapters: dict[str, str] = {}  # adapter name → artifact it was loaded from
-        kwargs: dict[str, Any] = {"torch_dtype": self.dtype}
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         started = time.perf_counter()
@@ -235,8 +235,9 @@ async def get_generator(ctx: JobContext) -> Generator:
         return cached[1]
 
 
-def adapter_name(version: models.ModelVersion) -> str:
-    return f"v{version.id}"
+def adapter_name(version_id: int) -> str:
+    """The name a version's LoRA adapter is loaded under in the generator."""
+    return f"v{version_id}"
 
 
 @dataclass
@@ -246,9 +247,7 @@ class _Versions:
     candidates: list[models.ModelVersion]  # adapters in testing that loaded
 
     def adapter_of(self, version_id: int) -> str | None:
-        if version_id == self.base.id:
-            return None
-        return f"v{version_id}"
+        return None if version_id == self.base.id else adapter_name(version_id)
 
 
 async def _serving_versions(ctx: JobContext, generator: Generator) -> _Versions:
@@ -257,16 +256,20 @@ async def _serving_versions(ctx: JobContext, generator: Generator) -> _Versions:
     incumbent = await models.serving(ctx.pool, "sd_adapter") or base
     if incumbent is not base:
         # The serving adapter must load: without it the round would silently be the base's.
-        await asyncio.to_thread(generator.load_adapter, adapter_name(incumbent), incumbent.artifact)
+        await asyncio.to_thread(
+            generator.load_adapter, adapter_name(incumbent.id), incumbent.artifact
+        )
     candidates = []
     for version in await models.testing(ctx.pool, "sd_adapter"):
         try:
-            await asyncio.to_thread(generator.load_adapter, adapter_name(version), version.artifact)
+            await asyncio.to_thread(
+                generator.load_adapter, adapter_name(version.id), version.artifact
+            )
         except Exception:
             ctx.log.exception("adapter %s does not load: left out of A/B rounds", version.name)
             continue
         candidates.append(version)
-    keep = {adapter_name(v) for v in [*candidates, incumbent] if v is not base}
+    keep = {adapter_name(v.id) for v in [*candidates, incumbent] if v is not base}
     await asyncio.to_thread(generator.keep_adapters, keep)
     return _Versions(base, incumbent, candidates)
 
@@ -364,9 +367,14 @@ async def _generate_batch(ctx: JobContext, generator: Generator, batch: list[job
         for item in items:
             made[item.job.id], images = images[: item.view.round.k], images[item.view.round.k :]
     generated_at = time.perf_counter()
+    run = {
+        "batch": [item.job.id for item in work],
+        "device": generator.device,
+        "generate_seconds": round(generated_at - started, 3),
+    }
 
     for item in work:
-        lost += not await _finish_round(ctx, item, made[item.job.id], generator.device, started)
+        lost += not await _finish_round(ctx, item, made[item.job.id], run)
     ctx.log.info(
         "generated %d round(s), %d image(s) in %.2f s (pipeline %.2f s)",
         len(work),
@@ -380,7 +388,7 @@ async def _generate_batch(ctx: JobContext, generator: Generator, batch: list[job
 
 
 async def _finish_round(
-    ctx: JobContext, item: _Round, images: list[GeneratedImage], device: str, started: float
+    ctx: JobContext, item: _Round, images: list[GeneratedImage], run: dict[str, Any]
 ) -> bool:
     stored = await asyncio.to_thread(lambda: [ctx.store.put(image.png) for image in images])
     rows = [
@@ -412,8 +420,7 @@ async def _finish_round(
             }
             for row in rows
         ],
-        "device": device,
-        "seconds": round(time.perf_counter() - started, 3),
+        **run,  # the batch it was generated in, the device, the pipeline's time
     }
     flagged = sum(row.nsfw for row in rows)
     if len(rows) - flagged < MIN_SHOWN:

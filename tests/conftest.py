@@ -21,6 +21,9 @@ from db import migrate
 from db.connect import create_pool
 from hps.settings import get_settings
 
+# The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...), built on demand.
+pytest_plugins = ["tests.tiny_sd"]
+
 ADMIN_URL = os.environ.get("HPS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

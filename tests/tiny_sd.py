@@ -6,13 +6,13 @@ prompts tokenize as in production. Everything is saved with `save_pretrained` /
 `save_lora_weights` and loaded back by the code under test through `from_pretrained` /
 `load_lora_weights`, like a downloaded model.
 
-`FlagEveryNth` is a stand-in safety checker: the real one needs CLIP weights we cannot
-download, so this one flags batch positions 0, n, 2n, … the way the real one reports
-(blacked-out images and a per-image flag list), through the same pipeline code path.
+`tests.tiny_safety.FlagEveryNth` stands in for the safety checker (the real one needs CLIP
+weights we cannot download) through the same pipeline code path.
 
 Fixtures (session-scoped, each built once): `tiny_sd_dir`, `tiny_sd_flagging_dir`,
-`tiny_lora_dirs` (two different adapters for `tiny_sd_dir`). Test modules import them:
-`from tests.tiny_sd import tiny_sd_dir  # noqa: F401`.
+`tiny_lora_dirs` (two different adapters for `tiny_sd_dir`). tests/conftest.py registers
+this module as a plugin, so every test can ask for them; torch and diffusers are imported
+only when one is built.
 """
 
 from __future__ import annotations
@@ -22,18 +22,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-SIZE = 32  # pixels; the VAE halves once, so latents are 16×16
+SIZE = 64  # pixels (the default image size); the VAE halves once, so latents are 32×32
 CROSS_DIM = 8
 
 
@@ -71,27 +61,19 @@ def write_clip_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
-class FlagEveryNth(ModelMixin, ConfigMixin):
-    """A safety checker stand-in that flags batch indices 0, n, 2n, … and blacks them out,
-    returning `(images, has_nsfw_concept)` like `StableDiffusionSafetyChecker`."""
-
-    @register_to_config
-    def __init__(self, every: int = 2) -> None:
-        super().__init__()
-        # A parameter, so that the pipeline can move the module to a device and dtype.
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    @torch.no_grad()
-    def forward(self, clip_input: torch.Tensor, images):  # type: ignore[no-untyped-def]
-        flags = [i % self.config.every == 0 for i in range(len(images))]
-        for i, flagged in enumerate(flags):
-            if flagged:
-                images[i] = images[i] * 0
-        return images, flags
-
-
 def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = None) -> Path:
     """Build a tiny SD 1.x pipeline from configs and save it in the diffusers layout."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from tests.tiny_safety import FlagEveryNth
+
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(4, 8),
@@ -138,6 +120,7 @@ def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = Non
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,
     )
     safety = FlagEveryNth(every=safety_every) if safety_every else None
     pipe = StableDiffusionPipeline(
@@ -159,6 +142,8 @@ def build_tiny_lora(sd_folder: Path, out: Path, *, seed: int, rank: int = 2) -> 
 
     peft initialises LoRA's B matrices to zero (a no-op adapter); they are randomised here
     so that the adapter visibly changes the images."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict

@@ -7,6 +7,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from hps.settings import Settings, load_settings
@@ -39,10 +40,10 @@ async def running(worker: Worker) -> AsyncIterator[Worker]:
 
 
 async def wait_until(
-    predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 30, interval: float = 0.05
+    predicate: Callable[[], Awaitable[Any] | Any], within: float = 30, interval: float = 0.05
 ) -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Poll `predicate` until it returns something truthy; fail after `within` seconds."""
+    deadline = time.monotonic() + within
     while True:
         value = predicate()
         if inspect.isawaitable(value):
@@ -50,5 +51,10 @@ async def wait_until(
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
+
+
+def stored_pngs(images_dir: Path) -> list[str]:
+    """The names of the PNG files in an image store folder, sorted."""
+    return sorted(path.name for path in images_dir.rglob("*.png"))

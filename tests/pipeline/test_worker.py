@@ -35,7 +35,7 @@ async def test_two_workers_racing_on_100_jobs_run_each_exactly_once(pool) -> Non
     a = _worker(pool, settings, "racer-a", ["effect"], concurrency=3)
     b = _worker(pool, settings, "racer-b", ["effect"], concurrency=3)
     async with running(a), running(b):
-        await wait_until(lambda: _done_count(pool, "effect", 100), timeout=60)
+        await wait_until(lambda: _done_count(pool, "effect", 100), within=60)
     assert sorted(RUNS) == created and set(RUNS.values()) == {1}
     rows = await pool.fetch("SELECT worker_id, attempts, result FROM jobs WHERE kind = 'effect'")
     assert {r["attempts"] for r in rows} == {1}
@@ -90,7 +90,7 @@ async def test_a_notify_wakes_an_idle_worker_without_waiting_for_the_poll(pool) 
         await asyncio.sleep(0.3)  # idle, waiting on its 30 s poll
         started = time.monotonic()
         job, _ = await jobs.enqueue(pool, "noop")
-        await wait_until(lambda: _in_state(pool, job.id, "done"), timeout=5, interval=0.01)
+        await wait_until(lambda: _in_state(pool, job.id, "done"), within=5, interval=0.01)
         assert time.monotonic() - started < 2
         # A kind it does not take is left alone.
         other, _ = await jobs.enqueue(pool, "flaky")
@@ -126,7 +126,7 @@ async def test_expired_leases_of_dead_workers_are_taken_back(pool) -> None:  # t
     await jobs.claim(pool, ["noop"], "vanished", timedelta(seconds=1))
     RUNS.clear()
     async with running(_worker(pool, make_settings(), "w", ["noop"])):
-        done = await wait_until(lambda: _in_state(pool, job.id, "done"), timeout=10)
+        done = await wait_until(lambda: _in_state(pool, job.id, "done"), within=10)
     assert done.attempts == 2 and done.worker_id == "w" and RUNS[job.id] == 1
 
 

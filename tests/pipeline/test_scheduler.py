@@ -1,0 +1,146 @@
+"""The scheduler: cron parsing, periods, de-duplication across schedulers, the retrain gate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from db import jobs, rounds
+from db.choices import record_choice
+from pipeline.scheduler import Scheduler, _crontab_weekdays, cron_trigger, period_start
+from tests.factories import ready_round
+from tests.pipeline.conftest import make_settings
+
+WEDNESDAY = datetime(2026, 11, 25, 6, 30, tzinfo=UTC)
+LEASE = timedelta(minutes=1)
+
+
+def test_crontab_weekdays_count_sunday_as_zero() -> None:
+    assert _crontab_weekdays("0") == _crontab_weekdays("7") == "sun"
+    assert _crontab_weekdays("1-5") == "mon,tue,wed,thu,fri"
+    assert _crontab_weekdays("*/2") == "sun,tue,thu,sat"
+    assert _crontab_weekdays("5-7,mon") == "fri,sat,sun,mon"
+    assert _crontab_weekdays("*") == "*" and _crontab_weekdays("mon-fri") == "mon-fri"
+    with pytest.raises(ValueError, match="not within 0-7"):
+        _crontab_weekdays("3-9")
+
+
+def test_a_period_is_the_latest_fire_time_at_or_before_now() -> None:
+    weekly = cron_trigger("0 4 * * 0", "UTC")  # Sundays 04:00
+    assert period_start(weekly, WEDNESDAY) == datetime(2026, 11, 22, 4, 0, tzinfo=UTC)
+    assert period_start(weekly, datetime(2026, 11, 22, 4, 0, tzinfo=UTC)) == datetime(
+        2026, 11, 22, 4, 0, tzinfo=UTC
+    )
+    every5 = cron_trigger("*/5 * * * *", "UTC")
+    assert period_start(every5, WEDNESDAY.replace(minute=7, second=3)) == WEDNESDAY.replace(
+        minute=5
+    )
+    nightly_paris = cron_trigger("0 3 * * *", "Europe/Paris")
+    assert period_start(nightly_paris, WEDNESDAY) == datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
+    seconds = cron_trigger("*/2 * * * * *", "UTC")  # six fields: seconds first
+    assert period_start(seconds, WEDNESDAY.replace(second=3)) == WEDNESDAY.replace(second=2)
+
+
+def test_an_invalid_cron_names_its_setting() -> None:
+    settings = make_settings(schedules={"adapt_sd": "0 4 * *"})
+    with pytest.raises(ValueError) as error:
+        Scheduler(None, settings)  # type: ignore[arg-type]
+    assert str(error.value) == (
+        "HPS_SCHEDULES__ADAPT_SD (schedules.adapt_sd): invalid cron: "
+        "'0 4 * *' has 4 fields, not 5 (or 6 with seconds first)"
+    )
+
+
+async def test_two_schedulers_and_a_restart_enqueue_a_period_once(pool) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings()
+    first, second = Scheduler(pool, settings), Scheduler(pool, settings)
+    fired = await asyncio.gather(
+        first.fire("adapt_sd", WEDNESDAY), second.fire("adapt_sd", WEDNESDAY)
+    )
+    assert sorted(f.action for f in fired) == ["enqueued", "existing"]
+    assert fired[0].job_id == fired[1].job_id
+    job = await jobs.get(pool, fired[0].job_id)
+    assert job.kind == "adapt_sd" and job.dedupe_key == (
+        "schedule:adapt_sd:2026-11-22T04:00:00+00:00"
+    )
+    assert job.requested_by == "schedule:adapt_sd"
+    # The job runs and finishes; a restarted scheduler firing again in the same week
+    # finds the period's job and enqueues nothing.
+    [claimed] = await jobs.claim(pool, ["adapt_sd"], "w", LEASE)
+    assert await jobs.complete(pool, claimed, "w", {"ok": True})
+    restarted = Scheduler(pool, settings)
+    again = await restarted.fire("adapt_sd", WEDNESDAY + timedelta(days=2))
+    assert again.action == "existing" and again.job_id == job.id
+    next_week = await restarted.fire("adapt_sd", WEDNESDAY + timedelta(days=7))
+    assert next_week.action == "enqueued" and next_week.job_id != job.id
+    assert await pool.fetchval("SELECT count(*) FROM jobs WHERE kind = 'adapt_sd'") == 2
+
+
+async def test_live_schedulers_fire_each_period_once(pool, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Two running schedulers firing every second, while a worker finishes each job."""
+    settings = make_settings(
+        schedules={
+            "adapt_sd": "* * * * * *",
+            "retrain_classifier": None,
+            "close_stale_rounds": None,
+        }
+    )
+    caplog.set_level(logging.INFO, logger="pipeline.scheduler")
+    started = [Scheduler(pool, settings).start() for _ in range(2)]
+    try:
+        deadline = asyncio.get_running_loop().time() + 3.2
+        while asyncio.get_running_loop().time() < deadline:
+            for job in await jobs.claim(pool, ["adapt_sd"], "w", LEASE, limit=5):
+                await jobs.complete(pool, job, "w")
+            await asyncio.sleep(0.05)
+    finally:
+        for scheduler in started:
+            scheduler.shutdown(wait=False)
+    keys = [r["dedupe_key"] for r in await pool.fetch("SELECT dedupe_key FROM jobs ORDER BY id")]
+    periods = [datetime.fromisoformat(k.removeprefix("schedule:adapt_sd:")) for k in keys]
+    # One job per period (a whole second), although both schedulers fired for each.
+    assert 2 <= len(periods) <= 4 and periods == sorted(set(periods))
+    assert all(p.microsecond == 0 for p in periods)
+    actions = Counter(
+        r.getMessage().split()[2] for r in caplog.records if r.name == "pipeline.scheduler"
+    )
+    assert actions["enqueued"] == len(periods) and actions["existing"] >= 1, actions
+
+
+async def test_retraining_waits_for_enough_new_requester_choices(pool) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(schedules={"retrain_min_new_choices": 2})
+    scheduler = Scheduler(pool, settings)
+    first = await ready_round(pool, requester=1)
+    await record_choice(pool, round_id=first, discord_user_id=1, verdict="pick", position=2)
+    await record_choice(pool, round_id=first, discord_user_id=5, verdict="tie")  # not requester
+    skipped = await scheduler.fire("retrain_classifier", WEDNESDAY)
+    assert skipped.action == "skipped" and skipped.job_id is None
+    assert skipped.detail == "1 new requester choice(s) since the last training, 2 needed"
+    second = await ready_round(pool, requester=2, prompt="a blue cone")
+    await record_choice(pool, round_id=second, discord_user_id=2, verdict="none")
+    fired = await scheduler.fire("retrain_classifier", WEDNESDAY)
+    assert fired.action == "enqueued"
+    job = await jobs.get(pool, fired.job_id)
+    assert job.kind == "train_classifier" and job.payload["new_choices"] == 2
+    assert job.dedupe_key == "schedule:retrain_classifier:2026-11-25T03:00:00+00:00"
+    # Once a training finishes, the count starts again from its start.
+    [claimed] = await jobs.claim(pool, ["train_classifier"], "w", LEASE)
+    await jobs.complete(pool, claimed, "w")
+    later = await scheduler.fire("retrain_classifier", WEDNESDAY + timedelta(days=1))
+    assert later.action == "skipped" and later.detail.startswith("0 new requester choice(s)")
+
+
+async def test_stale_rounds_are_closed_in_place(pool) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(limits={"round_ttl_minutes": 60})
+    old = await ready_round(pool, requester=1)
+    fresh = await ready_round(pool, requester=2)
+    await pool.execute("UPDATE rounds SET ready_at = now() - interval '2 hours' WHERE id = $1", old)
+    fired = await Scheduler(pool, settings).fire("close_stale_rounds")
+    assert fired.action == "closed" and fired.detail == "1 round(s) closed"
+    assert (await rounds.get_round(pool, old)).status == "closed"
+    assert (await rounds.get_round(pool, fresh)).status == "ready"
+    assert await pool.fetchval("SELECT count(*) FROM jobs WHERE kind <> 'generate'") == 0

@@ -106,3 +106,39 @@ async def requester_choices_since_training(db: Executor) -> int:
     """Requesters' choices (not flagged) made or changed since the last classifier training
     that finished started: what a new training would learn from."""
     return await db.fetchval(REQUESTER_CHOICES_SINCE_TRAINING_SQL)
+
+
+@dataclass(frozen=True)
+class QueueTimings:
+    """Finished jobs of one kind: how fast they were picked up and got through."""
+
+    jobs: int
+    workers: int  # distinct workers that finished them
+    pickup_p50_ms: float | None  # enqueue (or last retry) → claim
+    pickup_p99_ms: float | None
+    pickup_max_ms: float | None
+    span_seconds: float | None  # first enqueue → last finish
+    drain_seconds: float | None  # first claim → last finish
+
+
+QUEUE_TIMINGS_SQL = """
+WITH done AS (
+    SELECT worker_id, created_at, started_at, finished_at,
+           extract(epoch FROM started_at - greatest(created_at, run_after)) * 1000 AS pickup_ms
+    FROM jobs
+    WHERE kind = $1 AND state = 'done' AND created_at > now() - $2::interval
+)
+SELECT count(*) AS jobs,
+       count(DISTINCT worker_id) AS workers,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY pickup_ms) AS pickup_p50_ms,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY pickup_ms) AS pickup_p99_ms,
+       max(pickup_ms)::float8 AS pickup_max_ms,
+       extract(epoch FROM max(finished_at) - min(created_at))::float8 AS span_seconds,
+       extract(epoch FROM max(finished_at) - min(started_at))::float8 AS drain_seconds
+FROM done
+"""
+
+
+async def queue_timings(db: Executor, kind: str, window: timedelta) -> QueueTimings:
+    """Pick-up latency and span of the jobs of `kind` enqueued within `window` and done."""
+    return QueueTimings(**dict(await db.fetchrow(QUEUE_TIMINGS_SQL, kind, window)))

@@ -89,9 +89,9 @@ class Worker:
             self.device,
             extra={"worker_id": self.worker_id},
         )
+        await self._listen()  # before the maintenance task, which re-LISTENs if it drops
         maintenance = asyncio.create_task(self._maintain())
         try:
-            await self._listen()
             await self._loop()
             await self._drain()
         finally:

@@ -38,7 +38,7 @@ def serve() -> None:
     if config.discord.token is None:
         err_console.print(
             f"{log_prefix} [yellow]no Discord bot token[/yellow] (set HPS_DISCORD__TOKEN or "
-            "[discord] token in hps.toml): running the scheduler and a worker without the bot",
+            "\\[discord] token in hps.toml): running the scheduler and a worker without the bot",
             highlight=False,
         )
     else:

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from db import jobs
+from db import jobs, stats
 from pipeline.worker import Worker
 from tests.job_handlers import REGISTRY, RUNS
 from tests.pipeline.conftest import make_settings, running, wait_until
@@ -44,6 +44,9 @@ async def test_two_workers_racing_on_100_jobs_run_each_exactly_once(pool) -> Non
     assert all(r["result"] == {"worker": r["worker_id"]} for r in rows)
     # Each job's effect was applied once, in the transaction that completed it.
     assert await pool.fetchval("SELECT count(*) FROM prompts WHERE text LIKE 'effect %'") == 100
+    timings = await stats.queue_timings(pool, "effect", timedelta(hours=1))
+    assert (timings.jobs, timings.workers) == (100, 2)
+    assert 0 <= timings.pickup_p50_ms <= timings.pickup_p99_ms <= timings.pickup_max_ms
 
 
 async def _done_count(pool, kind: str, n: int) -> bool:  # type: ignore[no-untyped-def]

@@ -25,6 +25,7 @@ round with fewer than two unflagged images fails with a reason its requester can
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import random
@@ -150,7 +151,13 @@ class Generator:
         with self._lock:
             if name in self.adapters:
                 return
-            self.pipe.load_lora_weights(artifact, adapter_name=name)
+            try:
+                self.pipe.load_lora_weights(artifact, adapter_name=name)
+            except Exception:
+                # Leave no half-injected layers behind for the next calls.
+                with contextlib.suppress(Exception):
+                    self.pipe.delete_adapters([name])
+                raise
             self.adapters[name] = artifact
             log.info("loaded adapter %s from %s", name, artifact)
 
@@ -376,12 +383,13 @@ async def _generate_batch(ctx: JobContext, generator: Generator, batch: list[job
     for item in work:
         lost += not await _finish_round(ctx, item, made[item.job.id], run)
     ctx.log.info(
-        "generated %d round(s), %d image(s) in %.2f s (pipeline %.2f s)",
+        "generated %d round(s) (jobs %s), %d image(s) in %.2f s (pipeline %.2f s)%s",
         len(work),
+        run["batch"],
         sum(len(images) for images in made.values()),
         time.perf_counter() - started,
         generated_at - started,
-        extra={"batch": [j.id for j in batch], "lost": lost},
+        f"; {lost} job(s) taken over meanwhile" if lost else "",
     )
     if not ctx.completed:
         raise LeaseLost(f"job {ctx.job.id} was taken over by another worker")

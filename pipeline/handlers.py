@@ -87,7 +87,7 @@ class JobContext:
         (raise `LeaseLost`)."""
         target = job or self.job
         done = await jobs.complete(conn, target, self.worker_id, result)
-        if target is self.job:
+        if target.id == self.job.id:
             self.completed = done
         return done
 

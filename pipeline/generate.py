@@ -339,6 +339,7 @@ async def _generate_batch(ctx: JobContext, generator: Generator, batch: list[job
             round_id = _round_id(job)
         except PermanentError as exc:  # only an extra job can get here
             await jobs.fail(ctx.pool, job, ctx.worker_id, str(exc), retry=False)
+            ctx.settled(job)
             continue
         view = await rounds.start_generating(ctx.pool, round_id)
         if view is None:  # e.g. its requester was forgotten meanwhile

@@ -66,7 +66,7 @@ class JobContext:
     cache: dict[str, Any]
     log: logging.LoggerAdapter = field(init=False)
     completed: bool = field(default=False, init=False)
-    # Jobs taken by `claim_matching`, run by this handler along with `job`.
+    # Jobs taken by `claim_matching` and not finished yet, run along with `job`.
     extra_jobs: list[jobs.Job] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -89,7 +89,13 @@ class JobContext:
         done = await jobs.complete(conn, target, self.worker_id, result)
         if target.id == self.job.id:
             self.completed = done
+        elif done:
+            self.settled(target)
         return done
+
+    def settled(self, job: jobs.Job) -> None:
+        """Forget an extra job the handler finished itself (no more heartbeats for it)."""
+        self.extra_jobs = [j for j in self.extra_jobs if j.id != job.id]
 
     async def claim_matching(self, payload_contains: dict[str, Any], limit: int) -> list[jobs.Job]:
         """Take up to `limit` more queued jobs of this kind whose payload contains

@@ -65,7 +65,7 @@ async def batching(ctx: JobContext) -> dict[str, Any]:
             await ctx.complete(conn, {"by": ctx.job.id}, job=extra[0])
     if ctx.job.payload.get("raise"):
         raise RuntimeError("batch broke")
-    return {"extra": [job.id for job in extra]}
+    return {"extra": [job.id for job in extra], "held": [job.id for job in ctx.extra_jobs]}
 
 
 async def generate_hanging_before_commit(ctx: JobContext) -> None:

@@ -138,12 +138,13 @@ async def test_jobs_a_handler_took_are_settled_by_the_worker(pool) -> None:  # t
     async with running(_worker(pool, make_settings(), "w", ["batching"], concurrency=1)):
         await wait_until(lambda: _in_state(pool, first[0].id, "done"))
         lead, finished, left = [await jobs.get(pool, j.id) for j in first]
-        assert lead.result == {"extra": [finished.id, left.id]}
+        # The one it finished is no longer heartbeated; the other was, until released.
+        assert lead.result == {"extra": [finished.id, left.id], "held": [left.id]}
         assert finished.state == "done" and finished.result == {"by": lead.id}
         # The one it returned without finishing was released untouched, then run alone.
         await wait_until(lambda: _in_state(pool, left.id, "done"))
     left = await jobs.get(pool, left.id)
-    assert left.attempts == 1 and left.result == {"extra": []}
+    assert left.attempts == 1 and left.result == {"extra": [], "held": []}
 
     broken = [(await jobs.enqueue(pool, "batching", {"group": 2, "raise": True}))[0]]
     broken += [(await jobs.enqueue(pool, "batching", {"group": 2}))[0] for _ in range(2)]

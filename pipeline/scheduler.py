@@ -24,7 +24,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -117,6 +117,13 @@ class Scheduler:
         self.pool = pool
         self.settings = settings
         config = settings.schedules
+        try:
+            ZoneInfo(config.timezone)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(
+                f"HPS_SCHEDULES__TIMEZONE (schedules.timezone): unknown time zone "
+                f"{config.timezone!r}"
+            ) from None
         self.triggers: dict[str, CronTrigger] = {}
         for name in SCHEDULES:
             expr = getattr(config, name)

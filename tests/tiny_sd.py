@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -97,9 +98,10 @@ def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = Non
         norm_num_groups=2,
         sample_size=SIZE,
     )
-    tokenizer = CLIPTokenizer.from_pretrained(
-        write_clip_tokenizer_files(folder / "_bpe"), model_max_length=77
-    )
+    with tempfile.TemporaryDirectory() as bpe:
+        tokenizer = CLIPTokenizer.from_pretrained(
+            write_clip_tokenizer_files(Path(bpe)), model_max_length=77
+        )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=tokenizer.bos_token_id,

@@ -53,7 +53,10 @@ def test_an_invalid_cron_names_its_setting() -> None:
         "HPS_SCHEDULES__ADAPT_SD (schedules.adapt_sd): invalid cron: "
         "'0 4 * *' has 4 fields, not 5 (or 6 with seconds first)"
     )
-    with pytest.raises(ValueError, match=r"HPS_SCHEDULES__RETRAIN_CLASSIFIER .*higher than the maximum value \(59\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"HPS_SCHEDULES__RETRAIN_CLASSIFIER .*higher than the maximum value \(59\)",
+    ):
         Scheduler(None, make_settings(schedules={"retrain_classifier": "99 3 * * *"}))  # type: ignore[arg-type]
     with pytest.raises(ValueError) as error:
         Scheduler(None, make_settings(schedules={"timezone": "Mars/Olympus"}))  # type: ignore[arg-type]

@@ -1,0 +1,147 @@
+"""Which HPS model serves, and how trained classifiers enter the registry.
+
+The serving classifier is the `classifier` version with status serving
+(`db.models.serving`); with none, the configured model (`models.hps_arch`,
+`hps_pretrained`, `hps_checkpoint`) serves. A trained classifier is copied into
+`models_dir/<name>/` and registered as a candidate with the sha256 of its weights, its
+parent (the version serving when it was trained) and its metrics. It is promoted only if it
+beats the serving model on the same test examples by the configured margin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from db import models
+from db.connect import Executor
+from db.models import ModelVersion
+from hps.settings import Settings
+from pipeline.evaluate import beats
+from pipeline.hps_model import METADATA_FILE, WEIGHTS_FILE, HPSModel, ModelSpec, sha256_file
+
+log = logging.getLogger(__name__)
+
+KIND = "classifier"
+
+
+def configured_spec(settings: Settings) -> ModelSpec:
+    m = settings.models
+    return ModelSpec(
+        m.hps_arch, m.hps_pretrained, str(m.hps_checkpoint) if m.hps_checkpoint else None
+    )
+
+
+def configured_label(settings: Settings) -> str:
+    return f"configured:{configured_spec(settings).describe()}"
+
+
+async def serving_model(
+    db: Executor, settings: Settings
+) -> tuple[ModelSpec, str, ModelVersion | None]:
+    """The spec and label of the model that scores now, and its registry version if any."""
+    version = await models.serving(db, KIND)
+    if version is None:
+        return configured_spec(settings), configured_label(settings), None
+    return ModelSpec(version.artifact), version.name, version
+
+
+def load_spec(
+    spec: ModelSpec, settings: Settings, name: str | None = None, **kwargs: Any
+) -> HPSModel:
+    return HPSModel.load(
+        spec.model,
+        pretrained=spec.pretrained,
+        checkpoint=spec.checkpoint,
+        device=kwargs.pop("device", settings.models.device),
+        name=name,
+        **kwargs,
+    )
+
+
+async def register_classifier(
+    db: Executor,
+    settings: Settings,
+    checkpoint: Path,
+    *,
+    name: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    parent_id: int | None,
+    actor: str | None,
+) -> ModelVersion:
+    """Copy a saved checkpoint folder to `models_dir/<name>` and register it as a candidate.
+    Idempotent by name: a retried job that registered already gets the same version."""
+    existing = await models.get(db, name)
+    if existing is not None:
+        if existing.kind != KIND or existing.sha256 != sha256_file(checkpoint / WEIGHTS_FILE):
+            raise models.ModelError(f"a different model version is already named {name}")
+        return existing
+    target = settings.models_dir / name
+    if not target.exists():
+        _copy_atomically(checkpoint, target)
+    digest = sha256_file(target / WEIGHTS_FILE)
+    return await models.register(
+        db,
+        kind=KIND,
+        name=name,
+        artifact=str(target.resolve()),
+        sha256=digest,
+        config=config,
+        metrics=metrics,
+        parent_id=parent_id,
+        actor=actor,
+    )
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    if not (source / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{source} is not a saved model folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+async def promote_if_better(
+    db: Executor,
+    version: ModelVersion,
+    report: dict[str, Any],
+    serving_report: dict[str, Any],
+    *,
+    margin: float,
+    actor: str | None,
+) -> tuple[bool, str]:
+    """Promote `version` if its test report beats the serving model's by `margin`."""
+    better, reason = beats(report, serving_report, margin)
+    if better:
+        await models.promote(db, version.id, actor=actor, reason=reason)
+    return better, reason
+
+
+def check_promotable(version: ModelVersion, serving: ModelVersion | None, margin: float) -> str:
+    """Why a maintainer may promote `version` over `serving` (raises `ModelError` if not):
+    its recorded evaluation must beat the serving version's on the same examples."""
+    if version.kind != KIND or serving is None:
+        return "nothing serves yet"
+    report = version.metrics.get("test")
+    against = version.metrics.get("compared", {}).get(serving.name)
+    if report is None or against is None:
+        raise models.ModelError(
+            f"{version.name} was not evaluated against the serving version {serving.name}: "
+            f"run `hps eval --model {version.name}` first (or promote with --force)"
+        )
+    better, reason = beats(report, against, margin)
+    if not better:
+        raise models.ModelError(
+            f"{version.name} does not beat {serving.name}: {reason} (--force overrides)"
+        )
+    return reason

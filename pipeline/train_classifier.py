@@ -1,0 +1,552 @@
+"""Training the HPS classifier: the paper's recipe, then evaluation, registration, promotion.
+
+The recipe (Wu et al. 2023, §3): start from CLIP; freeze the lower blocks of both towers and
+train the last ones (10 image blocks and 6 text blocks by default, each tower's final norm
+and projection with them, and the logit scale); per example, cross-entropy of the softmax
+over its K image-text logits against the choice (`pipeline.loss`); AdamW (lr 1.7e-5, weight
+decay 3.1e-3), batches of 5 examples, a cosine schedule after a linear warm-up, gradient
+clipping, mixed precision on GPUs, gradient accumulation. `accelerate` runs the same loop on
+the CPU, one GPU or several (`accelerate launch -m hps train ...`).
+
+A run lives in `runs_dir/<name>/`: `config.json`, `metrics.jsonl` (one line per epoch),
+`checkpoints/epoch-N/` (saved models, each written atomically) with `best` pointing at the
+best by validation top-1 accuracy (the early-stopping criterion), and `eval.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from db.connect import Executor
+from hps.settings import Settings
+from pipeline import registry
+from pipeline.data import (
+    ChoiceDataset,
+    Example,
+    Reader,
+    collate,
+    examples_from_db,
+    examples_from_folder,
+    read_path,
+    split_counts,
+)
+from pipeline.evaluate import evaluate
+from pipeline.handlers import JobContext, PermanentError
+from pipeline.hps_model import HPSModel, ModelSpec
+from pipeline.loss import MAX_LOGIT_SCALE, preference_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """One training run's settings (defaults: the `train` settings section)."""
+
+    base: ModelSpec
+    image_blocks: int = 10
+    text_blocks: int = 6
+    learning_rate: float = 1.7e-5
+    weight_decay: float = 3.1e-3
+    batch_size: int = 5
+    grad_accumulation: int = 1
+    epochs: int = 1
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    patience: int = 2
+    resize_mode: str = "longest"
+    mixed_precision: str = "auto"
+    num_workers: int = 2
+    seed: int = 42
+    eval_batch_size: int = 32
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TrainConfig:
+        t = settings.train
+        m = settings.models
+        values: dict[str, Any] = {
+            "base": ModelSpec(m.hps_arch, m.hps_pretrained),
+            **{name: getattr(t, name) for name in cls.__dataclass_fields__ if hasattr(t, name)},
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["base"] = self.base.as_dict()
+        return data
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best: Path | None  # the best checkpoint folder
+    best_epoch: int | None
+    best_val_top1: float | None
+    epochs_run: int
+    steps: int
+    stopped_early: bool
+    initial: dict[str, Any] | None  # the untrained model's test report
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    precision = config.mixed_precision
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "no"
+    return Accelerator(
+        mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation
+    )
+
+
+def freeze_lower_blocks(clip: torch.nn.Module, image_blocks: int, text_blocks: int) -> int:
+    """Freeze all but the last blocks of each tower (with the tower's final norm and
+    projection), using open_clip's own locking; the logit scale stays trainable. Returns
+    the number of trainable parameters."""
+    # open_clip's groups end with [last block, final norm] and [projection]: N blocks and
+    # the projection are N + 1 groups.
+    clip.lock_image_tower(unlocked_groups=image_blocks + 1 if image_blocks else 0)
+    clip.lock_text_tower(unlocked_layers=text_blocks + 1 if text_blocks else 0)
+    clip.logit_scale.requires_grad = True
+    return sum(p.numel() for p in clip.parameters() if p.requires_grad)
+
+
+def _param_groups(clip: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # As open_clip's trainer: no decay on gains, biases, embeddings' 1-d params, logit scale.
+    decay, no_decay = [], []
+    for name, param in clip.named_parameters():
+        if not param.requires_grad:
+            continue
+        plain = param.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if plain else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Any:
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    ramp = LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def train(
+    examples: Sequence[Example],
+    config: TrainConfig,
+    run_dir: Path,
+    read: Reader,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train on the `train` split, early-stop on `val`, keep the best checkpoint. Also
+    evaluates the untrained model on `test` (the untuned baseline, exactly as it started)."""
+    from accelerate.utils import set_seed
+
+    accelerator = _accelerator(config)
+    set_seed(config.seed)
+    hps = HPSModel.load(
+        config.base.model,
+        pretrained=config.base.pretrained,
+        checkpoint=config.base.checkpoint,
+        device=str(accelerator.device),
+        precision="fp32",
+        resize_mode=config.resize_mode,
+    )
+    by_split = {s: [e for e in examples if e.split == s] for s in ("train", "val", "test")}
+    if not by_split["train"]:
+        raise ValueError("no training examples")
+    main = accelerator.is_main_process
+    checkpoints = run_dir / "checkpoints"
+    if main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def evaluate_on(split: str) -> dict[str, Any] | None:
+        if not by_split[split]:
+            return None
+        report = evaluate(hps, by_split[split], read, batch_size=config.eval_batch_size)
+        hps.clip.train()
+        return report
+
+    initial = evaluate_on("test")
+    trainable = freeze_lower_blocks(hps.clip, config.image_blocks, config.text_blocks)
+    log.info("training %s: %d trainable parameters", config.base.describe(), trainable)
+    optimizer = torch.optim.AdamW(
+        _param_groups(hps.clip, config.weight_decay), lr=config.learning_rate
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        ChoiceDataset(by_split["train"], hps.transform, read),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+    )
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accumulation)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_fraction * total_steps)
+    scheduler = _scheduler(
+        optimizer, total_steps * accelerator.num_processes, warmup * accelerator.num_processes
+    )
+    clip, optimizer, loader, scheduler = accelerator.prepare(hps.clip, optimizer, loader, scheduler)
+    tokenizer = hps.tokenizer
+
+    result = TrainResult(run_dir, None, None, None, 0, 0, False, initial)
+    best_top1 = -1.0
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        started = time.monotonic()
+        clip.train()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not (progress and main))
+        for batch in bar:
+            with accelerator.accumulate(clip):
+                tokens = tokenizer(batch["prompts"]).to(accelerator.device)
+                # forward() of the prepared model: DDP gradient sync and autocast apply.
+                image_features, text_features = clip(batch["pixels"], tokens)[:2]
+                loss = preference_loss(
+                    image_features,
+                    text_features,
+                    batch["counts"],
+                    batch["targets"],
+                    batch["weights"],
+                    accelerator.unwrap_model(clip).logit_scale,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(clip.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                result.steps += 1
+                with torch.no_grad():  # as open_clip's trainer: keep the scale in range
+                    accelerator.unwrap_model(clip).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        result.epochs_run = epoch
+        val = evaluate_on("val")
+        val_top1 = val["top1"] if val else None
+        record = {
+            "epoch": epoch,
+            "steps": result.steps,
+            "train_loss": sum(losses) / len(losses),
+            "val_top1": val_top1,
+            "val_n": val["n"] if val else 0,
+            "lr": scheduler.get_last_lr()[0],
+            "logit_scale": float(accelerator.unwrap_model(clip).logit_scale.exp()),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        # Without a validation split every epoch counts as an improvement (the last wins).
+        improved = val_top1 is None or val_top1 > best_top1
+        if improved:
+            best_top1 = val_top1 if val_top1 is not None else best_top1
+            stale = 0
+            if main:
+                result.best = _save_best(hps, checkpoints, epoch, config, record)
+            result.best_epoch, result.best_val_top1 = epoch, val_top1
+        else:
+            stale += 1
+        record["best"] = improved
+        result.history.append(record)
+        if main:
+            with open(run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if on_epoch is not None:
+            on_epoch(record)
+        log.info("epoch %d: %s", epoch, record)
+        if stale >= config.patience:
+            result.stopped_early = epoch < config.epochs
+            break
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _save_best(
+    hps: HPSModel, checkpoints: Path, epoch: int, config: TrainConfig, record: dict[str, Any]
+) -> Path:
+    """Save this epoch's model and point `best` at it (an atomic symlink swap); the folder
+    of the previous best is removed only afterwards."""
+    folder = checkpoints / f"epoch-{epoch}"
+    hps.save(folder, {"training": {"epoch": epoch, "config": config.as_dict(), **record}})
+    best = checkpoints / "best"
+    previous = best.resolve() if best.is_symlink() else None
+    link = checkpoints / f".best-{epoch}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(folder.name)
+    os.replace(link, best)
+    if previous is not None and previous != folder.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+    return best
+
+
+# ---- the whole flow: data → train → evaluate → register → promote ------------------------
+
+
+class TooFewExamples(Exception):
+    """Not enough training examples; the message says how many and how many are needed."""
+
+
+@dataclass
+class TrainOutcome:
+    name: str
+    run_dir: Path
+    counts: dict[str, int]
+    reports: dict[str, dict[str, Any]]  # label → test report ("new", "untuned", serving)
+    serving_label: str
+    version: Any = None  # the registered ModelVersion
+    promoted: bool = False
+    reason: str = ""
+
+    @property
+    def summary(self) -> str:
+        new = self.reports.get("new", {})
+        parts = [f"Trained classifier {self.name} on {self.counts['train']} examples."]
+        if new.get("n"):
+            parts.append(
+                f"Test top-1 {_pct(new)} on {new['n']} choices "
+                f"(untuned CLIP {_pct(self.reports.get('untuned'))}, "
+                f"serving {self.serving_label} {_pct(self.reports.get(self.serving_label))}, "
+                f"chance {new['chance']:.1%})."
+            )
+        if self.version is not None:
+            verb = (
+                "Promoted to serving"
+                if self.promoted
+                else "Registered as a candidate, not promoted"
+            )
+            parts.append(f"{verb}: {self.reason}.")
+        return " ".join(parts)
+
+    def as_result(self) -> dict[str, Any]:
+        return {
+            "status": "trained",
+            "summary": self.summary,
+            "promoted": self.promoted,
+            "reason": self.reason,
+            "version": self.version.name if self.version else None,
+            "run_dir": str(self.run_dir),
+            "examples": self.counts,
+            "metrics": {label: _brief(r) for label, r in self.reports.items()},
+        }
+
+
+def _pct(report: dict[str, Any] | None) -> str:
+    if not report or report.get("top1") is None:
+        return "n/a"
+    return f"{report['top1']:.1%}"
+
+
+def _brief(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("model", "n", "top1", "top1_ci", "pairwise", "pairwise_ci", "chance")
+    return {k: report.get(k) for k in keys}
+
+
+async def load_examples(
+    db: Executor | None, settings: Settings, data: Path | None
+) -> tuple[list[Example], Reader]:
+    """Examples from a dataset folder, or else from the database; and how to read images."""
+    t = settings.train
+    fractions = {"val_fraction": t.val_fraction, "test_fraction": t.test_fraction}
+    if data is not None:
+        examples = examples_from_folder(
+            data, include_contains_name=t.include_contains_name, **fractions
+        )
+        return examples, read_path
+    assert db is not None
+    examples = await examples_from_db(
+        db,
+        all_choosers=t.choosers == "all",
+        include_contains_name=t.include_contains_name,
+        **fractions,
+    )
+    from hps.store import LocalImageStore
+
+    return examples, LocalImageStore(settings.images_dir).get
+
+
+def evaluate_models(
+    examples: Sequence[Example],
+    read: Reader,
+    models: dict[str, HPSModel | dict[str, Any]],
+    *,
+    batch_size: int = 32,
+) -> dict[str, dict[str, Any]]:
+    """Test reports by label; a dict value is a report already made (reused as is)."""
+    return {
+        label: m if isinstance(m, dict) else evaluate(m, examples, read, batch_size=batch_size)
+        for label, m in models.items()
+    }
+
+
+async def run_training(
+    db: Executor | None,
+    settings: Settings,
+    *,
+    config: TrainConfig,
+    name: str,
+    data: Path | None = None,
+    register: bool = True,
+    promote: bool = True,
+    min_examples: int | None = None,
+    actor: str | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainOutcome:
+    """Examples → train → evaluate (new, untuned base, serving) → register → promote.
+    Raises `TooFewExamples` before doing anything when the train split is too small."""
+    examples, read = await load_examples(db, settings, data)
+    counts = split_counts(examples)
+    needed = min_examples if min_examples is not None else settings.train.min_examples
+    if counts["train"] < needed:
+        raise TooFewExamples(
+            f"{counts['train']} training examples, fewer than the {needed} needed "
+            f"(val {counts['val']}, test {counts['test']})"
+        )
+    if db is not None:
+        serving_spec, serving_label, serving_version = await registry.serving_model(db, settings)
+    else:
+        serving_spec, serving_label, serving_version = (
+            registry.configured_spec(settings),
+            registry.configured_label(settings),
+            None,
+        )
+
+    run_dir = settings.runs_dir / name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "config": config.as_dict(),
+                "data": str(data) if data else "database",
+                "examples": counts,
+                "serving": serving_label,
+                "started_at": datetime.now(UTC).isoformat(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    test = [e for e in examples if e.split == "test"]
+
+    def work() -> tuple[TrainResult, dict[str, dict[str, Any]]]:
+        result = train(examples, config, run_dir, read, progress=progress, on_epoch=on_epoch)
+        assert result.best is not None
+        new = HPSModel.load(result.best, device=settings.models.device, name=name)
+        candidates: dict[str, HPSModel | dict[str, Any]] = {"new": new}
+        if result.initial is not None:
+            candidates["untuned"] = result.initial
+        # The serving model, unless it is the base the run started from (evaluated already).
+        if serving_spec == config.base and result.initial is not None:
+            candidates[serving_label] = result.initial
+        else:
+            candidates[serving_label] = registry.load_spec(serving_spec, settings, serving_label)
+        reports = evaluate_models(test, read, candidates, batch_size=config.eval_batch_size)
+        return result, reports
+
+    result, reports = await asyncio.to_thread(work)
+    outcome = TrainOutcome(name, run_dir, counts, reports, serving_label)
+    (run_dir / "eval.json").write_text(json.dumps(reports, indent=2) + "\n")
+    if register and db is not None:
+        metrics = {
+            "test": reports["new"],
+            "compared": {label: r for label, r in reports.items() if label != "new"},
+            "training": {
+                "best_epoch": result.best_epoch,
+                "best_val_top1": result.best_val_top1,
+                "epochs_run": result.epochs_run,
+                "steps": result.steps,
+                "stopped_early": result.stopped_early,
+                "examples": counts,
+            },
+        }
+        assert result.best is not None
+        outcome.version = await registry.register_classifier(
+            db,
+            settings,
+            result.best.resolve(),
+            name=name,
+            metrics=metrics,
+            config=config.as_dict(),
+            parent_id=serving_version.id if serving_version else None,
+            actor=actor,
+        )
+        if promote:
+            outcome.promoted, outcome.reason = await registry.promote_if_better(
+                db,
+                outcome.version,
+                reports["new"],
+                reports[serving_label],
+                margin=settings.train.promote_margin,
+                actor=actor,
+            )
+        else:
+            outcome.reason = "promotion not requested"
+    return outcome
+
+
+async def handle_train_classifier(ctx: JobContext) -> dict[str, Any]:
+    """The `train_classifier` job: train on the database's choices, evaluate, register, and
+    promote if better. Payload (all optional): overrides of the `train` settings, e.g.
+    {"epochs": 2}. Skips, saying why, when there are too few examples."""
+    payload = dict(ctx.job.payload or {})
+    payload.pop("reason", None)
+    unknown = set(payload) - set(TrainConfig.__dataclass_fields__) - {"min_examples"}
+    if unknown:
+        raise PermanentError(f"unknown train_classifier option(s): {', '.join(sorted(unknown))}")
+    min_examples = payload.pop("min_examples", None)
+    config = TrainConfig.from_settings(ctx.settings, **payload)
+    config = replace(config, num_workers=min(config.num_workers, os.cpu_count() or 1))
+    name = f"classifier-job{ctx.job.id}"
+    # A retried attempt starts its run again from scratch (same name, so the registration
+    # of an attempt that crashed after registering is found, not duplicated).
+    stale_run = ctx.settings.runs_dir / name
+    if stale_run.exists():
+        shutil.rmtree(stale_run)
+    try:
+        outcome = await run_training(
+            ctx.pool,
+            ctx.settings,
+            config=config,
+            name=name,
+            min_examples=min_examples,
+            actor=f"job:{ctx.job.id}",
+            progress=False,
+            on_epoch=lambda record: ctx.log.info("epoch %(epoch)d done: %(val_top1)s", record),
+        )
+    except TooFewExamples as exc:
+        return {
+            "status": "skipped",
+            "summary": f"Classifier training skipped: {exc}.",
+            "promoted": False,
+            "reason": str(exc),
+        }
+    ctx.log.info("%s", outcome.summary)
+    return outcome.as_result()

@@ -260,6 +260,13 @@ class Settings(BaseSettings):
     def postgres_dir(self) -> Path:
         return self.data_dir / "postgres"
 
+    def with_changes(self, section: str, **changes: Any) -> Settings:
+        """A copy with keys of one section replaced (None keeps a key), validated like
+        the file's values; raises pydantic's ValidationError."""
+        current = getattr(self, section)
+        values = {**current.model_dump(), **{k: v for k, v in changes.items() if v is not None}}
+        return self.model_copy(update={section: type(current).model_validate(values)})
+
     def secret_values(self) -> list[str]:
         """Every secret's plain value, for the log redaction filter."""
         values = []

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -139,7 +140,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state_dict = load_state_dict(str(path), weights_only=True)
     except Exception as exc:
         try:  # an OpenAI JIT archive (what `clip.load` downloads) is not a plain pickle
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception:
             raise ModelLoadError(f"{path} is not a readable model checkpoint ({exc})") from None
     for key in ("input_resolution", "context_length", "vocab_size"):

@@ -63,6 +63,28 @@ def load_spec(
     )
 
 
+def is_model_spec(model: str) -> bool:
+    """Whether `model` names a model without the registry: a path or an open_clip name."""
+    import open_clip
+
+    return Path(model).exists() or open_clip.get_model_config(model) is not None
+
+
+async def resolve_version(
+    db: Executor, settings: Settings, name: str | None
+) -> tuple[ModelSpec, str]:
+    """The spec and label of a registry version by name or id (None: the serving model)."""
+    if name is None:
+        spec, label, _ = await serving_model(db, settings)
+        return spec, label
+    version = await models.get(db, name)
+    if version is None or version.kind != KIND:
+        raise models.ModelError(
+            f"no classifier version {name!r} (and no such file or open_clip architecture)"
+        )
+    return ModelSpec(version.artifact), version.name
+
+
 async def register_classifier(
     db: Executor,
     settings: Settings,

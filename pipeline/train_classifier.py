@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -260,7 +260,7 @@ def train(
             "val_top1": val_top1,
             "val_n": val["n"] if val else 0,
             "lr": scheduler.get_last_lr()[0],
-            "logit_scale": float(accelerator.unwrap_model(clip).logit_scale.exp()),
+            "logit_scale": float(accelerator.unwrap_model(clip).logit_scale.detach().exp()),
             "seconds": round(time.monotonic() - started, 3),
         }
         # Without a validation split every epoch counts as an improvement (the last wins).
@@ -414,7 +414,6 @@ async def run_training(
     data: Path | None = None,
     register: bool = True,
     promote: bool = True,
-    min_examples: int | None = None,
     actor: str | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -423,7 +422,7 @@ async def run_training(
     Raises `TooFewExamples` before doing anything when the train split is too small."""
     examples, read = await load_examples(db, settings, data)
     counts = split_counts(examples)
-    needed = min_examples if min_examples is not None else settings.train.min_examples
+    needed = settings.train.min_examples
     if counts["train"] < needed:
         raise TooFewExamples(
             f"{counts['train']} training examples, fewer than the {needed} needed "
@@ -514,29 +513,30 @@ async def run_training(
 
 async def handle_train_classifier(ctx: JobContext) -> dict[str, Any]:
     """The `train_classifier` job: train on the database's choices, evaluate, register, and
-    promote if better. Payload (all optional): overrides of the `train` settings, e.g.
-    {"epochs": 2}. Skips, saying why, when there are too few examples."""
-    payload = dict(ctx.job.payload or {})
-    payload.pop("reason", None)
-    unknown = set(payload) - set(TrainConfig.__dataclass_fields__) - {"min_examples"}
-    if unknown:
-        raise PermanentError(f"unknown train_classifier option(s): {', '.join(sorted(unknown))}")
-    min_examples = payload.pop("min_examples", None)
-    config = TrainConfig.from_settings(ctx.settings, **payload)
-    config = replace(config, num_workers=min(config.num_workers, os.cpu_count() or 1))
+    promote if better. Payload keys named like `train` settings override them (e.g.
+    {"epochs": 2}). Skips, saying why, when there are too few examples."""
+    from pydantic import ValidationError
+
+    payload = ctx.job.payload if isinstance(ctx.job.payload, dict) else {}
+    # Other keys (requested_by, a reason) describe the request, not the training.
+    options = {k: v for k, v in payload.items() if k in type(ctx.settings.train).model_fields}
+    try:
+        settings = ctx.settings.with_changes("train", **options)
+    except ValidationError as exc:
+        raise PermanentError(f"invalid train_classifier options: {exc}") from None
+    config = TrainConfig.from_settings(settings)
     name = f"classifier-job{ctx.job.id}"
     # A retried attempt starts its run again from scratch (same name, so the registration
     # of an attempt that crashed after registering is found, not duplicated).
-    stale_run = ctx.settings.runs_dir / name
+    stale_run = settings.runs_dir / name
     if stale_run.exists():
         shutil.rmtree(stale_run)
     try:
         outcome = await run_training(
             ctx.pool,
-            ctx.settings,
+            settings,
             config=config,
             name=name,
-            min_examples=min_examples,
             actor=f"job:{ctx.job.id}",
             progress=False,
             on_epoch=lambda record: ctx.log.info("epoch %(epoch)d done: %(val_top1)s", record),

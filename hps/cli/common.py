@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.markup import escape
 
 from hps.logs import configure_logging
 from hps.settings import ConfigError, Settings, get_settings
+
+if TYPE_CHECKING:
+    import asyncpg
 
 T = TypeVar("T")
 console = Console(soft_wrap=True)
@@ -37,3 +41,15 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+@asynccontextmanager
+async def database(config: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on the configured database (the embedded one by default)."""
+    from db.connect import create_pool, database_url
+
+    pool = await create_pool(database_url(config), min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()

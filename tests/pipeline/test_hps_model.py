@@ -161,7 +161,7 @@ def test_loading_errors_say_what_is_wrong(tmp_path: Path, tiny_model) -> None:  
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelLoadError, match="is not a readable model checkpoint"):
         HPSModel.load(broken)
-    with pytest.raises(ModelLoadError, match="checkpoint .* does not exist"):
+    with pytest.raises(ModelLoadError, match=r"checkpoint .* does not exist"):
         HPSModel.load(config, checkpoint=tmp_path / "absent.pth")
     with pytest.raises(ModelLoadError, match="is not a saved model folder"):
         HPSModel.load(tmp_path)

@@ -32,7 +32,7 @@ KIND = "classifier"
 def configured_spec(settings: Settings) -> ModelSpec:
     m = settings.models
     return ModelSpec(
-        m.hps_arch, m.hps_pretrained, str(m.hps_checkpoint) if m.hps_checkpoint else None
+        m.hps_arch, m.hps_pretrained or None, str(m.hps_checkpoint) if m.hps_checkpoint else None
     )
 
 

@@ -79,7 +79,7 @@ class TrainConfig:
         t = settings.train
         m = settings.models
         values: dict[str, Any] = {
-            "base": ModelSpec(m.hps_arch, m.hps_pretrained),
+            "base": ModelSpec(m.hps_arch, m.hps_pretrained or None),
             **{name: getattr(t, name) for name in cls.__dataclass_fields__ if hasattr(t, name)},
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

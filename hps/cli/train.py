@@ -78,11 +78,11 @@ def train(
     except ValidationError as exc:
         error = exc.errors()[0]
         raise fail(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
-    base_spec = ModelSpec(
-        base or config.models.hps_arch,
-        pretrained if pretrained is not None or base else config.models.hps_pretrained,
-    )
-    train_config = TrainConfig.from_settings(config, base=base_spec)
+    train_config = TrainConfig.from_settings(config)
+    if base is not None:
+        train_config.base = ModelSpec(base, pretrained or None)
+    elif pretrained is not None:
+        train_config.base = ModelSpec(train_config.base.model, pretrained or None)
     run_name = name or f"classifier-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if (config.runs_dir / run_name).exists():
         raise fail(f"a run named {run_name} exists in {config.runs_dir}; choose another --name")

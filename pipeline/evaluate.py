@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.data import Example, Reader, fingerprint
-from pipeline.hps_model import HPSModel
+
+if TYPE_CHECKING:
+    from pipeline.hps_model import HPSModel
 
 Z95 = 1.959963984540054
 BOOTSTRAP_SAMPLES = 1000

@@ -21,8 +21,6 @@ An optional `checkpoint` (an OpenAI-format or open_clip state dict) replaces the
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
@@ -30,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,45 +37,40 @@ import open_clip
 import torch
 from open_clip.factory import load_state_dict
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image, UnidentifiedImageError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.images import ImageError, ImageInput, open_image
+from pipeline.model_files import (
+    METADATA_FILE,
+    OPEN_CLIP_CONFIG_FILE,
+    SCALE,
+    WEIGHTS_FILE,
+    ModelSpec,
+    fsync,
+    sha256_file,
+    write_json,
+)
+
 log = logging.getLogger(__name__)
 
-ImageInput = Image.Image | bytes | str | os.PathLike
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-SCALE = "hps"  # 100 × cosine similarity
-METADATA_FILE = "hps.json"
-OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "model.safetensors"
 RESIZE_MODES = ("longest", "shortest", "squash")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+# Re-exported: what a user of the scorer needs comes from this module.
+__all__ = [
+    "SCALE",
+    "HPSModel",
+    "ImageError",
+    "ImageInput",
+    "ModelLoadError",
+    "ModelSpec",
+    "open_image",
+    "sha256_file",
+]
 
 
 class ModelLoadError(Exception):
     """The model cannot be loaded as specified; the message says why and what to do."""
-
-
-class ImageError(ValueError):
-    """An input that is not a decodable image."""
-
-
-def open_image(image: ImageInput, max_pixels: int | None = None) -> Image.Image:
-    """A decoded RGB image from a PIL image, encoded bytes or a file path."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        source = io.BytesIO(image) if isinstance(image, bytes) else Path(image)
-        with Image.open(source) as opened:
-            if max_pixels is not None and opened.width * opened.height > max_pixels:
-                raise ImageError(
-                    f"image is {opened.width}×{opened.height} pixels, over the limit of "
-                    f"{max_pixels}"
-                )
-            return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        name = "the image bytes" if isinstance(image, bytes) else str(image)
-        raise ImageError(f"{name} is not a decodable image ({exc})") from None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -148,26 +141,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("input_resolution", "context_length", "vocab_size"):
         state_dict.pop(key, None)
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load: see the module docstring."""
-
-    model: str
-    pretrained: str | None = None
-    checkpoint: str | None = None
-
-    def describe(self) -> str:
-        parts = [self.model]
-        if self.pretrained:
-            parts.append(f"pretrained={self.pretrained}")
-        if self.checkpoint:
-            parts.append(f"checkpoint={self.checkpoint}")
-        return " ".join(parts)
-
-    def as_dict(self) -> dict[str, str | None]:
-        return {"model": self.model, "pretrained": self.pretrained, "checkpoint": self.checkpoint}
 
 
 class _Images(Dataset):
@@ -271,7 +244,7 @@ class HPSModel:
             }
             save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             config = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg}
-            _write_json(tmp / OPEN_CLIP_CONFIG_FILE, config)
+            write_json(tmp / OPEN_CLIP_CONFIG_FILE, config)
             digest = sha256_file(tmp / WEIGHTS_FILE)
             meta = {
                 "format": "hps-classifier/1",
@@ -282,11 +255,11 @@ class HPSModel:
                 "saved_at": datetime.now(UTC).isoformat(),
                 **(metadata or {}),
             }
-            _write_json(tmp / METADATA_FILE, meta)
+            write_json(tmp / METADATA_FILE, meta)
             for file in tmp.iterdir():
-                _fsync(file)
+                fsync(file)
             os.replace(tmp, target)
-            _fsync(target.parent)
+            fsync(target.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -481,23 +454,3 @@ def _tokenizer(model_cfg: dict[str, Any]) -> Any:
         raise ModelLoadError("models with a Hugging Face text tower are not supported")
     # open_clip's bundled BPE vocabulary: no download.
     return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=list) + "\n")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,14 +15,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from db import models
 from db.connect import Executor
 from db.models import ModelVersion
 from hps.settings import Settings
 from pipeline.evaluate import beats
-from pipeline.hps_model import METADATA_FILE, WEIGHTS_FILE, HPSModel, ModelSpec, sha256_file
+from pipeline.model_files import METADATA_FILE, WEIGHTS_FILE, ModelSpec, sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.hps_model import HPSModel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ async def serving_model(
 def load_spec(
     spec: ModelSpec, settings: Settings, name: str | None = None, **kwargs: Any
 ) -> HPSModel:
+    from pipeline.hps_model import HPSModel
+
     return HPSModel.load(
         spec.model,
         pretrained=spec.pretrained,

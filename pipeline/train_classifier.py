@@ -35,11 +35,10 @@ from tqdm.auto import tqdm
 from db.connect import Executor
 from hps.settings import Settings
 from pipeline import registry
+from pipeline.batches import ChoiceDataset, collate
 from pipeline.data import (
-    ChoiceDataset,
     Example,
     Reader,
-    collate,
     examples_from_db,
     examples_from_folder,
     read_path,

@@ -21,6 +21,7 @@ users' choices are never exported (`db.datasets`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -167,13 +168,19 @@ async def export_dataset(
         )
         verdicts = ("pick", "tie")
     choices = 0
+    # Each batch is written in a thread while the next one is read from the database.
+    pending: asyncio.Future[None] | None = None
     try:
         async for batch in db_datasets.stream_export_choices(
             conn, all_choosers=all_choosers, verdicts=verdicts, batch_size=batch_size
         ):
-            writer.write(batch)
+            if pending is not None:
+                await pending
+            pending = asyncio.ensure_future(asyncio.to_thread(writer.write, batch))
             choices += len(batch)
             bar.update(len(batch))
+        if pending is not None:
+            await pending
         path = writer.close()
     except BaseException:
         writer.abort()
@@ -251,37 +258,18 @@ CHOICES_SCHEMA = pa.schema(
 )
 
 
+# Columns copied as they come from the query (the rest are derived).
+_COPIED = [n for n in CHOICES_SCHEMA.names if n not in ("split", "chosen_index", "model_versions")]
+
+
 def _choice_table(batch: list[Any], fractions: dict) -> pa.Table:
-    columns: dict[str, list[Any]] = {name: [] for name in CHOICES_SCHEMA.names}
-    for row in batch:
-        position = row["chosen_position"]
-        columns["chosen_index"].append(
-            row["positions"].index(position) if position is not None else None
-        )
-        columns["split"].append(_split(row, **fractions))
-        columns["model_versions"].append(row["models"])
-        for name in (
-            "choice_id",
-            "round_id",
-            "source",
-            "external_id",
-            "prompt",
-            "negative_prompt",
-            "contains_name",
-            "user_id",
-            "requester",
-            "is_requester",
-            "verdict",
-            "chosen_position",
-            "positions",
-            "image_keys",
-            "seeds",
-            "params",
-            "round_created_at",
-            "created_at",
-            "updated_at",
-        ):
-            columns[name].append(row[name])
+    columns: dict[str, list[Any]] = {name: [row[name] for row in batch] for name in _COPIED}
+    columns["model_versions"] = [row["models"] for row in batch]
+    columns["split"] = [_split(row, **fractions) for row in batch]
+    columns["chosen_index"] = [
+        None if row["chosen_position"] is None else row["positions"].index(row["chosen_position"])
+        for row in batch
+    ]
     return pa.Table.from_pydict(columns, schema=CHOICES_SCHEMA)
 
 

@@ -101,23 +101,20 @@ async def register_classifier(
     parent_id: int | None,
     actor: str | None,
 ) -> ModelVersion:
-    """Copy a saved checkpoint folder to `models_dir/<name>` and register it as a candidate.
-    Idempotent by name: a retried job that registered already gets the same version."""
-    existing = await models.get(db, name)
-    if existing is not None:
-        if existing.kind != KIND or existing.sha256 != sha256_file(checkpoint / WEIGHTS_FILE):
-            raise models.ModelError(f"a different model version is already named {name}")
-        return existing
+    """Copy a saved checkpoint folder to `models_dir/<name>` and register it as a candidate
+    (a folder left there by a crash before registering is replaced)."""
+    if await models.get(db, name) is not None:
+        raise models.ModelError(f"a model version named {name} exists; choose another name")
     target = settings.models_dir / name
-    if not target.exists():
-        _copy_atomically(checkpoint, target)
-    digest = sha256_file(target / WEIGHTS_FILE)
+    if target.exists():
+        shutil.rmtree(target)
+    _copy_atomically(checkpoint, target)
     return await models.register(
         db,
         kind=KIND,
         name=name,
         artifact=str(target.resolve()),
-        sha256=digest,
+        sha256=sha256_file(target / WEIGHTS_FILE),
         config=config,
         metrics=metrics,
         parent_id=parent_id,

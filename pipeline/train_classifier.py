@@ -32,11 +32,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from db import models
 from db.connect import Executor
 from hps.settings import Settings
 from pipeline import registry
 from pipeline.batches import ChoiceDataset, collate
 from pipeline.data import (
+    SPLITS,
     Example,
     Reader,
     examples_from_db,
@@ -419,6 +421,8 @@ async def run_training(
 ) -> TrainOutcome:
     """Examples → train → evaluate (new, untuned base, serving) → register → promote.
     Raises `TooFewExamples` before doing anything when the train split is too small."""
+    if register and db is not None and await models.get(db, name) is not None:
+        raise models.ModelError(f"a model version named {name} exists; choose another name")
     examples, read = await load_examples(db, settings, data)
     counts = split_counts(examples)
     needed = settings.train.min_examples
@@ -525,8 +529,11 @@ async def handle_train_classifier(ctx: JobContext) -> dict[str, Any]:
         raise PermanentError(f"invalid train_classifier options: {exc}") from None
     config = TrainConfig.from_settings(settings)
     name = f"classifier-job{ctx.job.id}"
-    # A retried attempt starts its run again from scratch (same name, so the registration
-    # of an attempt that crashed after registering is found, not duplicated).
+    actor = f"job:{ctx.job.id}"
+    registered = await models.get(ctx.pool, name)
+    if registered is not None:  # an earlier attempt got as far as registering
+        return (await _finish_registered(ctx.pool, settings, registered, actor)).as_result()
+    # Otherwise a retried attempt starts its run again from scratch.
     stale_run = settings.runs_dir / name
     if stale_run.exists():
         shutil.rmtree(stale_run)
@@ -536,7 +543,7 @@ async def handle_train_classifier(ctx: JobContext) -> dict[str, Any]:
             settings,
             config=config,
             name=name,
-            actor=f"job:{ctx.job.id}",
+            actor=actor,
             progress=False,
             on_epoch=lambda record: ctx.log.info("epoch %(epoch)d done: %(val_top1)s", record),
         )
@@ -549,3 +556,36 @@ async def handle_train_classifier(ctx: JobContext) -> dict[str, Any]:
         }
     ctx.log.info("%s", outcome.summary)
     return outcome.as_result()
+
+
+async def _finish_registered(
+    db: Executor, settings: Settings, version: models.ModelVersion, actor: str
+) -> TrainOutcome:
+    """The outcome of a run registered by an earlier attempt of the same job: promote it
+    now if that attempt did not and its recorded evaluation beats the serving model."""
+    _, serving_label, _ = await registry.serving_model(db, settings)
+    compared = version.metrics.get("compared", {})
+    outcome = TrainOutcome(
+        version.name,
+        settings.runs_dir / version.name,
+        version.metrics.get("training", {}).get("examples", dict.fromkeys(SPLITS, 0)),
+        {"new": version.metrics.get("test", {}), **compared},
+        serving_label,
+        version,
+    )
+    if version.status == "serving":
+        outcome.promoted, outcome.reason = True, "promoted by an earlier attempt"
+    elif version.status != "candidate":
+        outcome.reason = f"it is {version.status}"
+    elif serving_label not in compared:
+        outcome.reason = f"the serving model changed to {serving_label} since its evaluation"
+    else:
+        outcome.promoted, outcome.reason = await registry.promote_if_better(
+            db,
+            version,
+            outcome.reports["new"],
+            compared[serving_label],
+            margin=settings.train.promote_margin,
+            actor=actor,
+        )
+    return outcome

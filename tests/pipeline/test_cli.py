@@ -70,17 +70,19 @@ def test_import_train_promote_eval_rollback_export(database_url: str, tmp_path: 
     refused = hps("models", "promote", "worse", env=env)
     assert refused.returncode == 1 and "worse does not beat good" in refused.stderr
 
-    listed = hps("models", "list", "--json", env=env)
-    versions = {v["name"]: v for v in json.loads(listed.stdout)}
-    assert versions["good"]["status"] == "serving" and versions["worse"]["status"] == "candidate"
-    assert versions["good"]["metrics"]["test"]["top1"] >= 0.9
-
     evaluated = hps("eval", "--model", "good", "--output", str(tmp_path / "eval.json"), env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "Predicting the person's choice" in evaluated.stdout
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["split"] == "test" and set(report["reports"]) == {"good", "untuned"}
     assert report["reports"]["good"]["n"] == 40
+
+    listed = hps("models", "list", "--json", env=env)
+    versions = {v["name"]: v for v in json.loads(listed.stdout)}
+    assert versions["good"]["status"] == "serving" and versions["worse"]["status"] == "candidate"
+    assert versions["good"]["metrics"]["test"]["top1"] >= 0.9
+    assert "evaluated_at" in versions["good"]["metrics"]  # hps eval recorded its results
+    assert versions["good"]["metrics"]["test"]["top1"] == report["reports"]["good"]["top1"]
 
     rolled = hps("models", "rollback", env=env)
     assert "good rolled back; now serving: the configured base model" in rolled.stdout

@@ -23,6 +23,7 @@ from pipeline.data import (
     split_counts,
 )
 from pipeline.datasets import import_hpd
+from pipeline.evaluate import accuracy_report, evaluate, wilson_interval
 from pipeline.handlers import JobContext
 from pipeline.hps_model import HPSModel, ModelSpec
 from pipeline.loss import grouped_logits, preference_loss
@@ -123,8 +124,6 @@ def test_tiny_clip_learns_the_choice_rule(colour_hpd: Path, tmp_path: Path) -> N
     assert result.initial is not None and result.initial["n"] == 80
     assert result.initial["top1"] < 0.45  # untrained: near chance (0.25)
     trained = HPSModel.load(result.best)
-    from pipeline.evaluate import evaluate
-
     report = evaluate(trained, [e for e in examples if e.split == "test"], read_path)
     assert report["top1"] >= 0.9 and report["pairwise"] >= 0.95
     assert report["top1_ci"][0] > 0.8 and report["chance"] == 0.25
@@ -205,6 +204,14 @@ async def test_train_job_registers_promotes_and_refuses_a_worse_model(
     second = await models.get(pool, f"classifier-job{job2.id}")
     assert second.status == "candidate" and second.parent_id == version.id
 
+    # A retried attempt (after a crash past registering) finishes without training again.
+    retried = await handle_train_classifier(_context(pool, settings, job2))
+    assert retried["version"] == second.name and retried["promoted"] is False
+    assert "not better by the margin" in retried["reason"]
+    again = await handle_train_classifier(_context(pool, settings, job))
+    assert again["promoted"] is True and again["reason"] == "promoted by an earlier attempt"
+    assert len(await models.list_versions(pool, "classifier")) == 2
+
 
 async def test_train_job_skips_when_there_are_too_few_examples(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings = load_settings(train={"min_examples": 10})
@@ -260,3 +267,42 @@ async def test_training_examples_leave_out_flagged_banned_forgotten_and_none(poo
     assert all(isinstance(e, Example) and e.key.startswith("choice:") for e in everyone)
     red = [e for e in everyone if e.prompt == "a red cube"]
     assert red[0].weight == red[1].weight  # two choices of one prompt share its weight
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_group(
+    colour_hpd: Path, tmp_path: Path
+) -> None:
+    _, config_file = tiny_clip(tmp_path)
+    examples = [e for e in examples_from_folder(colour_hpd) if e.split == "train"][:40]
+    config = TrainConfig(
+        base=ModelSpec(str(config_file)),
+        **{**FAST, "epochs": 1, "batch_size": 5, "grad_accumulation": 4},
+    )
+    result = train(examples, config, tmp_path / "run", read_path, progress=False)
+    assert result.steps == 2  # 8 batches of 5, one optimizer step per 4 batches
+    assert result.history[0]["val_top1"] is None and result.best_epoch == 1
+    assert result.initial is None  # no test examples given
+
+
+def test_accuracy_report_counts_top1_pairs_ties_and_intervals() -> None:
+    def example(k: int, chosen: int | None, key: str) -> Example:
+        return Example("p", tuple(f"{key}-{i}" for i in range(k)), chosen, "test", key, "g")
+
+    examples = [example(2, 0, "a"), example(2, 1, "b"), example(3, 2, "c"), example(3, 0, "d"),
+                example(3, None, "e")]  # fmt: skip
+    scores = [[5.0, 1.0], [5.0, 1.0], [1.0, 2.0, 3.0], [2.0, 2.0, 1.0], [1.0, 2.0, 3.0]]
+    report = accuracy_report(examples, scores)
+    assert (report["n"], report["ties"]) == (4, 1)
+    # argmax picks the first of equal scores: d's chosen image 0 counts as right.
+    assert report["top1"] == 0.75 and report["chance"] == pytest.approx(
+        (0.5 + 0.5 + 1 / 3 + 1 / 3) / 4
+    )
+    # Pairs: a 1/1, b 0/1, c 2/2, d (tie with 1 → half, beats 2) 1.5/2: 4.5 of 6.
+    assert report["pairwise_n"] == 6 and report["pairwise"] == 0.75
+    assert report["per_k"] == {
+        "2": {"n": 2, "top1": 0.5, "top1_ci": list(wilson_interval(1, 2)), "chance": 0.5},
+        "3": {"n": 2, "top1": 1.0, "top1_ci": list(wilson_interval(2, 2)), "chance": 1 / 3},
+    }
+    low, high = wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    assert report["pairwise_ci"][0] <= 0.75 <= report["pairwise_ci"][1]

@@ -319,6 +319,8 @@ class HPSModel:
     ) -> Iterator[list[float]]:
         """`score`, one batch at a time (decoding runs ahead in `num_workers` processes)."""
         per_image = _per_image(prompts, len(images))
+        if not per_image:
+            return
         text, index = self._prompt_table(per_image)
         loader = DataLoader(
             _Images(images, self.transform, max_pixels),

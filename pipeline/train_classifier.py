@@ -440,41 +440,53 @@ async def run_training(
             None,
         )
 
+    from accelerate import PartialState
+
+    # Under `accelerate launch` every process trains; the main one evaluates and registers.
+    main = PartialState().is_main_process
     run_dir = settings.runs_dir / name
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "name": name,
-                "config": config.as_dict(),
-                "data": str(data) if data else "database",
-                "examples": counts,
-                "serving": serving_label,
-                "started_at": datetime.now(UTC).isoformat(),
-            },
-            indent=2,
+    run_dir.mkdir(parents=True, exist_ok=not main)
+    if main:
+        (run_dir / "config.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "config": config.as_dict(),
+                    "data": str(data) if data else "database",
+                    "examples": counts,
+                    "serving": serving_label,
+                    "started_at": datetime.now(UTC).isoformat(),
+                },
+                indent=2,
+            )
+            + "\n"
         )
-        + "\n"
-    )
     test = [e for e in examples if e.split == "test"]
 
     def work() -> tuple[TrainResult, dict[str, dict[str, Any]]]:
+        # The serving model loads first: if it cannot, fail before hours of training. When
+        # it is the base the run starts from, the run's own evaluation of it is reused.
+        serving = None
+        if main and serving_spec != config.base:
+            serving = registry.load_spec(serving_spec, settings, serving_label)
         result = train(examples, config, run_dir, read, progress=progress, on_epoch=on_epoch)
+        if not main:
+            return result, {}
         assert result.best is not None
         new = HPSModel.load(result.best, device=settings.models.device, name=name)
         candidates: dict[str, HPSModel | dict[str, Any]] = {"new": new}
         if result.initial is not None:
             candidates["untuned"] = result.initial
-        # The serving model, unless it is the base the run started from (evaluated already).
-        if serving_spec == config.base and result.initial is not None:
-            candidates[serving_label] = result.initial
-        else:
-            candidates[serving_label] = registry.load_spec(serving_spec, settings, serving_label)
+        candidates[serving_label] = (
+            serving or result.initial or registry.load_spec(serving_spec, settings, serving_label)
+        )
         reports = evaluate_models(test, read, candidates, batch_size=config.eval_batch_size)
         return result, reports
 
     result, reports = await asyncio.to_thread(work)
     outcome = TrainOutcome(name, run_dir, counts, reports, serving_label)
+    if not main:
+        return outcome
     (run_dir / "eval.json").write_text(json.dumps(reports, indent=2) + "\n")
     if register and db is not None:
         metrics = {

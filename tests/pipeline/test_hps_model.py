@@ -59,6 +59,7 @@ def test_batches_encode_each_distinct_prompt_once(tiny_model, monkeypatch) -> No
     assert batched == pytest.approx(one_by_one, abs=1e-4)
     with pytest.raises(ValueError, match="2 prompts for 6 images"):
         hps.score(["a", "b"], images)
+    assert hps.score("a red cube", []) == []
 
 
 def test_images_as_pil_bytes_or_paths_score_alike(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

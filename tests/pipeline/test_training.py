@@ -24,7 +24,7 @@ from pipeline.data import (
 )
 from pipeline.datasets import import_hpd
 from pipeline.evaluate import accuracy_report, evaluate, wilson_interval
-from pipeline.handlers import JobContext
+from pipeline.handlers import JobContext, PermanentError
 from pipeline.hps_model import HPSModel, ModelSpec
 from pipeline.loss import grouped_logits, preference_loss
 from pipeline.train_classifier import (
@@ -306,3 +306,10 @@ def test_accuracy_report_counts_top1_pairs_ties_and_intervals() -> None:
     low, high = wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
     assert report["pairwise_ci"][0] <= 0.75 <= report["pairwise_ci"][1]
+
+
+async def test_train_job_refuses_invalid_options(pool) -> None:  # type: ignore[no-untyped-def]
+    job, _ = await jobs.enqueue(pool, "train_classifier", {"epochs": 0, "requested_by": "x"})
+    with pytest.raises(PermanentError, match="invalid train_classifier options"):
+        await handle_train_classifier(_context(pool, load_settings(), job))
+    assert not (load_settings().runs_dir / f"classifier-job{job.id}").exists()

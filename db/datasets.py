@@ -161,32 +161,6 @@ WHERE {_COUNTED_CHOOSER}
 ORDER BY c.id
 """
 
-# Columns of an export row, in order (see EXPORT_CHOICES_SQL).
-EXPORT_COLUMNS = (
-    "choice_id",
-    "round_id",
-    "source",
-    "external_id",
-    "split",
-    "prompt",
-    "negative_prompt",
-    "norm_hash",
-    "contains_name",
-    "user_id",
-    "requester",
-    "is_requester",
-    "verdict",
-    "chosen_position",
-    "params",
-    "round_created_at",
-    "created_at",
-    "updated_at",
-    "positions",
-    "image_keys",
-    "seeds",
-    "models",
-)
-
 
 async def stream_export_choices(
     conn: Any,
@@ -195,8 +169,8 @@ async def stream_export_choices(
     verdicts: tuple[str, ...] = ("pick", "tie", "none"),
     batch_size: int = 10_000,
 ) -> AsyncIterator[list[Any]]:
-    """The exportable choices in batches of records (columns: `EXPORT_COLUMNS`), read with
-    a server-side cursor so memory stays bounded however many there are. `conn` must be a
+    """The exportable choices in batches of records (the columns of `EXPORT_CHOICES_SQL`),
+    read with a server-side cursor so memory stays bounded however many there are. `conn` must be a
     connection (a cursor lives in its transaction), not a pool."""
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
         cursor = await conn.cursor(EXPORT_CHOICES_SQL, all_choosers, list(verdicts))

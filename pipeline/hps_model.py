@@ -218,10 +218,9 @@ class HPSModel:
             if resize_mode not in RESIZE_MODES:
                 raise ModelLoadError(f"resize mode must be one of {', '.join(RESIZE_MODES)}")
             preprocess_cfg = {**preprocess_cfg, "resize_mode": resize_mode}
-        tokenizer = _tokenizer(model_cfg)
-        return cls(
+        model = cls(
             clip,
-            tokenizer,
+            _tokenizer(model_cfg),
             model_cfg=model_cfg,
             preprocess_cfg=preprocess_cfg,
             name=name or default_name or spec.describe(),
@@ -229,6 +228,8 @@ class HPSModel:
             device=device,
             precision=precision,
         )
+        log.info("loaded HPS model %s on %s (%s)", model.name, model.device, model.dtype)
+        return model
 
     def save(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> str:
         """Write this model as a version folder (atomically: a new folder appears whole, and
@@ -394,13 +395,18 @@ def _load_openai_file(path: Path) -> _Loaded:
     return clip, model_cfg, preprocess_cfg, ModelSpec(str(path)), path.stem
 
 
+_ADDED_CONFIGS: set[Path] = set()
+
+
 def _load_open_clip(spec: ModelSpec) -> _Loaded:
     arch = spec.model
     if arch.endswith(".json"):
-        config_path = Path(arch)
+        config_path = Path(arch).resolve()
         if not config_path.is_file():
             raise ModelLoadError(f"no model config file {config_path}")
-        open_clip.add_model_config(config_path)
+        if config_path not in _ADDED_CONFIGS:  # each addition rescans every config path
+            open_clip.add_model_config(config_path)
+            _ADDED_CONFIGS.add(config_path)
         arch = config_path.stem
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:

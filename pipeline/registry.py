@@ -109,6 +109,7 @@ async def register_classifier(
     if target.exists():
         shutil.rmtree(target)
     _copy_atomically(checkpoint, target)
+    log.info("registering classifier %s from %s", name, checkpoint)
     return await models.register(
         db,
         kind=KIND,

@@ -53,7 +53,8 @@ def train(
     from db.models import ModelError
     from pipeline.data import DatasetError
     from pipeline.hps_model import ModelLoadError, ModelSpec
-    from pipeline.train_classifier import TooFewExamples, TrainConfig, run_training
+    from pipeline.train_classifier import TooFewExamples, run_training
+    from pipeline.trainer import TrainConfig
 
     try:
         config = settings().with_changes(

@@ -60,6 +60,8 @@ def test_batches_encode_each_distinct_prompt_once(tiny_model, monkeypatch) -> No
     with pytest.raises(ValueError, match="2 prompts for 6 images"):
         hps.score(["a", "b"], images)
     assert hps.score("a red cube", []) == []
+    pixels = torch.stack([hps.preprocess(i) for i in images])
+    assert hps.score_pixels(prompts, pixels) == pytest.approx(batched, abs=1e-5)
 
 
 def test_images_as_pil_bytes_or_paths_score_alike(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -27,12 +27,8 @@ from pipeline.evaluate import accuracy_report, evaluate, wilson_interval
 from pipeline.handlers import JobContext, PermanentError
 from pipeline.hps_model import HPSModel, ModelSpec
 from pipeline.loss import grouped_logits, preference_loss
-from pipeline.train_classifier import (
-    TrainConfig,
-    freeze_lower_blocks,
-    handle_train_classifier,
-    train,
-)
+from pipeline.train_classifier import handle_train_classifier
+from pipeline.trainer import TrainConfig, freeze_lower_blocks, train
 from tests.factories import ready_round
 from tests.tiny_clip import tiny_clip
 

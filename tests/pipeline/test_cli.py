@@ -14,6 +14,7 @@ FAST = ["--lr", "1e-3", "--batch-size", "10", "--image-blocks", "99", "--text-bl
         "--num-workers", "0", "--min-examples", "20"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_score_prints_one_score_per_image_and_explains_missing_weights(
     tiny_model, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]

@@ -120,6 +120,60 @@ class ModelSettings(Section):
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1, ...")
 
 
+class TrainSettings(Section):
+    """Defaults of `hps train` and the train_classifier job (the paper's recipe)."""
+
+    choosers: Literal["requester", "all"] = Field(
+        "requester", description="Whose choices train: the requester's only (as HPD), or all."
+    )
+    include_contains_name: bool = Field(
+        False, description="Train on prompts flagged as naming people (HPD's contain_name)."
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="Share of prompts (by hash) held out for validation."
+    )
+    test_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="Share of prompts (by hash) held out for the test split."
+    )
+    image_blocks: int = Field(
+        10, ge=0, description="Trainable last blocks of the image tower (+ its final norm, proj)."
+    )
+    text_blocks: int = Field(
+        6, ge=0, description="Trainable last blocks of the text tower (+ its final norm, proj)."
+    )
+    learning_rate: float = Field(1.7e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(3.1e-3, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(5, ge=1, description="Examples (prompt + its K images) per step.")
+    grad_accumulation: int = Field(1, ge=1, description="Batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the training split.")
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of steps of linear warm-up before cosine decay."
+    )
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    patience: int = Field(
+        2, ge=1, description="Epochs without a better validation accuracy before stopping."
+    )
+    resize_mode: Literal["longest", "shortest", "squash"] = Field(
+        "longest",
+        description="Image preprocessing of trained models: longest = resize the longest side "
+        "and zero-pad (the paper's training); shortest = resize and centre-crop (CLIP's default).",
+    )
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto = bf16 (or fp16) on a GPU, fp32 on the CPU."
+    )
+    num_workers: int = Field(2, ge=0, description="Image-decoding worker processes.")
+    seed: int = Field(42, description="Seed of shuffling and initialisation.")
+    min_examples: int = Field(
+        200, ge=1, description="The train_classifier job skips training below this many examples."
+    )
+    promote_margin: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Top-1 accuracy a new classifier must gain over the serving one to serve.",
+    )
+
+
 class ScheduleSettings(Section):
     timezone: str = Field("UTC", description="Time zone of the cron expressions.")
     retrain_classifier: str | None = Field(
@@ -196,6 +250,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
@@ -230,6 +285,13 @@ class Settings(BaseSettings):
     @property
     def postgres_dir(self) -> Path:
         return self.data_dir / "postgres"
+
+    def with_changes(self, section: str, **changes: Any) -> Settings:
+        """A copy with keys of one section replaced (None keeps a key), validated like
+        the file's values; raises pydantic's ValidationError."""
+        current = getattr(self, section)
+        values = {**current.model_dump(), **{k: v for k, v in changes.items() if v is not None}}
+        return self.model_copy(update={section: type(current).model_validate(values)})
 
     def secret_values(self) -> list[str]:
         """Every secret's plain value, for the log redaction filter."""

@@ -83,3 +83,15 @@ def test_logs_never_carry_secrets(formatter: logging.Formatter) -> None:
     output = stream.getvalue()
     assert "tok-ABC.123" not in output
     assert output.count("********") >= 2 and "round_id" in output
+
+
+def test_with_changes_validates_and_leaves_the_original() -> None:
+    from pydantic import ValidationError
+
+    settings = load_settings()
+    changed = settings.with_changes("train", epochs=3, learning_rate=None, choosers="all")
+    assert (changed.train.epochs, changed.train.choosers) == (3, "all")
+    assert changed.train.learning_rate == settings.train.learning_rate == 1.7e-5
+    assert settings.train.epochs == 1 and changed.limits == settings.limits
+    with pytest.raises(ValidationError, match="choosers"):
+        settings.with_changes("train", choosers="everyone")

@@ -6,7 +6,11 @@ from __future__ import annotations
 import typer
 
 from hps.cli import config as config_cli
+from hps.cli import datasets as datasets_cli
 from hps.cli import db as db_cli
+from hps.cli import models as models_cli
+from hps.cli import score as score_cli
+from hps.cli import train as train_cli
 from hps.cli.scheduler import scheduler
 from hps.cli.serve import serve
 from hps.cli.worker import worker
@@ -20,9 +24,15 @@ app = typer.Typer(
 )
 app.add_typer(db_cli.app, name="db")
 app.add_typer(config_cli.app, name="config")
+app.add_typer(models_cli.app, name="models")
 app.command("serve")(serve)
 app.command("worker")(worker)
 app.command("scheduler")(scheduler)
+app.command("score")(score_cli.score)
+app.command("train")(train_cli.train)
+app.command("eval")(train_cli.evaluate)
+app.command("import")(datasets_cli.import_)
+app.command("export")(datasets_cli.export)
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -13,6 +14,9 @@ from rich.markup import escape
 
 from hps.logs import configure_logging
 from hps.settings import ConfigError, Settings, get_settings
+
+if TYPE_CHECKING:
+    import asyncpg
 
 T = TypeVar("T")
 console = Console(soft_wrap=True)
@@ -51,3 +55,15 @@ def run_service(service: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -
         await service(stop)
 
     asyncio.run(main())
+
+
+@asynccontextmanager
+async def database(config: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on the configured database (the embedded one by default)."""
+    from db.connect import create_pool, database_url
+
+    pool = await create_pool(database_url(config), min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()

@@ -1,0 +1,160 @@
+"""Scoring throughput: batched HPS scoring against a naive one-image-at-a-time loop.
+
+CPU (always): the same model scores the same JPEG files from disk, (a) batched through
+`HPSModel.score` (the prompt encoded once, images in batches) and (b) naively, one image per
+call, re-encoding the prompt each time. Target: batched ≥ 3× naive.
+
+GPU (when CUDA is available): ViT-L/14 in bf16, (c) from JPEG files decoded in DataLoader
+workers (target ≥ 2,000 img/s on one H100-class GPU) and (d) from decoded tensors already
+on the GPU (target ≥ 4,000 img/s). Throughput does not depend on the weights, so the models
+are randomly initialised unless `--pretrained` names local weights.
+
+    python bench/score_throughput.py [--cpu-model ViT-B-32] [--images 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.hps_model import HPSModel  # noqa: E402
+
+PROMPT = "a castle on a hill at sunset, highly detailed, trending on artstation"
+
+
+def write_jpegs(folder: Path, n: int, size: int = 512) -> list[Path]:
+    """n distinct noisy JPEGs (SD-sized by default), like generated images on disk."""
+    rng = random.Random(0)
+    paths = []
+    base = Image.effect_noise((size, size), 64).convert("RGB")
+    for i in range(n):
+        image = base.rotate(rng.uniform(0, 360)).point(lambda v, s=rng.randint(0, 80): v + s)
+        path = folder / f"{i:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 2)
+
+
+def cpu_bench(
+    model_name: str, paths: list[Path], naive_images: int, batch_size: int
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    hps = HPSModel.load(model_name, device="cpu")
+    hps.score(PROMPT, paths[:batch_size], batch_size=batch_size)  # warm-up
+
+    started = time.perf_counter()
+    batched = hps.score(PROMPT, paths, batch_size=batch_size)
+    batched_seconds = time.perf_counter() - started
+
+    naive = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for path in paths[:naive_images]:
+            # What a straightforward script does: tokenise and encode the prompt per image.
+            text = hps.clip.encode_text(hps.tokenizer([PROMPT]), normalize=True)
+            image = hps.clip.encode_image(hps.preprocess(path).unsqueeze(0), normalize=True)
+            naive.append(float(100 * (image * text).sum()))
+    naive_seconds = time.perf_counter() - started
+    agree = max(abs(a - b) for a, b in zip(naive, batched, strict=False))
+    batched_rate = rate(len(paths), batched_seconds)
+    naive_rate = rate(naive_images, naive_seconds)
+    return {
+        "model": f"{model_name} (random weights), fp32, {torch.get_num_threads()} threads",
+        "images": len(paths),
+        "batch_size": batch_size,
+        "batched_images_per_s": batched_rate,
+        "naive_images": naive_images,
+        "naive_images_per_s": naive_rate,
+        "ratio": round(batched_rate / naive_rate, 2),
+        "target_ratio": 3.0,
+        "max_score_difference": agree,
+    }
+
+
+def gpu_bench(
+    paths: list[Path], pretrained: str | None, batch_size: int, workers: int
+) -> dict[str, Any]:
+    hps = HPSModel.load("ViT-L-14", pretrained=pretrained, device="cuda", precision="bf16")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    hps.score(PROMPT, paths[:batch_size], batch_size=batch_size, num_workers=workers)  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    hps.score(PROMPT, paths, batch_size=batch_size, num_workers=workers)
+    torch.cuda.synchronize()
+    files_rate = rate(len(paths), time.perf_counter() - started)
+
+    pixels = torch.randn(len(paths), 3, 224, 224, device="cuda", dtype=hps.dtype)
+    for start in range(0, batch_size * 2, batch_size):  # warm-up
+        hps.score_pixels(PROMPT, pixels[start : start + batch_size])
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for start in range(0, len(pixels), batch_size):
+        hps.score_pixels(PROMPT, pixels[start : start + batch_size])
+    torch.cuda.synchronize()
+    tensors_rate = rate(len(pixels), time.perf_counter() - started)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "model": f"ViT-L-14 ({pretrained or 'random weights'}), bf16",
+        "images": len(paths),
+        "batch_size": batch_size,
+        "loader_workers": workers,
+        "jpeg_files_images_per_s": files_rate,
+        "target_jpeg_files_images_per_s": 2000,
+        "tensors_images_per_s": tensors_rate,
+        "target_tensors_images_per_s": 4000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-model", default="ViT-B-32", help="open_clip architecture.")
+    parser.add_argument("--images", type=int, default=256, help="Images scored batched (CPU).")
+    parser.add_argument("--naive-images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--gpu-images", type=int, default=8192)
+    parser.add_argument("--gpu-batch-size", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--pretrained", default=None, help="Local ViT-L-14 weights (GPU).")
+    args = parser.parse_args()
+
+    result: dict[str, Any] = {
+        "benchmark": "score_throughput",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}",
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        n_files = max(args.images, args.gpu_images if torch.cuda.is_available() else 0)
+        paths = write_jpegs(Path(tmp), n_files)
+        result["cpu"] = cpu_bench(args.cpu_model, paths[: args.images], args.naive_images,
+                                  args.batch_size)  # fmt: skip
+        if torch.cuda.is_available():
+            result["gpu"] = gpu_bench(paths, args.pretrained, args.gpu_batch_size, args.workers)
+        else:
+            result["gpu"] = "not measured: no GPU lent"
+    print(json.dumps(result, indent=2))
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "score_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

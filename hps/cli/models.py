@@ -1,0 +1,126 @@
+"""`hps models list|promote|rollback`: the model registry."""
+
+from __future__ import annotations
+
+import getpass
+import json
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from hps.cli.common import console, database, fail, run, settings
+
+app = typer.Typer(help="The model registry: versions, promotion, rollback.", no_args_is_help=True)
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, int | float) else "-"
+
+
+@app.command("list")
+def list_(
+    kind: str | None = typer.Option(None, "--kind", help="classifier, sd_base or sd_adapter."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Every version with its status and offline test accuracy."""
+    from db import models
+
+    async def _list() -> list[models.ModelVersion]:
+        async with database(settings()) as pool:
+            return await models.list_versions(pool, kind)
+
+    versions = run(_list())
+    if as_json:
+        rows = [
+            {
+                "name": v.name,
+                "kind": v.kind,
+                "status": v.status,
+                "parent_id": v.parent_id,
+                "artifact": v.artifact,
+                "sha256": v.sha256,
+                "metrics": v.metrics,
+                "created_at": v.created_at.isoformat(),
+            }
+            for v in versions
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    names = {v.id: v.name for v in versions}
+    table = Table(title="Model versions")
+    for column in ("name", "kind", "status", "created", "parent", "test top-1", "pairwise", "n"):
+        table.add_column(column)
+    for v in versions:
+        test = v.metrics.get("test", {})
+        table.add_row(
+            v.name,
+            v.kind,
+            v.status,
+            f"{v.created_at:%Y-%m-%d %H:%M}",
+            names.get(v.parent_id, "-") if v.parent_id else "-",
+            _pct(test.get("top1")),
+            _pct(test.get("pairwise")),
+            str(test.get("n", "-")),
+        )
+    console.print(table)
+
+
+@app.command("promote")
+def promote(
+    name: str = typer.Argument(..., help="Version name or id."),
+    force: bool = typer.Option(
+        False, "--force", help="Promote even without an evaluation that beats the serving one."
+    ),
+    reason: str | None = typer.Option(None, "--reason"),
+) -> None:
+    """Serve a version (the serving one of its kind retires). A classifier must have been
+    evaluated against the serving one on the same test examples and beat it by the margin."""
+    from db import models
+    from pipeline.registry import check_promotable
+
+    config = settings()
+
+    async def _promote() -> models.Promotion:
+        async with database(config) as pool:
+            version = await models.get(pool, name)
+            if version is None:
+                raise models.ModelError(f"Unknown model version {name!r}.")
+            why = reason
+            if not force:
+                serving = await models.serving(pool, version.kind)
+                why = reason or check_promotable(version, serving, config.train.promote_margin)
+            return await models.promote(pool, version.id, actor=_actor(), reason=why)
+
+    try:
+        result = run(_promote())
+    except models.ModelError as exc:
+        raise fail(str(exc)) from None
+    assert result.promoted is not None
+    retired = f"; {result.retired.name} retired" if result.retired else ""
+    console.print(f"{result.promoted.name} is serving{retired}", highlight=False)
+
+
+@app.command("rollback")
+def rollback(
+    kind: str = typer.Option("classifier", "--kind"),
+    reason: str | None = typer.Option(None, "--reason"),
+) -> None:
+    """Stop serving the current version of a kind and serve again the one before it."""
+    from db import models
+
+    async def _rollback() -> models.Promotion:
+        async with database(settings()) as pool:
+            return await models.rollback(pool, kind, actor=_actor(), reason=reason)
+
+    try:
+        result = run(_rollback())
+    except models.ModelError as exc:
+        raise fail(str(exc)) from None
+    assert result.retired is not None
+    now = result.promoted.name if result.promoted else "the configured base model"
+    console.print(f"{result.retired.name} rolled back; now serving: {now}", highlight=False)

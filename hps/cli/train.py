@@ -1,0 +1,258 @@
+"""`hps train` and `hps eval`: the HPS classifier's training and evaluation."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from hps.cli.common import console, database, fail, run, settings
+from hps.settings import Settings
+
+
+def train(
+    data: Path | None = typer.Option(
+        None, "--data", help="An HPD-layout dataset folder (default: the choices database)."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Run and version name."),
+    base: str | None = typer.Option(
+        None, "--base", help="Model to start from (default: models.hps_arch)."
+    ),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", help="Its pretrained tag or file (default: models.hps_pretrained)."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", min=1),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    learning_rate: float | None = typer.Option(None, "--lr", min=0),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", min=0),
+    grad_accumulation: int | None = typer.Option(None, "--grad-accumulation", min=1),
+    warmup_fraction: float | None = typer.Option(None, "--warmup-fraction", min=0, max=0.99),
+    image_blocks: int | None = typer.Option(None, "--image-blocks", min=0),
+    text_blocks: int | None = typer.Option(None, "--text-blocks", min=0),
+    patience: int | None = typer.Option(None, "--patience", min=1),
+    resize_mode: str | None = typer.Option(None, "--resize-mode"),
+    mixed_precision: str | None = typer.Option(None, "--mixed-precision"),
+    num_workers: int | None = typer.Option(None, "--num-workers", min=0),
+    seed: int | None = typer.Option(None, "--seed"),
+    choosers: str | None = typer.Option(None, "--choosers", help="requester or all."),
+    include_contains_name: bool | None = typer.Option(
+        None, "--include-contains-name/--exclude-contains-name"
+    ),
+    min_examples: int | None = typer.Option(None, "--min-examples", min=1),
+    register: bool = typer.Option(True, "--register/--no-register", help="Add to the registry."),
+    promote: bool = typer.Option(True, "--promote/--no-promote", help="Promote if better."),
+) -> None:
+    """Train an HPS classifier on the choices (the paper's recipe; defaults: the train settings),
+    evaluate it, register it and promote it if it beats the serving model."""
+    from pydantic import ValidationError
+
+    from db.models import ModelError
+    from pipeline.data import DatasetError
+    from pipeline.hps_model import ModelLoadError, ModelSpec
+    from pipeline.train_classifier import TooFewExamples, run_training
+    from pipeline.trainer import TrainConfig
+
+    try:
+        config = settings().with_changes(
+            "train",
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            grad_accumulation=grad_accumulation,
+            warmup_fraction=warmup_fraction,
+            image_blocks=image_blocks,
+            text_blocks=text_blocks,
+            patience=patience,
+            resize_mode=resize_mode,
+            mixed_precision=mixed_precision,
+            num_workers=num_workers,
+            seed=seed,
+            choosers=choosers,
+            include_contains_name=include_contains_name,
+            min_examples=min_examples,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise fail(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
+    train_config = TrainConfig.from_settings(config)
+    if base is not None:
+        train_config.base = ModelSpec(base, pretrained or None)
+    elif pretrained is not None:
+        train_config.base = ModelSpec(train_config.base.model, pretrained or None)
+    run_name = name or f"classifier-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    if (config.runs_dir / run_name).exists():
+        raise fail(f"a run named {run_name} exists in {config.runs_dir}; choose another --name")
+    needs_db = data is None or register
+
+    async def _train() -> Any:
+        if not needs_db:
+            return await run_training(
+                None, config, config=train_config, name=run_name, data=data, register=False,
+                actor="cli",
+            )  # fmt: skip
+        async with database(config) as pool:
+            return await run_training(
+                pool, config, config=train_config, name=run_name, data=data, register=register,
+                promote=promote, actor="cli",
+            )  # fmt: skip
+
+    try:
+        outcome = run(_train())
+    except (TooFewExamples, DatasetError, ModelLoadError, ModelError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    print_reports(outcome.reports)
+    console.print(f"run folder: {outcome.run_dir}", highlight=False)
+    console.print(outcome.summary, highlight=False)
+
+
+def evaluate(
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="A registry version (default: the newest classifier), a saved model folder, a "
+        "weights file or an open_clip architecture.",
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="An HPD-layout dataset folder (default: the choices database)."
+    ),
+    split: str = typer.Option("test", "--split", help="test, val or train."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="JSON report (default: runs_dir/eval/<model>-<time>.json)."
+    ),
+    record: bool = typer.Option(
+        True, "--record/--no-record", help="Store the results in the version's metrics."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+) -> None:
+    """Top-1 and pairwise accuracy of predicting the choices of a held-out split, for the
+    model, the untuned CLIP it started from, and the serving model."""
+    from db.models import ModelError
+    from pipeline.data import DatasetError
+    from pipeline.hps_model import ModelLoadError
+
+    config = settings()
+    if split not in ("test", "val", "train"):
+        raise fail("--split must be test, val or train")
+    try:
+        reports, target = run(_evaluate(config, model, data, split, record, batch_size))
+    except (DatasetError, ModelLoadError, ModelError) as exc:
+        raise fail(str(exc)) from None
+    print_reports(reports)
+    path = output or config.runs_dir / "eval" / f"{target}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"split": split, "reports": reports}, indent=2) + "\n")
+    console.print(f"report: {path}", highlight=False)
+
+
+async def _evaluate(
+    config: Settings,
+    model: str | None,
+    data: Path | None,
+    split: str,
+    record: bool,
+    batch_size: int,
+) -> tuple[dict[str, dict[str, Any]], str]:
+    import asyncio
+
+    import torch
+
+    from db import models
+    from pipeline import registry
+    from pipeline.hps_model import ModelSpec
+    from pipeline.train_classifier import evaluate_models, load_examples
+
+    async with database(config) as pool:
+        version = None
+        if model is not None and registry.is_model_spec(model):
+            spec, label = ModelSpec(model), model
+        else:
+            version = await (models.get(pool, model) if model else _newest(pool))
+            if version is None or version.kind != registry.KIND:
+                raise models.ModelError(
+                    f"no classifier version {model!r}"
+                    if model
+                    else "no classifier version is registered yet: give --model"
+                )
+            spec, label = ModelSpec(version.artifact), version.name
+        examples, read = await load_examples(None if data else pool, config, data)
+        examples = [e for e in examples if e.split == split]
+        if not examples:
+            raise models.ModelError(f"the {split} split has no examples")
+        serving_spec, serving_label, _ = await registry.serving_model(pool, config)
+
+        def work() -> dict[str, dict[str, Any]]:
+            subject = registry.load_spec(spec, config, label)
+            torch.manual_seed(config.train.seed)  # a randomly initialised base is reproducible
+            candidates = {label: subject}
+            if subject.base != spec:  # a bare weights file is its own base
+                candidates["untuned"] = registry.load_spec(subject.base, config)
+            if serving_label != label:
+                candidates[serving_label] = registry.load_spec(serving_spec, config, serving_label)
+            return evaluate_models(examples, read, candidates, batch_size=batch_size)
+
+        reports = await asyncio.to_thread(work)
+        if record and version is not None:
+            await models.merge_metrics(
+                pool,
+                version.id,
+                {
+                    split: reports[label],
+                    "compared": {k: v for k, v in reports.items() if k != label},
+                    "evaluated_at": datetime.now(UTC).isoformat(),
+                }
+                if split == "test"
+                else {split: reports[label]},
+            )
+    return reports, label.replace("/", "_").replace(":", "_").replace(" ", "_")
+
+
+async def _newest(pool: Any) -> Any:
+    from db import models
+
+    versions = await models.list_versions(pool, "classifier")
+    return max(versions, key=lambda v: v.id) if versions else None
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _ci(report: dict[str, Any], key: str) -> str:
+    low, high = report.get(f"{key}_ci") or (None, None)
+    if report.get(key) is None:
+        return "n/a"
+    return f"{report[key]:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def print_reports(reports: dict[str, dict[str, Any]]) -> None:
+    """The accuracy table (one row per model) and the per-K breakdown."""
+    table = Table(title="Predicting the person's choice (95% intervals)")
+    for column in ("model", "choices", "top-1", "pairwise", "pairs", "chance"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, r in reports.items():
+        table.add_row(
+            label, str(r["n"]), _ci(r, "top1"), _ci(r, "pairwise"), str(r["pairwise_n"]),
+            _pct(r["chance"]),
+        )  # fmt: skip
+    console.print(table)
+    ks = sorted({int(k) for r in reports.values() for k in r["per_k"]})
+    if len(ks) > 1:
+        per_k = Table(title="Top-1 by number of images shown (K)")
+        per_k.add_column("K", justify="right")
+        per_k.add_column("choices", justify="right")
+        for label in reports:
+            per_k.add_column(label, justify="right")
+        per_k.add_column("chance", justify="right")
+        for k in ks:
+            cells = [reports[label]["per_k"].get(str(k)) for label in reports]
+            n = next((c["n"] for c in cells if c), 0)
+            per_k.add_row(
+                str(k), str(n), *[_ci(c, "top1") if c else "n/a" for c in cells], _pct(1 / k)
+            )
+        console.print(per_k)

@@ -1,0 +1,245 @@
+"""Training examples: one prompt, the K images shown, and what the person chose.
+
+Examples come from the choices database or from a dataset folder in the paper's HPD layout
+(what `hps export --format hpd` writes). Splits are by prompt, so a prompt never sits on
+both sides: a dataset's own train/test split is kept (HPD's), and everything else is placed
+by its prompt's hash, which is stable as data grows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from db import datasets as db_datasets
+from db.connect import Executor
+from db.prompts import prompt_hash
+
+if TYPE_CHECKING:
+    from pipeline.images import ImageInput
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    images: tuple[str, ...]  # image-store keys, or file paths for folder datasets
+    chosen: int | None  # index into `images`; None = a tie ("can't decide")
+    split: str  # train | val | test
+    key: str  # stable identity, e.g. "choice:12" or "hpd:345"
+    group: str  # the prompt's hash: splits and weights are per prompt
+    weight: float = 1.0
+
+    @property
+    def k(self) -> int:
+        return len(self.images)
+
+
+def assign_split(
+    group: str, declared: str | None, *, val_fraction: float, test_fraction: float
+) -> str:
+    """A dataset's test split stays test; the rest is placed by the prompt hash (a
+    declared train split only ever yields train or val)."""
+    position = int(hashlib.sha256(group.encode()).hexdigest()[:12], 16) / 16**12
+    if declared == "test":
+        return "test"
+    if declared is None and position < test_fraction:
+        return "test"
+    if position >= 1 - val_fraction:
+        return "val"
+    return "train"
+
+
+def weight_by_prompt(examples: Sequence[Example]) -> list[Example]:
+    """Weight each example 1/(examples of its prompt in its split), rescaled to a mean of 1
+    per split, so that prolific prompts do not dominate and the loss scale stays put."""
+    counts = Counter((e.split, e.group) for e in examples)
+    raw = [1.0 / counts[(e.split, e.group)] for e in examples]
+    totals: Counter[str] = Counter()
+    sizes: Counter[str] = Counter(e.split for e in examples)
+    for e, w in zip(examples, raw, strict=True):
+        totals[e.split] += w
+    return [
+        replace(e, weight=w * sizes[e.split] / totals[e.split])
+        for e, w in zip(examples, raw, strict=True)
+    ]
+
+
+async def examples_from_db(
+    db: Executor,
+    *,
+    all_choosers: bool = False,
+    include_contains_name: bool = False,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> list[Example]:
+    """Examples from the choices database (see `db.datasets.training_choices` for who and
+    what counts); images are image-store keys."""
+    choices = await db_datasets.training_choices(
+        db, all_choosers=all_choosers, include_contains_name=include_contains_name
+    )
+    examples = [
+        Example(
+            prompt=c.prompt,
+            images=tuple(c.image_keys),
+            chosen=c.positions.index(c.chosen_position) if c.verdict == "pick" else None,
+            split=assign_split(
+                c.norm_hash, c.split, val_fraction=val_fraction, test_fraction=test_fraction
+            ),
+            key=f"choice:{c.choice_id}",
+            group=c.norm_hash,
+        )
+        for c in choices
+    ]
+    return weight_by_prompt(examples)
+
+
+class DatasetError(Exception):
+    """A dataset folder that does not hold what its layout promises; says where."""
+
+
+HPD_FILES = {"train": "preference_train.json", "test": "preference_test.json"}
+HPD_IMAGES = "preference_images"
+
+
+@dataclass(frozen=True)
+class HPDRecord:
+    id: int
+    prompt: str
+    files: tuple[Path, ...]  # resolved image paths
+    human_preference: int
+    user_hash: str
+    contain_name: bool
+    split: str  # the file it came from: train | test
+
+
+def read_hpd(folder: Path) -> list[HPDRecord]:
+    """Read and check an HPD-layout folder: `preference_train.json` and/or
+    `preference_test.json` (JSON lists of records) and `preference_images/`. Raises
+    `DatasetError` naming the first problem; reads no image data."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder")
+    present = {
+        split: folder / name for split, name in HPD_FILES.items() if (folder / name).is_file()
+    }
+    if not present:
+        raise DatasetError(
+            f"{folder} holds neither {HPD_FILES['train']} nor {HPD_FILES['test']} (HPD layout)"
+        )
+    records: list[HPDRecord] = []
+    seen: dict[int, str] = {}
+    for split, path in present.items():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"{path.name}: not valid JSON ({exc})") from None
+        if not isinstance(data, list):
+            raise DatasetError(f"{path.name}: expected a JSON list of records")
+        for number, raw in enumerate(data, start=1):
+            record = _hpd_record(folder, raw, split, f"{path.name} record {number}")
+            if record.id in seen:
+                raise DatasetError(
+                    f"{path.name} record {number}: id {record.id} appears twice "
+                    f"(also in {HPD_FILES[seen[record.id]]})"
+                )
+            seen[record.id] = split
+            records.append(record)
+    return records
+
+
+def _hpd_record(folder: Path, raw: Any, split: str, where: str) -> HPDRecord:
+    expected = {
+        "human_preference": int,
+        "prompt": str,
+        "id": int,
+        "file_path": list,
+        "user_hash": str,
+        "contain_name": bool,
+    }
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{where}: expected an object")
+    for name, kind in expected.items():
+        value = raw.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DatasetError(f"{where}: {name!r} must be a {kind.__name__}")
+    files = raw["file_path"]
+    if not 2 <= len(files) <= 16 or not all(isinstance(f, str) for f in files):
+        raise DatasetError(f"{where}: 'file_path' must list 2 to 16 image paths")
+    if not 0 <= raw["human_preference"] < len(files):
+        raise DatasetError(
+            f"{where}: 'human_preference' {raw['human_preference']} is not an index of "
+            f"its {len(files)} images"
+        )
+    if not raw["prompt"].strip():
+        raise DatasetError(f"{where}: empty prompt")
+    return HPDRecord(
+        id=raw["id"],
+        prompt=raw["prompt"],
+        files=tuple(_hpd_image(folder, f, where) for f in files),
+        human_preference=raw["human_preference"],
+        user_hash=raw["user_hash"],
+        contain_name=raw["contain_name"],
+        split=split,
+    )
+
+
+def _hpd_image(folder: Path, name: str, where: str) -> Path:
+    # Paths in the released files may be relative to the folder or bare file names.
+    for candidate in (folder / name, folder / HPD_IMAGES / Path(name).name):
+        if candidate.is_file() and candidate.resolve().is_relative_to(folder.resolve()):
+            return candidate
+    raise DatasetError(f"{where}: image {name!r} not found in {folder}")
+
+
+def examples_from_folder(
+    folder: Path,
+    *,
+    include_contains_name: bool = False,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> list[Example]:
+    """Examples from an HPD-layout folder; images are file paths."""
+    examples = []
+    for record in read_hpd(folder):
+        if record.contain_name and not include_contains_name:
+            continue
+        group = prompt_hash(record.prompt)
+        examples.append(
+            Example(
+                prompt=record.prompt,
+                images=tuple(str(p) for p in record.files),
+                chosen=record.human_preference,
+                split=assign_split(
+                    group, record.split, val_fraction=val_fraction, test_fraction=test_fraction
+                ),
+                key=f"hpd:{record.id}",
+                group=group,
+            )
+        )
+    return weight_by_prompt(examples)
+
+
+def split_counts(examples: Sequence[Example]) -> dict[str, int]:
+    counts = Counter(e.split for e in examples)
+    return {split: counts.get(split, 0) for split in SPLITS}
+
+
+def fingerprint(examples: Sequence[Example]) -> str:
+    """Identifies a set of examples: two evaluations compare only on the same one."""
+    keys = sorted(f"{e.key}:{e.chosen}" for e in examples)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+Reader = Callable[[str], "ImageInput"]
+
+
+def read_path(ref: str) -> ImageInput:
+    """The reader of folder datasets (a module-level function: DataLoader workers pickle it)."""
+    return ref

@@ -1,0 +1,148 @@
+"""Evaluation: how often a model's highest-scored image is the one the person chose.
+
+- top-1 accuracy among the K shown images (the paper's measure; chance is 1/K), with a
+  Wilson 95% interval, overall and per K;
+- pairwise accuracy: for each pick, the chosen image against each other image (a score tie
+  counts half; the HPS v2 measure), with a bootstrap 95% interval over examples, since the
+  pairs of one example are not independent.
+Ties ("can't decide") have no right answer: they are counted, not scored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.data import Example, Reader, fingerprint
+
+if TYPE_CHECKING:
+    from pipeline.hps_model import HPSModel
+
+Z95 = 1.959963984540054
+BOOTSTRAP_SAMPLES = 1000
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(
+    correct: np.ndarray, totals: np.ndarray, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of sum(correct)/sum(totals), resampling examples."""
+    if len(totals) == 0 or totals.sum() == 0:
+        return (0.0, 1.0)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(totals), size=(BOOTSTRAP_SAMPLES, len(totals)))
+    ratios = correct[picks].sum(axis=1) / np.maximum(totals[picks].sum(axis=1), 1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return (float(low), float(high))
+
+
+def accuracy_report(
+    examples: Sequence[Example], scores: Sequence[Sequence[float]]
+) -> dict[str, Any]:
+    """The report of one model: `scores[i]` are its scores of `examples[i].images`."""
+    top1 = []  # per pick: 1 if the best-scored image is the chosen one
+    ks = []
+    pair_correct = []
+    pair_total = []
+    ties = 0
+    for example, example_scores in zip(examples, scores, strict=True):
+        if example.chosen is None:
+            ties += 1
+            continue
+        s = np.asarray(example_scores, dtype=np.float64)
+        others = np.delete(s, example.chosen)
+        top1.append(float(int(np.argmax(s)) == example.chosen))
+        ks.append(example.k)
+        pair_correct.append(
+            float((s[example.chosen] > others).sum() + 0.5 * (s[example.chosen] == others).sum())
+        )
+        pair_total.append(len(others))
+    n = len(top1)
+    correct = sum(top1)
+    pairs = int(sum(pair_total))
+    per_k: dict[str, dict[str, Any]] = {}
+    by_k: dict[int, list[float]] = defaultdict(list)
+    for k, hit in zip(ks, top1, strict=True):
+        by_k[k].append(hit)
+    for k in sorted(by_k):
+        hits = by_k[k]
+        per_k[str(k)] = {
+            "n": len(hits),
+            "top1": sum(hits) / len(hits),
+            "top1_ci": list(wilson_interval(sum(hits), len(hits))),
+            "chance": 1 / k,
+        }
+    return {
+        "n": n,
+        "ties": ties,
+        "top1": correct / n if n else None,
+        "top1_ci": list(wilson_interval(correct, n)),
+        "chance": float(np.mean([1 / k for k in ks])) if ks else None,
+        "pairwise": sum(pair_correct) / pairs if pairs else None,
+        "pairwise_n": pairs,
+        "pairwise_ci": list(bootstrap_interval(np.array(pair_correct), np.array(pair_total))),
+        "per_k": per_k,
+    }
+
+
+def score_examples(
+    model: HPSModel,
+    examples: Sequence[Example],
+    read: Reader,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> list[list[float]]:
+    """The model's scores of each example's images (one batched pass)."""
+    prompts = [e.prompt for e in examples for _ in e.images]
+    images = [read(ref) for e in examples for ref in e.images]
+    flat = model.score(prompts, images, batch_size=batch_size, num_workers=num_workers)
+    scores, start = [], 0
+    for e in examples:
+        scores.append(flat[start : start + e.k])
+        start += e.k
+    return scores
+
+
+def evaluate(
+    model: HPSModel,
+    examples: Sequence[Example],
+    read: Reader,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """The accuracy report of `model` on `examples`, with what identifies it."""
+    scores = score_examples(model, examples, read, batch_size=batch_size, num_workers=num_workers)
+    return {
+        "model": model.name,
+        "examples": fingerprint(examples),
+        **accuracy_report(examples, scores),
+    }
+
+
+def beats(new: dict[str, Any], old: dict[str, Any], margin: float) -> tuple[bool, str]:
+    """Whether `new` should replace `old`: evaluated on the same examples, a top-1 accuracy
+    higher by at least `margin` (and higher at all). Returns the reason in words."""
+    if new.get("examples") != old.get("examples"):
+        return False, "they were not evaluated on the same test examples"
+    if not new.get("n"):
+        return False, "there are no test examples to compare on"
+    gain = new["top1"] - old["top1"]
+    verdict = f"top-1 {new['top1']:.3f} vs {old['top1']:.3f} ({gain:+.3f}, margin {margin:.3f})"
+    if gain > 0 and gain >= margin:
+        return True, f"better: {verdict}"
+    return False, f"not better by the margin: {verdict}"

@@ -1,0 +1,57 @@
+"""What identifies a model and its files on disk; no torch here, so that the registry and
+the CLI's registry commands start fast."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCALE = "hps"  # 100 × cosine similarity
+METADATA_FILE = "hps.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load (see `pipeline.hps_model`): a saved folder, a weights file, a model
+    config or an architecture name; a pretrained tag or file; a checkpoint over it."""
+
+    model: str
+    pretrained: str | None = None
+    checkpoint: str | None = None
+
+    def describe(self) -> str:
+        parts = [self.model]
+        if self.pretrained:
+            parts.append(f"pretrained={self.pretrained}")
+        if self.checkpoint:
+            parts.append(f"checkpoint={self.checkpoint}")
+        return " ".join(parts)
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"model": self.model, "pretrained": self.pretrained, "checkpoint": self.checkpoint}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=list) + "\n")
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,172 @@
+"""Which HPS model serves, and how trained classifiers enter the registry.
+
+The serving classifier is the `classifier` version with status serving
+(`db.models.serving`); with none, the configured model (`models.hps_arch`,
+`hps_pretrained`, `hps_checkpoint`) serves. A trained classifier is copied into
+`models_dir/<name>/` and registered as a candidate with the sha256 of its weights, its
+parent (the version serving when it was trained) and its metrics. It is promoted only if it
+beats the serving model on the same test examples by the configured margin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from db import models
+from db.connect import Executor
+from db.models import ModelVersion
+from hps.settings import Settings
+from pipeline.evaluate import beats
+from pipeline.model_files import METADATA_FILE, WEIGHTS_FILE, ModelSpec, sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.hps_model import HPSModel
+
+log = logging.getLogger(__name__)
+
+KIND = "classifier"
+
+
+def configured_spec(settings: Settings) -> ModelSpec:
+    m = settings.models
+    return ModelSpec(
+        m.hps_arch, m.hps_pretrained or None, str(m.hps_checkpoint) if m.hps_checkpoint else None
+    )
+
+
+def configured_label(settings: Settings) -> str:
+    return f"configured:{configured_spec(settings).describe()}"
+
+
+async def serving_model(
+    db: Executor, settings: Settings
+) -> tuple[ModelSpec, str, ModelVersion | None]:
+    """The spec and label of the model that scores now, and its registry version if any."""
+    version = await models.serving(db, KIND)
+    if version is None:
+        return configured_spec(settings), configured_label(settings), None
+    return ModelSpec(version.artifact), version.name, version
+
+
+def load_spec(
+    spec: ModelSpec, settings: Settings, name: str | None = None, **kwargs: Any
+) -> HPSModel:
+    from pipeline.hps_model import HPSModel
+
+    return HPSModel.load(
+        spec.model,
+        pretrained=spec.pretrained,
+        checkpoint=spec.checkpoint,
+        device=kwargs.pop("device", settings.models.device),
+        name=name,
+        **kwargs,
+    )
+
+
+def is_model_spec(model: str) -> bool:
+    """Whether `model` names a model without the registry: a path or an open_clip name."""
+    import open_clip
+
+    return Path(model).exists() or open_clip.get_model_config(model) is not None
+
+
+async def resolve_version(
+    db: Executor, settings: Settings, name: str | None
+) -> tuple[ModelSpec, str]:
+    """The spec and label of a registry version by name or id (None: the serving model)."""
+    if name is None:
+        spec, label, _ = await serving_model(db, settings)
+        return spec, label
+    version = await models.get(db, name)
+    if version is None or version.kind != KIND:
+        raise models.ModelError(
+            f"no classifier version {name!r} (and no such file or open_clip architecture)"
+        )
+    return ModelSpec(version.artifact), version.name
+
+
+async def register_classifier(
+    db: Executor,
+    settings: Settings,
+    checkpoint: Path,
+    *,
+    name: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    parent_id: int | None,
+    actor: str | None,
+) -> ModelVersion:
+    """Copy a saved checkpoint folder to `models_dir/<name>` and register it as a candidate
+    (a folder left there by a crash before registering is replaced)."""
+    if await models.get(db, name) is not None:
+        raise models.ModelError(f"a model version named {name} exists; choose another name")
+    target = settings.models_dir / name
+    if target.exists():
+        shutil.rmtree(target)
+    _copy_atomically(checkpoint, target)
+    log.info("registering classifier %s from %s", name, checkpoint)
+    return await models.register(
+        db,
+        kind=KIND,
+        name=name,
+        artifact=str(target.resolve()),
+        sha256=sha256_file(target / WEIGHTS_FILE),
+        config=config,
+        metrics=metrics,
+        parent_id=parent_id,
+        actor=actor,
+    )
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    if not (source / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{source} is not a saved model folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+async def promote_if_better(
+    db: Executor,
+    version: ModelVersion,
+    report: dict[str, Any],
+    serving_report: dict[str, Any],
+    *,
+    margin: float,
+    actor: str | None,
+) -> tuple[bool, str]:
+    """Promote `version` if its test report beats the serving model's by `margin`."""
+    better, reason = beats(report, serving_report, margin)
+    if better:
+        await models.promote(db, version.id, actor=actor, reason=reason)
+    return better, reason
+
+
+def check_promotable(version: ModelVersion, serving: ModelVersion | None, margin: float) -> str:
+    """Why a maintainer may promote `version` over `serving` (raises `ModelError` if not):
+    its recorded evaluation must beat the serving version's on the same examples."""
+    if version.kind != KIND or serving is None:
+        return "nothing serves yet"
+    report = version.metrics.get("test")
+    against = version.metrics.get("compared", {}).get(serving.name)
+    if report is None or against is None:
+        raise models.ModelError(
+            f"{version.name} was not evaluated against the serving version {serving.name}: "
+            f"run `hps eval --model {version.name}` first (or promote with --force)"
+        )
+    better, reason = beats(report, against, margin)
+    if not better:
+        raise models.ModelError(
+            f"{version.name} does not beat {serving.name}: {reason} (--force overrides)"
+        )
+    return reason

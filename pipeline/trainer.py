@@ -1,0 +1,293 @@
+"""The training loop of the HPS classifier: the paper's recipe on `accelerate`.
+
+The recipe (Wu et al. 2023, §3): start from CLIP; freeze the lower blocks of both towers and
+train the last ones (10 image blocks and 6 text blocks by default, each tower's final norm
+and projection with them, and the logit scale); per example, cross-entropy of the softmax
+over its K image-text logits against the choice (`pipeline.loss`); AdamW (lr 1.7e-5, weight
+decay 3.1e-3), batches of 5 examples, a cosine schedule after a linear warm-up, gradient
+clipping, mixed precision on GPUs, gradient accumulation. `accelerate` runs the same loop on
+the CPU, one GPU or several (`accelerate launch -m hps train ...`).
+
+A run writes `metrics.jsonl` (one line per epoch) and `checkpoints/epoch-N/` (saved models,
+each written atomically) with `checkpoints/best` pointing at the best by validation top-1
+accuracy, the early-stopping criterion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hps.settings import Settings
+from pipeline.batches import ChoiceDataset, collate
+from pipeline.data import Example, Reader
+from pipeline.evaluate import evaluate
+from pipeline.hps_model import HPSModel, ModelSpec
+from pipeline.loss import MAX_LOGIT_SCALE, preference_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """One training run's settings (defaults: the `train` settings section)."""
+
+    base: ModelSpec
+    image_blocks: int = 10
+    text_blocks: int = 6
+    learning_rate: float = 1.7e-5
+    weight_decay: float = 3.1e-3
+    batch_size: int = 5
+    grad_accumulation: int = 1
+    epochs: int = 1
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    patience: int = 2
+    resize_mode: str = "longest"
+    mixed_precision: str = "auto"
+    num_workers: int = 2
+    seed: int = 42
+    eval_batch_size: int = 32
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TrainConfig:
+        t = settings.train
+        m = settings.models
+        values: dict[str, Any] = {
+            "base": ModelSpec(m.hps_arch, m.hps_pretrained or None),
+            **{name: getattr(t, name) for name in cls.__dataclass_fields__ if hasattr(t, name)},
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["base"] = self.base.as_dict()
+        return data
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best: Path | None  # the best checkpoint folder
+    best_epoch: int | None
+    best_val_top1: float | None
+    epochs_run: int
+    steps: int
+    stopped_early: bool
+    initial: dict[str, Any] | None  # the untrained model's test report
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    precision = config.mixed_precision
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "no"
+    return Accelerator(
+        mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation
+    )
+
+
+def freeze_lower_blocks(clip: torch.nn.Module, image_blocks: int, text_blocks: int) -> int:
+    """Freeze all but the last blocks of each tower (with the tower's final norm and
+    projection), using open_clip's own locking; the logit scale stays trainable. Returns
+    the number of trainable parameters."""
+    # open_clip's groups end with [last block, final norm] and [projection]: N blocks and
+    # the projection are N + 1 groups.
+    clip.lock_image_tower(unlocked_groups=image_blocks + 1 if image_blocks else 0)
+    clip.lock_text_tower(unlocked_layers=text_blocks + 1 if text_blocks else 0)
+    clip.logit_scale.requires_grad = True
+    return sum(p.numel() for p in clip.parameters() if p.requires_grad)
+
+
+def _param_groups(clip: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # As open_clip's trainer: no decay on gains, biases, embeddings' 1-d params, logit scale.
+    decay, no_decay = [], []
+    for name, param in clip.named_parameters():
+        if not param.requires_grad:
+            continue
+        plain = param.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if plain else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Any:
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    ramp = LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def train(
+    examples: Sequence[Example],
+    config: TrainConfig,
+    run_dir: Path,
+    read: Reader,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train on the `train` split, early-stop on `val`, keep the best checkpoint. Also
+    evaluates the untrained model on `test` (the untuned baseline, exactly as it started)."""
+    from accelerate.utils import set_seed
+
+    accelerator = _accelerator(config)
+    set_seed(config.seed)
+    hps = HPSModel.load(
+        config.base.model,
+        pretrained=config.base.pretrained,
+        checkpoint=config.base.checkpoint,
+        device=str(accelerator.device),
+        precision="fp32",
+        resize_mode=config.resize_mode,
+    )
+    by_split = {s: [e for e in examples if e.split == s] for s in ("train", "val", "test")}
+    if not by_split["train"]:
+        raise ValueError("no training examples")
+    main = accelerator.is_main_process
+    checkpoints = run_dir / "checkpoints"
+    if main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def evaluate_on(split: str) -> dict[str, Any] | None:
+        if not by_split[split]:
+            return None
+        report = evaluate(hps, by_split[split], read, batch_size=config.eval_batch_size)
+        hps.clip.train()
+        return report
+
+    initial = evaluate_on("test")
+    trainable = freeze_lower_blocks(hps.clip, config.image_blocks, config.text_blocks)
+    log.info("training %s: %d trainable parameters", config.base.describe(), trainable)
+    optimizer = torch.optim.AdamW(
+        _param_groups(hps.clip, config.weight_decay), lr=config.learning_rate
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        ChoiceDataset(by_split["train"], hps.transform, read),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+    )
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accumulation)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_fraction * total_steps)
+    scheduler = _scheduler(
+        optimizer, total_steps * accelerator.num_processes, warmup * accelerator.num_processes
+    )
+    clip, optimizer, loader, scheduler = accelerator.prepare(hps.clip, optimizer, loader, scheduler)
+    tokenizer = hps.tokenizer
+
+    result = TrainResult(run_dir, None, None, None, 0, 0, False, initial)
+    best_top1 = -1.0
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        started = time.monotonic()
+        clip.train()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not (progress and main))
+        for batch in bar:
+            with accelerator.accumulate(clip):
+                tokens = tokenizer(batch["prompts"]).to(accelerator.device)
+                # forward() of the prepared model: DDP gradient sync and autocast apply.
+                image_features, text_features = clip(batch["pixels"], tokens)[:2]
+                loss = preference_loss(
+                    image_features,
+                    text_features,
+                    batch["counts"],
+                    batch["targets"],
+                    batch["weights"],
+                    accelerator.unwrap_model(clip).logit_scale,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(clip.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                result.steps += 1
+                with torch.no_grad():  # as open_clip's trainer: keep the scale in range
+                    accelerator.unwrap_model(clip).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        result.epochs_run = epoch
+        val = evaluate_on("val")
+        val_top1 = val["top1"] if val else None
+        record = {
+            "epoch": epoch,
+            "steps": result.steps,
+            "train_loss": sum(losses) / len(losses),
+            "val_top1": val_top1,
+            "val_n": val["n"] if val else 0,
+            "lr": scheduler.get_last_lr()[0],
+            "logit_scale": float(accelerator.unwrap_model(clip).logit_scale.detach().exp()),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        # Without a validation split every epoch counts as an improvement (the last wins).
+        improved = val_top1 is None or val_top1 > best_top1
+        if improved:
+            best_top1 = val_top1 if val_top1 is not None else best_top1
+            stale = 0
+            if main:
+                result.best = _save_best(hps, checkpoints, epoch, config, record)
+            result.best_epoch, result.best_val_top1 = epoch, val_top1
+        else:
+            stale += 1
+        record["best"] = improved
+        result.history.append(record)
+        if main:
+            with open(run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if on_epoch is not None:
+            on_epoch(record)
+        log.info("epoch %d: %s", epoch, record)
+        if stale >= config.patience:
+            result.stopped_early = epoch < config.epochs
+            break
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _save_best(
+    hps: HPSModel, checkpoints: Path, epoch: int, config: TrainConfig, record: dict[str, Any]
+) -> Path:
+    """Save this epoch's model and point `best` at it (an atomic symlink swap); the folder
+    of the previous best is removed only afterwards."""
+    folder = checkpoints / f"epoch-{epoch}"
+    hps.save(folder, {"training": {"epoch": epoch, "config": config.as_dict(), **record}})
+    best = checkpoints / "best"
+    previous = best.resolve() if best.is_symlink() else None
+    link = checkpoints / f".best-{epoch}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(folder.name)
+    os.replace(link, best)
+    if previous is not None and previous != folder.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+    return best

@@ -14,6 +14,17 @@ if TYPE_CHECKING:
 
 Executor = asyncpg.Connection | asyncpg.Pool
 
+# What a database that is down, restarting or unreachable raises (as opposed to a bad query):
+# a refused or reset socket, a connection that died mid-statement, an administrator's
+# shutdown, a server still starting, an operation that timed out.
+UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+)
+
 
 def database_url(settings: Settings) -> str:
     """The configured URL, or the embedded server's (started on first use)."""

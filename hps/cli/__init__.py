@@ -7,6 +7,7 @@ import typer
 
 from hps.cli import config as config_cli
 from hps.cli import db as db_cli
+from hps.cli.bot import bot
 from hps.cli.serve import serve
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.add_typer(db_cli.app, name="db")
 app.add_typer(config_cli.app, name="config")
 app.command("serve")(serve)
+app.command("bot")(bot)
 
 
 def main() -> None:

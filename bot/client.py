@@ -43,6 +43,10 @@ INITIAL_EXTENSIONS = ("bot.cogs.dream", "bot.cogs.maintainers", "bot.cogs.commun
 _DISCORD_API = Route.BASE
 _DISCORD_GATEWAY = DiscordWebSocket.DEFAULT_GATEWAY
 
+# The bot has no voice features: no warnings at start about voice libraries it lacks.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
 
 def configure_endpoints(config: DiscordSettings) -> None:
     """Point discord.py's REST and gateway URLs at the configured ones (or back at Discord)."""

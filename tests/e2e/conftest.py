@@ -211,12 +211,17 @@ async def dream(
     **options: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """`user` runs /dream; returns the interaction and its queued message once registered."""
-    interaction = await fake.slash(user, "dream", {"prompt": prompt, **options}, channel_id=CHANNEL_ID)
+    interaction = await fake.slash(
+        user, "dream", {"prompt": prompt, **options}, channel_id=CHANNEL_ID
+    )
     await interaction.wait_response()
     message = await fake.wait_for(
-        lambda: interaction.original_message_id
-        and "Queued" in fake.messages.get(interaction.original_message_id, {}).get("content", "")
-        and fake.messages[interaction.original_message_id]
+        lambda: (
+            interaction.original_message_id
+            and "Queued"
+            in fake.messages.get(interaction.original_message_id, {}).get("content", "")
+            and fake.messages[interaction.original_message_id]
+        )
     )
     return interaction, message
 
@@ -224,13 +229,17 @@ async def dream(
 async def wait_buttons(fake: FakeDiscord, message_id: int, count: int | None = None) -> list[dict]:
     """The message's buttons once it has some (or exactly `count`)."""
     return await fake.wait_for(
-        lambda: (found := buttons(fake.messages.get(message_id, {})))
-        and (count is None or len(found) == count)
-        and found
+        lambda: (
+            (found := buttons(fake.messages.get(message_id, {})))
+            and (count is None or len(found) == count)
+            and found
+        )
     )
 
 
-async def wait_db(pool: asyncpg.Pool, sql: str, expected: Any, *args: Any, within: float = 10) -> None:
+async def wait_db(
+    pool: asyncpg.Pool, sql: str, expected: Any, *args: Any, within: float = 10
+) -> None:
     """Poll until `sql` returns `expected` (the bot writes after it answers Discord)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within

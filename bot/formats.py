@@ -172,7 +172,7 @@ def training_outcome(job: Job) -> str:
     lines = [f"`{job.kind}` job {job.id} **done**: {clip(str(result.get('summary', '')), 1200)}"]
     metrics = result.get("metrics")
     if isinstance(metrics, dict) and metrics:
-        lines.append("metrics: " + ", ".join(f"{k}={_number(v)}" for k, v in metrics.items()))
+        lines.append("metrics: " + ", ".join(f"{k}={_number(v)}" for k, v in sorted(metrics.items())))
     if "promoted" in result:
         promoted = result["promoted"]
         lines.append(f"promoted: {'yes' if promoted else 'no'}")
@@ -228,6 +228,6 @@ def models(versions: list[ModelVersion]) -> str:
         return "No model versions are registered yet."
     lines = []
     for v in versions[-25:]:
-        metrics = ", ".join(f"{k}={_number(x)}" for k, x in list(v.metrics.items())[:4])
+        metrics = ", ".join(f"{k}={_number(x)}" for k, x in sorted(v.metrics.items())[:4])
         lines.append(f"- `{v.name}` ({v.kind}, {v.status}){': ' + metrics if metrics else ''}")
     return clip("\n".join(lines), 1950)

@@ -246,3 +246,13 @@ async def wait_db(
     while (value := await pool.fetchval(sql, *args)) != expected:
         assert loop.time() < deadline, f"{sql!r} returned {value!r}, not {expected!r}"
         await asyncio.sleep(0.02)
+
+
+async def eventually(check: Callable[[], Any], within: float = 10) -> Any:
+    """Poll `check()` until truthy (for effects the fake server does not see)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not (value := check()):
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+    return value

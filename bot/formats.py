@@ -172,7 +172,8 @@ def training_outcome(job: Job) -> str:
     lines = [f"`{job.kind}` job {job.id} **done**: {clip(str(result.get('summary', '')), 1200)}"]
     metrics = result.get("metrics")
     if isinstance(metrics, dict) and metrics:
-        lines.append("metrics: " + ", ".join(f"{k}={_number(v)}" for k, v in sorted(metrics.items())))
+        pairs = sorted(metrics.items())
+        lines.append("metrics: " + ", ".join(f"{k}={_number(v)}" for k, v in pairs))
     if "promoted" in result:
         promoted = result["promoted"]
         lines.append(f"promoted: {'yes' if promoted else 'no'}")

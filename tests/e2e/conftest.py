@@ -189,6 +189,10 @@ class BotProcess:
         """SIGTERM, then wait: (exit code, everything it logged)."""
         if self.process.poll() is None:
             self.process.terminate()
+        return self.stop_when_exited(timeout)
+
+    def stop_when_exited(self, timeout: float = 60) -> tuple[int, str]:
+        """Wait for the process to exit by itself: (exit code, everything it logged)."""
         output, _ = self.process.communicate(timeout=timeout)
         return self.process.returncode, output
 

@@ -101,7 +101,10 @@ class HPSBot(commands.AutoShardedBot):
     async def setup_hook(self) -> None:
         # The embedded server (no database_url) is started by a blocking call.
         url = await asyncio.to_thread(database_url, self.settings)
-        self.pool = await create_pool(url, min_size=1, max_size=self.settings.bot.pool_size)
+        # Every bot query is a plain statement or a transaction: no session state to reset.
+        self.pool = await create_pool(
+            url, min_size=2, max_size=self.settings.bot.pool_size, reset_session=False
+        )
         for extension in self._extensions_to_load:
             try:
                 await self.load_extension(extension)
@@ -134,6 +137,9 @@ class HPSBot(commands.AutoShardedBot):
                 log.info("synced %d global commands", len(synced))
         except discord.HTTPException:
             log.exception("syncing the commands failed; the known ones keep working")
+
+    async def on_ready(self) -> None:
+        log.info("ready: %d guild(s)", len(self.guilds))
 
     def _on_notification(self, channel: str, payload: str) -> None:
         data = json.loads(payload)

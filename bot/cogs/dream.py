@@ -300,8 +300,8 @@ class Dream(commands.Cog):
         settings = self.bot.settings
         extra = {"round_id": round_id, "user_id": interaction.user.id}
         try:
-            result = await asyncio.wait_for(
-                record_choice(
+            async with asyncio.timeout(settings.bot.click_timeout_seconds):
+                result = await record_choice(
                     self.bot.pool,
                     round_id=round_id,
                     discord_user_id=interaction.user.id,
@@ -309,9 +309,7 @@ class Dream(commands.Cog):
                     position=position,
                     others_may_vote=settings.limits.others_may_vote,
                     interaction_id=interaction.id,
-                ),
-                settings.bot.click_timeout_seconds,
-            )
+                )
         except ChoiceRefused as exc:
             log.info("click refused: %s", exc.code, extra=extra)
             await interaction.response.send_message(str(exc), ephemeral=True)

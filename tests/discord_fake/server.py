@@ -226,6 +226,7 @@ class FakeDiscord:
         self.identifies = 0
         self.resumes = 0
         self.heartbeats = 0
+        self.callbacks = 0  # interaction callbacks answered so far
 
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -673,6 +674,7 @@ class FakeDiscord:
         interaction.original_message_id = int(message["id"])
         interaction.responded_at = time.perf_counter()
         interaction.responded.set()
+        self.callbacks += 1
         reply = {
             "interaction": {
                 "id": str(interaction.id),

@@ -88,7 +88,7 @@ async def test_dream_posts_images_and_the_requesters_click_is_stored(
     # Shown while the /dream token was fresh: through the interaction webhook.
     assert len(fake.calls("PATCH", f"/webhooks/{fake.application_id}/")) == 2
     assert fake.calls("PATCH", "/channels/") == []
-    assert (await _round(pool))["shown_status"] == "ready"
+    await wait_db(pool, "SELECT shown_status FROM rounds", "ready")
 
     click = await fake.click(ALICE, message_id, f"hps:pick:{round_id}:2")
     await click.wait_response()
@@ -282,10 +282,8 @@ async def test_a_failed_generation_shows_the_reason_and_the_requester_can_retry(
         "I'll post the images here when they are ready."
     )
     assert fake.messages[message_id]["components"] == []
-    assert ((await _round(pool))["status"], (await _round(pool))["shown_status"]) == (
-        "queued",
-        "queued",
-    )
+    await wait_db(pool, "SELECT shown_status FROM rounds", "queued")
+    assert (await _round(pool))["status"] == "queued"
     await worker.run_once()
     await wait_buttons(fake, message_id, 6)
     assert len(fake.messages[message_id]["attachments"]) == 4

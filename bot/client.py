@@ -181,7 +181,7 @@ class HPSBot(commands.AutoShardedBot):
                 message,
                 extra={"user_id": interaction.user.id},
             )
-        await reply(interaction, message)
+        await views.reply(interaction, message)
 
     async def close(self) -> None:
         if self.listener is not None:
@@ -194,16 +194,6 @@ class HPSBot(commands.AutoShardedBot):
 
 def _name(interaction: discord.Interaction) -> str:
     return interaction.command.qualified_name if interaction.command else "?"
-
-
-async def reply(interaction: discord.Interaction, content: str) -> None:
-    """Answer privately, whether the interaction is unanswered, deferred or answered."""
-    if not interaction.response.is_done():
-        await interaction.response.send_message(content, ephemeral=True)
-    elif interaction.response.type == discord.InteractionResponseType.deferred_channel_message:
-        await interaction.edit_original_response(content=content)
-    else:
-        await interaction.followup.send(content, ephemeral=True)
 
 
 async def run(settings: Settings) -> None:

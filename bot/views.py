@@ -8,7 +8,9 @@ the same whichever model made which image.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -16,10 +18,13 @@ from discord import ButtonStyle
 from discord.ui import Button, DynamicItem, View
 
 from bot import formats
+from db.connect import UNAVAILABLE
 
 if TYPE_CHECKING:
     from bot.cogs.community import Community
     from bot.cogs.dream import Dream
+
+log = logging.getLogger(__name__)
 
 PER_ROW = 5  # Discord's limit of buttons in an action row
 PICK = re.compile(r"hps:pick:(?P<round>\d+):(?P<pos>\d+)")
@@ -29,6 +34,30 @@ async def _unavailable(interaction: discord.Interaction) -> None:
     await interaction.response.send_message(
         "This feature is unavailable right now; please try again later.", ephemeral=True
     )
+
+
+async def reply(interaction: discord.Interaction, content: str) -> None:
+    """Answer privately, whether the interaction is unanswered, deferred or answered."""
+    if not interaction.response.is_done():
+        await interaction.response.send_message(content, ephemeral=True)
+    elif interaction.response.type == discord.InteractionResponseType.deferred_channel_message:
+        await interaction.edit_original_response(content=content)
+    else:
+        await interaction.followup.send(content, ephemeral=True)
+
+
+async def _guarded(interaction: discord.Interaction, handling: Awaitable[Any]) -> None:
+    """Run a button's handler; an error still gets the clicker an answer (discord.py would
+    only log it, and Discord would show "This interaction failed")."""
+    try:
+        await handling
+    except UNAVAILABLE as exc:
+        log.warning("database unavailable handling a click: %s", exc)
+        await reply(interaction, formats.DB_DOWN)
+    except Exception:
+        custom_id = (interaction.data or {}).get("custom_id")
+        log.exception("handling a click failed", extra={"custom_id": custom_id})
+        await reply(interaction, formats.FAILED_COMMAND)
 
 
 def _dream(interaction: discord.Interaction) -> Dream | None:
@@ -74,7 +103,10 @@ class PickButton(DynamicItem[Button], template=PICK.pattern):
         cog = _dream(interaction)
         if cog is None:
             return await _unavailable(interaction)
-        await cog.on_click(interaction, self.round_id, "pick", self.position, self.item.label)
+        await _guarded(
+            interaction,
+            cog.on_click(interaction, self.round_id, "pick", self.position, self.item.label),
+        )
 
 
 class VerdictButton(DynamicItem[Button], template=r"hps:(?P<verdict>tie|none):(?P<round>\d+)"):
@@ -111,7 +143,9 @@ class VerdictButton(DynamicItem[Button], template=r"hps:(?P<verdict>tie|none):(?
         cog = _dream(interaction)
         if cog is None:
             return await _unavailable(interaction)
-        await cog.on_click(interaction, self.round_id, self.verdict, None, None)
+        await _guarded(
+            interaction, cog.on_click(interaction, self.round_id, self.verdict, None, None)
+        )
 
 
 class RetryButton(DynamicItem[Button], template=r"hps:retry:(?P<round>\d+)"):
@@ -133,7 +167,7 @@ class RetryButton(DynamicItem[Button], template=r"hps:retry:(?P<round>\d+)"):
         cog = _dream(interaction)
         if cog is None:
             return await _unavailable(interaction)
-        await cog.on_retry(interaction, self.round_id)
+        await _guarded(interaction, cog.on_retry(interaction, self.round_id))
 
 
 class ForgetButton(DynamicItem[Button], template=r"hps:forget:(?P<answer>yes|no):(?P<user>\d+)"):
@@ -161,7 +195,9 @@ class ForgetButton(DynamicItem[Button], template=r"hps:forget:(?P<answer>yes|no)
         cog = _community(interaction)
         if cog is None:
             return await _unavailable(interaction)
-        await cog.on_forget_answer(interaction, self.user_id, self.answer == "yes")
+        await _guarded(
+            interaction, cog.on_forget_answer(interaction, self.user_id, self.answer == "yes")
+        )
 
 
 DYNAMIC_ITEMS = (PickButton, VerdictButton, RetryButton, ForgetButton)

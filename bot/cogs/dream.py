@@ -89,6 +89,13 @@ class Dream(commands.Cog):
         # One lock per round serialises the edits of its message.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
+    def _remember(self, round_id: int, interaction: discord.Interaction) -> None:
+        """Keep the interaction that shows a round (forgetting those whose token expired:
+        rounds that never got ready must not pile up)."""
+        for stale in [r for r, o in self._originals.items() if not o.usable()]:
+            del self._originals[stale]
+        self._originals[round_id] = _Original(interaction, time.monotonic())
+
     def _lock(self, round_id: int) -> asyncio.Lock:
         lock = self._locks.get(round_id)
         if lock is None:
@@ -156,7 +163,7 @@ class Dream(commands.Cog):
             return
         round_id = created.round.id
         async with self._lock(round_id):
-            self._originals[round_id] = _Original(interaction, time.monotonic())
+            self._remember(round_id, interaction)
             message = await interaction.edit_original_response(
                 content=formats.queued(prompt, negative, created.queue_position)
             )
@@ -332,7 +339,12 @@ class Dream(commands.Cog):
             images = await images_of_round(self.bot.pool, round_id, include_nsfw=False)
             positions = [image.position for image in images]
         ui = views.round_view(round_id, positions, chosen=(verdict, position))
-        await interaction.response.edit_message(view=ui)
+        try:
+            await interaction.response.edit_message(view=ui)
+        except discord.HTTPException as exc:  # the choice is recorded: say so all the same
+            log.warning("could not highlight the choice (%s)", exc.status, extra=extra)
+            await interaction.response.send_message(text, ephemeral=True)
+            return
         await interaction.followup.send(text, ephemeral=True)
         if verdict == "pick" and position is not None:
             await self._post_full_size(interaction, round_id, position, label or str(position))
@@ -381,7 +393,7 @@ class Dream(commands.Cog):
                 view=None,
             )
             # The click's token edits this message for the next 15 minutes.
-            self._originals[round_id] = _Original(interaction, time.monotonic())
+            self._remember(round_id, interaction)
             await rounds.set_shown(pool, round_id, "queued")
         log.info("round retried", extra={"round_id": round_id, "job_id": job.id})
 

@@ -108,10 +108,10 @@ def restore_discord_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
 
 
-async def start_bot(fake: FakeDiscord, settings: Settings) -> HPSBot:
+async def start_bot(fake: FakeDiscord, settings: Settings, **options: Any) -> HPSBot:
     """Start an `HPSBot` and wait until it is connected, ready and listening."""
     identified = fake.identifies
-    bot = HPSBot(settings)
+    bot = HPSBot(settings, **options)
     bot._test_task = asyncio.create_task(bot.start(fake.token))  # type: ignore[attr-defined]
     waiting = asyncio.ensure_future(fake.wait_for(lambda: fake.identifies > identified))
     done, _ = await asyncio.wait(

@@ -73,9 +73,10 @@ _STATUS_REFUSALS = {
 
 
 def _refusal(exc: asyncpg.PostgresError, position: int | None) -> ChoiceRefused:
-    code = getattr(exc, "message", "")
+    """The refusal the function raised (its code as message, a round's status as detail)."""
+    code = exc.message
     if code == "status":
-        return ChoiceRefused(*_STATUS_REFUSALS[getattr(exc, "detail", "closed")])
+        return ChoiceRefused(*_STATUS_REFUSALS[exc.detail])
     message = {
         "unknown_round": "This round no longer exists.",
         "bad_position": f"Image {position} is not part of this round.",

@@ -89,6 +89,10 @@ class NotificationListener:
                 backoff = 0.2
             except UNAVAILABLE as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
+            except Exception:  # never stop listening for good: log, wait, try again
+                log.exception("LISTEN failed; retrying in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
             finally:
                 self.listening.clear()
                 if not conn.is_closed():

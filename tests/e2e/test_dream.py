@@ -413,3 +413,25 @@ async def test_heartbeats_are_acknowledged(make_bot, fake: FakeDiscord) -> None:
     await make_bot()
     await fake.wait_for(lambda: fake.heartbeats >= 4)
     assert (fake.identifies, fake.resumes) == (1, 0)  # ACKed beats keep the session
+
+
+async def test_where_only_the_requester_may_choose_other_votes_are_refused(
+    make_bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker
+) -> None:
+    await make_bot(limits={"others_may_vote": False})
+    _, queued = await dream(fake, ALICE, "a private choice")
+    message_id = int(queued["id"])
+    await worker.run_once()
+    await wait_buttons(fake, message_id, 6)
+    assert "Anyone may vote" not in fake.messages[message_id]["content"]
+    round_id = (await _round(pool))["id"]
+    vote = await fake.click(BOB, message_id, f"hps:pick:{round_id}:1")
+    response = await vote.wait_response()
+    assert vote.ephemeral
+    assert response["data"]["content"] == "Only the person who asked can choose here."
+    assert await pool.fetchval("SELECT count(*) FROM choice_events") == 0
+    mine = await fake.click(ALICE, message_id, f"hps:none:{round_id}")
+    await mine.wait_response()
+    assert [(c.verdict, c.is_requester) for c in await choices_of_round(pool, round_id)] == [
+        ("none", True)
+    ]

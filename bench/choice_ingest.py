@@ -263,7 +263,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rates", type=float, nargs="+", default=[100, 250, 500, 750, 1000])
+    parser.add_argument("--rates", type=float, nargs="+", default=[100, 250, 500, 600, 750])
     parser.add_argument("--seconds", type=float, default=8.0, help="Length of each stage.")
     parser.add_argument("--warmup-seconds", type=float, default=2.0)
     parser.add_argument("--users", type=int, default=2000, help="Distinct clicking users.")

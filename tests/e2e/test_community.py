@@ -15,7 +15,7 @@ from PIL import Image
 
 from db import jobs
 from hps.store import LocalImageStore
-from tests.discord_fake import EPHEMERAL, FakeDiscord, FakeUser, button_ids
+from tests.discord_fake import EPHEMERAL, FakeDiscord, FakeInteraction, FakeUser, button_ids
 from tests.e2e.conftest import ALICE, BOB, CHANNEL_ID, dream, eventually, wait_buttons, wait_db
 from tests.e2e.worker import TestWorker, fake_score, png
 
@@ -41,14 +41,17 @@ def png_of(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
-async def _score(fake: FakeDiscord, user: FakeUser, prompt: str, *files) -> object:
+async def _score(
+    fake: FakeDiscord, user: FakeUser, prompt: str, *files: tuple[str, bytes, str]
+) -> FakeInteraction:
+    """`user` runs /score with (name, bytes, content type) files attached."""
     options: dict = {"prompt": prompt}
     for i, (name, data, content_type) in enumerate(files):
         options["image" if i == 0 else f"image{i + 1}"] = fake.upload(name, data, content_type)
     return await fake.slash(user, "score", options, channel_id=CHANNEL_ID)
 
 
-async def _final_text(fake: FakeDiscord, interaction) -> str:
+async def _final_text(fake: FakeDiscord, interaction: FakeInteraction) -> str:
     """The text that replaced the deferred "thinking" reply."""
     await interaction.wait_response()
     message = await fake.wait_for(

@@ -94,7 +94,7 @@ async def _start_bot(
     if profile is not None:  # cProfile writes its statistics when the bot exits cleanly
         command[1:1] = ["-m", "cProfile", "-o", str(profile)]
     process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=env)
-    await fake.wait_for(lambda: fake.session and fake.session.ws, within=60)
+    await fake.wait_connected(within=60)
     await asyncio.sleep(0.5)  # READY, GUILD_CREATE and the LISTEN connection settle
     return process
 

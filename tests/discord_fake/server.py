@@ -48,8 +48,8 @@ MANAGE_GUILD = 1 << 5
 CHANNEL_MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE = 4, 5, 6, 7
 
 
-def _iso(ts: float | None = None) -> str:
-    return datetime.fromtimestamp(ts or time.time(), UTC).isoformat()
+def _iso() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 class Snowflakes:
@@ -137,7 +137,6 @@ class Request:
     query: dict[str, str]
     json: Any
     files: list[SentFile]
-    at: float
 
 
 @dataclass
@@ -154,7 +153,6 @@ class FakeInteraction:
     dispatched_at: float = 0.0
     responded_at: float | None = None
     response: dict[str, Any] | None = None  # the callback body: {"type", "data"}
-    response_files: list[SentFile] = field(default_factory=list)
     original_message_id: int | None = None
     followup_ids: list[int] = field(default_factory=list)
     expired: bool = False
@@ -565,9 +563,7 @@ class FakeDiscord:
     async def _rest(self, request: web.Request) -> web.Response:
         path = "/" + request.match_info["path"]
         payload, files = await self._body(request)
-        self.requests.append(
-            Request(request.method, path, dict(request.query), payload, files, time.perf_counter())
-        )
+        self.requests.append(Request(request.method, path, dict(request.query), payload, files))
         try:
             return await self._route(request, path, payload, files)
         finally:
@@ -670,7 +666,6 @@ class FakeDiscord:
         else:
             return _json({"message": f"Invalid callback type {kind}", "code": 50035}, 400)
         interaction.response = body
-        interaction.response_files = files
         interaction.original_message_id = int(message["id"])
         interaction.responded_at = time.perf_counter()
         interaction.responded.set()

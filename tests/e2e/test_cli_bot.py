@@ -24,11 +24,12 @@ def test_without_a_token_the_bot_says_how_to_set_one(tmp_path: Path) -> None:
 
 
 async def test_a_refused_token_stops_the_bot_with_a_clear_message(
-    fake: FakeDiscord, database_url: str, tmp_path: Path
+    fake: FakeDiscord, database_url: str, tmp_path: Path, bot_processes: list[BotProcess]
 ) -> None:
     env = bot_env(bot_settings(fake, database_url, tmp_path / "data"))
     env["HPS_DISCORD__TOKEN"] = "wrong-token-SECRET"
     process = BotProcess(env)
+    bot_processes.append(process)
     code, output = await asyncio.to_thread(process.stop_when_exited)
     assert code == 1
     assert "error: Discord refused the bot token (HPS_DISCORD__TOKEN)" in output

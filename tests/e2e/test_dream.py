@@ -47,6 +47,8 @@ async def test_dream_posts_images_and_the_requesters_click_is_stored(
 ) -> None:
     interaction, queued = await dream(fake, ALICE, "  a red cube on a beach  ", aspect="portrait")
     assert interaction.response_type == 5  # deferred ("thinking"), public
+    [callback] = fake.calls("POST", f"/interactions/{interaction.id}/")
+    assert callback.query == {"with_response": "1"}
     assert not interaction.ephemeral
     assert queued["content"] == (
         "**a red cube on a beach**\nQueued: #1 in line. "

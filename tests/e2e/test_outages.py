@@ -116,7 +116,7 @@ async def test_clicks_count_after_the_bot_process_restarts_and_missed_rounds_are
     env = bot_env(bot_settings(fake, database_url, tmp_path / "data"))
     first = BotProcess(env)
     bot_processes.append(first)
-    await fake.wait_for(lambda: fake.session and fake.session.ws, within=60)
+    await fake.wait_connected(within=60)
     _, before = await dream(fake, ALICE, "before the restart")
     await worker.run_once()
     await wait_buttons(fake, int(before["id"]), 6)

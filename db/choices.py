@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from db import users
+import asyncpg
+
 from db.connect import Executor, transaction
 
 Verdict = Literal["pick", "tie", "none"]
@@ -51,37 +52,17 @@ class ChoiceResult:
     previous_position: int | None
 
 
-ROUND_FOR_CHOICE_SQL = """
-SELECT r.status, r.requester_id,
-       EXISTS (SELECT FROM images i
-               WHERE i.round_id = r.id AND i.position = $2 AND NOT i.nsfw) AS position_shown
-FROM rounds r WHERE r.id = $1
+# One round trip: the `record_choice` SQL function (migration 0005) does, in this order,
+# in the statement's transaction: read the round (refuse unknown, not ready, not shown);
+# upsert the user (its row stays locked until commit: one user's clicks serialise there) and
+# refuse banned users and non-requesters where others may not vote; lock the user's choice
+# row, insert it or update it (a concurrent first click that won the insert is locked and
+# updated instead); append the event. A refusal raises SQLSTATE HP001, so nothing is written.
+RECORD_CHOICE_SQL = """
+SELECT * FROM record_choice($1, $2, $3, $4, $5, $6)
 """
 
-LOCK_CHOICE_SQL = """
-SELECT * FROM choices WHERE round_id = $1 AND user_id = $2 FOR UPDATE
-"""
-
-INSERT_CHOICE_SQL = """
-INSERT INTO choices (round_id, user_id, verdict, chosen_position, is_requester, flagged)
-VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (round_id, user_id) DO NOTHING
-RETURNING *
-"""
-
-UPDATE_CHOICE_SQL = """
-UPDATE choices
-SET verdict = $2, chosen_position = $3, flagged = $4, updated_at = now(),
-    revision = revision + 1
-WHERE id = $1
-RETURNING *
-"""
-
-INSERT_EVENT_SQL = """
-INSERT INTO choice_events (round_id, user_id, verdict, chosen_position, is_requester, flagged,
-                           outcome, interaction_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-"""
+REFUSED_SQLSTATE = "HP001"
 
 _STATUS_REFUSALS = {
     "queued": ("not_ready", "This round's images are not ready yet."),
@@ -89,6 +70,20 @@ _STATUS_REFUSALS = {
     "failed": ("failed", "This round failed, so there is nothing to choose."),
     "closed": ("closed", "This round is closed: choices are no longer recorded. Thank you!"),
 }
+
+
+def _refusal(exc: asyncpg.PostgresError, position: int | None) -> ChoiceRefused:
+    """The refusal the function raised (its code as message, a round's status as detail)."""
+    code = exc.message
+    if code == "status":
+        return ChoiceRefused(*_STATUS_REFUSALS[exc.detail])
+    message = {
+        "unknown_round": "This round no longer exists.",
+        "bad_position": f"Image {position} is not part of this round.",
+        "banned": "You are not allowed to vote here.",
+        "requester_only": "Only the person who asked can choose here.",
+    }[code]
+    return ChoiceRefused(code, message)
 
 
 async def record_choice(
@@ -107,54 +102,25 @@ async def record_choice(
         raise ChoiceRefused("bad_verdict", f"Unknown verdict {verdict!r}.")
     if (verdict == "pick") != (position is not None):
         raise ChoiceRefused("bad_position", "A pick needs exactly one image position.")
-    async with transaction(db) as conn:
-        round_ = await conn.fetchrow(ROUND_FOR_CHOICE_SQL, round_id, position or 0)
-        if round_ is None:
-            raise ChoiceRefused("unknown_round", "This round no longer exists.")
-        if round_["status"] != "ready":
-            raise ChoiceRefused(*_STATUS_REFUSALS[round_["status"]])
-        if verdict == "pick" and not round_["position_shown"]:
-            raise ChoiceRefused("bad_position", f"Image {position} is not part of this round.")
-        user = await users.ensure_user(conn, discord_user_id)
-        if user.banned:
-            raise ChoiceRefused("banned", "You are not allowed to vote here.")
-        is_requester = user.id == round_["requester_id"]
-        if not is_requester and not others_may_vote:
-            raise ChoiceRefused("requester_only", "Only the person who asked can choose here.")
-        flagged = user.shadow_banned
-
-        previous = await conn.fetchrow(LOCK_CHOICE_SQL, round_id, user.id)
-        if previous is None:
-            record = await conn.fetchrow(
-                INSERT_CHOICE_SQL, round_id, user.id, verdict, position, is_requester, flagged
-            )
-            if record is None:  # a concurrent first click won the insert: now it exists
-                previous = await conn.fetchrow(LOCK_CHOICE_SQL, round_id, user.id)
-        if previous is not None:
-            record = await conn.fetchrow(
-                UPDATE_CHOICE_SQL, previous["id"], verdict, position, flagged
-            )
-            same = (previous["verdict"], previous["chosen_position"]) == (verdict, position)
-            outcome: Outcome = "unchanged" if same else "changed"
+    args = (round_id, discord_user_id, verdict, position, others_may_vote, interaction_id)
+    try:
+        if isinstance(db, asyncpg.Pool):
+            # A single statement is its own transaction: no BEGIN/COMMIT round trips.
+            record = await db.fetchrow(RECORD_CHOICE_SQL, *args)
         else:
-            outcome = "recorded"
-        await conn.execute(
-            INSERT_EVENT_SQL,
-            round_id,
-            user.id,
-            verdict,
-            position,
-            is_requester,
-            flagged,
-            outcome,
-            interaction_id,
-        )
-        return ChoiceResult(
-            Choice(**dict(record)),
-            outcome,
-            previous["verdict"] if previous else None,
-            previous["chosen_position"] if previous else None,
-        )
+            # On a connection, a savepoint keeps a refusal from aborting the caller's
+            # transaction.
+            async with transaction(db) as conn:
+                record = await conn.fetchrow(RECORD_CHOICE_SQL, *args)
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == REFUSED_SQLSTATE:
+            raise _refusal(exc, position) from None
+        raise
+    assert record is not None
+    fields = dict(record)
+    outcome = fields.pop("outcome")
+    previous = fields.pop("previous_verdict"), fields.pop("previous_position")
+    return ChoiceResult(Choice(**fields), outcome, *previous)
 
 
 CHOICES_OF_ROUND_SQL = """

@@ -14,6 +14,17 @@ if TYPE_CHECKING:
 
 Executor = asyncpg.Connection | asyncpg.Pool
 
+# What a database that is down, restarting or unreachable raises (as opposed to a bad query):
+# a refused or reset socket, a connection that died mid-statement, an administrator's
+# shutdown, a server still starting, an operation that timed out.
+UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+)
+
 
 def database_url(settings: Settings) -> str:
     """The configured URL, or the embedded server's (started on first use)."""
@@ -39,10 +50,26 @@ async def connect(url: str) -> asyncpg.Connection:
     return conn
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """The connection pool every long-running process uses."""
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's session reset (an open transaction is still rolled back)."""
+
+
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, reset_session: bool = True
+) -> asyncpg.Pool:
+    """The connection pool every long-running process uses.
+
+    By default a released connection's session is reset (`RESET ALL`, `UNLISTEN *`, ...), one
+    more round trip per use. The data layer leaves no session state behind (no SET, LISTEN,
+    session advisory locks or cursors outside transactions), so a hot path such as the bot's
+    clicks may pass `reset_session=False` and save that round trip.
+    """
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=init_connection
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=init_connection,
+        reset=None if reset_session else _keep_session,
     )
     assert pool is not None
     return pool

@@ -87,3 +87,19 @@ WHERE i.id = s.id
 async def set_scores(db: Executor, scores: dict[int, float], hps_version_id: int | None) -> None:
     """Store HPS scores (image id → score) and the classifier version that gave them."""
     await db.execute(SET_SCORES_SQL, list(scores), list(scores.values()), hps_version_id)
+
+
+# A key is still in use while an image row names it or a pending job's payload lists it
+# (a /score upload waiting for its worker).
+UNREFERENCED_KEYS_SQL = """
+SELECT DISTINCT k FROM unnest($1::text[]) AS k
+WHERE NOT EXISTS (SELECT FROM images i WHERE i.storage_key = k)
+  AND NOT EXISTS (SELECT FROM jobs j
+                  WHERE j.state IN ('queued', 'running') AND j.payload->'image_keys' ? k)
+"""
+
+
+async def unreferenced_keys(db: Executor, keys: list[str]) -> list[str]:
+    """The storage keys among `keys` that nothing uses any more (safe to delete from the
+    store): no image row, and no queued or running job's `image_keys`."""
+    return sorted(r["k"] for r in await db.fetch(UNREFERENCED_KEYS_SQL, keys))

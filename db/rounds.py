@@ -44,6 +44,7 @@ class Round:
     started_at: datetime | None
     ready_at: datetime | None
     closed_at: datetime | None
+    shown_status: str | None = None  # what the Discord message last showed
 
 
 def _round(record: Any) -> Round:
@@ -114,7 +115,7 @@ async def create_round(
     async with transaction(db) as conn:
         user = await users.ensure_user(conn, requester_discord_id)
         if user.banned:
-            raise RoundRefused("banned", "You are not allowed to start rounds here.")
+            raise RoundRefused(*_BANNED)
         usage = await conn.fetchrow(USAGE_SQL, user.id)
         _check_limits(usage, limits)
         prompt_id = await prompts.ensure_prompt(conn, prompt, negative_prompt)
@@ -139,6 +140,21 @@ def generate_payload(round_: Round) -> dict[str, Any]:
     """The payload of a round's generate job. `batch` is equal for rounds with equal
     parameters: a worker generates such rounds together (`jobs.claim_matching`)."""
     return {"round_id": round_.id, "batch": json.dumps(round_.params, sort_keys=True)}
+
+
+_BANNED = ("banned", "You are not allowed to start rounds here.")
+
+
+async def check_may_dream(db: Executor, requester_discord_id: int, limits: Limits) -> None:
+    """Raise `RoundRefused` if the user may not start a round now. Read-only: a caller can
+    answer early (before anything is shown to others); `create_round` checks again under
+    the user's row lock."""
+    user = await users.get_user(db, requester_discord_id)
+    if user is None:
+        return
+    if user.banned:
+        raise RoundRefused(*_BANNED)
+    _check_limits(await db.fetchrow(USAGE_SQL, user.id), limits)
 
 
 def _check_limits(usage: Any, limits: Limits) -> None:
@@ -336,6 +352,32 @@ UPDATE rounds SET message_id = $2 WHERE id = $1
 async def set_message(db: Executor, round_id: int, message_id: int) -> None:
     """Remember the Discord message that shows the round."""
     await db.execute(SET_MESSAGE_SQL, round_id, message_id)
+
+
+SET_SHOWN_SQL = """
+UPDATE rounds SET shown_status = $2 WHERE id = $1
+"""
+
+
+async def set_shown(db: Executor, round_id: int, status: str) -> None:
+    """Remember that the round's Discord message now shows `status`."""
+    await db.execute(SET_SHOWN_SQL, round_id, status)
+
+
+# Rounds whose message lags behind their status: the bot shows ready, failed and closed
+# rounds (queued and generating are shown by the command that created or retried them).
+ROUNDS_TO_SHOW_SQL = """
+SELECT id FROM rounds
+WHERE status IN ('ready', 'failed', 'closed') AND shown_status IS DISTINCT FROM status
+  AND source = 'discord' AND channel_id IS NOT NULL AND created_at > now() - $1::interval
+ORDER BY id
+LIMIT $2
+"""
+
+
+async def rounds_to_show(db: Executor, within: timedelta, limit: int = 100) -> list[int]:
+    """Rounds created within `within` whose Discord message does not show their status."""
+    return [r["id"] for r in await db.fetch(ROUNDS_TO_SHOW_SQL, within, limit)]
 
 
 NOTIFY_ROUND_SQL = """

@@ -166,10 +166,15 @@ rounds = Table(
     _at("started_at"),
     _at("ready_at"),
     _at("closed_at"),
+    # The status the round's Discord message last showed (the bot catches up on the rest).
+    Column("shown_status", Text, nullable=True),
     CheckConstraint(_in("source", ("discord", "import")), name="source"),
     CheckConstraint("split IS NULL OR " + _in("split", ("train", "test")), name="split"),
     CheckConstraint("k BETWEEN 1 AND 16", name="k"),
     CheckConstraint(_in("status", ROUND_STATUSES), name="status"),
+    CheckConstraint(
+        "shown_status IS NULL OR " + _in("shown_status", ROUND_STATUSES), name="shown_status"
+    ),
     UniqueConstraint("source", "external_id"),
     Index("ix_rounds_requester_id_created_at", "requester_id", "created_at"),
     Index("ix_rounds_status_created_at", "status", "created_at"),

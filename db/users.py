@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from db import images
 from db.connect import Executor, transaction
 
 
@@ -146,11 +147,6 @@ DELETE FROM prompts p
 WHERE p.id = ANY($1::bigint[]) AND NOT EXISTS (SELECT FROM rounds r WHERE r.prompt_id = p.id)
 """
 
-UNREFERENCED_KEYS_SQL = """
-SELECT DISTINCT k FROM unnest($1::text[]) AS k
-WHERE NOT EXISTS (SELECT FROM images i WHERE i.storage_key = k)
-"""
-
 TOMBSTONE_SQL = """
 UPDATE users
 SET discord_id = CASE WHEN banned OR shadow_banned THEN discord_id END,
@@ -174,9 +170,9 @@ async def forget_user(db: Executor, discord_id: int) -> ForgetResult | None:
         await conn.execute(CANCEL_ROUND_JOBS_SQL, round_ids)
         await conn.execute(DELETE_ROUNDS_SQL, round_ids)
         await conn.execute(DELETE_ORPHAN_PROMPTS_SQL, list({r["prompt_id"] for r in rounds}))
-        orphaned = [r["k"] for r in await conn.fetch(UNREFERENCED_KEYS_SQL, keys)]
+        orphaned = await images.unreferenced_keys(conn, keys)
         await conn.execute(TOMBSTONE_SQL, user_id)
-        return ForgetResult(user_id, choices, events, len(round_ids), sorted(orphaned))
+        return ForgetResult(user_id, choices, events, len(round_ids), orphaned)
 
 
 def _count(status: str) -> int:

@@ -57,6 +57,28 @@ class DiscordSettings(Section):
     shard_count: int | None = Field(None, ge=1, description="Shards; empty = Discord's advice.")
 
 
+class BotSettings(Section):
+    """How the Discord bot behaves (not what users may do: that is `limits`)."""
+
+    sync_commands: bool = Field(
+        True, description="Sync the slash commands to Discord on start (guild_ids, or globally)."
+    )
+    guild_ready_timeout: float = Field(
+        2.0, ge=0, le=60, description="Seconds to wait for guild data at start before ready."
+    )
+    pool_size: int = Field(10, ge=2, le=100, description="Database connections the bot keeps.")
+    click_timeout_seconds: float = Field(
+        2.5,
+        gt=0,
+        le=3,
+        description="Longest a click waits for the database (Discord wants an answer in 3 s).",
+    )
+    score_timeout_seconds: float = Field(
+        120, gt=0, le=840, description="Longest /score waits for a worker before giving up."
+    )
+    score_per_minute: int = Field(3, ge=1, description="/score commands one user may run a minute.")
+
+
 class LimitSettings(Section):
     rounds_per_hour: int = Field(10, ge=0, description="Rounds one user may start per hour.")
     rounds_in_flight: int = Field(2, ge=0, description="Rounds of one user queued or generating.")
@@ -247,6 +269,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="json for log shippers.")
 
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    bot: BotSettings = Field(default_factory=BotSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)

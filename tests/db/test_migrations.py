@@ -102,7 +102,7 @@ def _all_statements() -> list[tuple[str, str]]:
 
 def test_the_data_layer_keeps_its_sql_in_named_statements() -> None:
     names = {name for name, _ in _all_statements()}
-    assert "db.choices.INSERT_CHOICE_SQL" in names
+    assert "db.choices.RECORD_CHOICE_SQL" in names
     assert "db.jobs.CLAIM_SQL" in names
     assert len(names) > 60
 

@@ -1,0 +1,64 @@
+"""Who may do what, and which input is acceptable: pure functions and app-command checks."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+
+from db.prompts import normalize
+
+if TYPE_CHECKING:
+    from hps.settings import DiscordSettings, LimitSettings
+
+
+# Joins emoji sequences (a format character, but harmless); other format characters such
+# as bidirectional overrides can disguise text and are refused with the control characters.
+ZWJ = "\u200d"
+
+
+class PromptRejected(Exception):
+    """A prompt that may not be used; the message is for the user."""
+
+
+def clean_prompt(text: str, limits: LimitSettings, *, what: str = "prompt") -> str:
+    """The prompt with surrounding whitespace removed, or `PromptRejected` saying why not."""
+    text = text.strip()
+    if not text and what == "prompt":
+        raise PromptRejected("Your prompt is empty: describe the image you want.")
+    if len(text) > limits.prompt_max_length:
+        raise PromptRejected(
+            f"Your {what} is {len(text)} characters long; the limit is {limits.prompt_max_length}."
+        )
+    if any(unicodedata.category(ch) in ("Cc", "Cf") and ch != ZWJ for ch in text):
+        raise PromptRejected(f"Your {what} contains control characters; please remove them.")
+    folded = normalize(text)
+    for term in limits.banned_terms:
+        if term.strip() and normalize(term) in folded:
+            raise PromptRejected(f"Your {what} contains a term that is not allowed here.")
+    return text
+
+
+def channel_allowed(channel_id: int | None, discord_settings: DiscordSettings) -> bool:
+    """True where /dream may run: any channel when none are configured."""
+    allowed = discord_settings.channel_ids
+    return not allowed or channel_id in allowed
+
+
+class NotMaintainer(app_commands.CheckFailure):
+    def __init__(self) -> None:
+        super().__init__("This command is for maintainers only. Nothing was changed.")
+
+
+def is_maintainer(interaction: discord.Interaction) -> bool:
+    """A member with one of the configured maintainer roles; with none configured, a member
+    with the Manage Server permission (the commands' default permission)."""
+    user = interaction.user
+    if not isinstance(user, discord.Member):
+        return False
+    role_ids = interaction.client.settings.discord.maintainer_role_ids  # type: ignore[attr-defined]
+    if role_ids:
+        return any(role.id in role_ids for role in user.roles)
+    return interaction.permissions.manage_guild

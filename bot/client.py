@@ -1,0 +1,217 @@
+"""The bot: one `AutoShardedBot` subclass that everything hangs off (pool, settings, store).
+
+Start-up (`setup_hook`, after login and before the gateway): open the database pool, load
+the cogs (one failing is logged and the rest go on), register the persistent buttons, start
+LISTENing for round and job notifications, and sync the slash commands.
+
+Pointing the unmodified discord.py client elsewhere (an API proxy, or the tests' local
+server): `discord.api_base_url` replaces `discord.http.Route.BASE`, through which every REST
+call goes (webhooks and interaction callbacks included), and `discord.gateway_url` replaces
+both the URL that `GET /gateway/bot` returns (what an `AutoShardedBot` without a shard count
+connects to) and `DiscordWebSocket.DEFAULT_GATEWAY` (used with a fixed shard count and after
+an invalidated session). A resumed session goes wherever READY's `resume_gateway_url` says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from typing import Any
+
+import asyncpg
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from bot import formats, views
+from db.connect import UNAVAILABLE, create_pool, database_url
+from db.jobs import JOB_DONE_CHANNEL
+from db.listen import NotificationListener
+from db.rounds import ROUNDS_CHANNEL
+from hps.settings import DiscordSettings, Settings
+from hps.store import LocalImageStore
+
+log = logging.getLogger(__name__)
+
+INITIAL_EXTENSIONS = ("bot.cogs.dream", "bot.cogs.maintainers", "bot.cogs.community")
+
+_DISCORD_API = Route.BASE
+_DISCORD_GATEWAY = DiscordWebSocket.DEFAULT_GATEWAY
+
+# The bot has no voice features: no warnings at start about voice libraries it lacks.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+
+def configure_endpoints(config: DiscordSettings) -> None:
+    """Point discord.py's REST and gateway URLs at the configured ones (or back at Discord)."""
+    Route.BASE = (config.api_base_url or _DISCORD_API).rstrip("/")
+    DiscordWebSocket.DEFAULT_GATEWAY = (
+        yarl.URL(config.gateway_url) if config.gateway_url else _DISCORD_GATEWAY
+    )
+
+
+class HPSBot(commands.AutoShardedBot):
+    pool: asyncpg.Pool
+    settings: Settings
+    store: LocalImageStore
+    listener: NotificationListener | None
+    failed_extensions: list[str]
+
+    def __init__(
+        self, settings: Settings, *, extensions: tuple[str, ...] = INITIAL_EXTENSIONS
+    ) -> None:
+        configure_endpoints(settings.discord)
+        intents = discord.Intents.none()
+        intents.guilds = True  # channels and roles (the maintainer check); no message content
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            help_command=None,
+            intents=intents,
+            shard_count=settings.discord.shard_count,
+            chunk_guilds_at_startup=False,
+            member_cache_flags=discord.MemberCacheFlags.none(),
+            max_messages=None,  # nothing reads the message cache
+            guild_ready_timeout=settings.bot.guild_ready_timeout,
+            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+        )
+        self.settings = settings
+        self.store = LocalImageStore(settings.images_dir)
+        self.listener = None
+        self.failed_extensions = []
+        self._extensions_to_load = extensions
+        self.tree.on_error = self.on_app_command_error
+        if settings.discord.gateway_url:
+            self._override_bot_gateway(settings.discord.gateway_url)
+
+    def _override_bot_gateway(self, url: str) -> None:
+        original = self.http.get_bot_gateway
+
+        async def get_bot_gateway() -> tuple[int, str, Any]:
+            shards, _, limits = await original()
+            return shards, url, limits
+
+        self.http.get_bot_gateway = get_bot_gateway  # type: ignore[method-assign]
+
+    async def setup_hook(self) -> None:
+        # The embedded server (no database_url) is started by a blocking call.
+        url = await asyncio.to_thread(database_url, self.settings)
+        # Every bot query is a plain statement or a transaction: no session state to reset.
+        self.pool = await create_pool(
+            url, min_size=2, max_size=self.settings.bot.pool_size, reset_session=False
+        )
+        for extension in self._extensions_to_load:
+            try:
+                await self.load_extension(extension)
+            except Exception:
+                log.exception("failed to load %s; the other features go on", extension)
+                self.failed_extensions.append(extension)
+        self.add_dynamic_items(*views.DYNAMIC_ITEMS)
+        self.listener = NotificationListener(
+            url,
+            [ROUNDS_CHANNEL, JOB_DONE_CHANNEL],
+            self._on_notification,
+            on_connect=self._on_listening,
+        )
+        self.listener.start()
+        if self.settings.bot.sync_commands:
+            await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """Register the slash commands: per configured guild (at once), else globally (Discord
+        takes up to an hour to show global changes)."""
+        try:
+            if self.settings.discord.guild_ids:
+                for guild_id in self.settings.discord.guild_ids:
+                    guild = discord.Object(guild_id)
+                    self.tree.copy_global_to(guild=guild)
+                    synced = await self.tree.sync(guild=guild)
+                    log.info("synced %d commands to guild %s", len(synced), guild_id)
+            else:
+                synced = await self.tree.sync()
+                log.info("synced %d global commands", len(synced))
+        except discord.HTTPException:
+            log.exception("syncing the commands failed; the known ones keep working")
+
+    async def on_ready(self) -> None:
+        log.info("ready: %d guild(s)", len(self.guilds))
+
+    def _on_notification(self, channel: str, payload: str) -> None:
+        data = json.loads(payload)
+        if channel == ROUNDS_CHANNEL:
+            self.dispatch("hps_round", int(data["round_id"]), data["status"])
+        elif channel == JOB_DONE_CHANNEL:
+            self.dispatch("hps_job_done", int(data["id"]), data["kind"], data["state"])
+
+    async def _on_listening(self) -> None:
+        # Notifications sent while nobody listened are gone: cogs look at the tables instead.
+        self.dispatch("hps_listening")
+
+    def handles_guild(self, guild_id: int | None) -> bool:
+        """Whether this process runs the shard of `guild_id` (several processes may split
+        the shards; each shows only its own guilds' rounds)."""
+        if guild_id is None or self.shard_ids is None or not self.shard_count:
+            return True
+        return (guild_id >> 22) % self.shard_count in self.shard_ids
+
+    async def on_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        if isinstance(error, app_commands.CommandOnCooldown):
+            message = f"Slow down: try again in {formats.duration(error.retry_after)}."
+        elif isinstance(error, app_commands.CheckFailure):
+            message = str(error) or "You may not use this command here."
+        elif isinstance(error, app_commands.CommandInvokeError) and isinstance(
+            error.original, UNAVAILABLE
+        ):
+            log.warning("database unavailable during /%s: %s", _name(interaction), error.original)
+            message = formats.DB_DOWN
+        else:
+            log.error("/%s failed", _name(interaction), exc_info=error)
+            message = formats.FAILED_COMMAND
+        if isinstance(error, app_commands.CheckFailure):
+            log.info(
+                "refused /%s: %s",
+                _name(interaction),
+                message,
+                extra={"user_id": interaction.user.id},
+            )
+        await views.reply(interaction, message)
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
+            self.listener = None
+        await super().close()
+        if hasattr(self, "pool"):
+            await self.pool.close()
+
+
+def _name(interaction: discord.Interaction) -> str:
+    return interaction.command.qualified_name if interaction.command else "?"
+
+
+async def run(settings: Settings) -> None:
+    """Run the bot until SIGINT or SIGTERM, then shut down cleanly."""
+    assert settings.discord.token is not None
+    bot = HPSBot(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with bot:
+        running = asyncio.create_task(bot.start(settings.discord.token.get_secret_value()))
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping in done:
+            log.info("stopping the bot")
+            await bot.close()
+        else:
+            stopping.cancel()
+        await running  # re-raises what stopped the bot, if it stopped by itself
+    log.info("bot stopped")

@@ -1,0 +1,186 @@
+"""Commands for everyone: /score (HPS of uploaded images), /stats, /forget-me."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import checks, formats, imaging, views
+from bot.client import HPSBot
+from db import images, jobs, stats, users
+
+log = logging.getLogger(__name__)
+
+SCORE_KIND = "score"
+FINISHED = ("done", "dead", "cancelled")
+# Re-read a waited-for job this often, in case its NOTIFY was lost (a LISTEN reconnect).
+POLL_SECONDS = 5.0
+
+
+def _score_cooldown(interaction: discord.Interaction) -> app_commands.Cooldown:
+    per_minute = interaction.client.settings.bot.score_per_minute  # type: ignore[attr-defined]
+    return app_commands.Cooldown(per_minute, 60.0)
+
+
+class Community(commands.Cog):
+    def __init__(self, bot: HPSBot) -> None:
+        self.bot = bot
+        self._job_waiters: dict[int, asyncio.Future[None]] = {}
+
+    # -- /score ----------------------------------------------------------------------------
+
+    @app_commands.command(
+        description="Score your images for a prompt with HPS (higher = preferred)."
+    )
+    @app_commands.describe(
+        prompt="The prompt the images are for",
+        image="An image (PNG, JPEG, WebP or GIF)",
+        image2="Another image",
+        image3="Another image",
+        image4="Another image",
+    )
+    @app_commands.checks.dynamic_cooldown(_score_cooldown)
+    async def score(
+        self,
+        interaction: discord.Interaction,
+        prompt: str,
+        image: discord.Attachment,
+        image2: discord.Attachment | None = None,
+        image3: discord.Attachment | None = None,
+        image4: discord.Attachment | None = None,
+    ) -> None:
+        limits = self.bot.settings.limits
+        uploads = [a for a in (image, image2, image3, image4) if a is not None]
+        try:
+            prompt = checks.clean_prompt(prompt, limits)
+            if len(uploads) > limits.score_max_images:
+                raise imaging.UploadRejected(
+                    f"At most {limits.score_max_images} images per /score, please."
+                )
+            for upload in uploads:
+                imaging.check_attachment(upload.filename, upload.content_type, upload.size, limits)
+        except (checks.PromptRejected, imaging.UploadRejected) as exc:
+            log.info("refused /score: %s", exc, extra={"user_id": interaction.user.id})
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            checked = [
+                await asyncio.to_thread(imaging.check_image, u.filename, await u.read(), limits)
+                for u in uploads
+            ]
+        except imaging.UploadRejected as exc:
+            log.info("refused /score: %s", exc, extra={"user_id": interaction.user.id})
+            await interaction.edit_original_response(content=str(exc))
+            return
+        except discord.HTTPException:
+            await interaction.edit_original_response(
+                content="Downloading your images from Discord failed; please try again."
+            )
+            return
+        keys = [
+            (await asyncio.to_thread(self.bot.store.put, c.data, c.suffix)).key for c in checked
+        ]
+        job, _ = await jobs.enqueue(
+            self.bot.pool,
+            SCORE_KIND,
+            {"prompt": prompt, "image_keys": keys},
+            requested_by=f"discord:{interaction.user.id}",
+            priority=1,  # someone is waiting for it
+        )
+        log.info("score job enqueued", extra={"job_id": job.id, "user_id": interaction.user.id})
+        finished = await self.wait_for_job(job.id, self.bot.settings.bot.score_timeout_seconds)
+        cancelled = False
+        if finished is None:
+            cancelled = bool(await jobs.cancel(self.bot.pool, [job.id]))
+            text = formats.score_timeout(job.id, cancelled)
+        elif finished.state == "done":
+            text = formats.score_result(prompt, [u.filename for u in uploads], finished.result)
+        else:
+            text = f"Scoring failed: {formats.clip(finished.error or finished.state, 500)}"
+        await interaction.edit_original_response(content=text)
+        if finished is not None or cancelled:
+            await self._delete_uploads(keys)
+
+    async def wait_for_job(self, job_id: int, seconds: float) -> jobs.Job | None:
+        """The job once finished, or None after `seconds`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        notified = self._job_waiters[job_id] = loop.create_future()
+        try:
+            while True:
+                job = await jobs.get(self.bot.pool, job_id)
+                if job is None or job.state in FINISHED:
+                    return job
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(asyncio.shield(notified), min(remaining, POLL_SECONDS))
+                except TimeoutError:
+                    pass
+        finally:
+            self._job_waiters.pop(job_id, None)
+
+    @commands.Cog.listener()
+    async def on_hps_job_done(self, job_id: int, kind: str, state: str) -> None:
+        waiter = self._job_waiters.get(job_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _delete_uploads(self, keys: list[str]) -> None:
+        """Scored uploads are not kept, unless a round's image has the same bytes."""
+        for key in await images.unreferenced_keys(self.bot.pool, keys):
+            await asyncio.to_thread(self.bot.store.delete, key)
+
+    # -- /stats ----------------------------------------------------------------------------
+
+    @app_commands.command(description="Your rounds and choices, and the community's totals.")
+    async def stats(self, interaction: discord.Interaction) -> None:
+        mine = await stats.user_stats(self.bot.pool, interaction.user.id)
+        totals = await stats.totals(self.bot.pool)
+        await interaction.response.send_message(formats.user_stats(mine, totals), ephemeral=True)
+
+    # -- /forget-me ------------------------------------------------------------------------
+
+    @app_commands.command(name="forget-me", description="Delete your rounds and choices.")
+    async def forget_me(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(
+            formats.FORGET_PROMPT, view=views.forget_view(interaction.user.id), ephemeral=True
+        )
+
+    async def on_forget_answer(
+        self, interaction: discord.Interaction, user_id: int, confirmed: bool
+    ) -> None:
+        if interaction.user.id != user_id:
+            await interaction.response.send_message(formats.NOT_YOURS, ephemeral=True)
+            return
+        if not confirmed:
+            await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+            return
+        await interaction.response.defer()  # forgetting a prolific user may take a while
+        result = await users.forget_user(self.bot.pool, user_id)
+        if result is None:
+            await interaction.edit_original_response(
+                content="We hold no data about you.", view=None
+            )
+            return
+        deleted = 0
+        for key in result.orphaned_image_keys:
+            deleted += await asyncio.to_thread(self.bot.store.delete, key)
+        log.info(
+            "user forgotten",
+            extra={"user_id": result.user_id, "rounds": result.rounds_deleted, "files": deleted},
+        )
+        await interaction.edit_original_response(
+            content=formats.forgotten(result.choices_deleted, result.rounds_deleted, deleted),
+            view=None,
+        )
+
+
+async def setup(bot: HPSBot) -> None:
+    await bot.add_cog(Community(bot))

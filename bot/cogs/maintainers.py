@@ -1,0 +1,188 @@
+"""Maintainer commands: retraining, the platform's status, the model registry, bans.
+
+Two guards, because Discord's default permissions are only a hint that a server's admins
+can override: every command is hidden by `default_permissions(manage_guild=True)`, and the
+cog's `interaction_check` requires one of `discord.maintainer_role_ids` (with none set, the
+Manage Server permission). Everyone else gets a private refusal and nothing happens.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import checks, formats
+from bot.client import HPSBot
+from db import jobs, stats, users
+from db import models as registry
+
+log = logging.getLogger(__name__)
+
+TRAINING_JOB_KINDS = set(jobs.TRAINING_KINDS.values())
+SERVED_KINDS = ("classifier", "sd_base", "sd_adapter")
+
+
+def _actor(interaction: discord.Interaction) -> str:
+    return f"discord:{interaction.user.id}"
+
+
+class Maintainers(commands.Cog):
+    def __init__(self, bot: HPSBot) -> None:
+        self.bot = bot
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:  # type: ignore[override]
+        if not checks.is_maintainer(interaction):
+            raise checks.NotMaintainer()
+        return True
+
+    @app_commands.command(
+        description="Retrain the HPS classifier, re-adapt Stable Diffusion, or both."
+    )
+    @app_commands.describe(target="What to train (default: both)")
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def retrain(
+        self,
+        interaction: discord.Interaction,
+        target: Literal["classifier", "sd", "both"] = "both",
+    ) -> None:
+        targets = ["classifier", "sd"] if target == "both" else [target]
+        enqueued = [
+            await jobs.enqueue_training(self.bot.pool, t, requested_by=_actor(interaction))
+            for t in targets
+        ]
+        for job, created in enqueued:
+            log.info(
+                "training requested",
+                extra={"job_id": job.id, "job_kind": job.kind, "created": created},
+            )
+        await interaction.response.send_message(formats.retrain(enqueued), ephemeral=True)
+
+    @commands.Cog.listener()
+    async def on_hps_job_done(self, job_id: int, kind: str, state: str) -> None:
+        """Post every finished training job's outcome to the log channel."""
+        channel_id = self.bot.settings.discord.log_channel_id
+        if kind not in TRAINING_JOB_KINDS or channel_id is None:
+            return
+        job = await jobs.get(self.bot.pool, job_id)
+        if job is None:
+            return
+        try:
+            await self.bot.get_partial_messageable(channel_id).send(formats.training_outcome(job))
+        except discord.HTTPException:
+            log.exception("could not post to the log channel", extra={"job_id": job_id})
+            return
+        log.info("training outcome posted", extra={"job_id": job_id, "job_state": state})
+
+    @app_commands.command(
+        description="Queue, workers, serving models, last training, recent choices."
+    )
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def status(self, interaction: discord.Interaction) -> None:
+        pool = self.bot.pool
+        serving = {kind: await registry.serving(pool, kind) for kind in SERVED_KINDS}
+        finished = await jobs.list_jobs(pool, kind=jobs.TRAINING_KINDS["classifier"], limit=5)
+        last = next((j for j in finished if j.state in ("done", "dead")), None)
+        text = formats.status(
+            await stats.queue_depth(pool),
+            await jobs.list_workers(pool),
+            serving,
+            last,
+            await stats.choices_since(pool, timedelta(hours=24)),
+            datetime.now(UTC),
+        )
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @app_commands.command(description="Model versions with their metrics.")
+    @app_commands.describe(kind="Only this kind of model")
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def models(
+        self,
+        interaction: discord.Interaction,
+        kind: Literal["classifier", "sd_base", "sd_adapter"] | None = None,
+    ) -> None:
+        versions = await registry.list_versions(self.bot.pool, kind)
+        await interaction.response.send_message(formats.models(versions), ephemeral=True)
+
+    @app_commands.command(description="Serve a model version (the one it replaces is retired).")
+    @app_commands.describe(version="Version name or id")
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def promote(self, interaction: discord.Interaction, version: str) -> None:
+        try:
+            done = await registry.promote(self.bot.pool, version.strip(), actor=_actor(interaction))
+        except registry.ModelError as exc:
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        assert done.promoted is not None
+        text = f"`{done.promoted.name}` is now serving"
+        text += f"; `{done.retired.name}` was retired." if done.retired else "."
+        log.info("promoted %s", done.promoted.name, extra={"model_version_id": done.promoted.id})
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @app_commands.command(
+        description="Stop serving the current version of a kind; serve the previous one."
+    )
+    @app_commands.describe(kind="Which kind of model to roll back")
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def rollback(
+        self,
+        interaction: discord.Interaction,
+        kind: Literal["classifier", "sd_base", "sd_adapter"],
+    ) -> None:
+        try:
+            done = await registry.rollback(self.bot.pool, kind, actor=_actor(interaction))
+        except registry.ModelError as exc:
+            await interaction.response.send_message(str(exc), ephemeral=True)
+            return
+        assert done.retired is not None
+        restored = f"`{done.promoted.name}` serves again" if done.promoted else "none serves now"
+        log.info("rolled back %s", done.retired.name, extra={"model_version_id": done.retired.id})
+        await interaction.response.send_message(
+            f"Rolled back `{done.retired.name}`; {restored}.", ephemeral=True
+        )
+
+    @app_commands.command(
+        description="Ban a user from /dream and voting (shadow: votes kept but flagged)."
+    )
+    @app_commands.describe(user="Who", shadow="Accept their clicks silently, flagged", reason="Why")
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def ban(
+        self,
+        interaction: discord.Interaction,
+        user: discord.User,
+        shadow: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        await users.ban(
+            self.bot.pool, user.id, shadow=shadow, reason=reason, actor=_actor(interaction)
+        )
+        kind = "Shadow-banned" if shadow else "Banned"
+        log.info("%s user", kind.lower(), extra={"user_id": user.id})
+        await interaction.response.send_message(f"{kind} {user.mention}.", ephemeral=True)
+
+    @app_commands.command(description="Lift a user's ban.")
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def unban(self, interaction: discord.Interaction, user: discord.User) -> None:
+        lifted = await users.unban(self.bot.pool, user.id)
+        text = (
+            f"{user.mention} may dream and vote again."
+            if lifted
+            else f"{user.mention} is unknown here."
+        )
+        log.info("unbanned user", extra={"user_id": user.id})
+        await interaction.response.send_message(text, ephemeral=True)
+
+
+async def setup(bot: HPSBot) -> None:
+    await bot.add_cog(Maintainers(bot))

@@ -1,0 +1,234 @@
+"""Every message text the bot sends, in one place (pure functions, easy to test and reword)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from db.choices import ChoiceResult
+from db.jobs import Job, Worker
+from db.models import ModelVersion
+from db.rounds import RoundRefused, RoundView
+from db.stats import Totals, UserStats
+
+DB_DOWN = "The database is unavailable right now, so nothing was changed. Please try again soon."
+CLICK_NOT_RECORDED = (
+    "Your choice was **not recorded**: the database is unavailable right now. "
+    "Please click again in a moment."
+)
+CLICK_UNCERTAIN = (
+    "The database is slow right now and your choice may not have been recorded. "
+    "Please click again: clicking twice never counts twice."
+)
+FAILED_COMMAND = "Something went wrong on our side; it has been logged. Nothing was changed."
+NOT_YOURS = "This button is not for you."
+
+VERDICT_LABELS = {"tie": "Can't decide", "none": "None of these"}
+
+
+def clip(text: str, limit: int = 1800) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def duration(delta: timedelta | float | None) -> str:
+    """`1h 05m`, `3m 10s`, `12s`."""
+    if delta is None:
+        return "a while"
+    seconds = int(delta.total_seconds() if isinstance(delta, timedelta) else delta)
+    hours, rest = divmod(max(seconds, 0), 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _prompt_lines(view: RoundView) -> str:
+    text = f"**{clip(view.prompt, 1500)}**"
+    if view.negative_prompt:
+        text += f"\n-# without: {clip(view.negative_prompt, 300)}"
+    return text
+
+
+def round_refused(exc: RoundRefused) -> str:
+    text = str(exc)
+    if exc.retry_after is not None:
+        text += f" You can start another in {duration(exc.retry_after)}."
+    return text
+
+
+def queued(prompt: str, negative_prompt: str, position: int, *, again: bool = False) -> str:
+    text = f"**{clip(prompt, 1500)}**"
+    if negative_prompt:
+        text += f"\n-# without: {clip(negative_prompt, 300)}"
+    what = "Queued again" if again else "Queued"
+    place = f"#{position} in line" if position > 0 else "starting now"
+    return text + f"\n{what}: {place}. I'll post the images here when they are ready."
+
+
+def ready(view: RoundView, labels: int, *, others_may_vote: bool) -> str:
+    who = f"<@{view.requester_discord_id}>, pick" if view.requester_discord_id else "Pick"
+    others = " Anyone may vote." if others_may_vote else ""
+    return (
+        f"{_prompt_lines(view)}\n{who} the image you like best (1–{labels}), "
+        f"or tell us you can't decide or like none of them.{others}"
+    )
+
+
+def nothing_to_show(view: RoundView) -> str:
+    return f"{_prompt_lines(view)}\nNo image passed the safety check: nothing to show."
+
+
+def closed(view: RoundView) -> str:
+    return f"{_prompt_lines(view)}\n-# This round is closed: thank you for choosing!"
+
+
+def failed(view: RoundView) -> str:
+    reason = clip(view.round.error or "unknown error", 500)
+    return (
+        f"{_prompt_lines(view)}\nGenerating the images failed: {reason}\n"
+        "The person who asked can retry."
+    )
+
+
+def choice_confirmation(result: ChoiceResult, label: str | None) -> str:
+    verdict = result.choice.verdict
+    what = f"image {label}" if verdict == "pick" else f"“{VERDICT_LABELS[verdict]}”"
+    if result.outcome == "unchanged":
+        return f"You had already chosen {what}: nothing changed."
+    if result.outcome == "changed":
+        return f"Changed: your choice is now {what}. Thank you!"
+    return f"Recorded: you chose {what}. Thank you!"
+
+
+def full_size(user_id: int, label: str) -> str:
+    return f"<@{user_id}> chose image {label}:"
+
+
+def score_result(prompt: str, filenames: list[str], result: Mapping[str, Any]) -> str:
+    scores = [float(s) for s in result["scores"]]
+    best = max(range(len(scores)), key=scores.__getitem__)
+    lines = [
+        f"HPS for **{clip(prompt, 500)}** (model `{result.get('model', '?')}`, "
+        f"scale {result.get('scale', 'hps')}; higher means people would prefer it):"
+    ]
+    for i, (name, score) in enumerate(zip(filenames, scores, strict=True)):
+        mark = " ← best" if i == best and len(scores) > 1 else ""
+        lines.append(f"{i + 1}. `{clip(name, 80)}`: **{score:.2f}**{mark}")
+    lines.append("-# Scores compare images of the same prompt; across prompts they mean little.")
+    return "\n".join(lines)
+
+
+def score_timeout(job_id: int, cancelled: bool) -> str:
+    tail = (
+        "It was cancelled; please try again later."
+        if cancelled
+        else "It is still running; please try again later."
+    )
+    return f"No worker scored your images in time (job {job_id}). {tail}"
+
+
+def user_stats(stats: UserStats, totals: Totals) -> str:
+    return (
+        f"**You**: {stats.rounds} round(s) asked, {stats.choices} choice(s) made "
+        f"({stats.picks} picks, {stats.ties} can't decide, {stats.nones} none of these).\n"
+        f"**Everyone**: {totals.users} people, {totals.rounds} rounds, {totals.images} images, "
+        f"{totals.choices} choices ({totals.choices_24h} in the last 24 h)."
+    )
+
+
+FORGET_PROMPT = (
+    "This deletes every round you asked for (with its images and the votes on it) and every "
+    "choice you made. It cannot be undone. Are you sure?"
+)
+
+
+def forgotten(choices: int, rounds: int, files: int) -> str:
+    return (
+        f"Done: deleted {rounds} round(s), {choices} choice(s) and {files} image file(s). "
+        "We no longer know who you were."
+    )
+
+
+# -- maintainers ------------------------------------------------------------------------
+
+
+def retrain(jobs_: list[tuple[Job, bool]]) -> str:
+    lines = []
+    for job, created in jobs_:
+        if created:
+            lines.append(f"Queued `{job.kind}` as job {job.id}.")
+        else:
+            lines.append(f"A `{job.kind}` job is already {job.state}: job {job.id}.")
+    return "\n".join(lines) + "\nThe outcome will be posted in the log channel."
+
+
+def training_outcome(job: Job) -> str:
+    result = job.result if isinstance(job.result, dict) else {}
+    if job.state != "done":
+        return (
+            f"`{job.kind}` job {job.id} **{job.state}**: {clip(job.error or 'no error text', 1500)}"
+        )
+    lines = [f"`{job.kind}` job {job.id} **done**: {clip(str(result.get('summary', '')), 1200)}"]
+    metrics = result.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        pairs = sorted(metrics.items())
+        lines.append("metrics: " + ", ".join(f"{k}={_number(v)}" for k, v in pairs))
+    if "promoted" in result:
+        promoted = result["promoted"]
+        lines.append(f"promoted: {'yes' if promoted else 'no'}")
+    return clip("\n".join(lines), 1900)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _ago(when: datetime | None, now: datetime) -> str:
+    return "never" if when is None else f"{duration(now - when)} ago"
+
+
+def status(
+    depth: Mapping[str, Mapping[str, int]],
+    workers: list[Worker],
+    serving: Mapping[str, ModelVersion | None],
+    last_training: Job | None,
+    choices_24h: int,
+    now: datetime,
+) -> str:
+    lines = ["**Queue**"]
+    if depth:
+        for kind, states in sorted(depth.items()):
+            counts = ", ".join(f"{state} {n}" for state, n in sorted(states.items()))
+            lines.append(f"- `{kind}`: {counts}")
+    else:
+        lines.append("- empty")
+    lines.append("**Workers**")
+    for worker in workers[:10]:
+        state = "stopped" if worker.stopped_at else f"job {worker.current_job_id or '-'}"
+        lines.append(
+            f"- `{worker.id}` ({worker.device}, {state}): last heartbeat "
+            f"{_ago(worker.last_seen_at, now)}"
+        )
+    if not workers:
+        lines.append("- none seen in the last day")
+    lines.append("**Serving**")
+    for kind, version in serving.items():
+        lines.append(f"- {kind}: {version.name if version else 'none'}")
+    lines.append("**Last training**")
+    if last_training is None:
+        lines.append("- none yet")
+    else:
+        lines.append("- " + training_outcome(last_training).replace("\n", "; "))
+    lines.append(f"**Choices in the last 24 h**: {choices_24h}")
+    return clip("\n".join(lines), 1950)
+
+
+def models(versions: list[ModelVersion]) -> str:
+    if not versions:
+        return "No model versions are registered yet."
+    lines = []
+    for v in versions[-25:]:
+        metrics = ", ".join(f"{k}={_number(x)}" for k, x in sorted(v.metrics.items())[:4])
+        lines.append(f"- `{v.name}` ({v.kind}, {v.status}){': ' + metrics if metrics else ''}")
+    return clip("\n".join(lines), 1950)

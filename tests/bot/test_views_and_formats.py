@@ -1,0 +1,68 @@
+"""Button layout and message texts."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import discord
+
+from bot import formats
+from bot.cogs.dream import dimensions
+from bot.views import round_view
+from hps.settings import GenerationSettings
+
+
+def _layout(view: discord.ui.View) -> list[tuple[str, str, int, int, bool]]:
+    return [
+        (i.custom_id, i.item.label, i.item.style.value, i._rendered_row or 0, i.item.disabled)
+        for i in view.children
+    ]
+
+
+def test_a_round_view_has_numbered_picks_then_tie_and_none() -> None:
+    view = round_view(9, [1, 2, 4, 5, 6, 7, 8])
+    view.to_components()  # lays out the rows
+    rows = [(cid, label, row) for cid, label, _, row, _ in _layout(view)]
+    assert rows == [
+        ("hps:pick:9:1", "1", 0),
+        ("hps:pick:9:2", "2", 0),
+        ("hps:pick:9:4", "3", 0),
+        ("hps:pick:9:5", "4", 0),
+        ("hps:pick:9:6", "5", 0),
+        ("hps:pick:9:7", "6", 1),
+        ("hps:pick:9:8", "7", 1),
+        ("hps:tie:9", "Can't decide", 2),
+        ("hps:none:9", "None of these", 2),
+    ]
+    assert view.is_persistent() and view.timeout is None
+
+
+def test_the_chosen_verdict_is_highlighted_and_closed_rounds_are_disabled() -> None:
+    styles = [s for *_, s, _, _ in _layout(round_view(1, [1, 2], chosen=("pick", 2)))]
+    assert styles == [2, 3, 2, 2]  # grey, green, grey, grey
+    styles = [s for *_, s, _, _ in _layout(round_view(1, [1, 2], chosen=("tie", None)))]
+    assert styles == [2, 2, 3, 2]
+    assert all(d for *_, d in _layout(round_view(1, [1, 2], closed=True)))
+    assert not any(d for *_, d in _layout(round_view(1, [1, 2])))
+
+
+def test_dimensions_follow_the_aspect() -> None:
+    generation = GenerationSettings(width=512, height=512)
+    assert dimensions("square", generation) == (512, 512)
+    assert dimensions("portrait", generation) == (512, 768)
+    assert dimensions("landscape", GenerationSettings(width=520, height=520)) == (776, 520)
+
+
+def test_durations_read_naturally() -> None:
+    assert formats.duration(timedelta(seconds=5)) == "5s"
+    assert formats.duration(timedelta(minutes=59, seconds=3)) == "59m 03s"
+    assert formats.duration(3725.0) == "1h 02m"
+    assert formats.duration(None) == "a while"
+
+
+def test_score_results_mark_the_best_image_only_when_there_are_several() -> None:
+    result = {"scores": [20.5, 22.25], "scale": "hps", "model": "classifier-3"}
+    text = formats.score_result("a cat", ["a.png", "b.png"], result)
+    assert text.split("\n")[1:3] == ["1. `a.png`: **20.50**", "2. `b.png`: **22.25** ← best"]
+    single = formats.score_result("a cat", ["a.png"], {**result, "scores": [20.5]})
+    assert single.split("\n")[1] == "1. `a.png`: **20.50**"

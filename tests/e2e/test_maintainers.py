@@ -1,0 +1,187 @@
+"""Maintainer commands end to end: guarded twice, and they change what they say."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncpg
+
+from db import jobs, users
+from db import models as registry
+from tests.discord_fake import MANAGE_GUILD, FakeDiscord, FakeUser
+from tests.e2e.conftest import (
+    ALICE,
+    BOB,
+    CHANNEL_ID,
+    LOG_CHANNEL_ID,
+    MAINTAINER,
+    dream,
+    wait_buttons,
+)
+from tests.e2e.worker import TestWorker
+
+MAINTAINER_COMMANDS = {"retrain", "status", "models", "promote", "rollback", "ban", "unban"}
+LEASE = timedelta(minutes=1)
+REFUSAL = "This command is for maintainers only. Nothing was changed."
+
+
+async def _answer(fake: FakeDiscord, user: FakeUser, name: str, options: dict | None = None) -> str:
+    interaction = await fake.slash(user, name, options or {}, channel_id=CHANNEL_ID)
+    response = await interaction.wait_response()
+    assert response["type"] == 4 and interaction.ephemeral
+    return response["data"]["content"]
+
+
+async def test_commands_are_synced_with_maintainer_commands_hidden_by_default(
+    bot, fake: FakeDiscord
+) -> None:
+    [sync] = fake.calls("PUT", f"/applications/{fake.application_id}/guilds/")
+    synced = {c["name"]: c for c in sync.json}
+    assert set(synced) == MAINTAINER_COMMANDS | {"dream", "score", "stats", "forget-me"}
+    for name in MAINTAINER_COMMANDS:
+        assert int(synced[name]["default_member_permissions"]) == MANAGE_GUILD
+    assert synced["dream"]["default_member_permissions"] is None
+    options = {o["name"]: o for o in synced["dream"]["options"]}
+    assert options["prompt"]["required"] and not options["seed"]["required"]
+    assert [c["value"] for c in options["aspect"]["choices"]] == ["square", "portrait", "landscape"]
+
+
+async def test_non_maintainers_are_refused_and_nothing_happens(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool
+) -> None:
+    # Manage Server is not enough once maintainer roles are configured.
+    admin = FakeUser(730000000000000001, "admin", permissions=MANAGE_GUILD)
+    for user in (ALICE, admin):
+        assert await _answer(fake, user, "retrain", {"target": "both"}) == REFUSAL
+        assert await _answer(fake, user, "ban", {"user": BOB}) == REFUSAL
+        assert await _answer(fake, user, "status") == REFUSAL
+    assert await pool.fetchval("SELECT count(*) FROM jobs") == 0
+    assert await pool.fetchval("SELECT count(*) FROM users") == 0
+
+
+async def test_without_maintainer_roles_manage_server_decides(
+    make_bot, fake: FakeDiscord, pool: asyncpg.Pool
+) -> None:
+    await make_bot(discord={"maintainer_role_ids": []})
+    assert await _answer(fake, MAINTAINER, "retrain", {"target": "sd"}) == REFUSAL
+    admin = FakeUser(730000000000000001, "admin", permissions=MANAGE_GUILD)
+    text = await _answer(fake, admin, "retrain", {"target": "sd"})
+    [job] = await jobs.list_jobs(pool)
+    assert text.startswith(f"Queued `adapt_sd` as job {job.id}.")
+
+
+async def test_retrain_enqueues_one_job_and_posts_the_outcome_to_the_log_channel(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool
+) -> None:
+    text = await _answer(fake, MAINTAINER, "retrain", {"target": "classifier"})
+    [job] = await jobs.list_jobs(pool)
+    assert (job.kind, job.state, job.requested_by) == (
+        "train_classifier",
+        "queued",
+        f"discord:{MAINTAINER.id}",
+    )
+    assert text == (
+        f"Queued `train_classifier` as job {job.id}.\n"
+        "The outcome will be posted in the log channel."
+    )
+    again = await _answer(fake, MAINTAINER, "retrain", {"target": "classifier"})
+    assert again.startswith(f"A `train_classifier` job is already queued: job {job.id}.")
+    assert len(await jobs.list_jobs(pool)) == 1
+
+    # A worker finishes it: the outcome goes to the log channel.
+    [claimed] = await jobs.claim(pool, ["train_classifier"], "w1", lease=LEASE)
+    result = {
+        "summary": "trained on 1200 choices; test accuracy 0.4410 (serving: 0.4210)",
+        "metrics": {"accuracy": 0.441, "choices": 1200},
+        "promoted": True,
+    }
+    assert await jobs.complete(pool, claimed, "w1", result)
+    posted = await fake.wait_for(lambda: fake.channel_messages(LOG_CHANNEL_ID))
+    assert [m["content"] for m in posted] == [
+        f"`train_classifier` job {job.id} **done**: trained on 1200 choices; "
+        "test accuracy 0.4410 (serving: 0.4210)\n"
+        "metrics: accuracy=0.441, choices=1200\n"
+        "promoted: yes"
+    ]
+
+    # `both` enqueues the missing one only; a dead job's error is posted too.
+    both = await _answer(fake, MAINTAINER, "retrain", {"target": "both"})
+    adapt = [j for j in await jobs.list_jobs(pool) if j.kind == "adapt_sd"]
+    assert len(adapt) == 1 and f"Queued `adapt_sd` as job {adapt[0].id}." in both
+    assert f"Queued `train_classifier` as job {adapt[0].id - 1}." in both
+    [claimed] = await jobs.claim(pool, ["adapt_sd"], "w1", lease=LEASE)
+    await jobs.fail(pool, claimed, "w1", "CUDA error: out of memory", retry=False)
+    await fake.wait_for(lambda: len(fake.channel_messages(LOG_CHANNEL_ID)) == 2)
+    assert fake.channel_messages(LOG_CHANNEL_ID)[1]["content"] == (
+        f"`adapt_sd` job {adapt[0].id} **dead**: CUDA error: out of memory"
+    )
+
+
+async def test_status_and_models_report_the_platform(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker
+) -> None:
+    _, queued = await dream(fake, ALICE, "a status check")
+    await jobs.register_worker(pool, "gpu-1:42", ["generate"], "cuda:0")
+    base = await registry.ensure_base(pool, kind="sd_base", artifact="tiny-sd")
+    classifier = await registry.register(
+        pool, kind="classifier", artifact="/m/c1", metrics={"accuracy": 0.4321}
+    )
+    text = await _answer(fake, MAINTAINER, "status")
+    assert "**Queue**\n- `generate`: queued 1" in text
+    assert "- `gpu-1:42` (cuda:0, job -): last heartbeat " in text
+    assert f"- sd_base: {base.name}" in text and "- classifier: none" in text
+    assert "**Last training**\n- none yet" in text
+    assert text.endswith("**Choices in the last 24 h**: 0")
+
+    await worker.run_once()
+    await wait_buttons(fake, int(queued["id"]), 6)
+    listing = await _answer(fake, MAINTAINER, "models", {"kind": "classifier"})
+    assert listing == f"- `{classifier.name}` (classifier, candidate): accuracy=0.4321"
+
+    promoted = await _answer(fake, MAINTAINER, "promote", {"version": classifier.name})
+    assert promoted == f"`{classifier.name}` is now serving."
+    assert (await registry.serving(pool, "classifier")).id == classifier.id
+    unknown = await _answer(fake, MAINTAINER, "promote", {"version": "nope"})
+    assert unknown == "Unknown model version 'nope'."
+    rolled = await _answer(fake, MAINTAINER, "rollback", {"kind": "classifier"})
+    assert rolled == f"Rolled back `{classifier.name}`; none serves now."
+    assert await registry.serving(pool, "classifier") is None
+    nothing = await _answer(fake, MAINTAINER, "rollback", {"kind": "classifier"})
+    assert nothing == "No classifier version is serving; nothing to roll back."
+
+
+async def test_bans_stop_dreams_and_shadow_bans_flag_votes(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker
+) -> None:
+    _, queued = await dream(fake, ALICE, "a shadowy figure")
+    message_id = int(queued["id"])
+    await worker.run_once()
+    await wait_buttons(fake, message_id, 6)
+    round_id = await pool.fetchval("SELECT id FROM rounds")
+
+    text = await _answer(fake, MAINTAINER, "ban", {"user": BOB, "reason": "spam"})
+    assert text == f"Banned <@{BOB.id}>."
+    assert await _answer(fake, BOB, "dream", {"prompt": "x"}) == (
+        "You are not allowed to start rounds here."
+    )
+    click = await fake.click(BOB, message_id, f"hps:pick:{round_id}:1")
+    assert (await click.wait_response())["data"]["content"] == "You are not allowed to vote here."
+
+    text = await _answer(fake, MAINTAINER, "ban", {"user": BOB, "shadow": True})
+    assert text == f"Shadow-banned <@{BOB.id}>."
+    click = await fake.click(BOB, message_id, f"hps:pick:{round_id}:1")
+    # Looks normal to them, stored flagged.
+    assert (await click.wait_response())["data"]["content"] == (
+        "Recorded: you chose image 1. Thank you!"
+    )
+    assert await pool.fetchval("SELECT flagged FROM choices") is True
+
+    assert await _answer(fake, MAINTAINER, "unban", {"user": BOB}) == (
+        f"<@{BOB.id}> may dream and vote again."
+    )
+    user = await users.get_user(pool, BOB.id)
+    assert user is not None and not user.banned and not user.shadow_banned
+    stranger = FakeUser(740000000000000001, "stranger")
+    assert await _answer(fake, MAINTAINER, "unban", {"user": stranger}) == (
+        f"<@{stranger.id}> is unknown here."
+    )

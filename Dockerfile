@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1
+# Two images from one file:
+#   docker build --target bot    -t hps-bot .     # bot, scheduler, migrations, exports: no torch
+#   docker build --target worker -t hps-worker .  # GPU worker: torch with its CUDA libraries
+# Both run the `hps` CLI; the command is the sub-command (`bot`, `scheduler`, `worker`, ...).
+
+FROM python:3.11-slim AS base
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HPS_DATA_DIR=/data
+RUN useradd --create-home --uid 10001 hps && mkdir -p /data && chown hps:hps /data
+WORKDIR /app
+COPY pyproject.toml README.md constraints.txt alembic.ini ./
+COPY hps ./hps
+COPY db ./db
+COPY bot ./bot
+COPY pipeline ./pipeline
+
+FROM base AS bot
+RUN pip install -c constraints.txt .
+USER hps
+HEALTHCHECK --interval=30s --timeout=10s CMD ["hps", "db", "status"]
+ENTRYPOINT ["hps"]
+CMD ["bot"]
+
+FROM base AS worker
+# torch's PyPI wheels bundle the CUDA runtime; the host needs only the NVIDIA driver and
+# the NVIDIA container toolkit (compose.yaml reserves the GPU).
+RUN pip install -c constraints.txt ".[worker]"
+ENV HF_HOME=/data/hf-cache
+USER hps
+ENTRYPOINT ["hps"]
+CMD ["worker"]

@@ -1,0 +1,104 @@
+"""The deployment files: compose.yaml is valid Compose and consistent with the code."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from compose_spec import PyCompose
+
+from hps.settings import known_env_vars
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _compose() -> dict:
+    # PyYAML resolves the `<<: *hps` merge keys, which the spec parser does not.
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    data = {k: v for k, v in _compose().items() if not k.startswith("x-")}
+    compose = PyCompose.from_json(json.dumps(data))
+    compose.validate()
+    assert set(compose.service_names()) == {"postgres", "migrate", "bot", "scheduler", "worker"}
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="no docker client")
+def test_docker_compose_config_accepts_it_when_the_plugin_exists(tmp_path: Path) -> None:
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("docker has no compose plugin here")
+    (tmp_path / ".env").write_text("POSTGRES_PASSWORD=x\n")
+    result = subprocess.run(
+        [
+            "docker",
+            "compose",
+            "-f",
+            str(COMPOSE),
+            "--env-file",
+            str(tmp_path / ".env"),
+            "config",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_services_are_wired_as_documented() -> None:
+    services = _compose()["services"]
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    for name in ("bot", "scheduler", "worker"):
+        assert services[name]["depends_on"] == {
+            "migrate": {"condition": "service_completed_successfully"}
+        }
+        assert "hps-data:/data" in services[name]["volumes"]
+    assert services["migrate"]["command"] == ["db", "upgrade"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_every_setting_in_compose_exists() -> None:
+    names = set()
+    for service in _compose()["services"].values():
+        names.update(k for k in (service.get("environment") or {}) if k.startswith("HPS_"))
+    names |= set(re.findall(r"\b(HPS_[A-Z0-9_]+)=", COMPOSE.read_text()))
+    assert names and names <= known_env_vars()
+
+
+def test_dockerfile_has_the_targets_compose_builds() -> None:
+    targets = set(re.findall(r"^FROM \S+ AS (\w+)$", DOCKERFILE.read_text(), re.MULTILINE))
+    built = {s["build"]["target"] for s in _compose()["services"].values() if "build" in s}
+    assert built == {"bot", "worker"} and built <= targets
+    for source in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", DOCKERFILE.read_text(), re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
+
+
+@pytest.mark.parametrize("service", ["migrate", "bot", "scheduler", "worker"])
+def test_each_service_command_exists_in_the_cli(service: str) -> None:
+    command = _compose()["services"][service]["command"]
+    words = []
+    for word in command:  # the sub-command path, up to its first option
+        if word.startswith("-"):
+            break
+        words.append(word)
+    result = subprocess.run(
+        [sys.executable, "-m", "hps", *words, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr

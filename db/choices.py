@@ -52,7 +52,7 @@ class ChoiceResult:
     previous_position: int | None
 
 
-# One round trip: the `record_choice` SQL function (migration 0005) does, in this order,
+# One round trip: the `record_choice` SQL function (migration 0002) does, in this order,
 # in the statement's transaction: read the round (refuse unknown, not ready, not shown);
 # upsert the user (its row stays locked until commit: one user's clicks serialise there) and
 # refuse banned users and non-requesters where others may not vote; lock the user's choice

@@ -10,8 +10,8 @@ the columns holding raw Discord ids (users.discord_id, rounds.guild_id/channel_i
 which a database owner can grant separately. Roles are cluster-wide, so creation is
 idempotent and the downgrade drops the role only when no other database uses it.
 
-Revision ID: 0007
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-25
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -8,7 +8,7 @@
   (`db/choices.py` documents them) and raises SQLSTATE HP001 with the refusal's code as
   message (the round's status as detail) when a click is refused, so nothing is written.
 
-Revision ID: 0005
+Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-25 08:00:00.000000
 """
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
+revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -2,7 +2,7 @@
 
 Start-up (`setup_hook`, after login and before the gateway): open the database pool, load
 the cogs (one failing is logged and the rest go on), register the persistent buttons, start
-LISTENing for round and job notifications, and sync the slash commands.
+LISTENing for round, job and model-registry notifications, and sync the slash commands.
 
 Pointing the unmodified discord.py client elsewhere (an API proxy, or the tests' local
 server): `discord.api_base_url` replaces `discord.http.Route.BASE`, through which every REST
@@ -32,6 +32,7 @@ from bot import formats, views
 from db.connect import UNAVAILABLE, create_pool, database_url
 from db.jobs import JOB_DONE_CHANNEL
 from db.listen import NotificationListener
+from db.models import MODELS_CHANNEL
 from db.rounds import ROUNDS_CHANNEL
 from hps.settings import DiscordSettings, Settings
 from hps.store import LocalImageStore
@@ -114,7 +115,7 @@ class HPSBot(commands.AutoShardedBot):
         self.add_dynamic_items(*views.DYNAMIC_ITEMS)
         self.listener = NotificationListener(
             url,
-            [ROUNDS_CHANNEL, JOB_DONE_CHANNEL],
+            [ROUNDS_CHANNEL, JOB_DONE_CHANNEL, MODELS_CHANNEL],
             self._on_notification,
             on_connect=self._on_listening,
         )
@@ -147,6 +148,8 @@ class HPSBot(commands.AutoShardedBot):
             self.dispatch("hps_round", int(data["round_id"]), data["status"])
         elif channel == JOB_DONE_CHANNEL:
             self.dispatch("hps_job_done", int(data["id"]), data["kind"], data["state"])
+        elif channel == MODELS_CHANNEL:
+            self.dispatch("hps_model_event", data)
 
     async def _on_listening(self) -> None:
         # Notifications sent while nobody listened are gone: cogs look at the tables instead.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -188,6 +188,51 @@ def _ago(when: datetime | None, now: datetime) -> str:
     return "never" if when is None else f"{duration(now - when)} ago"
 
 
+def _rate(rate: float, interval: Any) -> str:
+    low, high = interval
+    return f"{rate:.1%} [{low:.1%}–{high:.1%}]"
+
+
+def adapter_figures(version: ModelVersion, live: Mapping[str, Any] | None) -> str:
+    """An SD adapter's offline and live numbers side by side."""
+    offline = version.metrics.get("offline") or {}
+    if offline.get("pairs"):
+        figures = (
+            f"offline win {_rate(offline['win_rate'], offline['win_rate_ci'])}, "
+            f"HPS {offline['hps_gain']:+.3f} ({offline['pairs']} pairs)"
+        )
+    else:
+        figures = "offline: not evaluated"
+    if live is not None:
+        against = f" vs `{live['opponent']}`" if live.get("opponent") else ""
+        if live.get("rounds"):
+            figures += (
+                f"; live {live['wins']}/{live['rounds']} rounds won, "
+                f"{_rate(live['win_rate'], live['win_rate_ci'])}{against}"
+            )
+        else:
+            figures += f"; live: no decided rounds yet{against}"
+    return figures
+
+
+def model_event(event: Mapping[str, Any]) -> str:
+    """One log-channel line per promotion, retirement or rollback."""
+    action = str(event.get("action"))
+    actor = f" by {event['actor']}" if event.get("actor") else ""
+    verb = {"promoted": "promoted", "retired": "retired", "rolled_back": "rolled back"}.get(
+        action, action
+    )
+    text = f"`{event.get('name')}` ({event.get('kind')}) **{verb}**{actor}"
+    if event.get("reason"):
+        text += f": {clip(str(event['reason']), 1200)}"
+    replaced, restored = event.get("replaced"), event.get("restored")
+    if action == "promoted" and replaced:
+        text += f"\n`{replaced['name']}` retired, replaced by it."
+    if action == "rolled_back":
+        text += f"\n`{restored['name']}` serves again." if restored else "\nNone serves now."
+    return clip(text, 1900)
+
+
 def status(
     depth: Mapping[str, Mapping[str, int]],
     workers: list[Worker],
@@ -195,6 +240,7 @@ def status(
     last_training: Job | None,
     choices_24h: int,
     now: datetime,
+    adapters: Sequence[tuple[ModelVersion, Mapping[str, Any] | None]] = (),
 ) -> str:
     lines = ["**Queue**"]
     if depth:
@@ -215,6 +261,10 @@ def status(
     lines.append("**Serving**")
     for kind, version in serving.items():
         lines.append(f"- {kind}: {version.name if version else 'none'}")
+    if adapters:
+        lines.append("**SD adapters**")
+        for version, live in adapters:
+            lines.append(f"- `{version.name}` ({version.status}): {adapter_figures(version, live)}")
     lines.append("**Last training**")
     if last_training is None:
         lines.append("- none yet")
@@ -224,11 +274,17 @@ def status(
     return clip("\n".join(lines), 1950)
 
 
-def models(versions: list[ModelVersion]) -> str:
+def models(
+    versions: list[ModelVersion], live: Mapping[int, Mapping[str, Any]] | None = None
+) -> str:
+    """The versions (the newest 25); SD adapters with their offline and live numbers."""
     if not versions:
         return "No model versions are registered yet."
     lines = []
     for v in versions[-25:]:
-        metrics = ", ".join(f"{k}={_number(x)}" for k, x in sorted(v.metrics.items())[:4])
-        lines.append(f"- `{v.name}` ({v.kind}, {v.status}){': ' + metrics if metrics else ''}")
+        if v.kind == "sd_adapter":
+            figures = adapter_figures(v, (live or {}).get(v.id))
+        else:
+            figures = ", ".join(f"{k}={_number(x)}" for k, x in sorted(v.metrics.items())[:4])
+        lines.append(f"- `{v.name}` ({v.kind}, {v.status}){': ' + figures if figures else ''}")
     return clip("\n".join(lines), 1950)

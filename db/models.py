@@ -3,16 +3,21 @@
 Status: candidate (registered) → testing (an adapter in live A/B) → serving → retired.
 At most one version of each kind serves (a partial unique index). Promotion, retirement
 and rollback are single transactions that also append to `model_events`, the audit trail
-that rollback reads to find what served before.
+that rollback reads to find what served before, and NOTIFY `hps_models` (payload JSON
+`{version_id, name, kind, action, actor, reason, ...}`, delivered when the transaction
+commits) so that the bot posts every outcome to the log channel.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from db.connect import Executor, transaction
+
+MODELS_CHANNEL = "hps_models"
 
 
 class ModelError(Exception):
@@ -49,6 +54,33 @@ RETURNING *
 EVENT_SQL = """
 INSERT INTO model_events (model_version_id, action, actor, reason) VALUES ($1, $2, $3, $4)
 """
+
+NOTIFY_SQL = """
+SELECT pg_notify($1, $2)
+"""
+
+
+async def _notify(
+    conn: Executor,
+    version: ModelVersion,
+    action: str,
+    actor: str | None,
+    reason: str | None,
+    **related: ModelVersion | None,
+) -> None:
+    """Announce a transition on `hps_models` (sent at commit, so never for a rollback);
+    `related` names the other versions it touched (the one replaced, the one restored)."""
+    payload: dict[str, Any] = {
+        "version_id": version.id,
+        "name": version.name,
+        "kind": version.kind,
+        "action": action,
+        "actor": actor,
+        "reason": (reason or "")[:1000],  # NOTIFY payloads must stay under 8000 bytes
+    }
+    for key, other in related.items():
+        payload[key] = {"id": other.id, "name": other.name} if other else None
+    await conn.execute(NOTIFY_SQL, MODELS_CHANNEL, json.dumps(payload))
 
 
 async def register(
@@ -118,6 +150,12 @@ async def serving(db: Executor, kind: str) -> ModelVersion | None:
     return _version(record) if record else None
 
 
+async def sd_incumbent(db: Executor) -> ModelVersion | None:
+    """What makes the images of rounds, and what adapters in testing are measured against:
+    the serving SD adapter, else the serving base pipeline."""
+    return await serving(db, "sd_adapter") or await serving(db, "sd_base")
+
+
 TESTING_SQL = """
 SELECT * FROM model_versions WHERE kind = $1 AND status = 'testing' ORDER BY id
 """
@@ -160,12 +198,17 @@ class Promotion:
     retired: ModelVersion | None
 
 
+async def lock_kind(conn: Executor, kind: str) -> None:
+    """Lock every version of `kind` until the caller's transaction ends: promotions,
+    retirements and rollbacks of that kind serialise on this lock."""
+    await conn.fetch(LOCK_KIND_SQL, kind)
+
+
 async def _locked(conn: Executor, ref: int | str) -> ModelVersion:
     version = await get(conn, ref)
     if version is None:
         raise ModelError(f"Unknown model version {ref!r}.")
-    # Lock every version of the kind: concurrent promotions of one kind serialise here.
-    await conn.fetch(LOCK_KIND_SQL, version.kind)
+    await lock_kind(conn, version.kind)
     version = await get(conn, version.id)
     assert version is not None
     return version
@@ -188,6 +231,7 @@ async def promote(
             )
         promoted = _version(await conn.fetchrow(SET_STATUS_SQL, version.id, "serving"))
         await conn.execute(EVENT_SQL, version.id, "promoted", actor, reason)
+        await _notify(conn, promoted, "promoted", actor, reason, replaced=retired)
         return Promotion(promoted, retired)
 
 
@@ -217,6 +261,7 @@ async def retire(
             )
         retired = _version(await conn.fetchrow(SET_STATUS_SQL, version.id, "retired"))
         await conn.execute(EVENT_SQL, version.id, "retired", actor, reason)
+        await _notify(conn, retired, "retired", actor, reason)
         return retired
 
 
@@ -242,7 +287,7 @@ async def rollback(
     """Retire the serving version of `kind` and serve again the one that served before it
     (none if there was none: the platform then uses the base model)."""
     async with transaction(db) as conn:
-        await conn.fetch(LOCK_KIND_SQL, kind)
+        await lock_kind(conn, kind)
         current = await serving(conn, kind)
         if current is None:
             raise ModelError(f"No {kind} version is serving; nothing to roll back.")
@@ -255,6 +300,7 @@ async def rollback(
             await conn.execute(
                 EVENT_SQL, restored.id, "promoted", actor, f"rollback of {current.name}"
             )
+        await _notify(conn, retired, "rolled_back", actor, reason, restored=restored)
         return Promotion(restored, retired)
 
 
@@ -271,7 +317,7 @@ async def ensure_base(db: Executor, *, kind: str, artifact: str) -> ModelVersion
     use and made serving if no version of its kind serves."""
     name = f"{kind}:{artifact}"
     async with transaction(db) as conn:
-        await conn.fetch(LOCK_KIND_SQL, kind)
+        await lock_kind(conn, kind)
         await conn.execute(ENSURE_BASE_SQL, kind, name, artifact)
         version = await get(conn, name)
         assert version is not None
@@ -291,3 +337,13 @@ ORDER BY e.id DESC LIMIT $2
 async def events(db: Executor, kind: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """The latest registry events, newest first."""
     return [dict(r) for r in await db.fetch(EVENTS_SQL, kind, limit)]
+
+
+TESTING_SINCE_SQL = """
+SELECT max(created_at) FROM model_events WHERE model_version_id = $1 AND action = 'testing'
+"""
+
+
+async def testing_since(db: Executor, version_id: int) -> datetime | None:
+    """When the version last entered live testing (None if it never did)."""
+    return await db.fetchval(TESTING_SINCE_SQL, version_id)

@@ -73,3 +73,24 @@ SELECT * FROM prompts WHERE id = $1
 async def get_prompt(db: Executor, prompt_id: int) -> Prompt | None:
     record = await db.fetchrow(GET_PROMPT_SQL, prompt_id)
     return Prompt(**dict(record)) if record else None
+
+
+# A prompt counts if anyone still counted used it: a requester who is neither banned,
+# shadow-banned nor forgotten (forgetting deletes the rounds anyway).
+ADAPTATION_PROMPTS_SQL = """
+SELECT p.text FROM prompts p
+WHERE ($1 OR NOT p.contains_name)
+  AND EXISTS (
+      SELECT FROM rounds r JOIN users u ON u.id = r.requester_id
+      WHERE r.prompt_id = p.id
+        AND NOT u.banned AND NOT u.shadow_banned AND u.forgotten_at IS NULL
+  )
+ORDER BY p.id
+"""
+
+
+async def adaptation_prompts(db: Executor, *, include_contains_name: bool = False) -> list[str]:
+    """The prompt texts people used, for adapting SD (negative prompts left aside; callers
+    deduplicate texts that normalise alike)."""
+    records = await db.fetch(ADAPTATION_PROMPTS_SQL, include_contains_name)
+    return [r["text"] for r in records]

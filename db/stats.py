@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+from db import models
 from db.connect import Executor
 
 QUEUE_DEPTH_SQL = """
@@ -142,3 +144,67 @@ FROM done
 async def queue_timings(db: Executor, kind: str, window: timedelta) -> QueueTimings:
     """Pick-up latency and span of the jobs of `kind` enqueued within `window` and done."""
     return QueueTimings(**dict(await db.fetchrow(QUEUE_TIMINGS_SQL, kind, window)))
+
+
+@dataclass(frozen=True)
+class LiveResult:
+    """A version's live A/B record against one opponent (the `ab_win_rates` view): rounds
+    that showed both and that the requester decided by picking an image, the rounds its
+    image won, and the win rate with its Wilson 95% interval."""
+
+    version_id: int
+    opponent_id: int
+    rounds: int
+    wins: int
+    win_rate: float
+    low: float
+    high: float
+
+    def as_json(self) -> dict[str, float | int]:
+        return {
+            "opponent_id": self.opponent_id,
+            "rounds": self.rounds,
+            "wins": self.wins,
+            "win_rate": self.win_rate,
+            "win_rate_ci": [self.low, self.high],
+        }
+
+
+LIVE_RESULTS_SQL = """
+SELECT version_id, opponent_id, rounds, wins, win_rate,
+       win_rate_low AS low, win_rate_high AS high
+FROM ab_win_rates
+WHERE version_id = ANY($1::bigint[]) AND opponent_id = $2
+"""
+
+
+async def live_results(
+    db: Executor, version_ids: list[int], opponent_id: int
+) -> dict[int, LiveResult]:
+    """Each version's live record against `opponent_id`, read from the analysts' view so
+    that the platform's decisions and the analysts' numbers agree. Versions never shown
+    beside the opponent in a decided round are absent."""
+    if not version_ids:
+        return {}
+    records = await db.fetch(LIVE_RESULTS_SQL, version_ids, opponent_id)
+    return {r["version_id"]: LiveResult(**dict(r)) for r in records}
+
+
+async def live_records(
+    db: Executor, versions: list[models.ModelVersion]
+) -> dict[int, dict[str, Any]]:
+    """The live A/B record of each SD adapter among `versions`: for those in testing, fresh
+    from the view against today's incumbent; for the others, the record stored in their
+    metrics (`live`) by their last review. Adapters with neither are absent."""
+    records = {
+        v.id: v.metrics["live"] for v in versions if v.kind == "sd_adapter" and "live" in v.metrics
+    }
+    testing = [v.id for v in versions if v.kind == "sd_adapter" and v.status == "testing"]
+    opponent = await models.sd_incumbent(db) if testing else None
+    if opponent is not None:
+        fresh = await live_results(db, testing, opponent.id)
+        for version_id in testing:
+            live = fresh.get(version_id)
+            record = live.as_json() if live else {"rounds": 0, "wins": 0}
+            records[version_id] = {**record, "opponent": opponent.name}
+    return records

@@ -196,6 +196,126 @@ class TrainSettings(Section):
     )
 
 
+class AdaptSettings(Section):
+    """The SD adaptation (`hps adapt`, the adapt_sd job): the paper's align_sd recipe.
+    Training defaults are the reference run (tgxs002/align_sd, scripts/train_lora.sh)."""
+
+    # Prompts.
+    max_prompts: int = Field(
+        5000, ge=1, description="Training prompts sampled from those people used (+ prompt_file)."
+    )
+    prompt_file: Path | None = Field(
+        None, description="Extra prompts: a text file (one per line) or a JSON list of strings."
+    )
+    include_contains_name: bool = Field(
+        False, description="Also use prompts flagged as naming people."
+    )
+    heldout_fraction: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Share of prompts (by hash) held out for offline evaluation, never trained on.",
+    )
+    min_prompts: int = Field(
+        50, ge=1, description="The adapt_sd job skips (saying why) below this many prompts."
+    )
+    # Sampling, scoring and labelling.
+    images_per_prompt: int = Field(
+        4, ge=4, le=64, description="Images generated per prompt (the rule needs 4 sharp ones)."
+    )
+    sample_batch: int = Field(
+        16, ge=1, le=512, description="Images per pipeline call when sampling and evaluating."
+    )
+    blur_threshold: float = Field(
+        10.0,
+        ge=0,
+        description="An image is blurry if no two adjacent pixels (across or down) differ by this.",
+    )
+    label_factor: float = Field(
+        2.0,
+        gt=0,
+        description="Top (bottom) image is positive (negative) if its softmax share > factor/n.",
+    )
+    identifier: str = Field(
+        "Weird image. ",
+        min_length=1,
+        description="Prefix of non-preferred images' prompts; the adapter's negative prompt.",
+    )
+    regularization_data: Path | None = Field(
+        None,
+        description="Images with their own captions (the paper: LAION-aesthetics >= 6.5): a "
+        "folder with metadata.jsonl, or a JSONL file, of {file_name, caption}.",
+    )
+    regularization_max: int = Field(
+        0, ge=0, description="Regularization images used at most (0 = all)."
+    )
+    # LoRA fine-tuning of the UNet.
+    rank: int = Field(
+        4, ge=1, le=1024, description="LoRA rank (the script's default; a summary says 32)."
+    )
+    resolution: int = Field(512, ge=8, le=2048, multiple_of=8, description="Training pixels.")
+    center_crop: bool = Field(False, description="Centre crop instead of random crop.")
+    random_flip: bool = Field(False, description="Random horizontal flips.")
+    total_batch_size: int = Field(
+        40, ge=1, description="Examples per optimizer step, over devices and accumulation."
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Examples per device per forward pass (accumulated to the total)."
+    )
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule (diffusers' get_scheduler)."
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    max_train_steps: int = Field(10_000, ge=1, description="Optimizer steps.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    prompt_dropout: float = Field(
+        0.0, ge=0, le=1, description="Share of captions replaced by the empty prompt."
+    )
+    seed: int = Field(42, description="Seed of sampling, shuffling and initialisation.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto = bf16 (or fp16) on a GPU, fp32 on the CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for UNet memory.")
+    use_ema: bool = Field(False, description="Keep an EMA of the LoRA weights and save that.")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay (diffusers' EMAModel).")
+    checkpointing_steps: int = Field(
+        500, ge=1, description="Steps between resumable checkpoints (and validation images)."
+    )
+    checkpoints_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    validation_prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of a cat on a sofa", "a lighthouse on a cliff at dusk"],
+        description="Prompts drawn at each checkpoint: as is, prefixed with the identifier, "
+        "and with the identifier as negative prompt.",
+    )
+    validation_images: int = Field(2, ge=0, description="Images per validation prompt and variant.")
+    num_workers: int = Field(2, ge=0, description="Image-decoding worker processes.")
+    # Offline evaluation: the gate to live testing.
+    eval_prompts: int = Field(200, ge=1, description="Held-out prompts used at most.")
+    eval_seeds: int = Field(2, ge=1, description="Paired images per held-out prompt.")
+    offline_gate: Literal["win_rate", "hps_gain", "none"] = Field(
+        "win_rate",
+        description="What admits an adapter to live testing: the 95% lower bound of its paired "
+        "win rate above offline_min_win_rate, or its mean HPS gain above offline_min_hps_gain.",
+    )
+    offline_min_win_rate: float = Field(0.5, ge=0, lt=1, description="See offline_gate.")
+    offline_min_hps_gain: float = Field(0.0, description="See offline_gate (HPS points).")
+    # Live A/B measurement.
+    min_live_rounds: int = Field(
+        200, ge=1, description="Decided A/B rounds before promoting or retiring automatically."
+    )
+    max_live_rounds: int = Field(
+        0, ge=0, description="Retire without a significant result after this many (0 = never)."
+    )
+    max_live_days: float = Field(
+        0, ge=0, description="Retire without a significant result after this long (0 = never)."
+    )
+
+
 class ScheduleSettings(Section):
     timezone: str = Field("UTC", description="Time zone of the cron expressions.")
     retrain_classifier: str | None = Field(
@@ -207,6 +327,10 @@ class ScheduleSettings(Section):
     adapt_sd: str | None = Field("0 4 * * 0", description="Cron of SD re-adaptation; empty = off.")
     close_stale_rounds: str | None = Field(
         "*/5 * * * *", description="Cron of closing rounds past their TTL; empty = off."
+    )
+    review_adapters: str | None = Field(
+        "*/10 * * * *",
+        description="Cron of the live review of adapters in A/B testing; empty = off.",
     )
 
 
@@ -274,6 +398,7 @@ class Settings(BaseSettings):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    adapt: AdaptSettings = Field(default_factory=AdaptSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 

@@ -20,6 +20,11 @@ more queued rounds of equal parameters (`ctx.claim_matching` on the payload's ba
 
 Images the safety checker flags are stored and recorded with `nsfw=True` (never shown); a
 round with fewer than two unflagged images fails with a reason its requester can read.
+
+An adapter made by the SD adaptation (`pipeline.adapt`) carries its identifier (the prefix
+its training gave the non-preferred images, "Weird image. " by default) in its version's
+config; images made with it get that identifier as (the start of) their negative prompt,
+as the paper's inference does.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class Generator:
         self.dtype = resolve_dtype(dtype, self.device)
         self._lock = threading.Lock()
         self.adapters: dict[str, str] = {}  # adapter name → artifact it was loaded from
+        self.identifiers: dict[str, str] = {}  # adapter name → its negative-prompt identifier
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -146,20 +152,21 @@ class Generator:
             torch_compile=settings.torch_compile,
         )
 
-    def load_adapter(self, name: str, artifact: str) -> None:
-        """Load a LoRA adapter (diffusers format, a folder or hub id) under `name`, once."""
+    def load_adapter(self, name: str, artifact: str, identifier: str = "") -> None:
+        """Load a LoRA adapter (diffusers format, a folder or hub id) under `name`, once.
+        `identifier` is put before the negative prompt of every image it makes."""
         with self._lock:
-            if name in self.adapters:
-                return
-            try:
-                self.pipe.load_lora_weights(artifact, adapter_name=name)
-            except Exception:
-                # Leave no half-injected layers behind for the next calls.
-                with contextlib.suppress(Exception):
-                    self.pipe.delete_adapters([name])
-                raise
-            self.adapters[name] = artifact
-            log.info("loaded adapter %s from %s", name, artifact)
+            if name not in self.adapters:
+                try:
+                    self.pipe.load_lora_weights(artifact, adapter_name=name)
+                except Exception:
+                    # Leave no half-injected layers behind for the next calls.
+                    with contextlib.suppress(Exception):
+                        self.pipe.delete_adapters([name])
+                    raise
+                self.adapters[name] = artifact
+                log.info("loaded adapter %s from %s", name, artifact)
+            self.identifiers[name] = identifier
 
     def keep_adapters(self, names: set[str]) -> None:
         """Unload the adapters not in `names` (retired versions), freeing their memory."""
@@ -169,6 +176,7 @@ class Generator:
                 self.pipe.delete_adapters(stale)
                 for name in stale:
                     del self.adapters[name]
+                    self.identifiers.pop(name, None)
                 log.info("unloaded adapters %s", ", ".join(stale))
 
     def generate(
@@ -183,9 +191,10 @@ class Generator:
             for adapter, indices in groups.items():
                 self._activate(adapter)
                 batch = [requests[i] for i in indices]
+                identifier = self.identifiers.get(adapter, "") if adapter else ""
                 output = self.pipe(
                     prompt=[r.prompt for r in batch],
-                    negative_prompt=[r.negative_prompt for r in batch],
+                    negative_prompt=[join_negative(identifier, r.negative_prompt) for r in batch],
                     num_inference_steps=params.steps,
                     guidance_scale=params.guidance_scale,
                     width=params.width,
@@ -207,6 +216,15 @@ class Generator:
         # set_adapters does not undo an earlier disable_lora: enable first.
         self.pipe.enable_lora()
         self.pipe.set_adapters([adapter])
+
+
+def join_negative(identifier: str, negative_prompt: str) -> str:
+    """An adapter's identifier followed by a round's own negative prompt ("Weird image. "
+    alone when the round has none, exactly as the paper's inference)."""
+    if not identifier or not negative_prompt:
+        return identifier or negative_prompt
+    separator = "" if identifier[-1].isspace() else " "
+    return f"{identifier}{separator}{negative_prompt}"
 
 
 def _png(image: Any) -> bytes:
@@ -247,6 +265,13 @@ def adapter_name(version_id: int) -> str:
     return f"v{version_id}"
 
 
+def load_version(generator: Generator, version: models.ModelVersion) -> str:
+    """Load an `sd_adapter` version's LoRA with its identifier; returns the adapter name."""
+    name = adapter_name(version.id)
+    generator.load_adapter(name, version.artifact, str(version.config.get("identifier", "")))
+    return name
+
+
 @dataclass
 class _Versions:
     base: models.ModelVersion
@@ -263,15 +288,11 @@ async def _serving_versions(ctx: JobContext, generator: Generator) -> _Versions:
     incumbent = await models.serving(ctx.pool, "sd_adapter") or base
     if incumbent is not base:
         # The serving adapter must load: without it the round would silently be the base's.
-        await asyncio.to_thread(
-            generator.load_adapter, adapter_name(incumbent.id), incumbent.artifact
-        )
+        await asyncio.to_thread(load_version, generator, incumbent)
     candidates = []
     for version in await models.testing(ctx.pool, "sd_adapter"):
         try:
-            await asyncio.to_thread(
-                generator.load_adapter, adapter_name(version.id), version.artifact
-            )
+            await asyncio.to_thread(load_version, generator, version)
         except Exception:
             ctx.log.exception("adapter %s does not load: left out of A/B rounds", version.name)
             continue

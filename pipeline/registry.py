@@ -108,7 +108,7 @@ async def register_classifier(
     target = settings.models_dir / name
     if target.exists():
         shutil.rmtree(target)
-    _copy_atomically(checkpoint, target)
+    copy_atomically(checkpoint, target)
     log.info("registering classifier %s from %s", name, checkpoint)
     return await models.register(
         db,
@@ -123,8 +123,10 @@ async def register_classifier(
     )
 
 
-def _copy_atomically(source: Path, target: Path) -> None:
-    if not (source / METADATA_FILE).is_file():
+def copy_atomically(source: Path, target: Path, marker: str = METADATA_FILE) -> None:
+    """Copy a model folder (one holding `marker`) to `target`, which appears whole or not
+    at all: copied to a temporary folder beside it, then renamed."""
+    if not (source / marker).is_file():
         raise FileNotFoundError(f"{source} is not a saved model folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))

@@ -8,7 +8,10 @@ fires the schedules; each firing only touches the database:
   job that finished;
 - `adapt_sd` enqueues an `adapt_sd` job;
 - `close_stale_rounds` closes rounds ready for longer than `limits.round_ttl_minutes`
-  (a single idempotent UPDATE, run in place).
+  (a single idempotent UPDATE, run in place);
+- `review_adapters` reviews the adapters in live A/B testing (`pipeline.adapt.live`:
+  promote the significantly better, retire the worse), DB-only work run in place; each
+  decision is a transaction under the registry's lock, so overlapping reviews are harmless.
 
 Training jobs go through `db.jobs.enqueue_training` (the same entry point as /retrain) with
 the dedupe key `schedule:<name>:<period start>`, the period being the schedule's latest
@@ -32,10 +35,11 @@ from apscheduler.triggers.cron import CronTrigger
 
 from db import jobs, rounds, stats
 from hps.settings import Settings
+from pipeline.adapt import live
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("retrain_classifier", "adapt_sd", "close_stale_rounds")
+SCHEDULES = ("retrain_classifier", "adapt_sd", "close_stale_rounds", "review_adapters")
 TRAINING_TARGETS = {"retrain_classifier": "classifier", "adapt_sd": "sd"}
 WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
@@ -107,7 +111,7 @@ class Firing:
 
     schedule: str
     period: datetime
-    action: str  # enqueued | existing | skipped | closed
+    action: str  # enqueued | existing | skipped | closed | reviewed
     job_id: int | None = None
     detail: str = ""
 
@@ -144,6 +148,10 @@ class Scheduler:
             ttl = timedelta(minutes=self.settings.limits.round_ttl_minutes)
             closed = await rounds.close_stale_rounds(self.pool, ttl)
             return Firing(name, period, "closed", detail=f"{len(closed)} round(s) closed")
+        if name == "review_adapters":
+            reviews = await live.review(self.pool, self.settings.adapt, actor=f"schedule:{name}")
+            decided = ", ".join(f"{r.version.name}: {r.decision.action}" for r in reviews)
+            return Firing(name, period, "reviewed", detail=decided or "no adapter in testing")
         payload: dict[str, object] = {"schedule": name, "period": period.isoformat()}
         if name == "retrain_classifier":
             new = await stats.requester_choices_since_training(self.pool)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import discord
 from discord import app_commands
@@ -79,6 +79,21 @@ class Maintainers(commands.Cog):
             return
         log.info("training outcome posted", extra={"job_id": job_id, "job_state": state})
 
+    @commands.Cog.listener()
+    async def on_hps_model_event(self, event: dict[str, Any]) -> None:
+        """Post every promotion, retirement and rollback (by anyone: the automatic review,
+        a job's offline gate, /promote, the CLI) to the log channel."""
+        channel_id = self.bot.settings.discord.log_channel_id
+        if channel_id is None:
+            return
+        extra = {"model_version_id": event.get("version_id"), "action": event.get("action")}
+        try:
+            await self.bot.get_partial_messageable(channel_id).send(formats.model_event(event))
+        except discord.HTTPException:
+            log.exception("could not post to the log channel", extra=extra)
+            return
+        log.info("model event posted", extra=extra)
+
     @app_commands.command(
         description="Queue, workers, serving models, last training, recent choices."
     )
@@ -89,6 +104,11 @@ class Maintainers(commands.Cog):
         serving = {kind: await registry.serving(pool, kind) for kind in SERVED_KINDS}
         finished = await jobs.list_jobs(pool, kind=jobs.TRAINING_KINDS["classifier"], limit=5)
         last = next((j for j in finished if j.state in ("done", "dead")), None)
+        # The serving adapter and those in A/B testing, with offline and live numbers.
+        adapters = await registry.testing(pool, "sd_adapter")
+        if serving["sd_adapter"] is not None:
+            adapters.insert(0, serving["sd_adapter"])
+        live = await stats.live_records(pool, adapters)
         text = formats.status(
             await stats.queue_depth(pool),
             await jobs.list_workers(pool),
@@ -96,6 +116,7 @@ class Maintainers(commands.Cog):
             last,
             await stats.choices_since(pool, timedelta(hours=24)),
             datetime.now(UTC),
+            [(v, live.get(v.id)) for v in adapters],
         )
         await interaction.response.send_message(text, ephemeral=True)
 
@@ -109,7 +130,8 @@ class Maintainers(commands.Cog):
         kind: Literal["classifier", "sd_base", "sd_adapter"] | None = None,
     ) -> None:
         versions = await registry.list_versions(self.bot.pool, kind)
-        await interaction.response.send_message(formats.models(versions), ephemeral=True)
+        live = await stats.live_records(self.bot.pool, versions)
+        await interaction.response.send_message(formats.models(versions, live), ephemeral=True)
 
     @app_commands.command(description="Serve a model version (the one it replaces is retired).")
     @app_commands.describe(version="Version name or id")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from hps.cli import adapt as adapt_cli
 from hps.cli import config as config_cli
 from hps.cli import datasets as datasets_cli
 from hps.cli import db as db_cli
@@ -26,6 +27,7 @@ app = typer.Typer(
 app.add_typer(db_cli.app, name="db")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")
+app.add_typer(adapt_cli.app, name="adapt")
 app.command("serve")(serve)
 app.command("worker")(worker)
 app.command("scheduler")(scheduler)

@@ -27,14 +27,17 @@ def list_(
     kind: str | None = typer.Option(None, "--kind", help="classifier, sd_base or sd_adapter."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Every version with its status and offline test accuracy."""
-    from db import models
+    """Every version with its status and offline numbers (a classifier's test accuracy, an
+    adapter's paired win rate and HPS gain over its parent) beside an adapter's live A/B
+    numbers (fresh for those in testing, as of their last review for the others)."""
+    from db import models, stats
 
-    async def _list() -> list[models.ModelVersion]:
+    async def _list() -> tuple[list[models.ModelVersion], dict[int, dict[str, Any]]]:
         async with database(settings()) as pool:
-            return await models.list_versions(pool, kind)
+            versions = await models.list_versions(pool, kind)
+            return versions, await stats.live_records(pool, versions)
 
-    versions = run(_list())
+    versions, live = run(_list())
     if as_json:
         rows = [
             {
@@ -45,6 +48,7 @@ def list_(
                 "artifact": v.artifact,
                 "sha256": v.sha256,
                 "metrics": v.metrics,
+                "live": live.get(v.id),
                 "created_at": v.created_at.isoformat(),
             }
             for v in versions
@@ -53,10 +57,13 @@ def list_(
         return
     names = {v.id: v.name for v in versions}
     table = Table(title="Model versions")
-    for column in ("name", "kind", "status", "created", "parent", "test top-1", "pairwise", "n"):
+    columns = ("name", "kind", "status", "created", "parent", "test top-1", "pairwise", "n")
+    for column in (*columns, "offline win (HPS gain)", "live rounds", "live win"):
         table.add_column(column)
     for v in versions:
         test = v.metrics.get("test", {})
+        offline = v.metrics.get("offline", {})
+        record = live.get(v.id) or {}
         table.add_row(
             v.name,
             v.kind,
@@ -66,8 +73,19 @@ def list_(
             _pct(test.get("top1")),
             _pct(test.get("pairwise")),
             str(test.get("n", "-")),
+            _with_ci(offline.get("win_rate"), offline.get("win_rate_ci"))
+            + (f" ({offline['hps_gain']:+.3f})" if offline.get("hps_gain") is not None else ""),
+            f"{record.get('wins', 0)}/{record['rounds']}" if "rounds" in record else "-",
+            _with_ci(record.get("win_rate"), record.get("win_rate_ci")),
         )
     console.print(table)
+
+
+def _with_ci(value: Any, interval: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    low, high = interval
+    return f"{value:.1%} [{low:.1%}, {high:.1%}]"
 
 
 @app.command("promote")

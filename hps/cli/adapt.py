@@ -1,0 +1,222 @@
+"""`hps adapt run|label|train|eval|review`: adapting Stable Diffusion with HPS."""
+
+from __future__ import annotations
+
+import getpass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from hps.cli.common import console, database, fail, run, settings
+from hps.settings import Settings
+
+app = typer.Typer(
+    help="Adapt Stable Diffusion with HPS (the paper's LoRA recipe) and measure adapters live.",
+    no_args_is_help=True,
+)
+
+NAME_HELP = "Run name (runs_dir/NAME, and the version's name); an existing run resumes."
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def _settings(**recipe: Any) -> Settings:
+    """The settings with the recipe options given on the command line."""
+    from pydantic import ValidationError
+
+    try:
+        return settings().with_changes("adapt", **recipe)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise fail(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
+
+
+def _resources(config: Settings) -> Any:
+    """The generator and the serving HPS model, loaded on first use."""
+    from pipeline import registry
+    from pipeline.adapt.run import Resources
+    from pipeline.devices import resolve_device
+    from pipeline.generate import Generator
+
+    device = resolve_device(config.models.device)
+    loaded: dict[str, Any] = {}
+
+    async def generator() -> Generator:
+        if "generator" not in loaded:
+            loaded["generator"] = Generator.from_settings(config.generation, device)
+        return loaded["generator"]
+
+    async def scorer() -> Any:
+        if "scorer" not in loaded:
+            async with database(config) as pool:
+                spec, label, _ = await registry.serving_model(pool, config)
+            loaded["scorer"] = registry.load_spec(spec, config, label)
+        return loaded["scorer"]
+
+    return Resources(generator, scorer)
+
+
+def _pipeline(until: str, name: str | None, recipe: dict[str, Any]) -> None:
+    from pipeline.adapt.run import USER_ERRORS, run_adaptation
+    from pipeline.hps_model import ModelLoadError
+
+    config = _settings(**recipe)
+    name = name or f"sd_adapter-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    if (config.runs_dir / name).exists() and any(v is not None for v in recipe.values()):
+        console.print(
+            f"run {name} exists: it resumes with the recipe it started with; "
+            "the recipe options given are ignored",
+            highlight=False,
+        )
+
+    async def _run() -> Any:
+        async with database(config) as pool:
+            return await run_adaptation(
+                pool, config, name=name, resources=_resources(config), until=until, actor=_actor()
+            )
+
+    try:
+        outcome = run(_run())
+    except (*USER_ERRORS, ModelLoadError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"run folder: {outcome.run.path}", highlight=False)
+    console.print(outcome.summary, highlight=False)
+
+
+def _with_recipe(until: str, doc: str) -> Any:
+    def command(
+        name: str | None = typer.Option(None, "--name", help=NAME_HELP),
+        max_prompts: int | None = typer.Option(None, "--max-prompts", min=1),
+        prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Extra prompts."),
+        images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", min=4),
+        label_factor: float | None = typer.Option(None, "--label-factor"),
+        regularization_data: Path | None = typer.Option(
+            None,
+            "--regularization-data",
+            help="Folder with metadata.jsonl of {file_name, caption}.",
+        ),
+        max_train_steps: int | None = typer.Option(None, "--steps", min=1),
+        learning_rate: float | None = typer.Option(None, "--lr"),
+        rank: int | None = typer.Option(None, "--rank", min=1),
+        resolution: int | None = typer.Option(None, "--resolution"),
+        batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+        total_batch_size: int | None = typer.Option(None, "--total-batch-size", min=1),
+        mixed_precision: str | None = typer.Option(None, "--mixed-precision"),
+        gradient_checkpointing: bool | None = typer.Option(
+            None, "--gradient-checkpointing/--no-gradient-checkpointing"
+        ),
+        use_ema: bool | None = typer.Option(None, "--ema/--no-ema"),
+        seed: int | None = typer.Option(None, "--seed"),
+    ) -> None:
+        recipe = dict(locals())
+        _pipeline(until, recipe.pop("name"), recipe)
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("run")(
+    _with_recipe(
+        "register",
+        "The whole loop: sample prompts, generate, score, label, fine-tune, evaluate offline, "
+        "register, start A/B testing. Resumes a run of the same --name after its last "
+        "finished stage (fine-tuning from its latest checkpoint).",
+    )
+)
+app.command("label")(
+    _with_recipe(
+        "label",
+        "Sample prompts, generate and score their images, label them and write the "
+        "fine-tuning set (the stages before fine-tuning).",
+    )
+)
+app.command("train")(
+    _with_recipe(
+        "train",
+        "Fine-tune the LoRA (after the earlier stages, run first if needed). Under "
+        "`accelerate launch -m hps adapt train --name N` on several GPUs, after `hps adapt "
+        "label --name N`; then `hps adapt run --name N` evaluates and registers.",
+    )
+)
+
+
+@app.command("eval")
+def evaluate(
+    version: str | None = typer.Argument(
+        None, help="An sd_adapter version (default: the newest candidate)."
+    ),
+) -> None:
+    """Offline evaluation on held-out prompts: paired images (same seeds) of the adapter
+    and its parent, scored by the serving HPS: mean HPS, gain, paired win rate (95% CI).
+    Stored in the version's metrics; a candidate then enters A/B testing or is retired."""
+    from db.models import ModelError
+    from pipeline.adapt.run import evaluate_version
+    from pipeline.hps_model import ModelLoadError
+
+    config = settings()
+
+    async def _eval() -> Any:
+        async with database(config) as pool:
+            return await evaluate_version(
+                pool, config, version, resources=_resources(config), actor=_actor()
+            )
+
+    try:
+        evaluated, report, _, reason = run(_eval())
+    except (ModelError, ModelLoadError) as exc:
+        raise fail(str(exc)) from None
+    table = Table(title=f"{evaluated.name} against its parent (held-out prompts, same seeds)")
+    for column in ("pairs", "prompts", "HPS adapted", "HPS parent", "gain (95% CI)", "win rate"):
+        table.add_column(column, justify="right")
+    if report.get("pairs"):
+        gain_low, gain_high = report["hps_gain_ci"]
+        low, high = report["win_rate_ci"]
+        table.add_row(
+            str(report["pairs"]),
+            str(report["prompts"]),
+            f"{report['hps_adapted']:.3f}",
+            f"{report['hps_parent']:.3f}",
+            f"{report['hps_gain']:+.3f} [{gain_low:+.3f}, {gain_high:+.3f}]",
+            f"{report['win_rate']:.1%} [{low:.1%}, {high:.1%}]",
+        )
+    console.print(table)
+    console.print(f"{evaluated.name} is {evaluated.status}: {reason}", highlight=False)
+
+
+@app.command("review")
+def review(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Decide, but change nothing."),
+) -> None:
+    """Review the adapters in A/B testing now (the scheduler does it every
+    `schedules.review_adapters`): promote the significantly better, retire the worse."""
+    from pipeline.adapt.live import review as review_adapters
+
+    config = settings()
+
+    async def _review() -> Any:
+        async with database(config) as pool:
+            return await review_adapters(pool, config.adapt, actor=_actor(), apply=not dry_run)
+
+    reviews = run(_review())
+    if not reviews:
+        console.print("No adapter is in A/B testing.")
+        return
+    table = Table(title="Adapters in A/B testing" + (" (dry run)" if dry_run else ""))
+    for column in ("version", "against", "rounds", "wins", "win rate (95% CI)", "decision"):
+        table.add_column(column)
+    for r in reviews:
+        live = r.live
+        table.add_row(
+            r.version.name,
+            r.opponent.name if r.opponent else "-",
+            str(live.rounds if live else 0),
+            str(live.wins if live else 0),
+            f"{live.win_rate:.1%} [{live.low:.1%}, {live.high:.1%}]" if live else "-",
+            f"{r.decision.action}: {r.decision.reason}",
+        )
+    console.print(table)

@@ -1,0 +1,175 @@
+"""The fine-tuning set: preferred images with their prompt, non-preferred ones with the
+identifier before their prompt, and regularization images with their own captions.
+
+As the reference's `ImageTextDataset`: the caption of a negative is `identifier + prompt`
+("Weird image. a red cube"), positives and regularization images keep theirs; images are
+resized (bilinear) to the resolution on the short side, randomly cropped (centre-cropped
+with `center_crop`), optionally flipped, and scaled to [-1, 1]; with `prompt_dropout`
+a caption is replaced by the empty prompt.
+
+Regularization data (the paper: LAION-aesthetics ≥ 6.5 with their captions) is a folder
+holding `metadata.jsonl`, or a JSONL file, of `{"file_name": ..., "caption": ...}` lines
+(Hugging Face's imagefolder layout); file names are relative to the JSONL's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms
+
+from pipeline.adapt.label import Label
+
+FINETUNE_FILE = "finetune.jsonl"
+KINDS = ("positive", "negative", "regularization")
+
+
+class DatasetError(Exception):
+    """Regularization data that does not hold what it should; says where."""
+
+
+@dataclass(frozen=True)
+class Item:
+    file: str  # absolute, or relative to the run directory
+    caption: str
+    kind: str  # positive | negative | regularization
+
+
+def labelled_items(labels: Sequence[Label], identifier: str) -> list[Item]:
+    """Positives keep their prompt; negatives get the identifier in front of it."""
+    return [
+        Item(
+            label.sample.file,
+            identifier + label.sample.prompt if label.kind == "negative" else label.sample.prompt,
+            label.kind,
+        )
+        for label in labels
+    ]
+
+
+def regularization_items(source: Path, limit: int = 0) -> list[Item]:
+    """Images with their captions from a folder with `metadata.jsonl`, or a JSONL file;
+    at most `limit` (0 = all), in file order. Raises `DatasetError` naming the problem."""
+    source = Path(source)
+    index = source / "metadata.jsonl" if source.is_dir() else source
+    if not index.is_file():
+        raise DatasetError(
+            f"no regularization data at {source}: expected a folder with metadata.jsonl or a "
+            "JSONL file of {file_name, caption}"
+        )
+    items = []
+    for number, line in enumerate(index.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, caption = row["file_name"], row["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DatasetError(
+                f"{index}, line {number}: expected a JSON object with file_name and caption"
+            ) from None
+        path = index.parent / name
+        if not path.is_file():
+            raise DatasetError(f"{index}, line {number}: no image file {path}")
+        items.append(Item(str(path.resolve()), str(caption), "regularization"))
+        if limit and len(items) >= limit:
+            break
+    return items
+
+
+def write_items(path: Path, items: Sequence[Item]) -> None:
+    path.write_text("".join(json.dumps(asdict(item)) + "\n" for item in items))
+
+
+def read_items(path: Path) -> list[Item]:
+    return [Item(**json.loads(line)) for line in path.read_text().splitlines() if line]
+
+
+def counts(items: Sequence[Item]) -> dict[str, int]:
+    return {kind: sum(item.kind == kind for item in items) for kind in KINDS}
+
+
+def image_transform(resolution: int, *, center_crop: bool, random_flip: bool) -> Any:
+    """The reference's training transform."""
+    steps: list[Any] = [
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+    ]
+    if random_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+    return transforms.Compose(steps)
+
+
+class FinetuneDataset(Dataset):
+    """Pixels in [-1, 1] and caption token ids of the fine-tuning items."""
+
+    def __init__(
+        self,
+        items: Sequence[Item],
+        root: Path,
+        tokenizer: Any,
+        transform: Any,
+        prompt_dropout: float = 0.0,
+    ) -> None:
+        self.items = list(items)
+        self.root = root
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.prompt_dropout = prompt_dropout
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.items[index]
+        with Image.open(self.root / item.file) as image:
+            pixels = self.transform(image.convert("RGB"))
+        caption = "" if random.random() < self.prompt_dropout else item.caption
+        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+
+
+def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    return tokenizer(
+        list(captions),
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def collate(examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    pixels = torch.stack([e["pixel_values"] for e in examples])
+    return {
+        "pixel_values": pixels.to(memory_format=torch.contiguous_format).float(),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+    }
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle fixed by (seed, epoch), so that a resumed run sees the same order and can
+    skip the batches it already trained on (accelerate calls `set_epoch`)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())

@@ -15,7 +15,6 @@ holding `metadata.jsonl`, or a JSONL file, of `{"file_name": ..., "caption": ...
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,7 +109,12 @@ def image_transform(resolution: int, *, center_crop: bool, random_flip: bool) ->
 
 
 class FinetuneDataset(Dataset):
-    """Pixels in [-1, 1] and caption token ids of the fine-tuning items."""
+    """Pixels in [-1, 1] and caption token ids of the fine-tuning items.
+
+    The random crop (and flip, and prompt dropout) of an item is drawn from a generator
+    seeded by (seed, epoch, index), not from the global one: a data loader that fetches
+    ahead (accelerate's does) or worker processes then change nothing, and a run resumed
+    mid-epoch sees exactly the crops, and the noise, of an uninterrupted one."""
 
     def __init__(
         self,
@@ -119,21 +123,29 @@ class FinetuneDataset(Dataset):
         tokenizer: Any,
         transform: Any,
         prompt_dropout: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.items = list(items)
         self.root = root
         self.tokenizer = tokenizer
         self.transform = transform
         self.prompt_dropout = prompt_dropout
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
-        with Image.open(self.root / item.file) as image:
+        with Image.open(self.root / item.file) as image, torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
             pixels = self.transform(image.convert("RGB"))
-        caption = "" if random.random() < self.prompt_dropout else item.caption
+            dropped = bool(torch.rand(()) < self.prompt_dropout)
+        caption = "" if dropped else item.caption
         return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
 
 

@@ -11,10 +11,10 @@ the platform decides on exactly the numbers analysts see, with the same Wilson 9
 promote if the interval lies above one half (significantly better), retire if it lies below
 (significantly worse); otherwise keep testing, or retire as inconclusive after
 `max_live_rounds` rounds or `max_live_days` days when those are set. `review` applies it to
-every adapter in testing (DB-only work: it runs in the scheduler and as `hps adapt review`);
-each decision is one transaction under the registry's lock, so a maintainer's /promote or a
-second review cannot interleave, and promotions and retirements NOTIFY the bot, which posts
-them to the log channel. No torch here: the scheduler imports this module.
+every adapter in testing (DB-only work: it runs in the scheduler and as `hps adapt review`)
+in one transaction under the registry's lock, so a maintainer's /promote or a second review
+cannot interleave; promotions and retirements NOTIFY the bot, which posts them to the log
+channel. No torch here: the scheduler imports this module.
 """
 
 from __future__ import annotations
@@ -91,20 +91,25 @@ async def review(
     apply: bool = True,
     now: datetime | None = None,
 ) -> list[Review]:
-    """Decide on every adapter in testing (and act on it unless `apply` is false); each
-    version's live record is stored in its metrics (`live`) as of this review."""
+    """Decide on every adapter in testing against the incumbent (and act on it unless
+    `apply` is false), in one transaction under the registry's lock: all are judged on the
+    same incumbent, retirements are applied first, and of several significantly better
+    candidates only the one with the highest lower bound is promoted (the others are then
+    measured afresh against it). Each version's live record is stored in its metrics
+    (`live`) as of this review."""
     now = now or datetime.now(UTC)
-    reviews = []
-    for candidate in await models.testing(pool, KIND):
-        async with transaction(pool) as conn:
-            await models.lock_kind(conn, KIND)
-            version = await models.get(conn, candidate.id)
-            if version is None or version.status != "testing":
-                continue  # promoted or retired meanwhile
-            opponent = await models.sd_incumbent(conn)
-            live = None
-            if opponent is not None:
-                live = (await stats.live_results(conn, [version.id], opponent.id)).get(version.id)
+    async with transaction(pool) as conn:
+        await models.lock_kind(conn, KIND)
+        candidates = await models.testing(conn, KIND)
+        opponent = await models.sd_incumbent(conn)
+        records = (
+            await stats.live_results(conn, [v.id for v in candidates], opponent.id)
+            if opponent
+            else {}
+        )
+        reviews = []
+        for version in candidates:
+            live = records.get(version.id)
             since = await models.testing_since(conn, version.id) or version.created_at
             decision = decide(
                 live,
@@ -114,21 +119,30 @@ async def review(
                 max_days=settings.max_live_days,
                 days=(now - since).total_seconds() / 86400,
             )
-            if apply:
-                await models.merge_metrics(
-                    conn, version.id, {"live": live_metrics(live, opponent, now)}
-                )
-                if decision.action == "promote":
-                    await models.promote(conn, version.id, actor=actor, reason=decision.reason)
-                elif decision.action == "retire":
-                    await models.retire(conn, version.id, actor=actor, reason=decision.reason)
             reviews.append(Review(version, opponent, live, decision))
+        better = [r for r in reviews if r.decision.action == "promote"]
+        best = max(better, key=lambda r: r.live.low if r.live else 0.0, default=None)
+        for i, r in enumerate(reviews):
+            if r.decision.action == "promote" and r is not best:
+                assert best is not None
+                reason = f"{r.decision.reason}, but {best.version.name} did better and serves"
+                reviews[i] = Review(r.version, r.opponent, r.live, Decision("keep", reason))
+        if apply:
+            for r in reviews:
+                metrics = {"live": live_metrics(r.live, opponent, now)}
+                await models.merge_metrics(conn, r.version.id, metrics)
+            for r in sorted(reviews, key=lambda r: r.decision.action != "retire"):
+                if r.decision.action == "retire":
+                    await models.retire(conn, r.version.id, actor=actor, reason=r.decision.reason)
+                elif r.decision.action == "promote":
+                    await models.promote(conn, r.version.id, actor=actor, reason=r.decision.reason)
+    for r in reviews:
         log.info(
             "review of %s: %s (%s)",
-            version.name,
-            decision.action,
-            decision.reason,
-            extra={"model_version_id": version.id, "action": decision.action},
+            r.version.name,
+            r.decision.action,
+            r.decision.reason,
+            extra={"model_version_id": r.version.id, "action": r.decision.action},
         )
     return reviews
 

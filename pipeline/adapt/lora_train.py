@@ -241,7 +241,9 @@ def train_lora(
     transform = image_transform(
         recipe.resolution, center_crop=recipe.center_crop, random_flip=recipe.random_flip
     )
-    dataset = FinetuneDataset(items, root, tokenizer, transform, recipe.prompt_dropout)
+    dataset = FinetuneDataset(
+        items, root, tokenizer, transform, recipe.prompt_dropout, seed=recipe.seed
+    )
     sampler = EpochShuffle(len(dataset), recipe.seed)
     loader = DataLoader(
         dataset,
@@ -249,6 +251,9 @@ def train_lora(
         sampler=sampler,
         collate_fn=collate,
         num_workers=recipe.num_workers,
+        # Its own generator: each new iterator draws a seed from it, which would otherwise
+        # come from the global one and shift the noise of a run resumed mid-epoch.
+        generator=torch.Generator().manual_seed(recipe.seed),
     )
 
     # 6. Schedule (stepped once per process by the prepared scheduler, hence the factor).
@@ -339,6 +344,7 @@ def train_lora(
                 break
             unet.train()
             loader.set_epoch(epoch)
+            dataset.set_epoch(epoch)  # accelerate does not, with several processes
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             skip = 0
             losses: list[float] = []  # of the batches accumulated into this step

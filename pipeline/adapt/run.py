@@ -40,7 +40,7 @@ from pipeline.adapt import dataset as data
 from pipeline.adapt.evaluate import evaluate_adapter, offline_gate
 from pipeline.adapt.label import label_samples
 from pipeline.adapt.manifest import STAGES, Run, RunError
-from pipeline.adapt.prompts import PromptFileError, PromptSplit, sample_prompts
+from pipeline.adapt.prompts import PromptFileError, PromptSplit, read_prompt_file, sample_prompts
 from pipeline.adapt.samples import SAMPLES_FILE, generate_samples, read_samples
 from pipeline.handlers import JobContext, PermanentError
 from pipeline.model_files import sha256_file
@@ -144,12 +144,24 @@ def sampling_of(run: Run) -> SamplingParams:
     return sampling_from(run.recipe["sampling"])
 
 
+def check_inputs(recipe: AdaptSettings) -> None:
+    """Read the prompt file and the regularization index before any work, so that a
+    mistake in them stops the run before it starts (raises what reading them raises)."""
+    if recipe.prompt_file is not None:
+        read_prompt_file(recipe.prompt_file)
+    if recipe.regularization_data is not None:
+        data.regularization_items(recipe.regularization_data, recipe.regularization_max)
+
+
 async def open_run(pool: asyncpg.Pool, settings: Settings, name: str) -> Run:
     """The run `name`, created (recipe and starting versions fixed) if it does not exist."""
     run_dir = settings.runs_dir / name
     run = Run.open(run_dir)
     if run is not None:
+        if not run.done("label"):
+            check_inputs(recipe_of(run))
         return run
+    check_inputs(settings.adapt)
     if await models.get(pool, name) is not None:
         raise models.ModelError(f"a model version named {name} exists; choose another name")
     base = await models.ensure_base(pool, kind="sd_base", artifact=settings.generation.sd_model)

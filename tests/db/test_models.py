@@ -66,3 +66,33 @@ async def test_ensure_base_is_idempotent_and_serves_first(pool) -> None:  # type
     assert base.id == again.id and again.status == "serving"
     other = await models.ensure_base(pool, kind="sd_base", artifact="/local/sd15")
     assert other.status == "candidate"  # one serves already
+
+
+async def test_promotions_retirements_and_rollbacks_are_announced(pool, database_url) -> None:  # type: ignore[no-untyped-def]
+    from tests.db.test_rounds import Listener
+
+    a = await models.register(pool, kind="sd_adapter", artifact="/m/a")
+    b = await models.register(pool, kind="sd_adapter", artifact="/m/b")
+    c = await models.register(pool, kind="sd_adapter", artifact="/m/c")
+    async with Listener(database_url, models.MODELS_CHANNEL) as heard:
+        await models.start_testing(pool, c.id, actor="job:3")  # not announced
+        await models.promote(pool, a.id, actor="ann", reason="first")
+        await models.promote(pool, b.id, actor="review", reason="better live")
+        await models.retire(pool, c.id, actor="review", reason="worse live")
+        await models.rollback(pool, "sd_adapter", actor="discord:9")
+        with pytest.raises(ModelError):  # refused: nothing announced
+            await models.retire(pool, b.id, actor="x")
+        got = [await heard.next() for _ in range(4)]
+        await asyncio.sleep(0.2)
+        assert heard.payloads.empty()
+    common = {"kind": "sd_adapter"}
+    assert got == [
+        {**common, "version_id": a.id, "name": a.name, "action": "promoted", "actor": "ann",
+         "reason": "first", "replaced": None},
+        {**common, "version_id": b.id, "name": b.name, "action": "promoted", "actor": "review",
+         "reason": "better live", "replaced": {"id": a.id, "name": a.name}},
+        {**common, "version_id": c.id, "name": c.name, "action": "retired", "actor": "review",
+         "reason": "worse live"},
+        {**common, "version_id": b.id, "name": b.name, "action": "rolled_back",
+         "actor": "discord:9", "reason": "", "restored": {"id": a.id, "name": a.name}},
+    ]  # fmt: skip

@@ -250,3 +250,27 @@ async def test_rounds_that_cannot_be_generated_end_their_job_without_images(
 async def _dead(pool, job_id: int) -> jobs.Job | None:  # type: ignore[no-untyped-def]
     job = await jobs.get(pool, job_id)
     return job if job.state == "dead" else None
+
+
+def test_an_adapters_identifier_leads_the_negative_prompt(
+    tiny_sd_dir: Path, tiny_lora_dirs: list[Path]
+) -> None:
+    assert generate.join_negative("Weird image. ", "") == "Weird image. "
+    assert generate.join_negative("Weird image. ", "blurry") == "Weird image. blurry"
+    assert generate.join_negative("Weird image.", "blurry") == "Weird image. blurry"
+    assert generate.join_negative("", "blurry") == "blurry"
+    generator = Generator(str(tiny_sd_dir), device="cpu", safety_checker=False)
+    params = SamplingParams(steps=2, guidance_scale=7.5, width=64, height=64)
+    generator.load_adapter("tagged", str(tiny_lora_dirs[0]), "Weird image. ")
+    generator.load_adapter("plain", str(tiny_lora_dirs[0]))
+    [tagged] = generator.generate([ImageRequest(PROMPT, "blurry", 3, "tagged")], params)
+    [spelled] = generator.generate(
+        [ImageRequest(PROMPT, "Weird image. blurry", 3, "plain")], params
+    )
+    [untagged] = generator.generate([ImageRequest(PROMPT, "blurry", 3, "plain")], params)
+    assert tagged.png == spelled.png != untagged.png
+    # The base pipeline has no identifier; a version's comes from its config.
+    [base] = generator.generate([ImageRequest(PROMPT, "", 3)], params)
+    assert base.png != generator.generate([ImageRequest(PROMPT, "", 3, "tagged")], params)[0].png
+    generator.keep_adapters({"plain"})
+    assert generator.identifiers == {"plain": ""}

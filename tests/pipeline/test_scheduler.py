@@ -154,3 +154,27 @@ async def test_stale_rounds_are_closed_in_place(pool) -> None:  # type: ignore[n
     assert (await rounds.get_round(pool, old)).status == "closed"
     assert (await rounds.get_round(pool, fresh)).status == "ready"
     assert await pool.fetchval("SELECT count(*) FROM jobs WHERE kind <> 'generate'") == 0
+
+
+async def test_adapters_in_testing_are_reviewed_in_place(pool) -> None:  # type: ignore[no-untyped-def]
+    from db import models
+
+    settings = make_settings(adapt={"min_live_rounds": 1, "max_live_days": 1})
+    scheduler = Scheduler(pool, settings)
+    idle = await scheduler.fire("review_adapters", WEDNESDAY)
+    assert (idle.action, idle.detail) == ("reviewed", "no adapter in testing")
+    await models.ensure_base(pool, kind="sd_base", artifact="tiny-sd")
+    adapter = await models.register(pool, kind="sd_adapter", artifact="/m/a")
+    await models.start_testing(pool, adapter.id, actor="test")
+    kept = await scheduler.fire("review_adapters")
+    assert kept.detail == f"{adapter.name}: keep" and kept.job_id is None
+    await pool.execute(
+        "UPDATE model_events SET created_at = now() - interval '2 days' WHERE action = 'testing'"
+    )
+    retired = await scheduler.fire("review_adapters")
+    assert retired.detail == f"{adapter.name}: retire"
+    assert (await models.get(pool, adapter.id)).status == "retired"
+    [event] = [e for e in await models.events(pool, "sd_adapter") if e["action"] == "retired"]
+    assert event["actor"] == "schedule:review_adapters"
+    assert event["reason"].startswith("no decided A/B rounds against sd_base:tiny-sd yet")
+    assert await pool.fetchval("SELECT count(*) FROM jobs") == 0  # no queue work

@@ -113,8 +113,9 @@ def _with_recipe(until: str, doc: str) -> Any:
         use_ema: bool | None = typer.Option(None, "--ema/--no-ema"),
         seed: int | None = typer.Option(None, "--seed"),
     ) -> None:
-        recipe = dict(locals())
-        _pipeline(until, recipe.pop("name"), recipe)
+        # The options are the recipe (`until` is the closure's, not an option).
+        recipe = {k: v for k, v in locals().items() if k not in ("name", "until")}
+        _pipeline(until, name, recipe)
 
     command.__doc__ = doc
     return command

@@ -93,3 +93,47 @@ def test_import_train_promote_eval_rollback_export(database_url: str, tmp_path: 
     exported = hps("export", str(tmp_path / "out"), "--format", "parquet", env=env)
     assert exported.returncode == 0, exported.stderr
     assert "200 choices exported as 200 parquet rows" in exported.stdout
+
+
+@pytest.mark.slow
+async def test_adapt_review_and_models_list_show_live_and_offline_numbers(
+    pool, database_url: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from db import models
+    from db.choices import record_choice
+    from tests.factories import ready_round
+
+    base = await models.ensure_base(pool, kind="sd_base", artifact="tiny-sd")
+    offline = {"pairs": 40, "win_rate": 0.6, "win_rate_ci": [0.45, 0.74], "hps_gain": 0.1}
+    adapter = await models.register(pool, kind="sd_adapter", artifact="/m/a",
+                                    metrics={"offline": offline})  # fmt: skip
+    await models.start_testing(pool, adapter.id, actor="test")
+    for user in range(3):
+        round_id = await ready_round(pool, requester=user + 1, prompt=f"p{user}",
+                                     model_version_ids={1: base.id, 2: adapter.id})  # fmt: skip
+        await record_choice(pool, round_id=round_id, discord_user_id=user + 1, verdict="pick",
+                            position=2 if user else 1)  # fmt: skip
+    env = {"HPS_DATABASE_URL": database_url, "HPS_DATA_DIR": str(tmp_path / "data"),
+           "HPS_ADAPT__MIN_LIVE_ROUNDS": "3", "COLUMNS": "250"}  # fmt: skip
+
+    listed = hps("models", "list", "--kind", "sd_adapter", env=env)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if adapter.name in line)
+    assert "60.0% [45.0%, 74.0%] (+0.100)" in row and "2/3" in row and "66.7% [20.8%, 93.9%]" in row
+    as_json = json.loads(hps("models", "list", "--kind", "sd_adapter", "--json", env=env).stdout)
+    assert as_json[0]["live"]["rounds"] == 3 and as_json[0]["live"]["opponent"] == base.name
+
+    dry = hps("adapt", "review", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "(dry run)" in dry.stdout and "keep: live win rate 66.7%" in dry.stdout
+    assert (await models.get(pool, adapter.id)).metrics.get("live") is None
+    reviewed = hps("adapt", "review", env=env)
+    assert reviewed.returncode == 0 and "keep: live win rate 66.7%" in reviewed.stdout
+    assert (await models.get(pool, adapter.id)).metrics["live"]["wins"] == 2
+
+    unknown = hps("adapt", "eval", "nope", env=env)
+    assert unknown.returncode == 1 and "no sd_adapter version 'nope'" in unknown.stderr
+    missing = hps("adapt", "run", "--name", "r1", "--regularization-data",
+                  str(tmp_path / "absent"), env=env)  # fmt: skip
+    assert missing.returncode == 1 and "no regularization data at" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "data" / "runs").exists()

@@ -16,7 +16,8 @@ mixed-precision dtype, the LoRA weights train in float32 (a bf16 weight would no
 updates of a 1e-5 learning rate). `accelerate launch` runs the same function on several
 GPUs; on the CPU it runs in float32.
 
-Outputs in `out_dir`: `metrics.jsonl` (one line per optimizer step: loss, learning rate),
+Outputs in `out_dir`: `metrics.jsonl` (one line per optimizer step: loss, learning rate,
+seconds since this attempt's loop started),
 `checkpoints/checkpoint-<step>/` (resumable; each also a loadable LoRA folder),
 `validation/step-<step>/` (images: the prompt as is, with the identifier before it, and
 with the identifier as negative prompt, the same seeds each) and `adapter/`.
@@ -338,6 +339,7 @@ def train_lora(
         unit="step",
     )
     prediction = noise_scheduler.config.prediction_type
+    loop_started = time.monotonic()
     with bar:
         for epoch in range(first_epoch, epochs):
             if step >= recipe.max_train_steps:
@@ -385,7 +387,10 @@ def train_lora(
                 recent = [*recent[-99:], step_loss]
                 lr = lr_scheduler.get_last_lr()[0]
                 if main:
-                    record_step(metrics, {"step": step, "loss": step_loss, "lr": lr})
+                    elapsed = round(time.monotonic() - loop_started, 4)
+                    record_step(
+                        metrics, {"step": step, "loss": step_loss, "lr": lr, "elapsed": elapsed}
+                    )
                 bar.update(1, loss=step_loss)
                 at_checkpoint = step % recipe.checkpointing_steps == 0
                 if main and (at_checkpoint or step == recipe.max_train_steps):

@@ -208,11 +208,24 @@ class ScheduleSettings(Section):
     close_stale_rounds: str | None = Field(
         "*/5 * * * *", description="Cron of closing rounds past their TTL; empty = off."
     )
+    score_images: str | None = Field(
+        "*/10 * * * *",
+        description="Cron of scoring served images with the serving HPS model; empty = off.",
+    )
+    score_images_batch: int = Field(
+        2000, ge=1, description="Images one score_images job scores at most."
+    )
 
 
 class WorkerSettings(Section):
     kinds: list[str] = Field(
-        default_factory=lambda: ["generate", "score", "train_classifier", "adapt_sd"],
+        default_factory=lambda: [
+            "generate",
+            "score",
+            "score_images",
+            "train_classifier",
+            "adapt_sd",
+        ],
         description="Job kinds this worker takes.",
     )
     lease_seconds: int = Field(

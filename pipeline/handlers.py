@@ -42,6 +42,7 @@ from hps.store import ImageStore
 HANDLERS: dict[str, str] = {
     "generate": "pipeline.generate:handle_generate",
     "score": "pipeline.score:handle_score",
+    "score_images": "pipeline.score:handle_score_images",
     "train_classifier": "pipeline.train_classifier:handle_train_classifier",
     "adapt_sd": "pipeline.adapt.run:handle_adapt_sd",
 }

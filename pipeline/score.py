@@ -1,8 +1,12 @@
-"""The `score` job: the HPS of stored images for a prompt, by the serving classifier.
+"""Scoring jobs, by the serving HPS classifier (kept in the worker's cache until another
+version serves):
 
-Payload `{"prompt": str, "image_keys": [image-store keys]}`; result
-`{"scores": [float, ...], "scale": "hps", "model": <version name or configured model>}`.
-The loaded model stays in the worker's cache until another version serves.
+- `score` (the bot's /score): payload `{"prompt": str, "image_keys": [image-store keys]}`;
+  result `{"scores": [float, ...], "scale": "hps", "model": <version or configured model>}`.
+- `score_images` (scheduled): scores up to `limit` shown images that have no score yet with
+  their round's prompt and stores the scores with the classifier version that gave them
+  (`images.hps_score`, `hps_version_id`), so reports and analysts can compare the images
+  each model version served. Result `{"scored": n, "missing": n, "model": ...}`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
+from db import images as db_images
 from db.connect import Executor
 from hps.settings import Settings
 from hps.store import StoreError
@@ -64,3 +69,34 @@ async def handle_score(ctx: JobContext) -> dict[str, Any]:
     except ImageError as exc:
         raise PermanentError(f"cannot score {exc}") from None
     return {"scores": scores, "scale": SCALE, "model": model.name}
+
+
+async def handle_score_images(ctx: JobContext) -> dict[str, Any]:
+    limit = ctx.job.payload.get("limit", ctx.settings.schedules.score_images_batch)
+    if not isinstance(limit, int) or limit < 1:
+        raise PermanentError("score_images payload 'limit' must be a positive integer")
+    pending = await db_images.unscored_images(ctx.pool, limit)
+    _, label, version = await registry.serving_model(ctx.pool, ctx.settings)
+    if not pending:
+        return {"scored": 0, "missing": 0, "model": label}
+    try:
+        model = await serving_scorer(ctx.pool, ctx.settings, ctx.cache)
+    except ModelLoadError as exc:
+        raise PermanentError(f"the HPS model cannot be loaded: {exc}") from None
+    found, missing = [], 0
+    for image in pending:
+        try:
+            found.append((image, ctx.store.get(image.storage_key)))
+        except StoreError:
+            missing += 1  # its file is gone (restored database without the store?): skip
+    if missing:
+        ctx.log.warning("%d image file(s) missing from the store", missing)
+    scores = await asyncio.to_thread(
+        model.score, [image.prompt for image, _ in found], [data for _, data in found]
+    )
+    await db_images.set_scores(
+        ctx.pool,
+        {image.id: score for (image, _), score in zip(found, scores, strict=True)},
+        version.id if version else None,
+    )
+    return {"scored": len(found), "missing": missing, "model": model.name}

@@ -89,14 +89,15 @@ async def set_scores(db: Executor, scores: dict[int, float], hps_version_id: int
     await db.execute(SET_SCORES_SQL, list(scores), list(scores.values()), hps_version_id)
 
 
-# Shown images (never safety-flagged ones) of generated or imported rounds without a score.
+# Shown images (never safety-flagged ones) without a score, newest first: fresh images are
+# scored first, and an old image whose file is missing never holds the others up.
 UNSCORED_IMAGES_SQL = """
 SELECT i.id, i.storage_key, p.text AS prompt
 FROM images i
 JOIN rounds r ON r.id = i.round_id
 JOIN prompts p ON p.id = r.prompt_id
 WHERE i.hps_score IS NULL AND NOT i.nsfw
-ORDER BY i.id
+ORDER BY i.id DESC
 LIMIT $1
 """
 
@@ -109,7 +110,7 @@ class UnscoredImage:
 
 
 async def unscored_images(db: Executor, limit: int) -> list[UnscoredImage]:
-    """Up to `limit` shown images with no HPS score yet, oldest first."""
+    """Up to `limit` shown images with no HPS score yet, newest first."""
     return [UnscoredImage(**dict(r)) for r in await db.fetch(UNSCORED_IMAGES_SQL, limit)]
 
 

@@ -48,6 +48,7 @@ from pipeline.data import HPD_FILES, HPD_IMAGES, DatasetError, HPDRecord, assign
 log = logging.getLogger(__name__)
 
 FORMATS = ("hpd", "parquet", "pickapic", "hf")
+IMAGE_BATCH_ROWS = 128
 _SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 
 
@@ -155,6 +156,10 @@ async def export_dataset(
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _prepare_target(out)
+    if fmt == "hf" or with_images:
+        # Rows carry image bytes (a few MB each): keep a batch, and the next one read
+        # meanwhile, small enough to stay bounded in memory.
+        batch_size = min(batch_size, IMAGE_BATCH_ROWS)
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
     bar = tqdm(desc=f"export {fmt}", unit="choice", disable=not progress)
     if fmt == "hpd":

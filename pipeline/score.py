@@ -17,6 +17,7 @@ from typing import Any
 
 from db import images as db_images
 from db.connect import Executor
+from db.models import ModelVersion
 from hps.settings import Settings
 from hps.store import StoreError
 from pipeline import registry
@@ -28,17 +29,20 @@ log = logging.getLogger(__name__)
 CACHE_KEY = "hps_scorer"
 
 
-async def serving_scorer(db: Executor, settings: Settings, cache: dict[str, Any]) -> HPSModel:
-    """The serving HPS model, loaded once and kept in `cache` while it keeps serving."""
+async def serving_scorer(
+    db: Executor, settings: Settings, cache: dict[str, Any]
+) -> tuple[HPSModel, ModelVersion | None]:
+    """The serving HPS model and its version (None: the configured model), loaded once and
+    kept in `cache` while it keeps serving."""
     spec, label, version = await registry.serving_model(db, settings)
     identity = (spec, label, version.sha256 if version else None)
     cached = cache.get(CACHE_KEY)
     if cached is not None and cached[0] == identity:
-        return cached[1]
+        return cached[1], version
     log.info("loading the HPS model %s", label)
     model = await asyncio.to_thread(registry.load_spec, spec, settings, label)
     cache[CACHE_KEY] = (identity, model)
-    return model
+    return model, version
 
 
 def _payload(payload: Any) -> tuple[str, list[str]]:
@@ -59,7 +63,7 @@ async def handle_score(ctx: JobContext) -> dict[str, Any]:
     except StoreError as exc:
         raise PermanentError(f"cannot score: {exc}") from None
     try:
-        model = await serving_scorer(ctx.pool, ctx.settings, ctx.cache)
+        model, _ = await serving_scorer(ctx.pool, ctx.settings, ctx.cache)
     except ModelLoadError as exc:
         raise PermanentError(f"the HPS model cannot be loaded: {exc}") from None
     try:
@@ -76,27 +80,26 @@ async def handle_score_images(ctx: JobContext) -> dict[str, Any]:
     if not isinstance(limit, int) or limit < 1:
         raise PermanentError("score_images payload 'limit' must be a positive integer")
     pending = await db_images.unscored_images(ctx.pool, limit)
-    _, label, version = await registry.serving_model(ctx.pool, ctx.settings)
     if not pending:
-        return {"scored": 0, "missing": 0, "model": label}
+        return {"scored": 0, "missing": 0, "model": None}
     try:
-        model = await serving_scorer(ctx.pool, ctx.settings, ctx.cache)
+        model, version = await serving_scorer(ctx.pool, ctx.settings, ctx.cache)
     except ModelLoadError as exc:
         raise PermanentError(f"the HPS model cannot be loaded: {exc}") from None
-    found, missing = [], 0
-    for image in pending:
-        try:
-            found.append((image, ctx.store.get(image.storage_key)))
-        except StoreError:
-            missing += 1  # its file is gone (restored database without the store?): skip
+
+    def work() -> tuple[dict[int, float], int]:
+        found: list[tuple[db_images.UnscoredImage, bytes]] = []
+        for image in pending:
+            try:
+                found.append((image, ctx.store.get(image.storage_key)))
+            except StoreError:
+                pass  # its file is gone (a database restored without the store?): skip it
+        scores = model.score([i.prompt for i, _ in found], [data for _, data in found])
+        by_id = {i.id: score for (i, _), score in zip(found, scores, strict=True)}
+        return by_id, len(pending) - len(found)
+
+    scores, missing = await asyncio.to_thread(work)
     if missing:
-        ctx.log.warning("%d image file(s) missing from the store", missing)
-    scores = await asyncio.to_thread(
-        model.score, [image.prompt for image, _ in found], [data for _, data in found]
-    )
-    await db_images.set_scores(
-        ctx.pool,
-        {image.id: score for (image, _), score in zip(found, scores, strict=True)},
-        version.id if version else None,
-    )
-    return {"scored": len(found), "missing": missing, "model": model.name}
+        ctx.log.warning("%d image file(s) missing from the store: left unscored", missing)
+    await db_images.set_scores(ctx.pool, scores, version.id if version else None)
+    return {"scored": len(scores), "missing": missing, "model": model.name}

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from db import models, rounds, users
+from db import jobs, models, rounds, users
 from db.choices import record_choice
 from db.connect import Executor
 from db.images import images_of_round, set_scores
 from tests.factories import fake_image
 
+MAINTAINER = "discord:912345678901234567"  # how actions are attributed
 DAY1 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)
 DAY3 = DAY1 + timedelta(days=2)
@@ -94,7 +95,7 @@ async def seed(db: Executor) -> dict[str, int]:
         db, kind="sd_adapter", name="sd_adapter-ab", artifact="/models/sd_adapter-ab",
         parent_id=base.id, metrics={"offline": {"win_rate": 0.61}},
     )  # fmt: skip
-    await models.start_testing(db, adapter.id, actor="seed")
+    await models.start_testing(db, adapter.id, actor=MAINTAINER)
     c1 = await models.register(
         db, kind="classifier", name="classifier-a", artifact="/models/classifier-a",
         metrics=_metrics(0.405, 0.338, 0.476, 0.330),
@@ -103,8 +104,8 @@ async def seed(db: Executor) -> dict[str, int]:
         db, kind="classifier", name="classifier-b", artifact="/models/classifier-b",
         parent_id=c1.id, metrics=_metrics(0.435, 0.367, 0.506, 0.330),
     )  # fmt: skip
-    await models.promote(db, c1.id, actor="seed")
-    await models.promote(db, c2.id, actor="seed")
+    await models.promote(db, c1.id, actor=MAINTAINER)
+    await models.promote(db, c2.id, actor=MAINTAINER)
     b, a = base.id, adapter.id
     ids: dict[str, int] = {}
 
@@ -132,7 +133,7 @@ async def seed(db: Executor) -> dict[str, int]:
             prompt=f"a lighthouse in a storm, style {i}", versions=mixed,
             scores=[22.0, 24.0 + i * 0.5, 21.5, 23.5], verdict=verdict, position=position,
         )  # fmt: skip
-    await users.ban(db, 301, shadow=True, reason="vote brigading", actor="seed")
+    await users.ban(db, 301, shadow=True, reason="vote brigading", actor=MAINTAINER)
     await record_choice(db, round_id=ids["day2_0"], discord_user_id=301, verdict="pick", position=1)
     for i, position in enumerate((2, 3)):
         ids[f"day3_{i}"] = await _round(
@@ -140,6 +141,10 @@ async def seed(db: Executor) -> dict[str, int]:
             prompt=f"an astronaut riding a horse {i}", versions=mixed,
             scores=[21.0, 23.0, 22.5, 22.0], verdict="pick", position=position,
         )  # fmt: skip
+    await jobs.enqueue_training(db, "classifier", requested_by=MAINTAINER)
+    await jobs.enqueue(
+        db, "score", {"prompt": "my secret idea", "image_keys": []}, requested_by="discord:101"
+    )
     failed = await rounds.create_round(db, requester_discord_id=102, prompt="a blue ball", k=4)
     await rounds.start_generating(db, failed.round.id)
     await rounds.fail_round(db, failed.round.id, "the safety checker flagged 3 of 4 images")

@@ -75,3 +75,29 @@ async def test_the_analyst_role_cannot_read_discord_ids(pool) -> None:  # type: 
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             async with conn.transaction():
                 await conn.execute("UPDATE choices SET verdict = 'tie'")
+
+
+READABLE_COLUMNS_SQL = """
+SELECT c.table_name, c.column_name
+FROM information_schema.columns c
+WHERE c.table_schema = 'public'
+  AND has_column_privilege('hps_analyst', format('%I', c.table_name), c.column_name, 'SELECT')
+ORDER BY c.table_name, c.ordinal_position
+"""
+
+
+async def test_nothing_the_analyst_role_reads_holds_a_discord_id(pool) -> None:  # type: ignore[no-untyped-def]
+    """Every column hps_analyst may read, in every table and view, as text: no Discord id
+    and no `discord:<id>` attribution (the maintainer's, the users', the /score prompt)."""
+    from tests.seed import MAINTAINER
+
+    await seed(pool)
+    columns = await pool.fetch(READABLE_COLUMNS_SQL)
+    assert {"choices_flat", "users", "jobs", "model_events"} <= {c["table_name"] for c in columns}
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL ROLE hps_analyst")
+        for table, column in columns:
+            text = await conn.fetchval(f'SELECT string_agg("{column}"::text, \' \') FROM "{table}"')
+            assert "discord:" not in (text or ""), (table, column)
+            assert MAINTAINER.removeprefix("discord:") not in (text or ""), (table, column)
+            assert "my secret idea" not in (text or ""), (table, column)

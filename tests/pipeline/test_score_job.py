@@ -115,7 +115,7 @@ async def test_score_images_scores_each_shown_unscored_image_once(
     assert stored[2].hps_score is None  # safety-flagged images are never scored
     assert await count_unscored(pool) == 0
     again = await handle(JobContext(job, settings, pool, store, "w", "cpu", cache))
-    assert again["scored"] == 0
+    assert again == {"scored": 0, "missing": 0, "model": None}
     with pytest.raises(PermanentError, match="positive integer"):
         bad, _ = await jobs.enqueue(pool, "score_images", {"limit": "all"})
         await handle(JobContext(bad, settings, pool, store, "w", "cpu", cache))

@@ -96,6 +96,19 @@ def test_splits_are_by_prompt_and_keep_a_declared_test_split(colour_hpd: Path) -
     } == {"train", "val"}
 
 
+def test_a_prompt_declared_test_anywhere_is_test_everywhere() -> None:
+    from pipeline.data import Example, one_side_per_prompt
+
+    def example(key: str, group: str, split: str) -> Example:
+        return Example("p", ("a", "b"), 0, split, key, group)
+
+    settled = one_side_per_prompt(
+        [example("hpd:1", "g1", "test"), example("choice:7", "g1", "train"),
+         example("choice:8", "g2", "val"), example("choice:9", "g2", "val")]
+    )  # fmt: skip
+    assert [e.split for e in settled] == ["test", "test", "val", "val"]
+
+
 def test_only_the_last_blocks_of_each_tower_train(tmp_path: Path) -> None:
     clip, _ = tiny_clip(tmp_path)
     trainable = freeze_lower_blocks(clip, image_blocks=1, text_blocks=1)

@@ -7,8 +7,9 @@ Views (documented with worked queries in docs/analysts.md): `rounds_daily`,
 `choices_flat` (0001) stays the one-row-per-choice view.
 
 `hps_analyst` is a group role without login: it may read the views and the tables, except
-the columns holding raw Discord ids (users.discord_id, rounds.guild_id/channel_id/message_id),
-which a database owner can grant separately. Roles are cluster-wide, so creation is
+the columns holding Discord ids (users.discord_id and banned_by, rounds.guild_id/channel_id/
+message_id, jobs.requested_by and payload, model_events.actor), which a database owner can
+grant separately. Roles are cluster-wide, so creation is
 idempotent and the downgrade drops the role only when no other database uses it.
 
 Revision ID: 0003
@@ -155,10 +156,13 @@ WHERE v.kind = 'classifier'
 """,
 }
 
-# Columns that identify people or places on Discord: not readable by hps_analyst.
+# Columns that identify people or places on Discord (ids, and `discord:<id>` actor strings):
+# not readable by hps_analyst. Jobs' payloads may hold a /score prompt and who asked.
 RESTRICTED = {
-    "users": ["discord_id"],
+    "users": ["discord_id", "banned_by"],
     "rounds": ["guild_id", "channel_id", "message_id"],
+    "jobs": ["requested_by", "payload"],
+    "model_events": ["actor"],
 }
 READABLE_TABLES = [
     "users",

@@ -293,6 +293,31 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_group(
     assert result.initial is None  # no test examples given
 
 
+def test_a_cancelled_run_stops_at_its_next_step(colour_hpd: Path, tmp_path: Path) -> None:
+    """A worker giving a job up sets the event; the training thread stops within a step
+    instead of training on for hours."""
+    import threading
+
+    from pipeline.handlers import Cancelled
+
+    _, config_file = tiny_clip(tmp_path)
+    examples = [e for e in examples_from_folder(colour_hpd) if e.split != "test"][:60]
+    config = TrainConfig(base=ModelSpec(str(config_file)), **{**FAST, "epochs": 3})
+    cancelled = threading.Event()
+    with pytest.raises(Cancelled, match="training cancelled at step"):
+        train(examples, config, tmp_path / "run", read_path, progress=False,
+              on_epoch=lambda record: cancelled.set(), cancelled=cancelled)  # fmt: skip
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 1  # epoch 1 ran; epoch 2 stopped at its first step
+
+
+def test_training_follows_the_configured_device(tmp_path: Path) -> None:
+    from hps.settings import load_settings
+
+    settings = load_settings(models={"device": "cpu"})
+    assert TrainConfig.from_settings(settings).device == "cpu"
+
+
 def test_accuracy_report_counts_top1_pairs_ties_and_intervals() -> None:
     def example(k: int, chosen: int | None, key: str) -> Example:
         return Example("p", tuple(f"{key}-{i}" for i in range(k)), chosen, "test", key, "g")

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
-#   docker build --target bot    -t hps-bot .     # bot, scheduler, migrations, exports: no torch
+#   docker build --target bot    -t hps-bot .     # bot, scheduler, migrations: no torch
 #   docker build --target worker -t hps-worker .  # GPU worker: torch with its CUDA libraries
 # Both run the `hps` CLI; the command is the sub-command (`bot`, `scheduler`, `worker`, ...).
 

@@ -53,12 +53,12 @@ class NotMaintainer(app_commands.CheckFailure):
 
 
 def is_maintainer(interaction: discord.Interaction) -> bool:
-    """A member with one of the configured maintainer roles; with none configured, a member
-    with the Manage Server permission (the commands' default permission)."""
+    """A member with one of the configured maintainer roles. With none configured nobody is
+    a maintainer: Manage Server alone is not enough, since the bot may sit in servers whose
+    admins must not promote models or ban users platform-wide. Role ids are unique across
+    Discord, so a role also pins the server it belongs to."""
     user = interaction.user
     if not isinstance(user, discord.Member):
         return False
     role_ids = interaction.client.settings.discord.maintainer_role_ids  # type: ignore[attr-defined]
-    if role_ids:
-        return any(role.id in role_ids for role in user.roles)
-    return interaction.permissions.manage_guild
+    return any(role.id in role_ids for role in user.roles)

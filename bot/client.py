@@ -113,6 +113,11 @@ class HPSBot(commands.AutoShardedBot):
                 log.exception("failed to load %s; the other features go on", extension)
                 self.failed_extensions.append(extension)
         self.add_dynamic_items(*views.DYNAMIC_ITEMS)
+        if not self.settings.discord.maintainer_role_ids:
+            log.warning(
+                "no maintainer roles configured (discord.maintainer_role_ids): "
+                "maintainer commands refuse everyone"
+            )
         self.listener = NotificationListener(
             url,
             [ROUNDS_CHANNEL, JOB_DONE_CHANNEL, MODELS_CHANNEL],

@@ -89,6 +89,41 @@ async def set_scores(db: Executor, scores: dict[int, float], hps_version_id: int
     await db.execute(SET_SCORES_SQL, list(scores), list(scores.values()), hps_version_id)
 
 
+# Shown images (never safety-flagged ones) without a score, newest first: fresh images are
+# scored first, and an old image whose file is missing never holds the others up.
+UNSCORED_IMAGES_SQL = """
+SELECT i.id, i.storage_key, p.text AS prompt
+FROM images i
+JOIN rounds r ON r.id = i.round_id
+JOIN prompts p ON p.id = r.prompt_id
+WHERE i.hps_score IS NULL AND NOT i.nsfw
+ORDER BY i.id DESC
+LIMIT $1
+"""
+
+
+@dataclass(frozen=True)
+class UnscoredImage:
+    id: int
+    storage_key: str
+    prompt: str
+
+
+async def unscored_images(db: Executor, limit: int) -> list[UnscoredImage]:
+    """Up to `limit` shown images with no HPS score yet, newest first."""
+    return [UnscoredImage(**dict(r)) for r in await db.fetch(UNSCORED_IMAGES_SQL, limit)]
+
+
+COUNT_UNSCORED_SQL = """
+SELECT count(*) FROM (SELECT FROM images WHERE hps_score IS NULL AND NOT nsfw LIMIT $1) AS s
+"""
+
+
+async def count_unscored(db: Executor, up_to: int = 1) -> int:
+    """How many shown images lack a score (counting stops at `up_to`)."""
+    return await db.fetchval(COUNT_UNSCORED_SQL, up_to)
+
+
 # A key is still in use while an image row names it or a pending job's payload lists it
 # (a /score upload waiting for its worker).
 UNREFERENCED_KEYS_SQL = """

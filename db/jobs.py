@@ -368,6 +368,23 @@ async def cancel(db: Executor, job_ids: list[int]) -> list[int]:
 async def _notify_done(conn: Executor, job: Job) -> None:
     payload = json.dumps({"id": job.id, "kind": job.kind, "state": job.state})
     await conn.execute(NOTIFY_SQL, JOB_DONE_CHANNEL, payload)
+    if job.state == "dead" and job.kind == "generate":
+        await _fail_round_of(conn, job)
+
+
+async def _fail_round_of(conn: Executor, job: Job) -> None:
+    """A generate job that died (attempts spent, or its last worker vanished) fails its round
+    in the same transaction, so the requester sees the failure and a retry button instead of
+    a round that waits forever (and counts against their in-flight limit)."""
+    from db import rounds  # rounds imports this module
+
+    round_id = job.payload.get("round_id")
+    if isinstance(round_id, int):
+        await rounds.fail_round(
+            conn,
+            round_id,
+            f"Generation failed after {job.attempts} attempt(s). You can retry it.",
+        )
 
 
 QUEUE_POSITION_SQL = """

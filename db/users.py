@@ -5,6 +5,8 @@ Forgetting a user (our documented choice: deletion, not pseudonymisation), in on
 - every round the user requested is deleted with its images' rows and the votes others cast
   on it (the prompt text is the user's content); prompts no other round uses are deleted;
   queued generate jobs of those rounds are cancelled;
+- their Discord id is scrubbed from jobs they asked for (and a /score prompt with it) and
+  from the actor of bans and model events they made;
 - the user row stays as a tombstone (so user counts stay right) with a fresh pseudonym,
   `forgotten_at` set and the Discord id removed, except for a banned or shadow-banned user,
   whose Discord id is kept so that forgetting cannot be used to shed a ban.
@@ -147,6 +149,20 @@ DELETE FROM prompts p
 WHERE p.id = ANY($1::bigint[]) AND NOT EXISTS (SELECT FROM rounds r WHERE r.prompt_id = p.id)
 """
 
+# Who asked for a job or acted on a model or a ban is recorded as `discord:<id>`: scrub it
+# (and a /score prompt kept in a job's payload).
+SCRUB_JOBS_SQL = """
+UPDATE jobs SET requested_by = NULL, payload = payload - 'prompt' - 'requested_by'
+WHERE requested_by = 'discord:' || $1::bigint OR payload->>'requested_by' = 'discord:' || $1::bigint
+"""
+
+SCRUB_ACTORS_SQL = """
+WITH bans AS (
+    UPDATE users SET banned_by = 'a forgotten user' WHERE banned_by = 'discord:' || $1::bigint
+)
+UPDATE model_events SET actor = 'a forgotten user' WHERE actor = 'discord:' || $1::bigint
+"""
+
 TOMBSTONE_SQL = """
 UPDATE users
 SET discord_id = CASE WHEN banned OR shadow_banned THEN discord_id END,
@@ -170,6 +186,8 @@ async def forget_user(db: Executor, discord_id: int) -> ForgetResult | None:
         await conn.execute(CANCEL_ROUND_JOBS_SQL, round_ids)
         await conn.execute(DELETE_ROUNDS_SQL, round_ids)
         await conn.execute(DELETE_ORPHAN_PROMPTS_SQL, list({r["prompt_id"] for r in rounds}))
+        await conn.execute(SCRUB_JOBS_SQL, discord_id)
+        await conn.execute(SCRUB_ACTORS_SQL, discord_id)
         orphaned = await images.unreferenced_keys(conn, keys)
         await conn.execute(TOMBSTONE_SQL, user_id)
         return ForgetResult(user_id, choices, events, len(round_ids), orphaned)

@@ -66,6 +66,9 @@ class RedactingFilter(logging.Filter):
         scrubbed = self._scrub(message)
         if scrubbed != message:
             record.msg, record.args = scrubbed, None
+        for key, value in _extras(record).items():
+            if isinstance(value, str):
+                setattr(record, key, self._scrub(value))
         if record.exc_info and record.exc_info[1] is not None:
             text = logging.Formatter().formatException(record.exc_info)
             if text != self._scrub(text):

@@ -9,10 +9,11 @@ Environment variables win over the file, the file over the defaults.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -332,18 +333,30 @@ class ScheduleSettings(Section):
         "*/10 * * * *",
         description="Cron of the live review of adapters in A/B testing; empty = off.",
     )
+    score_images: str | None = Field(
+        "*/10 * * * *",
+        description="Cron of scoring served images with the serving HPS model; empty = off.",
+    )
+    score_images_batch: int = Field(
+        2000, ge=1, description="Images one score_images job scores at most."
+    )
 
 
 class WorkerSettings(Section):
     kinds: list[str] = Field(
-        default_factory=lambda: ["generate", "score", "train_classifier", "adapt_sd"],
+        default_factory=lambda: [
+            "generate",
+            "score",
+            "score_images",
+            "train_classifier",
+            "adapt_sd",
+        ],
         description="Job kinds this worker takes.",
     )
     lease_seconds: int = Field(
         120, ge=5, description="A job whose worker misses heartbeats this long is taken again."
     )
     heartbeat_seconds: int = Field(20, ge=1, description="Seconds between heartbeats.")
-    max_attempts: int = Field(3, ge=1, description="Attempts before a job goes to dead-letter.")
     poll_seconds: float = Field(5.0, gt=0, description="Poll interval when no NOTIFY arrives.")
     concurrency: int = Field(1, ge=1, le=64, description="Jobs one worker runs at once.")
     backoff_seconds: float = Field(
@@ -447,9 +460,9 @@ class Settings(BaseSettings):
         if self.discord.token is not None:
             values.append(self.discord.token.get_secret_value())
         if self.database_url is not None:
-            password = urlsplit(self.database_url.get_secret_value()).password
-            if password:
-                values.append(password)
+            parts = urlsplit(self.database_url.get_secret_value())
+            values.append(parts.password or "")
+            values.extend(parse_qs(parts.query).get("password", []))  # libpq's ?password=
         return [v for v in values if v]
 
     def redacted(self) -> dict[str, Any]:
@@ -463,13 +476,13 @@ class Settings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by `***`."""
+    """The URL with its password (in the user part, or libpq's `?password=`) as `***`."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[-1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit(parts._replace(query=query))
 
 
 def _setting_name(loc: tuple[Any, ...]) -> str:

@@ -56,6 +56,14 @@ def assign_split(
     return "train"
 
 
+def one_side_per_prompt(examples: list[Example]) -> list[Example]:
+    """A prompt with any test example is test everywhere. The hash alone already keeps a
+    prompt on one side, but a dataset's declared test split can put a prompt in test that
+    other rounds (a live /dream, the other file of a dataset) would place in train."""
+    tested = {e.group for e in examples if e.split == "test"}
+    return [replace(e, split="test") if e.group in tested else e for e in examples]
+
+
 def weight_by_prompt(examples: Sequence[Example]) -> list[Example]:
     """Weight each example 1/(examples of its prompt in its split), rescaled to a mean of 1
     per split, so that prolific prompts do not dominate and the loss scale stays put."""
@@ -97,7 +105,7 @@ async def examples_from_db(
         )
         for c in choices
     ]
-    return weight_by_prompt(examples)
+    return weight_by_prompt(one_side_per_prompt(examples))
 
 
 class DatasetError(Exception):
@@ -223,7 +231,7 @@ def examples_from_folder(
                 group=group,
             )
         )
-    return weight_by_prompt(examples)
+    return weight_by_prompt(one_side_per_prompt(examples))
 
 
 def split_counts(examples: Sequence[Example]) -> dict[str, int]:

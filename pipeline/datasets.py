@@ -14,7 +14,10 @@ memory stays bounded however many choices there are:
   parameters, timestamps, pseudonymous user ids;
 - `pickapic`: `pairs.parquet` in the Pick-a-Pic layout (caption, image_0_uid/image_1_uid,
   label_0/label_1 with 0.5/0.5 for ties, model_0/model_1, user_id, ranking_id), optionally
-  with the image bytes as `jpg_0`/`jpg_1` as PickScore and Diffusion-DPO read them.
+  with the image bytes as `jpg_0`/`jpg_1` as PickScore and Diffusion-DPO read them;
+- `hf`: a Hugging Face `datasets` folder with the images in it (Parquet shards per split
+  under `data/` whose schema carries the `datasets` features, and a dataset card), which
+  `datasets.load_dataset(OUT)` loads as train/validation/test with decoded images.
 Users appear only by pseudonym; flagged choices and banned, shadow-banned and forgotten
 users' choices are never exported (`db.datasets`).
 """
@@ -44,7 +47,8 @@ from pipeline.data import HPD_FILES, HPD_IMAGES, DatasetError, HPDRecord, assign
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hpd", "parquet", "pickapic")
+FORMATS = ("hpd", "parquet", "pickapic", "hf")
+IMAGE_BATCH_ROWS = 128
 _SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 
 
@@ -152,6 +156,10 @@ async def export_dataset(
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _prepare_target(out)
+    if fmt == "hf" or with_images:
+        # Rows carry image bytes (a few MB each): keep a batch, and the next one read
+        # meanwhile, small enough to stay bounded in memory.
+        batch_size = min(batch_size, IMAGE_BATCH_ROWS)
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
     bar = tqdm(desc=f"export {fmt}", unit="choice", disable=not progress)
     if fmt == "hpd":
@@ -160,6 +168,9 @@ async def export_dataset(
         all_choosers = False  # HPD records are one requester's pick per round
     elif fmt == "parquet":
         writer = _ParquetWriter(out / "choices.parquet", _choice_table, CHOICES_SCHEMA, fractions)
+        verdicts = ("pick", "tie", "none")
+    elif fmt == "hf":
+        writer = _HFWriter(out, store, fractions)
         verdicts = ("pick", "tie", "none")
     else:
         schema = PAIRS_SCHEMA_WITH_IMAGES if with_images else PAIRS_SCHEMA
@@ -415,3 +426,114 @@ class _HPDWriter(_Writer):
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+
+# Columns copied as they come from the export query (the rest are derived).
+_HF_COPIED = (
+    *("choice_id", "round_id", "prompt", "negative_prompt", "user_id", "is_requester"),
+    *("verdict", "image_keys", "seeds", "params", "created_at"),
+)
+# The Hugging Face split of each of our splits.
+_HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+_HF_CARD = """---
+configs:
+- config_name: default
+  data_files:
+{files}
+license: other
+task_categories:
+- text-to-image
+tags:
+- human-preference
+---
+# HPS choice platform export
+
+Choices people made between generated images, exported by `hps export --format hf`.
+One row per choice: the prompt, the images shown (in the order shown), the verdict (`pick`
+with `chosen_index` into `images`, `tie` for "can't decide", `none` for "none of these"),
+the model version that made each image, seeds and generation parameters. Users appear only
+by pseudonym (`user_id`); flagged choices and banned, shadow-banned and forgotten users'
+choices are not included. Load it with `datasets.load_dataset("<this folder>")`.
+
+Rows: {counts}.
+"""
+
+
+class _HFWriter(_Writer):
+    """A `datasets`-loadable folder: `data/<split>-00000-of-00001.parquet` with the
+    features in the Parquet schema (so images decode), and `README.md` naming the splits."""
+
+    def __init__(self, out: Path, store: ImageStore, fractions: dict) -> None:
+        from datasets import Features, Image, List, Value
+
+        self.out, self.store, self.fractions = out, store, fractions
+        self.features = Features(
+            {
+                "choice_id": Value("int64"),
+                "round_id": Value("int64"),
+                "prompt": Value("string"),
+                "negative_prompt": Value("string"),
+                "user_id": Value("string"),
+                "is_requester": Value("bool"),
+                "verdict": Value("string"),
+                "chosen_index": Value("int16"),
+                "images": List(Image()),
+                "image_keys": List(Value("string")),
+                "model_versions": List(Value("string")),
+                "seeds": List(Value("int64")),
+                "params": Value("string"),
+                "created_at": Value("timestamp[us, tz=UTC]"),
+            }
+        )
+        self.schema = self.features.arrow_schema
+        (out / "data").mkdir()
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.counts: dict[str, int] = {}
+
+    def _writer(self, split: str) -> pq.ParquetWriter:
+        if split not in self.writers:
+            path = self.out / "data" / f".{split}-00000-of-00001.parquet.tmp"
+            self.writers[split] = pq.ParquetWriter(path, self.schema, compression="zstd")
+            self.counts[split] = 0
+        return self.writers[split]
+
+    def write(self, batch: list[Any]) -> None:
+        by_split: dict[str, list[Any]] = {}
+        for row in batch:
+            by_split.setdefault(_HF_SPLITS[_split(row, **self.fractions)], []).append(row)
+        for split, rows in by_split.items():
+            table = self._table(rows)
+            self._writer(split).write_table(table)
+            self.counts[split] += table.num_rows
+            self.rows += table.num_rows
+
+    def _table(self, rows: list[Any]) -> pa.Table:
+        columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in _HF_COPIED}
+        columns["model_versions"] = [row["models"] for row in rows]
+        columns["chosen_index"] = [
+            None if r["chosen_position"] is None else r["positions"].index(r["chosen_position"])
+            for r in rows
+        ]
+        columns["images"] = [
+            [{"bytes": self.store.get(key), "path": Path(key).name} for key in row["image_keys"]]
+            for row in rows
+        ]
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+    def close(self) -> Path:
+        files = []
+        for split, writer in self.writers.items():
+            writer.close()
+            name = f"{split}-00000-of-00001.parquet"
+            os.replace(self.out / "data" / f".{name}.tmp", self.out / "data" / name)
+            files.append(f"  - split: {split}\n    path: data/{split}-*.parquet")
+        counts = ", ".join(f"{split} {n}" for split, n in sorted(self.counts.items())) or "none"
+        card = _HF_CARD.replace("{files}", "\n".join(files)).replace("{counts}", counts)
+        (self.out / "README.md").write_text(card)
+        return self.out
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        shutil.rmtree(self.out / "data", ignore_errors=True)

@@ -98,6 +98,19 @@ def accuracy_report(
     }
 
 
+class _Read(Sequence):
+    """Image references that read their image when indexed (in the DataLoader)."""
+
+    def __init__(self, refs: list[str], read: Reader) -> None:
+        self.refs, self.read = refs, read
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+        return self.read(self.refs[index])
+
+
 def score_examples(
     model: HPSModel,
     examples: Sequence[Example],
@@ -106,9 +119,10 @@ def score_examples(
     batch_size: int = 32,
     num_workers: int = 0,
 ) -> list[list[float]]:
-    """The model's scores of each example's images (one batched pass)."""
+    """The model's scores of each example's images (one batched pass; images are read as
+    they are decoded, so memory does not grow with the number of examples)."""
     prompts = [e.prompt for e in examples for _ in e.images]
-    images = [read(ref) for e in examples for ref in e.images]
+    images = _Read([ref for e in examples for ref in e.images], read)
     flat = model.score(prompts, images, batch_size=batch_size, num_workers=num_workers)
     scores, start = [], 0
     for e in examples:

@@ -18,7 +18,7 @@ kinds it takes (a CPU-only worker for `score` never imports diffusers).
 - `LeaseLost`: raise it (from `ctx.complete` returning False) to roll back a transaction
   whose job another worker has taken over; the worker logs it and moves on.
 - GPU or CPU-heavy work runs in a thread (`await asyncio.to_thread(...)`) so the worker's
-  event loop keeps heartbeating.
+  event loop keeps heartbeating; long work checks `ctx.cancelled` between steps.
 - `ctx.cache` lives as long as the worker process: handlers keep loaded models there so
   they stay resident between jobs.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -42,9 +43,14 @@ from hps.store import ImageStore
 HANDLERS: dict[str, str] = {
     "generate": "pipeline.generate:handle_generate",
     "score": "pipeline.score:handle_score",
+    "score_images": "pipeline.score:handle_score_images",
     "train_classifier": "pipeline.train_classifier:handle_train_classifier",
     "adapt_sd": "pipeline.adapt.run:handle_adapt_sd",
 }
+
+
+class Cancelled(Exception):
+    """Work in a thread noticed that its job was cancelled (the worker is stopping)."""
 
 
 class PermanentError(Exception):
@@ -68,6 +74,9 @@ class JobContext:
     completed: bool = field(default=False, init=False)
     # Jobs taken by `claim_matching` and not finished yet, run along with `job`.
     extra_jobs: list[jobs.Job] = field(default_factory=list, init=False)
+    # Set when the worker gives the job up (shutdown past its grace): long work in a thread
+    # checks it between steps and raises `Cancelled`, since a thread cannot be interrupted.
+    cancelled: threading.Event = field(default_factory=threading.Event, init=False)
 
     def __post_init__(self) -> None:
         self.log = logging.LoggerAdapter(

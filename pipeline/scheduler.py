@@ -9,9 +9,10 @@ fires the schedules; each firing only touches the database:
 - `adapt_sd` enqueues an `adapt_sd` job;
 - `close_stale_rounds` closes rounds ready for longer than `limits.round_ttl_minutes`
   (a single idempotent UPDATE, run in place);
+- `score_images` enqueues a `score_images` job when served images lack an HPS score;
 - `review_adapters` reviews the adapters in live A/B testing (`pipeline.adapt.live`:
-  promote the significantly better, retire the worse), DB-only work run in place; each
-  decision is a transaction under the registry's lock, so overlapping reviews are harmless.
+  promote the significantly better, retire the worse), DB-only work run in place, in one
+  transaction under the registry's lock, so overlapping reviews are harmless.
 
 Training jobs go through `db.jobs.enqueue_training` (the same entry point as /retrain) with
 the dedupe key `schedule:<name>:<period start>`, the period being the schedule's latest
@@ -33,13 +34,19 @@ import asyncpg
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from db import jobs, rounds, stats
+from db import images, jobs, rounds, stats
 from hps.settings import Settings
 from pipeline.adapt import live
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("retrain_classifier", "adapt_sd", "close_stale_rounds", "review_adapters")
+SCHEDULES = (
+    "retrain_classifier",
+    "adapt_sd",
+    "close_stale_rounds",
+    "score_images",
+    "review_adapters",
+)
 TRAINING_TARGETS = {"retrain_classifier": "classifier", "adapt_sd": "sd"}
 WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
@@ -153,6 +160,14 @@ class Scheduler:
             decided = ", ".join(f"{r.version.name}: {r.decision.action}" for r in reviews)
             return Firing(name, period, "reviewed", detail=decided or "no adapter in testing")
         payload: dict[str, object] = {"schedule": name, "period": period.isoformat()}
+        if name == "score_images":
+            if not await images.count_unscored(self.pool):
+                return Firing(name, period, "skipped", detail="every shown image has a score")
+            payload["limit"] = self.settings.schedules.score_images_batch
+            job, created = await jobs.enqueue(
+                self.pool, "score_images", payload, dedupe_key=key, requested_by="schedule"
+            )
+            return Firing(name, period, "enqueued" if created else "existing", job.id)
         if name == "retrain_classifier":
             new = await stats.requester_choices_since_training(self.pool)
             needed = self.settings.schedules.retrain_min_new_choices

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -126,10 +127,13 @@ def evaluate_models(
     candidates: dict[str, HPSModel | dict[str, Any]],
     *,
     batch_size: int = 32,
+    num_workers: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Test reports by label; a dict value is a report already made (reused as is)."""
     return {
-        label: m if isinstance(m, dict) else evaluate(m, examples, read, batch_size=batch_size)
+        label: m
+        if isinstance(m, dict)
+        else evaluate(m, examples, read, batch_size=batch_size, num_workers=num_workers)
         for label, m in candidates.items()
     }
 
@@ -146,6 +150,7 @@ async def run_training(
     actor: str | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> TrainOutcome:
     """Examples → train → evaluate (new, untuned base, serving) → register → promote.
     Raises `TooFewExamples` before doing anything when the train split is too small."""
@@ -197,7 +202,15 @@ async def run_training(
         serving = None
         if main and serving_spec != config.base:
             serving = registry.load_spec(serving_spec, settings, serving_label)
-        result = train(examples, config, run_dir, read, progress=progress, on_epoch=on_epoch)
+        result = train(
+            examples,
+            config,
+            run_dir,
+            read,
+            progress=progress,
+            on_epoch=on_epoch,
+            cancelled=cancelled,
+        )
         if not main:
             return result, {}
         assert result.best is not None
@@ -208,7 +221,13 @@ async def run_training(
         candidates[serving_label] = (
             serving or result.initial or registry.load_spec(serving_spec, settings, serving_label)
         )
-        reports = evaluate_models(test, read, candidates, batch_size=config.eval_batch_size)
+        reports = evaluate_models(
+            test,
+            read,
+            candidates,
+            batch_size=config.eval_batch_size,
+            num_workers=config.num_workers,
+        )
         return result, reports
 
     result, reports = await asyncio.to_thread(work)
@@ -286,6 +305,7 @@ async def handle_train_classifier(ctx: JobContext) -> dict[str, Any]:
             actor=actor,
             progress=False,
             on_epoch=lambda record: ctx.log.info("epoch %(epoch)d done: %(val_top1)s", record),
+            cancelled=ctx.cancelled,
         )
     except TooFewExamples as exc:
         return {

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from hps.settings import Settings
 from pipeline.batches import ChoiceDataset, collate
 from pipeline.data import Example, Reader
 from pipeline.evaluate import evaluate
+from pipeline.handlers import Cancelled
 from pipeline.hps_model import HPSModel, ModelSpec
 from pipeline.loss import MAX_LOGIT_SCALE, preference_loss
 
@@ -60,6 +62,7 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 42
     eval_batch_size: int = 32
+    device: str = "auto"  # "cpu" trains on the CPU even where a GPU is visible
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TrainConfig:
@@ -67,6 +70,7 @@ class TrainConfig:
         m = settings.models
         values: dict[str, Any] = {
             "base": ModelSpec(m.hps_arch, m.hps_pretrained or None),
+            "device": m.device,
             **{name: getattr(t, name) for name in cls.__dataclass_fields__ if hasattr(t, name)},
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -94,14 +98,19 @@ class TrainResult:
 def _accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
 
+    from pipeline.devices import resolve_device
+
+    # Which GPU: the process's visible one (`hps worker --device cuda:N` narrows
+    # CUDA_VISIBLE_DEVICES to it), or the ones `accelerate launch` assigns.
+    cpu = resolve_device(config.device) == "cpu"
     precision = config.mixed_precision
     if precision == "auto":
-        if torch.cuda.is_available():
+        if not cpu and torch.cuda.is_available():
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "no"
     return Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation
+        cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation
     )
 
 
@@ -149,9 +158,11 @@ def train(
     *,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> TrainResult:
     """Train on the `train` split, early-stop on `val`, keep the best checkpoint. Also
-    evaluates the untrained model on `test` (the untuned baseline, exactly as it started)."""
+    evaluates the untrained model on `test` (the untuned baseline, exactly as it started).
+    Raises `Cancelled` at the next step once `cancelled` is set."""
     from accelerate.utils import set_seed
 
     accelerator = _accelerator(config)
@@ -213,6 +224,8 @@ def train(
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not (progress and main))
         for batch in bar:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled(f"training cancelled at step {result.steps}")
             with accelerator.accumulate(clip):
                 tokens = tokenizer(batch["prompts"]).to(accelerator.device)
                 # forward() of the prepared model: DDP gradient sync and autocast apply.

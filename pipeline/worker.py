@@ -169,6 +169,7 @@ class Worker:
             outcome = await self._execute(ctx, extra)
         except asyncio.CancelledError:
             outcome = "released"
+            ctx.cancelled.set()  # stops the handler's thread at its next step
             await self._release(ctx)
             raise
         except Exception:

@@ -1,14 +1,17 @@
 """Shared fixtures: a real PostgreSQL database per test, cloned from a migrated template.
 
-The server is `HPS_TEST_DATABASE_URL` (an admin URL; default the local server on
-127.0.0.1:5432 as `postgres`). A session creates one template database migrated to head,
-and each test gets its own copy (`CREATE DATABASE … TEMPLATE`, fast), dropped afterwards.
+The server is `HPS_TEST_DATABASE_URL` (an admin URL) if set, else the local server on
+127.0.0.1:5432 as `postgres`, else (none there) an embedded PostgreSQL that the session
+starts from the `pgserver` package and deletes at exit, so a fresh machine needs nothing
+installed. A session creates one template database migrated to head, and each test gets its
+own copy (`CREATE DATABASE … TEMPLATE`, fast), dropped afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,16 +27,44 @@ from hps.settings import get_settings
 # The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...), built on demand.
 pytest_plugins = ["tests.tiny_sd"]
 
-ADMIN_URL = os.environ.get("HPS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+_admin_url: str | None = None
+_embedded: object = None  # the pgserver handle: alive as long as the test process
 
 
-def url_for(database: str, admin_url: str = ADMIN_URL) -> str:
+def admin_url() -> str:
+    """The URL tests create their databases through (decided once per process)."""
+    global _admin_url, _embedded
+    if _admin_url is None:
+        configured = os.environ.get("HPS_TEST_DATABASE_URL")
+        if configured:
+            _admin_url = configured
+        elif asyncio.run(_reachable(LOCAL_ADMIN_URL)):
+            _admin_url = LOCAL_ADMIN_URL
+        else:
+            import pgserver
+
+            _embedded = pgserver.get_server(tempfile.mkdtemp(prefix="hps-test-pg-"), "delete")
+            _admin_url = _embedded.get_uri()  # type: ignore[attr-defined]
+    return _admin_url
+
+
+async def _reachable(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
+
+
+def url_for(database: str, admin: str | None = None) -> str:
     """The admin URL pointed at another database on the same server."""
-    return urlunsplit(urlsplit(admin_url)._replace(path=f"/{database}"))
+    return urlunsplit(urlsplit(admin or admin_url())._replace(path=f"/{database}"))
 
 
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
+async def _admin(sql: str, admin: str) -> None:
+    conn = await asyncpg.connect(admin)
     try:
         await conn.execute(sql)
     finally:
@@ -42,12 +73,12 @@ async def _admin(sql: str) -> None:
 
 def create_database(name: str, template: str | None = None) -> str:
     clause = f" TEMPLATE {template}" if template else ""
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"{clause}'))
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"{clause}', admin_url()))
     return url_for(name)
 
 
 def drop_database(name: str) -> None:
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', admin_url()))
 
 
 def unique_name(prefix: str) -> str:

@@ -62,6 +62,11 @@ def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-d
     assert "tok-ABC.123" not in repr(settings) and "pa55word" not in repr(settings)
     assert sorted(settings.secret_values()) == ["pa55word", "tok-ABC.123"]
     assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    monkeypatch.setenv("HPS_DATABASE_URL", "postgresql://app@db/hps?password=q-s3cret")
+    assert load_settings().secret_values() == ["tok-ABC.123", "q-s3cret"]
+    assert redact_url("postgresql://app@db/hps?sslmode=require&password=q-s3cret") == (
+        "postgresql://app@db/hps?sslmode=require&password=***"
+    )
 
 
 @pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()])
@@ -73,7 +78,9 @@ def test_logs_never_carry_secrets(formatter: logging.Formatter) -> None:
     logger = logging.getLogger("test.redaction")
     logger.addHandler(handler)
     try:
-        logger.warning("connecting with %s", "tok-ABC.123", extra={"round_id": 5})
+        logger.warning(
+            "connecting with %s", "tok-ABC.123", extra={"round_id": 5, "dsn": "x tok-ABC.123"}
+        )
         try:
             raise RuntimeError("bad token tok-ABC.123")
         except RuntimeError:

@@ -373,14 +373,20 @@ class Dream(commands.Cog):
                     "This round no longer exists.", ephemeral=True
                 )
                 return
-            if interaction.user.id != view.requester_discord_id and not checks.is_maintainer(
-                interaction
-            ):
+            maintainer = checks.is_maintainer(interaction)
+            if interaction.user.id != view.requester_discord_id and not maintainer:
                 await interaction.response.send_message(
                     "Only the person who asked (or a maintainer) can retry this round.",
                     ephemeral=True,
                 )
                 return
+            if not maintainer:  # a retry puts the round back in flight: same rules as /dream
+                in_flight = rounds.Limits(in_flight=self.bot.settings.limits.rounds_in_flight)
+                try:
+                    await rounds.check_may_dream(pool, interaction.user.id, in_flight)
+                except rounds.RoundRefused as refused:
+                    await interaction.response.send_message(str(refused), ephemeral=True)
+                    return
             job = await rounds.retry_round(pool, round_id)
             if job is None:
                 await interaction.response.send_message(

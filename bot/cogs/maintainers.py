@@ -2,8 +2,8 @@
 
 Two guards, because Discord's default permissions are only a hint that a server's admins
 can override: every command is hidden by `default_permissions(manage_guild=True)`, and the
-cog's `interaction_check` requires one of `discord.maintainer_role_ids` (with none set, the
-Manage Server permission). Everyone else gets a private refusal and nothing happens.
+cog's `interaction_check` requires one of `discord.maintainer_role_ids` (with none set,
+nobody is a maintainer). Everyone else gets a private refusal and nothing happens.
 """
 
 from __future__ import annotations

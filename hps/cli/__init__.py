@@ -13,6 +13,7 @@ from hps.cli import models as models_cli
 from hps.cli import score as score_cli
 from hps.cli import train as train_cli
 from hps.cli.bot import bot
+from hps.cli.report import report
 from hps.cli.scheduler import scheduler
 from hps.cli.serve import serve
 from hps.cli.worker import worker
@@ -36,6 +37,7 @@ app.command("train")(train_cli.train)
 app.command("eval")(train_cli.evaluate)
 app.command("import")(datasets_cli.import_)
 app.command("export")(datasets_cli.export)
+app.command("report")(report)
 app.command("bot")(bot)
 
 

@@ -35,7 +35,11 @@ def import_(folder: Path = typer.Argument(..., help="An HPD-layout dataset folde
 def export(
     out: Path = typer.Argument(..., help="A new (or empty) folder to write."),
     fmt: str = typer.Option(
-        "parquet", "--format", "-f", help="hpd, parquet (one row per choice) or pickapic (pairs)."
+        "parquet",
+        "--format",
+        "-f",
+        help="hpd, parquet (one row per choice), pickapic (pairs) or hf (a Hugging Face "
+        "datasets folder with the images).",
     ),
     choosers: str = typer.Option(
         "requester", "--choosers", help="requester (one choice per round) or all."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import typer
 
@@ -41,7 +42,16 @@ def worker(
             raise fail(f"--handler {spec!r}: expected KIND=module:function", 2)
         registry[kind] = target
     chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
-    device = resolve_device(device or config.models.device)
+    device = device or config.models.device
+    index = device.removeprefix("cuda:")
+    if device.startswith("cuda:") and index.isdigit() and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        # One GPU per worker process, before torch starts: every library (diffusers,
+        # open_clip, accelerate) then sees only that GPU, as cuda:0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = index
+        device = "cuda:0"
+    device = resolve_device(device)
+    # Every job of this worker runs there: generation, scoring and training alike.
+    config = config.with_changes("models", device=device)
 
     async def service(stop: asyncio.Event) -> None:
         pool = await create_pool(database_url(config))

@@ -158,3 +158,21 @@ async def test_shadow_banned_clicks_are_stored_flagged(pool) -> None:  # type: i
         pool, round_id=round_id, discord_user_id=66, verdict="pick", position=2
     )
     assert not again.choice.flagged
+
+
+async def test_a_click_and_a_close_of_the_round_never_overlap(pool) -> None:  # type: ignore[no-untyped-def]
+    """The close waits for a click in flight; a click after the close is refused."""
+    round_id = await ready_round(pool, requester=1)
+    async with pool.acquire() as clicking:
+        click = clicking.transaction()
+        await click.start()
+        await record_choice(clicking, round_id=round_id, discord_user_id=1, verdict="tie")
+        closing = asyncio.create_task(rounds.close_round(pool, round_id))
+        await asyncio.sleep(0.3)
+        assert not closing.done()
+        await click.commit()
+    assert await asyncio.wait_for(closing, 5)
+    with pytest.raises(ChoiceRefused) as refused:
+        await record_choice(pool, round_id=round_id, discord_user_id=2, verdict="tie")
+    assert refused.value.code == "closed"
+    assert await _counts(pool, round_id) == (1, 1)

@@ -54,3 +54,29 @@ async def test_ban_unban(pool) -> None:  # type: ignore[no-untyped-def]
     assert await users.unban(pool, 999) is None
     round_id = await rounds.create_round(pool, requester_discord_id=4, prompt="ok", k=2)
     assert round_id.round.requester_id == lifted.id
+
+
+async def test_forgetting_scrubs_the_users_id_from_jobs_bans_and_model_events(pool) -> None:  # type: ignore[no-untyped-def]
+    from db import models
+
+    await ready_round(pool, requester=1)
+    await jobs.enqueue(
+        pool, "score", {"prompt": "my private idea", "image_keys": ["k"]}, requested_by="discord:1"
+    )
+    await jobs.enqueue_training(pool, "classifier", requested_by="discord:1")
+    await users.ban(pool, 9, reason="spam", actor="discord:1")  # user 1 is a maintainer
+    version = await models.register(pool, kind="classifier", artifact="/m", actor="discord:1")
+    await models.promote(pool, version.id, actor="discord:1")
+
+    await users.forget_user(pool, 1)
+
+    dump = await pool.fetchval(
+        "SELECT concat_ws(' ', (SELECT string_agg(coalesce(requested_by, '') || payload::text, ' ')"
+        " FROM jobs), (SELECT string_agg(coalesce(banned_by, ''), ' ') FROM users),"
+        " (SELECT string_agg(coalesce(actor, ''), ' ') FROM model_events))"
+    )
+    assert "discord:1" not in dump and "my private idea" not in dump
+    assert "a forgotten user" in dump
+    assert await pool.fetchval("SELECT payload->'image_keys' FROM jobs WHERE kind = 'score'") == [
+        "k"
+    ]

@@ -276,6 +276,16 @@ async def test_a_failed_generation_shows_the_reason_and_the_requester_can_retry(
     )
     assert (await _round(pool))["status"] == "failed"
 
+    # A requester banned since cannot regenerate it.
+    await users.ban(pool, ALICE.id, reason="abuse", actor="test")
+    banned = await fake.click(ALICE, message_id, retry["custom_id"])
+    response = await banned.wait_response()
+    assert banned.ephemeral and response["data"]["content"] == (
+        "You are not allowed to start rounds here."
+    )
+    assert (await _round(pool))["status"] == "failed"
+    await users.unban(pool, ALICE.id)
+
     mine = await fake.click(ALICE, message_id, retry["custom_id"])
     response = await mine.wait_response()
     assert response["type"] == 7

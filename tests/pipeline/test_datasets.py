@@ -13,6 +13,7 @@ import pytest
 
 from db import users
 from db.choices import record_choice
+from db.images import NewImage
 from hps.store import LocalImageStore
 from pipeline.data import DatasetError
 from pipeline.datasets import export_dataset, import_hpd
@@ -195,3 +196,51 @@ async def test_pickapic_pairs_label_picks_and_ties(pool, tmp_path: Path) -> None
         "caption", "image_0_uid", "image_1_uid", "label_0", "label_1", "model_0", "model_1",
         "user_id", "ranking_id",
     }  # fmt: skip
+
+
+async def test_hf_export_loads_with_datasets_and_its_images_decode(
+    pool, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from datasets import load_dataset
+    from PIL import Image as PILImage
+
+    from db import rounds as db_rounds
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    store = LocalImageStore(tmp_path / "store")
+    colours = ["red", "green", "blue"]
+    made = {}
+    for requester, prompt in ((1, "a red cube"), (2, "a green cube"), (5, "a banned cube")):
+        created = await db_rounds.create_round(
+            pool, requester_discord_id=requester, prompt=prompt, k=3
+        )
+        await db_rounds.start_generating(pool, created.round.id)
+        images = []
+        for position, colour in enumerate(colours, start=1):
+            buffer = io.BytesIO()
+            PILImage.new("RGB", (8 * position, 8), colour).save(buffer, format="PNG")
+            blob = store.put(buffer.getvalue())
+            images.append(NewImage(position, blob.sha256, blob.key, seed=position))
+        await db_rounds.finish_round(pool, created.round.id, images)
+        made[requester] = created.round.id
+    await record_choice(pool, round_id=made[1], discord_user_id=1, verdict="pick", position=3)
+    await record_choice(pool, round_id=made[2], discord_user_id=2, verdict="tie")
+    await record_choice(pool, round_id=made[5], discord_user_id=5, verdict="pick", position=1)
+    await users.ban(pool, 5, reason="abuse", actor="mod")
+
+    report = await _export(pool, tmp_path / "hf-out", "hf", tmp_path / "store")
+
+    assert report.rows == 2 and (tmp_path / "hf-out" / "README.md").is_file()
+    loaded = load_dataset(str(tmp_path / "hf-out"))
+    rows = sorted((row for split in loaded.values() for row in split), key=lambda r: r["round_id"])
+    assert [r["round_id"] for r in rows] == [made[1], made[2]]  # the banned user's is out
+    picked, tied = rows
+    assert (picked["verdict"], picked["chosen_index"]) == ("pick", 2)
+    assert (tied["verdict"], tied["chosen_index"]) == ("tie", None)
+    assert [image.size for image in picked["images"]] == [(8, 8), (16, 8), (24, 8)]
+    assert picked["images"][2].getpixel((0, 0)) == (0, 0, 255)  # the chosen blue image
+    assert picked["seeds"] == [1, 2, 3] and len(picked["user_id"]) == 32
+    assert set(loaded) <= {"train", "validation", "test"}

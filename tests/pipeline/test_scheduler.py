@@ -156,6 +156,21 @@ async def test_stale_rounds_are_closed_in_place(pool) -> None:  # type: ignore[n
     assert await pool.fetchval("SELECT count(*) FROM jobs WHERE kind <> 'generate'") == 0
 
 
+async def test_score_images_is_enqueued_once_per_period_and_only_when_needed(pool) -> None:  # type: ignore[no-untyped-def]
+    scheduler = Scheduler(pool, make_settings(schedules={"score_images_batch": 50}))
+    skipped = await scheduler.fire("score_images", WEDNESDAY)
+    assert skipped.action == "skipped" and skipped.job_id is None
+    await ready_round(pool, requester=1)
+    first = await scheduler.fire("score_images", WEDNESDAY)
+    again = await scheduler.fire("score_images", WEDNESDAY + timedelta(minutes=3))
+    assert (first.action, again.action) == ("enqueued", "existing")
+    assert again.job_id == first.job_id
+    job = await jobs.get(pool, first.job_id)
+    assert job.kind == "score_images" and job.payload["limit"] == 50
+    later = await scheduler.fire("score_images", WEDNESDAY + timedelta(minutes=10))
+    assert later.action == "enqueued" and later.job_id != first.job_id
+
+
 async def test_adapters_in_testing_are_reviewed_in_place(pool) -> None:  # type: ignore[no-untyped-def]
     from db import models
 

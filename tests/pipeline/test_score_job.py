@@ -83,3 +83,43 @@ async def test_score_job_bad_input_is_permanent(pool, tiny_model, payload, messa
     ctx = JobContext(await _job(pool, payload), settings, pool, store, "w", "cpu", {})
     with pytest.raises(PermanentError, match=message):
         await load_handler("score")(ctx)
+
+
+async def test_score_images_scores_each_shown_unscored_image_once(
+    pool, tiny_model, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from db import rounds
+    from db.images import NewImage, count_unscored, images_of_round
+
+    config, weights = tiny_model
+    settings = load_settings(models={"hps_arch": str(config), "hps_pretrained": str(weights)})
+    store = LocalImageStore(settings.images_dir)
+    created = await rounds.create_round(pool, requester_discord_id=1, prompt="a red cube", k=3)
+    await rounds.start_generating(pool, created.round.id)
+    blobs = [store.put(_png(c)) for c in ("red", "blue", "green")]
+    await rounds.finish_round(
+        pool,
+        created.round.id,
+        [NewImage(p, b.sha256, b.key, nsfw=p == 3) for p, b in enumerate(blobs, start=1)],
+    )
+    handle = load_handler("score_images")
+    cache: dict[str, Any] = {}
+    job, _ = await jobs.enqueue(pool, "score_images", {"limit": 10})
+    result = await handle(JobContext(job, settings, pool, store, "w", "cpu", cache))
+
+    reference = HPSModel.load(config, pretrained=str(weights))
+    expected = reference.score("a red cube", [store.get(b.key) for b in blobs[:2]])
+    assert result == {"scored": 2, "missing": 0, "model": reference_label(config, weights)}
+    stored = await images_of_round(pool, created.round.id, include_nsfw=True)
+    assert [i.hps_score for i in stored[:2]] == pytest.approx(expected, abs=1e-4)
+    assert stored[2].hps_score is None  # safety-flagged images are never scored
+    assert await count_unscored(pool) == 0
+    again = await handle(JobContext(job, settings, pool, store, "w", "cpu", cache))
+    assert again == {"scored": 0, "missing": 0, "model": None}
+    with pytest.raises(PermanentError, match="positive integer"):
+        bad, _ = await jobs.enqueue(pool, "score_images", {"limit": "all"})
+        await handle(JobContext(bad, settings, pool, store, "w", "cpu", cache))
+
+
+def reference_label(config: Path, weights: Path) -> str:
+    return f"configured:{config} pretrained={weights}"

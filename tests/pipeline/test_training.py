@@ -96,6 +96,19 @@ def test_splits_are_by_prompt_and_keep_a_declared_test_split(colour_hpd: Path) -
     } == {"train", "val"}
 
 
+def test_a_prompt_declared_test_anywhere_is_test_everywhere() -> None:
+    from pipeline.data import Example, one_side_per_prompt
+
+    def example(key: str, group: str, split: str) -> Example:
+        return Example("p", ("a", "b"), 0, split, key, group)
+
+    settled = one_side_per_prompt(
+        [example("hpd:1", "g1", "test"), example("choice:7", "g1", "train"),
+         example("choice:8", "g2", "val"), example("choice:9", "g2", "val")]
+    )  # fmt: skip
+    assert [e.split for e in settled] == ["test", "test", "val", "val"]
+
+
 def test_only_the_last_blocks_of_each_tower_train(tmp_path: Path) -> None:
     clip, _ = tiny_clip(tmp_path)
     trainable = freeze_lower_blocks(clip, image_blocks=1, text_blocks=1)
@@ -278,6 +291,31 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_group(
     assert result.steps == 2  # 8 batches of 5, one optimizer step per 4 batches
     assert result.history[0]["val_top1"] is None and result.best_epoch == 1
     assert result.initial is None  # no test examples given
+
+
+def test_a_cancelled_run_stops_at_its_next_step(colour_hpd: Path, tmp_path: Path) -> None:
+    """A worker giving a job up sets the event; the training thread stops within a step
+    instead of training on for hours."""
+    import threading
+
+    from pipeline.handlers import Cancelled
+
+    _, config_file = tiny_clip(tmp_path)
+    examples = [e for e in examples_from_folder(colour_hpd) if e.split != "test"][:60]
+    config = TrainConfig(base=ModelSpec(str(config_file)), **{**FAST, "epochs": 3})
+    cancelled = threading.Event()
+    with pytest.raises(Cancelled, match="training cancelled at step"):
+        train(examples, config, tmp_path / "run", read_path, progress=False,
+              on_epoch=lambda record: cancelled.set(), cancelled=cancelled)  # fmt: skip
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 1  # epoch 1 ran; epoch 2 stopped at its first step
+
+
+def test_training_follows_the_configured_device(tmp_path: Path) -> None:
+    from hps.settings import load_settings
+
+    settings = load_settings(models={"device": "cpu"})
+    assert TrainConfig.from_settings(settings).device == "cpu"
 
 
 def test_accuracy_report_counts_top1_pairs_ties_and_intervals() -> None:

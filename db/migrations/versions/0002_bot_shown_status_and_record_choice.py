@@ -66,7 +66,10 @@ BEGIN
     SELECT rr.status, rr.requester_id,
            EXISTS (SELECT FROM images i WHERE i.round_id = rr.id AND i.position = p_position
                    AND NOT i.nsfw) AS shown
-    INTO r FROM rounds rr WHERE rr.id = p_round_id;
+    INTO r FROM rounds rr WHERE rr.id = p_round_id
+    -- Until commit, the round can be neither closed nor deleted (a forget) under the
+    -- click: a click racing a close is decided by which commits first, never both.
+    FOR SHARE OF rr;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'HP001', MESSAGE = 'unknown_round';
     END IF;

@@ -1,13 +1,15 @@
 """Analysts' views and the read-only `hps_analyst` role.
 
 Views (documented with worked queries in docs/analysts.md): `rounds_daily`,
-`choices_daily`, `user_activity` (pseudonymous), `ab_rounds` and `ab_win_rates` (live
-comparisons of model versions shown side by side in one round), `classifier_versions`.
+`choices_daily`, `user_activity` (pseudonymous), `ab_rounds`, `ab_decisions` and
+`ab_win_rates` (live comparisons of model versions shown side by side in one round), and
+`classifier_versions` (offline accuracy against the untuned CLIP baseline).
 `choices_flat` (0001) stays the one-row-per-choice view.
 
 `hps_analyst` is a group role without login: it may read the views and the tables, except
-the columns holding raw Discord ids (users.discord_id, rounds.guild_id/channel_id/message_id),
-which a database owner can grant separately. Roles are cluster-wide, so creation is
+the columns holding Discord ids (users.discord_id and banned_by, rounds.guild_id/channel_id/
+message_id, jobs.requested_by and payload, model_events.actor), which a database owner can
+grant separately. Roles are cluster-wide, so creation is
 idempotent and the downgrade drops the role only when no other database uses it.
 
 Revision ID: 0003
@@ -92,8 +94,22 @@ LEFT JOIN choices c ON c.round_id = r.id AND c.is_requester AND NOT c.flagged
 LEFT JOIN images chosen ON chosen.round_id = c.round_id AND chosen.position = c.chosen_position
 WHERE cardinality(shown.version_ids) >= 2
 """,
-    # Per ordered pair of versions shown together: rounds the requester decided by picking an
-    # image (ties and "none" decide nothing), wins, win rate and its 95 % Wilson interval.
+    # One row per decided A/B round and ordered pair of versions shown in it: the
+    # requester picked an image (ties and "none" decide nothing) and `won` says whether it
+    # was one of `version_id`'s.
+    "ab_decisions": """
+SELECT a.round_id,
+       a.decided_at,
+       mine.version_id,
+       theirs.version_id AS opponent_id,
+       a.chosen_version_id = mine.version_id AS won
+FROM ab_rounds a
+CROSS JOIN LATERAL unnest(a.shown_version_ids) AS mine(version_id)
+CROSS JOIN LATERAL unnest(a.shown_version_ids) AS theirs(version_id)
+WHERE a.requester_verdict = 'pick' AND mine.version_id <> theirs.version_id
+""",
+    # Per ordered pair of versions shown together: decided rounds, wins, win rate and its
+    # 95 % Wilson interval.
     "ab_win_rates": """
 SELECT v.id AS version_id,
        v.name AS version,
@@ -106,25 +122,47 @@ SELECT v.id AS version_id,
        (p + z*z/(2*n) - z*sqrt(p*(1-p)/n + z*z/(4*n*n))) / (1 + z*z/n) AS win_rate_low,
        (p + z*z/(2*n) + z*sqrt(p*(1-p)/n + z*z/(4*n*n))) / (1 + z*z/n) AS win_rate_high
 FROM (
-    SELECT mine.version_id, theirs.version_id AS opponent_id,
-           count(*) AS rounds,
-           count(*) FILTER (WHERE a.chosen_version_id = mine.version_id) AS wins
-    FROM ab_rounds a
-    CROSS JOIN LATERAL unnest(a.shown_version_ids) AS mine(version_id)
-    CROSS JOIN LATERAL unnest(a.shown_version_ids) AS theirs(version_id)
-    WHERE a.requester_verdict = 'pick' AND mine.version_id <> theirs.version_id
+    SELECT version_id, opponent_id, count(*) AS rounds, count(*) FILTER (WHERE won) AS wins
+    FROM ab_decisions
     GROUP BY 1, 2
 ) s
 JOIN model_versions v ON v.id = s.version_id
 JOIN model_versions o ON o.id = s.opponent_id
 CROSS JOIN LATERAL (SELECT s.wins::float8 / s.rounds AS p, s.rounds::float8 AS n, 1.96 AS z) k
 """,
+    # Classifier versions with their offline test accuracy next to the untuned CLIP
+    # baseline's on the same test examples (the paper's comparison), from the metrics that
+    # training and `hps eval` record.
+    "classifier_versions": """
+SELECT v.id,
+       v.name,
+       v.status,
+       p.name AS parent,
+       v.created_at,
+       v.promoted_at,
+       v.retired_at,
+       (v.metrics #>> '{test,n}')::int AS test_examples,
+       (v.metrics #>> '{test,chance}')::float8 AS chance,
+       (v.metrics #>> '{test,top1}')::float8 AS top1,
+       (v.metrics #>> '{test,top1_ci,0}')::float8 AS top1_low,
+       (v.metrics #>> '{test,top1_ci,1}')::float8 AS top1_high,
+       (v.metrics #>> '{test,pairwise}')::float8 AS pairwise,
+       (v.metrics #>> '{compared,untuned,top1}')::float8 AS untuned_top1,
+       (v.metrics #>> '{compared,untuned,pairwise}')::float8 AS untuned_pairwise,
+       v.metrics
+FROM model_versions v
+LEFT JOIN model_versions p ON p.id = v.parent_id
+WHERE v.kind = 'classifier'
+""",
 }
 
-# Columns that identify people or places on Discord: not readable by hps_analyst.
+# Columns that identify people or places on Discord (ids, and `discord:<id>` actor strings):
+# not readable by hps_analyst. Jobs' payloads may hold a /score prompt and who asked.
 RESTRICTED = {
-    "users": ["discord_id"],
+    "users": ["discord_id", "banned_by"],
     "rounds": ["guild_id", "channel_id", "message_id"],
+    "jobs": ["requested_by", "payload"],
+    "model_events": ["actor"],
 }
 READABLE_TABLES = [
     "users",

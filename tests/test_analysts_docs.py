@@ -1,0 +1,103 @@
+"""docs/analysts.md: every worked query runs as `hps_analyst` on the example database and
+returns exactly the result the document shows.
+
+After changing the example data or a query on purpose, rewrite the documented results with
+`UPDATE_ANALYST_DOCS=1 pytest tests/test_analysts_docs.py` and read the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.seed import seed
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "analysts.md"
+# A query block and the result block after it.
+EXAMPLE = re.compile(r"```sql\n(?P<sql>.*?)```\n\n```text\n(?P<result>.*?)```", re.S)
+
+
+def format_table(records: list[asyncpg.Record], columns: list[str]) -> str:
+    """Rows as an aligned text table (empty cells for NULL)."""
+    cells = [[("" if v is None else str(v)) for v in record.values()] for record in records]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([line(columns), rule, *(line(row) for row in cells)]) + "\n"
+
+
+async def _results(pool: asyncpg.Pool, queries: list[str]) -> list[str]:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL ROLE hps_analyst")
+        results = []
+        for sql in queries:
+            statement = await conn.prepare(sql)
+            columns = [a.name for a in statement.get_attributes()]
+            results.append(format_table(await statement.fetch(), columns))
+        return results
+
+
+async def test_every_worked_query_returns_the_documented_result(pool) -> None:  # type: ignore[no-untyped-def]
+    await seed(pool)
+    text = DOC.read_text()
+    examples = list(EXAMPLE.finditer(text))
+    assert len(examples) == 10
+    actual = await _results(pool, [m["sql"] for m in examples])
+    if os.environ.get("UPDATE_ANALYST_DOCS"):
+        for match, result in reversed(list(zip(examples, actual, strict=True))):
+            text = text[: match.start("result")] + result + text[match.end("result") :]
+        DOC.write_text(text)
+        pytest.skip("docs/analysts.md rewritten")
+    for match, result in zip(examples, actual, strict=True):
+        assert result == match["result"], f"query:\n{match['sql']}"
+
+
+async def test_the_analyst_role_cannot_read_discord_ids(pool) -> None:  # type: ignore[no-untyped-def]
+    await seed(pool)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL ROLE hps_analyst")
+        assert await conn.fetchval("SELECT count(*) FROM users WHERE pseudonym LIKE 'user-%'")
+        for sql in (
+            "SELECT discord_id FROM users",
+            "SELECT channel_id FROM rounds",
+            "SELECT * FROM rounds",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                async with conn.transaction():
+                    await conn.fetch(sql)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with conn.transaction():
+                await conn.execute("UPDATE choices SET verdict = 'tie'")
+
+
+READABLE_COLUMNS_SQL = """
+SELECT c.table_name, c.column_name
+FROM information_schema.columns c
+WHERE c.table_schema = 'public'
+  AND has_column_privilege('hps_analyst', format('%I', c.table_name), c.column_name, 'SELECT')
+ORDER BY c.table_name, c.ordinal_position
+"""
+
+
+async def test_nothing_the_analyst_role_reads_holds_a_discord_id(pool) -> None:  # type: ignore[no-untyped-def]
+    """Every column hps_analyst may read, in every table and view, as text: no Discord id
+    and no `discord:<id>` attribution (the maintainer's, the users', the /score prompt)."""
+    from tests.seed import MAINTAINER
+
+    await seed(pool)
+    columns = await pool.fetch(READABLE_COLUMNS_SQL)
+    assert {"choices_flat", "users", "jobs", "model_events"} <= {c["table_name"] for c in columns}
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL ROLE hps_analyst")
+        for table, column in columns:
+            text = await conn.fetchval(f'SELECT string_agg("{column}"::text, \' \') FROM "{table}"')
+            assert "discord:" not in (text or ""), (table, column)
+            assert MAINTAINER.removeprefix("discord:") not in (text or ""), (table, column)
+            assert "my secret idea" not in (text or ""), (table, column)

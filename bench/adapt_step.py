@@ -129,14 +129,25 @@ def build_sd15_architecture(folder: Path) -> Path:
             sample_size=512,
         ),
         text_encoder=CLIPTextModel(
-            CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                           num_hidden_layers=12, num_attention_heads=12,
-                           max_position_embeddings=77, hidden_act="quick_gelu")  # fmt: skip
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+            )
         ),
         tokenizer=tokenizer,
-        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012,
-                                beta_schedule="scaled_linear", clip_sample=False,
-                                set_alpha_to_one=False, steps_offset=1),  # fmt: skip
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -153,9 +164,18 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         sd = args.gpu_model or str(build_sd15_architecture(folder))
         items = synthetic_items(folder, 256, 576)
         runs = {
-            name: timed_run(sd, folder, items, args.gpu_steps, args.warmup, resolution=512,
-                            batch_size=8, total_batch_size=40, mixed_precision="bf16",
-                            gradient_checkpointing=checkpointing)  # fmt: skip
+            name: timed_run(
+                sd,
+                folder,
+                items,
+                args.gpu_steps,
+                args.warmup,
+                resolution=512,
+                batch_size=8,
+                total_batch_size=40,
+                mixed_precision="bf16",
+                gradient_checkpointing=checkpointing,
+            )
             for name, checkpointing in (("plain", False), ("gradient_checkpointing", True))
         }
     return {

@@ -15,6 +15,7 @@ whose mean gain exceeds `offline_min_hps_gain`, `none` every adapter.
 from __future__ import annotations
 
 import json
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -108,6 +109,7 @@ def evaluate_adapter(
     out_dir: Path,
     progress: bool,
     context: dict[str, Any] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Make and score the paired images of `adapter` (loaded in `generator`) and `parent`
     (an adapter name, or None for the base pipeline); write the pairs and the images to
@@ -129,7 +131,7 @@ def evaluate_adapter(
     pairs: list[Pair] = []
     per_call = max(2, batch - batch % 2)  # whole pairs per batch
     with Progress(len(requests), "offline evaluation", bar=progress, context=context) as bar:
-        for chunk, made in generate_in_batches(generator, requests, params, per_call):
+        for chunk, made in generate_in_batches(generator, requests, params, per_call, cancelled):
             pictures = [decode(image) for image in made]
             scores = scorer.score([r.prompt for r in chunk], pictures)
             first = len(pairs)

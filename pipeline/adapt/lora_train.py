@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -50,7 +51,9 @@ from pipeline.adapt.dataset import (
     tokenize,
 )
 from pipeline.adapt.progress import Progress
+from pipeline.devices import resolve_device
 from pipeline.generate import SamplingParams
+from pipeline.handlers import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,10 @@ class TrainReport:
         return asdict(self)
 
 
-def resolve_precision(setting: str) -> str:
+def resolve_precision(setting: str, cpu: bool) -> str:
     """auto → bf16 on a GPU that has it, else fp16 on a GPU, else no (float32)."""
+    if cpu:
+        return "no"  # half precision on the CPU is slow where it works at all
     if setting != "auto":
         return setting
     if not torch.cuda.is_available():
@@ -140,11 +145,16 @@ def train_lora(
     sd_model: str,
     out_dir: Path,
     validation: SamplingParams,
+    device: str = "auto",
     progress: bool = True,
     context: dict[str, Any] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> TrainReport:
     """Fine-tune LoRA weights on the UNet of `sd_model` with `items` (files relative to
-    `root`), resuming from the latest checkpoint in `out_dir`; returns what it did."""
+    `root`), resuming from the latest checkpoint in `out_dir`; returns what it did. `device`
+    "cpu" trains on the CPU where a GPU is visible; otherwise the process's visible GPU
+    (or those `accelerate launch` assigns). Raises `Cancelled` at the next batch once
+    `cancelled` is set (the latest checkpoint stays, to resume from)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -172,7 +182,8 @@ def train_lora(
     processes = PartialState().num_processes
     if processes == 1:
         AcceleratorState._reset_state()
-    precision = resolve_precision(recipe.mixed_precision)
+    cpu = resolve_device(device) == "cpu"
+    precision = resolve_precision(recipe.mixed_precision, cpu)
     accumulation = max(1, math.ceil(recipe.total_batch_size / (recipe.batch_size * processes)))
     total_batch = recipe.batch_size * processes * accumulation
     if total_batch != recipe.total_batch_size:
@@ -184,6 +195,7 @@ def train_lora(
             total_batch,
         )
     accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_steps=accumulation,
         mixed_precision=precision,
         project_config=ProjectConfiguration(project_dir=str(out_dir)),
@@ -351,6 +363,8 @@ def train_lora(
             skip = 0
             losses: list[float] = []  # of the batches accumulated into this step
             for batch in batches:
+                if cancelled is not None and cancelled.is_set():
+                    raise Cancelled(f"fine-tuning cancelled at step {step}")
                 with accelerator.accumulate(unet):
                     latents = vae.encode(
                         batch["pixel_values"].to(dtype=weight_dtype)

@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -197,8 +198,10 @@ async def run_adaptation(
     actor: str | None = None,
     progress: bool = True,
     context: dict[str, Any] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> Outcome:
-    """Run (or resume) the stages of run `name` up to and including `until`."""
+    """Run (or resume) the stages of run `name` up to and including `until`. Long stages
+    raise `Cancelled` at their next step once `cancelled` is set (the run then resumes)."""
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}: one of {', '.join(STAGES)}")
     if _distributed():
@@ -264,6 +267,7 @@ async def run_adaptation(
             blur_threshold=recipe.blur_threshold,
             progress=progress,
             context=context,
+            cancelled=cancelled,
         )
         run.finish("samples", images=len(samples), scorer=scorer.name)
     if stop_after("samples"):
@@ -305,8 +309,10 @@ async def run_adaptation(
             sd_model=run.recipe["sd_model"],
             out_dir=run.path / TRAIN_DIR,
             validation=params,
+            device=settings.models.device,
             progress=progress,
             context=context,
+            cancelled=cancelled,
         )
         if not _is_main_process():
             return outcome  # under `accelerate launch`, the main process records the run
@@ -337,6 +343,7 @@ async def run_adaptation(
                 out_dir=run.path / EVAL_DIR,
                 progress=progress,
                 context=context,
+                cancelled=cancelled,
             )
         finally:  # not a version: nothing else may use it
             await asyncio.to_thread(generator.keep_adapters, set(generator.adapters) - {candidate})
@@ -453,10 +460,12 @@ async def handle_adapt_sd(ctx: JobContext) -> dict[str, Any]:
         settings = ctx.settings.with_changes("adapt", **options)
     except ValidationError as exc:
         raise PermanentError(f"invalid adapt_sd options: {exc}") from None
-    resources = Resources(
-        generator=lambda: get_generator(ctx),
-        scorer=lambda: serving_scorer(ctx.pool, settings, ctx.cache),
-    )
+
+    async def scorer() -> HPSModel:
+        model, _ = await serving_scorer(ctx.pool, settings, ctx.cache)
+        return model
+
+    resources = Resources(generator=lambda: get_generator(ctx), scorer=scorer)
     try:
         outcome = await run_adaptation(
             ctx.pool,
@@ -466,6 +475,7 @@ async def handle_adapt_sd(ctx: JobContext) -> dict[str, Any]:
             actor=f"job:{ctx.job.id}",
             progress=False,
             context={"job_id": ctx.job.id, "job_kind": ctx.job.kind},
+            cancelled=ctx.cancelled,
         )
     except NothingToDo as exc:
         return {

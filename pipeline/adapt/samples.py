@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 from pipeline.adapt.label import Sample, is_blurry
 from pipeline.adapt.progress import Progress
 from pipeline.generate import GeneratedImage, Generator, ImageRequest, SamplingParams
+from pipeline.handlers import Cancelled
 
 if TYPE_CHECKING:
     from pipeline.hps_model import HPSModel
@@ -53,10 +55,17 @@ def read_samples(path: Path) -> list[Sample]:
 
 
 def generate_in_batches(
-    generator: Generator, requests: Sequence[ImageRequest], params: SamplingParams, batch: int
+    generator: Generator,
+    requests: Sequence[ImageRequest],
+    params: SamplingParams,
+    batch: int,
+    cancelled: threading.Event | None = None,
 ) -> Iterator[tuple[list[ImageRequest], list[GeneratedImage]]]:
-    """The requests' images, `batch` at a time (one pipeline call per batch and adapter)."""
+    """The requests' images, `batch` at a time (one pipeline call per batch and adapter);
+    raises `Cancelled` before the next batch once `cancelled` is set."""
     for start in range(0, len(requests), batch):
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled(f"generation cancelled after {start} image(s)")
         chunk = list(requests[start : start + batch])
         yield chunk, generator.generate(chunk, params)
 
@@ -87,6 +96,7 @@ def generate_samples(
     blur_threshold: float,
     progress: bool,
     context: dict[str, Any] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> list[Sample]:
     """Make, check, score and record the images not recorded yet; returns all samples."""
     record = run_dir / SAMPLES_FILE
@@ -107,7 +117,7 @@ def generate_samples(
     )
     with bar, open(record, "a") as out:
         done = 0
-        for chunk, made in generate_in_batches(generator, requests, params, batch):
+        for chunk, made in generate_in_batches(generator, requests, params, batch, cancelled):
             items = planned[done : done + len(chunk)]
             done += len(chunk)
             pictures = [decode(image) for image in made]

@@ -173,3 +173,28 @@ def test_an_empty_set_or_an_sdxl_pipeline_is_refused(tiny_sd_dir: Path, tmp_path
     with pytest.raises(ValueError, match=r"supports Stable Diffusion 1\.x/2\.x pipelines"):
         train_lora(_items(tmp_path), tmp_path, _recipe(), sd_model=str(xl),
                    out_dir=tmp_path / "o", validation=PARAMS)  # fmt: skip
+
+
+def test_a_cancelled_fine_tune_stops_at_the_next_step(
+    tiny_sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from pipeline.handlers import Cancelled
+
+    cancelled = threading.Event()
+    real_record = lora_train.record_step
+
+    def cancel_after_two(path: Path, record: dict) -> None:
+        real_record(path, record)
+        if record["step"] == 2:
+            cancelled.set()  # as the worker does when it gives the job up
+
+    monkeypatch.setattr(lora_train, "record_step", cancel_after_two)
+    out = tmp_path / "train"
+    with pytest.raises(Cancelled, match="fine-tuning cancelled at step 2"):
+        train_lora(_items(tmp_path), tmp_path, _recipe(max_train_steps=6, checkpointing_steps=2,
+                   validation_images=0), sd_model=str(tiny_sd_dir), out_dir=out,
+                   validation=PARAMS, device="cpu", cancelled=cancelled)  # fmt: skip
+    assert [s for s, _ in lora_train.checkpoints(out)] == [2]  # to resume from
+    assert not (out / "adapter").exists()

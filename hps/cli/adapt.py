@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import getpass
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,8 +65,27 @@ def _resources(config: Settings) -> Any:
     return Resources(generator, scorer)
 
 
+@contextmanager
+def _stop_on_ctrl_c() -> Iterator[threading.Event]:
+    """The first Ctrl-C sets the event (the stage in hand stops at its next batch or step,
+    its work kept for resuming); a second one interrupts at once."""
+    stop = threading.Event()
+
+    def first(signum: int, frame: Any) -> None:
+        stop.set()
+        console.print("stopping after this step (Ctrl-C again to stop at once)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _pipeline(until: str, name: str | None, recipe: dict[str, Any]) -> None:
     from pipeline.adapt.run import USER_ERRORS, run_adaptation
+    from pipeline.handlers import Cancelled
     from pipeline.hps_model import ModelLoadError
 
     config = _settings(**recipe)
@@ -74,16 +97,25 @@ def _pipeline(until: str, name: str | None, recipe: dict[str, Any]) -> None:
             highlight=False,
         )
 
-    async def _run() -> Any:
+    async def _run(stop: threading.Event) -> Any:
         async with database(config) as pool:
             return await run_adaptation(
-                pool, config, name=name, resources=_resources(config), until=until, actor=_actor()
+                pool,
+                config,
+                name=name,
+                resources=_resources(config),
+                until=until,
+                actor=_actor(),
+                cancelled=stop,
             )
 
     try:
-        outcome = run(_run())
+        with _stop_on_ctrl_c() as stop:
+            outcome = run(_run(stop))
     except (*USER_ERRORS, ModelLoadError) as exc:
         raise fail(str(exc)) from None
+    except Cancelled as exc:
+        raise fail(f"{exc}; `hps adapt run --name {name}` resumes the run", 130) from None
     console.print(f"run folder: {outcome.run.path}", highlight=False)
     console.print(outcome.summary, highlight=False)
 

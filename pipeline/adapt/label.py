@@ -68,16 +68,8 @@ class Label:
 
 @dataclass(frozen=True)
 class Labelling:
-    labels: list[Label]
+    labels: list[Label]  # per prompt kept: its positive, then its negative, where it has them
     counts: dict[str, int]
-
-    @property
-    def positives(self) -> list[Label]:
-        return [label for label in self.labels if label.kind == "positive"]
-
-    @property
-    def negatives(self) -> list[Label]:
-        return [label for label in self.labels if label.kind == "negative"]
 
 
 def pick(scores: Sequence[float], factor: float) -> tuple[int | None, int | None]:

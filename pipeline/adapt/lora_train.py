@@ -130,7 +130,7 @@ def _check_pipeline(sd_model: str) -> None:
     from diffusers import DiffusionPipeline
 
     name = DiffusionPipeline.load_config(sd_model).get("_class_name", "")
-    if "XL" in name or "Flux" in name or "3" in name:
+    if name != "StableDiffusionPipeline":  # SD 1.x and 2.x alike
         raise ValueError(
             f"{sd_model} is a {name}: LoRA fine-tuning supports Stable Diffusion 1.x/2.x "
             "pipelines (one text encoder and a UNet)"
@@ -281,22 +281,20 @@ def train_lora(
     )
 
     # 7. Checkpoints hold the LoRA weights only (in the diffusers format), not the UNet.
+    # (The UNet is the one prepared model; only the main process saves.)
     def save_model_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if main:
-            layers = None
-            for model in models:
-                layers = convert_state_dict_to_diffusers(
-                    get_peft_model_state_dict(accelerator.unwrap_model(model))
-                )
-                weights.pop()  # accelerate must not save the whole UNet as well
-            StableDiffusionPipeline.save_lora_weights(
-                output_dir, unet_lora_layers=layers, safe_serialization=True
-            )
-            if ema is not None:
-                torch.save(ema.state_dict(), Path(output_dir) / EMA_FILE)
+        layers = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
+        weights.pop()  # accelerate must not save the whole UNet as well
+        StableDiffusionPipeline.save_lora_weights(
+            output_dir,
+            unet_lora_layers=convert_state_dict_to_diffusers(layers),
+            safe_serialization=True,
+        )
+        if ema is not None:
+            torch.save(ema.state_dict(), Path(output_dir) / EMA_FILE)
 
     def load_model_hook(models: list[Any], input_dir: str) -> None:
-        model = accelerator.unwrap_model(models.pop())
+        model = accelerator.unwrap_model(models.pop())  # popped: accelerate loads nothing
         state, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
         state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(state), "default")

@@ -68,8 +68,9 @@ async def _notify(
     reason: str | None,
     **related: ModelVersion | None,
 ) -> None:
-    """Announce a transition on `hps_models` (sent at commit, so never for a rollback);
-    `related` names the other versions it touched (the one replaced, the one restored)."""
+    """Announce a transition on `hps_models` (delivered when the transaction commits, so
+    never for one that is rolled back); `related` names the other versions it touched (the
+    one replaced, the one restored)."""
     payload: dict[str, Any] = {
         "version_id": version.id,
         "name": version.name,

@@ -3,12 +3,12 @@
 `ab_rounds` (0003) left out flagged choices (made while shadow-banned) but kept the earlier,
 unflagged choices of requesters banned or shadow-banned later, whom training already leaves
 out (`db.datasets`: "who counts"). The adapters' live win rates, read from `ab_win_rates`
-(built on `ab_rounds`) by the automatic promotion review, now leave them out too. Same
-columns, so `ab_win_rates` and the grants to hps_analyst stand.
+(built on `ab_rounds` through `ab_decisions`) by the automatic promotion review, now leave
+them out too. Same columns, so the views built on it and the grants to hps_analyst stand.
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-11-26
+Create Date: 2026-11-25
 """
 
 from collections.abc import Sequence

@@ -7,8 +7,10 @@ shuffled positions, so the same buttons that collect preferences measure the can
 live win rate; the other rounds are all incumbent. Nothing in the order of the positions
 tells the versions apart.
 
-The SD adaptation work refines this policy (e.g. more traffic to a promising candidate);
-the generator only needs `plan_round`'s answer.
+The live review (`pipeline.adapt.live`) decides on the rounds this policy mixes: the
+requester's pick in them is the candidate's win or loss against the incumbent. With several
+candidates, each mixed round tests one, picked uniformly, so they share the A/B traffic
+evenly. The generator only needs `plan_round`'s answer.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from discord.utils import escape_markdown, escape_mentions
+
 from db.choices import ChoiceResult
 from db.jobs import Job, Worker
 from db.models import ModelVersion
@@ -43,11 +45,21 @@ def duration(delta: timedelta | float | None) -> str:
     return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def _prompt_lines(view: RoundView) -> str:
-    text = f"**{clip(view.prompt, 1500)}**"
-    if view.negative_prompt:
-        text += f"\n-# without: {clip(view.negative_prompt, 300)}"
+def quote(text: str, limit: int) -> str:
+    """User text shown as it was typed: no markdown, links or mentions of its own (a prompt
+    must not ping people or format the bot's message)."""
+    return escape_markdown(escape_mentions(clip(text, limit)))
+
+
+def _prompt_block(prompt: str, negative_prompt: str) -> str:
+    text = f"**{quote(prompt, 1500)}**"
+    if negative_prompt:
+        text += f"\n-# without: {quote(negative_prompt, 300)}"
     return text
+
+
+def _prompt_lines(view: RoundView) -> str:
+    return _prompt_block(view.prompt, view.negative_prompt)
 
 
 def round_refused(exc: RoundRefused) -> str:
@@ -58,9 +70,7 @@ def round_refused(exc: RoundRefused) -> str:
 
 
 def queued(prompt: str, negative_prompt: str, position: int, *, again: bool = False) -> str:
-    text = f"**{clip(prompt, 1500)}**"
-    if negative_prompt:
-        text += f"\n-# without: {clip(negative_prompt, 300)}"
+    text = _prompt_block(prompt, negative_prompt)
     what = "Queued again" if again else "Queued"
     place = f"#{position} in line" if position > 0 else "starting now"
     return text + f"\n{what}: {place}. I'll post the images here when they are ready."
@@ -109,7 +119,7 @@ def score_result(prompt: str, filenames: list[str], result: Mapping[str, Any]) -
     scores = [float(s) for s in result["scores"]]
     best = max(range(len(scores)), key=scores.__getitem__)
     lines = [
-        f"HPS for **{clip(prompt, 500)}** (model `{result.get('model', '?')}`, "
+        f"HPS for **{quote(prompt, 500)}** (model `{result.get('model', '?')}`, "
         f"scale {result.get('scale', 'hps')}; higher means people would prefer it):"
     ]
     for i, (name, score) in enumerate(zip(filenames, scores, strict=True)):
@@ -117,6 +127,15 @@ def score_result(prompt: str, filenames: list[str], result: Mapping[str, Any]) -
         lines.append(f"{i + 1}. `{clip(name, 80)}`: **{score:.2f}**{mark}")
     lines.append("-# Scores compare images of the same prompt; across prompts they mean little.")
     return "\n".join(lines)
+
+
+def score_failed(job: Job) -> str:
+    """Why /score failed: a problem with the input is said as the worker put it; our own
+    failures (a traceback after the retries, a vanished worker) are not shown to users."""
+    error = (job.error or "").strip()
+    if not error or error.startswith(("Traceback", "lease expired")):
+        return "Scoring failed on our side; it has been logged. Please try again later."
+    return f"Scoring failed: {quote(error, 500)}"
 
 
 def score_timeout(job_id: int, cancelled: bool) -> str:
@@ -166,14 +185,13 @@ def retrain(jobs_: list[tuple[Job, bool]]) -> str:
 def training_outcome(job: Job) -> str:
     result = job.result if isinstance(job.result, dict) else {}
     if job.state != "done":
-        return (
-            f"`{job.kind}` job {job.id} **{job.state}**: {clip(job.error or 'no error text', 1500)}"
-        )
+        # A traceback's last line is the error; the whole of it is in the jobs table.
+        error = (job.error or "no error text").strip().splitlines()[-1]
+        return f"`{job.kind}` job {job.id} **{job.state}**: {clip(error, 1500)}"
     lines = [f"`{job.kind}` job {job.id} **done**: {clip(str(result.get('summary', '')), 1200)}"]
     metrics = result.get("metrics")
     if isinstance(metrics, dict) and metrics:
-        pairs = sorted(metrics.items())
-        lines.append("metrics: " + ", ".join(f"{k}={_number(v)}" for k, v in pairs))
+        lines.append("metrics: " + _metrics_text(metrics))
     if "promoted" in result:
         promoted = result["promoted"]
         lines.append(f"promoted: {'yes' if promoted else 'no'}")
@@ -181,7 +199,25 @@ def training_outcome(job: Job) -> str:
 
 
 def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple) and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
+    return str(value)
+
+
+def _metrics_text(metrics: Mapping[str, Any]) -> str:
+    """`key=value, …`, one level of nesting as `key: (inner=value, …)`; None left out."""
+    parts = []
+    for key, value in sorted(metrics.items()):
+        if isinstance(value, Mapping):
+            inner = ", ".join(
+                f"{k}={_number(v)}" for k, v in value.items() if v is not None and k != "model"
+            )
+            parts.append(f"{key}: ({inner})")
+        elif value is not None:
+            parts.append(f"{key}={_number(value)}")
+    return ", ".join(parts)
 
 
 def _ago(when: datetime | None, now: datetime) -> str:

@@ -489,6 +489,12 @@ SELECT * FROM jobs WHERE kind = $1 AND state IN ('queued', 'running') ORDER BY i
 """
 
 
+async def active_of_kind(db: Executor, kind: str) -> Job | None:
+    """The oldest queued or running job of `kind`, if any."""
+    record = await db.fetchrow(ACTIVE_OF_KIND_SQL, kind)
+    return _job(record) if record else None
+
+
 async def enqueue_training(
     db: Executor,
     target: str,

@@ -11,6 +11,7 @@ commits) so that the bot posts every outcome to the log channel.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,20 @@ MODELS_CHANNEL = "hps_models"
 
 class ModelError(Exception):
     """An unknown version, or a transition its status does not allow."""
+
+
+# A version's name is also the name of its folders (models_dir/<name>, runs_dir/<name>).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_name(name: str) -> str:
+    """`name` if it can name a version (and its folders), else `ModelError` saying why."""
+    if not _NAME.match(name) or ".." in name:
+        raise ModelError(
+            f"invalid name {name!r}: use up to 100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,8 @@ async def register(
     actor: str | None = None,
 ) -> ModelVersion:
     """Add a candidate version (named `<kind>-<id>` unless `name` is given)."""
+    if name is not None:
+        check_name(name)
     async with transaction(db) as conn:
         version = _version(
             await conn.fetchrow(

@@ -203,6 +203,12 @@ images = Table(
     CheckConstraint("position BETWEEN 1 AND 16", name="position"),
     CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="sha256"),
     UniqueConstraint("round_id", "position"),
+    # The scheduled scoring's queue: shown images without a score, newest first.
+    Index(
+        "ix_images_unscored",
+        "id",
+        postgresql_where=text("hps_score IS NULL AND NOT nsfw"),
+    ),
 )
 
 choices = Table(
@@ -233,6 +239,7 @@ choices = Table(
         name="fk_choices_chosen_image",
     ),
     Index("ix_choices_created_at", "created_at"),
+    Index("ix_choices_updated_at", "updated_at"),
 )
 
 choice_events = Table(

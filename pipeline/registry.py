@@ -103,7 +103,7 @@ async def register_classifier(
 ) -> ModelVersion:
     """Copy a saved checkpoint folder to `models_dir/<name>` and register it as a candidate
     (a folder left there by a crash before registering is replaced)."""
-    if await models.get(db, name) is not None:
+    if await models.get(db, models.check_name(name)) is not None:
         raise models.ModelError(f"a model version named {name} exists; choose another name")
     target = settings.models_dir / name
     if target.exists():

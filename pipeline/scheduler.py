@@ -163,6 +163,9 @@ class Scheduler:
         if name == "score_images":
             if not await images.count_unscored(self.pool):
                 return Firing(name, period, "skipped", detail="every shown image has a score")
+            active = await jobs.active_of_kind(self.pool, "score_images")
+            if active is not None:  # two at once would score the same images
+                return Firing(name, period, "existing", active.id, "still scoring")
             payload["limit"] = self.settings.schedules.score_images_batch
             job, created = await jobs.enqueue(
                 self.pool, "score_images", payload, dedupe_key=key, requested_by="schedule"

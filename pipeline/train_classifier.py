@@ -154,6 +154,7 @@ async def run_training(
 ) -> TrainOutcome:
     """Examples → train → evaluate (new, untuned base, serving) → register → promote.
     Raises `TooFewExamples` before doing anything when the train split is too small."""
+    models.check_name(name)
     if register and db is not None and await models.get(db, name) is not None:
         raise models.ModelError(f"a model version named {name} exists; choose another name")
     examples, read = await load_examples(db, settings, data)

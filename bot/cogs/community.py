@@ -101,7 +101,7 @@ class Community(commands.Cog):
         elif finished.state == "done":
             text = formats.score_result(prompt, [u.filename for u in uploads], finished.result)
         else:
-            text = f"Scoring failed: {formats.clip(finished.error or finished.state, 500)}"
+            text = formats.score_failed(finished)
         await interaction.edit_original_response(content=text)
         if finished is not None or cancelled:
             await self._delete_uploads(keys)
@@ -140,6 +140,8 @@ class Community(commands.Cog):
     # -- /stats ----------------------------------------------------------------------------
 
     @app_commands.command(description="Your rounds and choices, and the community's totals.")
+    # It counts whole tables: a cooldown keeps anyone from turning it into a load test.
+    @app_commands.checks.cooldown(1, 10.0)
     async def stats(self, interaction: discord.Interaction) -> None:
         mine = await stats.user_stats(self.bot.pool, interaction.user.id)
         totals = await stats.totals(self.bot.pool)

@@ -63,10 +63,19 @@ class Maintainers(commands.Cog):
             )
         await interaction.response.send_message(formats.retrain(enqueued), ephemeral=True)
 
+    def _log_channel(self) -> int | None:
+        """The log channel, for the one bot process that posts to it: with the shards split
+        over several processes, every one hears each NOTIFY, and the one running shard 0
+        posts (once)."""
+        shards = self.bot.shard_ids
+        if shards is not None and 0 not in shards:
+            return None
+        return self.bot.settings.discord.log_channel_id
+
     @commands.Cog.listener()
     async def on_hps_job_done(self, job_id: int, kind: str, state: str) -> None:
         """Post every finished training job's outcome to the log channel."""
-        channel_id = self.bot.settings.discord.log_channel_id
+        channel_id = self._log_channel()
         if kind not in TRAINING_JOB_KINDS or channel_id is None:
             return
         job = await jobs.get(self.bot.pool, job_id)
@@ -83,7 +92,7 @@ class Maintainers(commands.Cog):
     async def on_hps_model_event(self, event: dict[str, Any]) -> None:
         """Post every promotion, retirement and rollback (by anyone: the automatic review,
         a job's offline gate, /promote, the CLI) to the log channel."""
-        channel_id = self.bot.settings.discord.log_channel_id
+        channel_id = self._log_channel()
         if channel_id is None:
             return
         extra = {"model_version_id": event.get("version_id"), "action": event.get("action")}

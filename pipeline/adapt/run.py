@@ -156,7 +156,7 @@ def check_inputs(recipe: AdaptSettings) -> None:
 
 async def open_run(pool: asyncpg.Pool, settings: Settings, name: str) -> Run:
     """The run `name`, created (recipe and starting versions fixed) if it does not exist."""
-    run_dir = settings.runs_dir / name
+    run_dir = settings.runs_dir / models.check_name(name)
     run = Run.open(run_dir)
     if run is not None:
         if not run.done("label"):

@@ -66,3 +66,42 @@ def test_score_results_mark_the_best_image_only_when_there_are_several() -> None
     assert text.split("\n")[1:3] == ["1. `a.png`: **20.50**", "2. `b.png`: **22.25** ← best"]
     single = formats.score_result("a cat", ["a.png"], {**result, "scores": [20.5]})
     assert single.split("\n")[1] == "1. `a.png`: **20.50**"
+
+
+def test_prompts_cannot_ping_or_format_the_bots_messages() -> None:
+    text = formats.queued("a cat <@123456789012345678> @everyone **bold** [x](http://e.vil)", "", 1)
+    assert "<@123456789012345678>" not in text and "@everyone" not in text
+    assert "\\*\\*bold\\*\\*" in text and "\\[x](" in text  # no bold, no masked link
+
+
+def test_training_outcomes_show_nested_metrics_and_a_tracebacks_last_line() -> None:
+    from datetime import UTC, datetime
+
+    from db.jobs import Job
+
+    def job(state: str, result: dict | None, error: str | None) -> Job:
+        now = datetime.now(UTC)
+        return Job(7, "train_classifier", {}, state, 0, None, 1, 2, now, "w", None, None,
+                   now, now, now, result, error, None)  # fmt: skip
+
+    done = job(
+        "done",
+        {"summary": "ok", "promoted": False,
+         "metrics": {"new": {"model": "c-7", "n": 200, "top1": 0.4412, "top1_ci": [0.37, 0.51]},
+                     "untuned": {"n": 200, "top1": 0.33}}},
+        None,
+    )  # fmt: skip
+    assert formats.training_outcome(done) == (
+        "`train_classifier` job 7 **done**: ok\n"
+        "metrics: new: (n=200, top1=0.4412, top1_ci=[0.37, 0.51]), untuned: (n=200, top1=0.33)\n"
+        "promoted: no"
+    )
+    dead = job("dead", None, "Traceback (most recent call last):\n  File x\nOSError: disk full")
+    assert formats.training_outcome(dead) == "`train_classifier` job 7 **dead**: OSError: disk full"
+    assert formats.score_failed(dead) == (
+        "Scoring failed on our side; it has been logged. Please try again later."
+    )
+    bad = job("dead", None, "cannot score image 2: the image bytes is not an image")
+    assert formats.score_failed(bad) == (
+        "Scoring failed: cannot score image 2: the image bytes is not an image"
+    )

@@ -96,3 +96,11 @@ async def test_promotions_retirements_and_rollbacks_are_announced(pool, database
         {**common, "version_id": b.id, "name": b.name, "action": "rolled_back",
          "actor": "discord:9", "reason": "", "restored": {"id": a.id, "name": a.name}},
     ]  # fmt: skip
+
+
+async def test_names_that_could_escape_their_folder_are_refused(pool) -> None:  # type: ignore[no-untyped-def]
+    for bad in ("../x", "a/b", ".hidden", "", "x" * 101, "a..b"):
+        with pytest.raises(ModelError, match="invalid name"):
+            await models.register(pool, kind="classifier", artifact="/m", name=bad)
+    assert models.check_name("classifier-2026.11_a") == "classifier-2026.11_a"
+    assert await pool.fetchval("SELECT count(*) FROM model_versions") == 0

@@ -158,6 +158,9 @@ async def test_stats_counts_the_users_and_everyones_activity(
         "**You**: 1 round(s) asked, 1 choice(s) made (0 picks, 1 can't decide, 0 none of these).\n"
         "**Everyone**: 2 people, 1 rounds, 4 images, 2 choices (2 in the last 24 h)."
     )
+    again = await fake.slash(ALICE, "stats", {}, channel_id=CHANNEL_ID)
+    response = await again.wait_response()
+    assert again.ephemeral and response["data"]["content"].startswith("Slow down")
 
 
 async def test_forget_me_asks_first_then_removes_the_users_data_and_files(

@@ -167,6 +167,12 @@ async def test_score_images_is_enqueued_once_per_period_and_only_when_needed(poo
     assert again.job_id == first.job_id
     job = await jobs.get(pool, first.job_id)
     assert job.kind == "score_images" and job.payload["limit"] == 50
+    # The next period waits while that job is still queued or running...
+    busy = await scheduler.fire("score_images", WEDNESDAY + timedelta(minutes=10))
+    assert (busy.action, busy.job_id) == ("existing", first.job_id)
+    [claimed] = await jobs.claim(pool, ["score_images"], "w", LEASE)
+    await jobs.complete(pool, claimed, "w", {"scored": 0})
+    # ...and enqueues once it is done (the image is still unscored here).
     later = await scheduler.fire("score_images", WEDNESDAY + timedelta(minutes=10))
     assert later.action == "enqueued" and later.job_id != first.job_id
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -232,15 +233,29 @@ async def _locked(conn: Executor, ref: int | str) -> ModelVersion:
     return version
 
 
+# Decides, under the registry lock, whether `version` may replace `serving` (None: nothing
+# serves): returns the reason to record, or raises ModelError.
+Gate = Callable[[ModelVersion, "ModelVersion | None"], str]
+
+
 async def promote(
-    db: Executor, ref: int | str, *, actor: str | None, reason: str | None = None
+    db: Executor,
+    ref: int | str,
+    *,
+    actor: str | None,
+    reason: str | None = None,
+    gate: Gate | None = None,
 ) -> Promotion:
-    """Make a version the serving one of its kind; the previous one is retired."""
+    """Make a version the serving one of its kind; the previous one is retired. A `gate`
+    sees the version serving at that moment, inside the transaction, so a check cannot be
+    overtaken by another promotion between checking and promoting."""
     async with transaction(db) as conn:
         version = await _locked(conn, ref)
         if version.status == "serving":
             raise ModelError(f"{version.name} is already serving.")
         previous = await serving(conn, version.kind)
+        if gate is not None:
+            reason = reason or gate(version, previous)
         retired = None
         if previous is not None:
             retired = _version(await conn.fetchrow(SET_STATUS_SQL, previous.id, "retired"))

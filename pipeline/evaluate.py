@@ -146,17 +146,3 @@ def evaluate(
         "examples": fingerprint(examples),
         **accuracy_report(examples, scores),
     }
-
-
-def beats(new: dict[str, Any], old: dict[str, Any], margin: float) -> tuple[bool, str]:
-    """Whether `new` should replace `old`: evaluated on the same examples, a top-1 accuracy
-    higher by at least `margin` (and higher at all). Returns the reason in words."""
-    if new.get("examples") != old.get("examples"):
-        return False, "they were not evaluated on the same test examples"
-    if not new.get("n"):
-        return False, "there are no test examples to compare on"
-    gain = new["top1"] - old["top1"]
-    verdict = f"top-1 {new['top1']:.3f} vs {old['top1']:.3f} ({gain:+.3f}, margin {margin:.3f})"
-    if gain > 0 and gain >= margin:
-        return True, f"better: {verdict}"
-    return False, f"not better by the margin: {verdict}"

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from db import models
 from db.connect import Executor
 from db.models import ModelVersion
+from hps.promotion import CONFIGURED_PREFIX, beats
 from hps.settings import Settings
-from pipeline.evaluate import beats
 from pipeline.model_files import METADATA_FILE, WEIGHTS_FILE, ModelSpec, sha256_file
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def configured_spec(settings: Settings) -> ModelSpec:
 
 
 def configured_label(settings: Settings) -> str:
-    return f"configured:{configured_spec(settings).describe()}"
+    return f"{CONFIGURED_PREFIX}{configured_spec(settings).describe()}"
 
 
 async def serving_model(
@@ -147,28 +147,20 @@ async def promote_if_better(
     margin: float,
     actor: str | None,
 ) -> tuple[bool, str]:
-    """Promote `version` if its test report beats the serving model's by `margin`."""
+    """Promote `version` if its test report beats the serving model's by `margin`, unless
+    another version began serving since that report was made (then it was not compared)."""
     better, reason = beats(report, serving_report, margin)
-    if better:
-        await models.promote(db, version.id, actor=actor, reason=reason)
-    return better, reason
-
-
-def check_promotable(version: ModelVersion, serving: ModelVersion | None, margin: float) -> str:
-    """Why a maintainer may promote `version` over `serving` (raises `ModelError` if not):
-    its recorded evaluation must beat the serving version's on the same examples."""
-    if version.kind != KIND or serving is None:
-        return "nothing serves yet"
-    report = version.metrics.get("test")
-    against = version.metrics.get("compared", {}).get(serving.name)
-    if report is None or against is None:
-        raise models.ModelError(
-            f"{version.name} was not evaluated against the serving version {serving.name}: "
-            f"run `hps eval --model {version.name}` first (or promote with --force)"
-        )
-    better, reason = beats(report, against, margin)
     if not better:
-        raise models.ModelError(
-            f"{version.name} does not beat {serving.name}: {reason} (--force overrides)"
-        )
-    return reason
+        return False, reason
+    compared_with = serving_report.get("model")
+
+    def still_serving(_: ModelVersion, now: ModelVersion | None) -> str:
+        if now is not None and now.name != compared_with:
+            raise models.ModelError(f"{now.name} began serving meanwhile")
+        return reason
+
+    try:
+        await models.promote(db, version.id, actor=actor, gate=still_serving)
+    except models.ModelError as exc:
+        return False, f"not promoted: {exc}; it was compared with {compared_with}"
+    return True, reason

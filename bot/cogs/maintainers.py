@@ -20,6 +20,7 @@ from bot import checks, formats
 from bot.client import HPSBot
 from db import jobs, stats, users
 from db import models as registry
+from hps.promotion import check_promotable
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,23 @@ class Maintainers(commands.Cog):
         await interaction.response.send_message(formats.models(versions, live), ephemeral=True)
 
     @app_commands.command(description="Serve a model version (the one it replaces is retired).")
-    @app_commands.describe(version="Version name or id")
+    @app_commands.describe(
+        version="Version name or id",
+        force="Serve a classifier even if it did not beat the serving one on the same test",
+    )
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
-    async def promote(self, interaction: discord.Interaction, version: str) -> None:
+    async def promote(
+        self, interaction: discord.Interaction, version: str, force: bool = False
+    ) -> None:
+        margin = self.bot.settings.train.promote_margin
         try:
-            done = await registry.promote(self.bot.pool, version.strip(), actor=_actor(interaction))
+            done = await registry.promote(
+                self.bot.pool,
+                version.strip(),
+                actor=_actor(interaction),
+                gate=None if force else (lambda v, s: check_promotable(v, s, margin)),
+            )
         except registry.ModelError as exc:
             await interaction.response.send_message(str(exc), ephemeral=True)
             return

@@ -99,20 +99,20 @@ def promote(
     """Serve a version (the serving one of its kind retires). A classifier must have been
     evaluated against the serving one on the same test examples and beat it by the margin."""
     from db import models
-    from pipeline.registry import check_promotable
+    from hps.promotion import check_promotable
 
     config = settings()
 
     async def _promote() -> models.Promotion:
         async with database(config) as pool:
-            version = await models.get(pool, name)
-            if version is None:
-                raise models.ModelError(f"Unknown model version {name!r}.")
-            why = reason
-            if not force:
-                serving = await models.serving(pool, version.kind)
-                why = reason or check_promotable(version, serving, config.train.promote_margin)
-            return await models.promote(pool, version.id, actor=_actor(), reason=why)
+            margin = config.train.promote_margin
+            return await models.promote(
+                pool,
+                name,
+                actor=_actor(),
+                reason=reason,
+                gate=None if force else (lambda v, s: check_promotable(v, s, margin)),
+            )
 
     try:
         result = run(_promote())

@@ -74,7 +74,10 @@ def supervise(services: list[str], env: dict[str, str], grace: float) -> int:
         else:
             console.print(f"{log_prefix} {signal.Signals(stop_signal[0]).name}: stopping")
         codes = _stop(children, grace)
-        return 1 if died is not None or any(codes.values()) else 0
+        # A child still starting up when the signal came has no handler yet and dies of the
+        # SIGTERM we sent it: it had nothing in hand, so that is a clean stop too.
+        failed = [n for n, code in codes.items() if code not in (0, -signal.SIGTERM)]
+        return 1 if died is not None or failed else 0
     finally:
         _stop(children, 5)  # only children still running after an error here
         for sig, handler in previous.items():

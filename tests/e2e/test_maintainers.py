@@ -139,7 +139,17 @@ async def test_status_and_models_report_the_platform(
     listing = await _answer(fake, MAINTAINER, "models", {"kind": "classifier"})
     assert listing == f"- `{classifier.name}` (classifier, candidate): accuracy=0.4321"
 
-    promoted = await _answer(fake, MAINTAINER, "promote", {"version": classifier.name})
+    # Unevaluated, a classifier is not served (the gate of `hps models promote` too)...
+    refused = await _answer(fake, MAINTAINER, "promote", {"version": classifier.name})
+    assert refused == (
+        f"{classifier.name} was not evaluated against the configured model: run "
+        f"`hps eval --model {classifier.name}` first (or force the promotion)"
+    )
+    assert await registry.serving(pool, "classifier") is None
+    # ...unless the maintainer forces it.
+    promoted = await _answer(
+        fake, MAINTAINER, "promote", {"version": classifier.name, "force": True}
+    )
     assert promoted == f"`{classifier.name}` is now serving."
     assert (await registry.serving(pool, "classifier")).id == classifier.id
     unknown = await _answer(fake, MAINTAINER, "promote", {"version": "nope"})

@@ -87,7 +87,11 @@ def test_import_train_promote_eval_rollback_export(database_url: str, tmp_path: 
 
     rolled = hps("models", "rollback", env=env)
     assert "good rolled back; now serving: the configured base model" in rolled.stdout
-    forced = hps("models", "promote", "worse", env=env)  # nothing serves: allowed
+    # Nothing serves: the configured model does, and worse was never compared with it.
+    refused = hps("models", "promote", "worse", env=env)
+    assert refused.returncode == 1
+    assert "worse was not evaluated against the configured model" in refused.stderr
+    forced = hps("models", "promote", "worse", "--force", env=env)
     assert forced.returncode == 0 and "worse is serving" in forced.stdout
 
     exported = hps("export", str(tmp_path / "out"), "--format", "parquet", env=env)

@@ -34,7 +34,8 @@ def clean_prompt(text: str, limits: LimitSettings, *, what: str = "prompt") -> s
         )
     if any(unicodedata.category(ch) in ("Cc", "Cf") and ch != ZWJ for ch in text):
         raise PromptRejected(f"Your {what} contains control characters; please remove them.")
-    folded = normalize(text)
+    # Matched without the joiner, which renders as nothing: `go\u200dre` is `gore`.
+    folded = normalize(text.replace(ZWJ, ""))
     for term in limits.banned_terms:
         if term.strip() and normalize(term) in folded:
             raise PromptRejected(f"Your {what} contains a term that is not allowed here.")

@@ -47,8 +47,13 @@ def duration(delta: timedelta | float | None) -> str:
 
 def quote(text: str, limit: int) -> str:
     """User text shown as it was typed: no markdown, links or mentions of its own (a prompt
-    must not ping people or format the bot's message)."""
-    return escape_markdown(escape_mentions(clip(text, limit)))
+    must not ping people or format the bot's message), at most `limit` characters once
+    escaped (escaping can double a text's length)."""
+    escaped = escape_markdown(escape_mentions(text))
+    if len(escaped) <= limit:
+        return escaped
+    # Cut before the escaped text's end, never between a backslash and what it escapes.
+    return escaped[: limit - 1].rstrip("\\") + "…"
 
 
 def _prompt_block(prompt: str, negative_prompt: str) -> str:
@@ -94,7 +99,7 @@ def closed(view: RoundView) -> str:
 
 
 def failed(view: RoundView) -> str:
-    reason = clip(view.round.error or "unknown error", 500)
+    reason = quote(view.round.error or "unknown error", 500)
     return (
         f"{_prompt_lines(view)}\nGenerating the images failed: {reason}\n"
         "The person who asked can retry."
@@ -104,6 +109,8 @@ def failed(view: RoundView) -> str:
 def choice_confirmation(result: ChoiceResult, label: str | None) -> str:
     verdict = result.choice.verdict
     what = f"image {label}" if verdict == "pick" else f"“{VERDICT_LABELS[verdict]}”"
+    if result.outcome == "stale":
+        return "A later click of yours already counts: this one changed nothing."
     if result.outcome == "unchanged":
         return f"You had already chosen {what}: nothing changed."
     if result.outcome == "changed":
@@ -273,7 +280,7 @@ def status(
     depth: Mapping[str, Mapping[str, int]],
     workers: list[Worker],
     serving: Mapping[str, ModelVersion | None],
-    last_training: Job | None,
+    last_training: Sequence[Job],
     choices_24h: int,
     now: datetime,
     adapters: Sequence[tuple[ModelVersion, Mapping[str, Any] | None]] = (),
@@ -302,10 +309,10 @@ def status(
         for version, live in adapters:
             lines.append(f"- `{version.name}` ({version.status}): {adapter_figures(version, live)}")
     lines.append("**Last training**")
-    if last_training is None:
+    if not last_training:
         lines.append("- none yet")
-    else:
-        lines.append("- " + training_outcome(last_training).replace("\n", "; "))
+    for job in last_training:  # the latest finished job of each kind
+        lines.append("- " + training_outcome(job).replace("\n", "; "))
     lines.append(f"**Choices in the last 24 h**: {choices_24h}")
     return clip("\n".join(lines), 1950)
 

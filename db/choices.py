@@ -2,16 +2,19 @@
 is also appended to `choice_events`.
 
 A click is recorded in one transaction. Clicks of one user on one round serialise on the
-choice row's lock, so under any number of concurrent clicks there is exactly one choice per
-user, and it is the verdict of that user's last event (the event ids follow commit order).
-Refused clicks (unknown or not-ready or closed round, banned user, bad position, voting
-not allowed) raise `ChoiceRefused` and write nothing.
+user's row lock, so under any number of concurrent clicks there is exactly one choice per
+user, and it is the verdict of that user's latest click: the choice keeps the Discord
+interaction id (time-ordered) of the click it holds, and a click made earlier that commits
+later is kept as a `stale` event and changes nothing. Clicking the same verdict again is
+`unchanged` (the choice's `updated_at` stays). Refused clicks (unknown, not ready, closed or
+expired round, banned user, bad position, voting not allowed) raise `ChoiceRefused` and
+write nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 import asyncpg
@@ -19,7 +22,7 @@ import asyncpg
 from db.connect import Executor, transaction
 
 Verdict = Literal["pick", "tie", "none"]
-Outcome = Literal["recorded", "changed", "unchanged"]
+Outcome = Literal["recorded", "changed", "unchanged", "stale"]
 
 
 class ChoiceRefused(Exception):
@@ -42,6 +45,7 @@ class Choice:
     revision: int
     created_at: datetime
     updated_at: datetime
+    interaction_id: int | None = None  # the click it holds (not returned by record_choice)
 
 
 @dataclass(frozen=True)
@@ -52,17 +56,20 @@ class ChoiceResult:
     previous_position: int | None
 
 
-# One round trip: the `record_choice` SQL function (migration 0002) does, in this order,
-# in the statement's transaction: read the round (refuse unknown, not ready, not shown);
-# upsert the user (its row stays locked until commit: one user's clicks serialise there) and
-# refuse banned users and non-requesters where others may not vote; lock the user's choice
-# row, insert it or update it (a concurrent first click that won the insert is locked and
-# updated instead); append the event. A refusal raises SQLSTATE HP001, so nothing is written.
+# One round trip: the `record_choice` SQL function (migrations 0002, 0006) does, in this
+# order, in the statement's transaction: read the round (refuse unknown, not ready, past
+# `open_for` since it was ready, position not shown); upsert the user (its row stays locked
+# until commit: one user's clicks serialise there) and refuse banned users and
+# non-requesters where others may not vote; lock the user's choice row, insert it or update
+# it unless the click is older than the one it holds (a concurrent first click that won the
+# insert is locked and updated instead); append the event. A refusal raises SQLSTATE HP001,
+# so nothing is written.
 RECORD_CHOICE_SQL = """
-SELECT * FROM record_choice($1, $2, $3, $4, $5, $6)
+SELECT * FROM record_choice($1, $2, $3, $4, $5, $6, $7)
 """
 
 REFUSED_SQLSTATE = "HP001"
+MAX_POSITION = 16  # images.position's check: a larger one cannot exist (nor fit a smallint)
 
 _STATUS_REFUSALS = {
     "queued": ("not_ready", "This round's images are not ready yet."),
@@ -95,14 +102,27 @@ async def record_choice(
     position: int | None = None,
     others_may_vote: bool = True,
     interaction_id: int | None = None,
+    open_for: timedelta | None = None,
 ) -> ChoiceResult:
     """Record one click: `verdict` "pick" with the chosen image's `position`, "tie"
-    ("can't decide") or "none" ("none of these")."""
+    ("can't decide") or "none" ("none of these"). `interaction_id` orders one user's clicks
+    (Discord's snowflakes grow with time); `open_for` is how long a ready round takes clicks
+    (None: until it is closed)."""
     if verdict not in ("pick", "tie", "none"):
         raise ChoiceRefused("bad_verdict", f"Unknown verdict {verdict!r}.")
     if (verdict == "pick") != (position is not None):
         raise ChoiceRefused("bad_position", "A pick needs exactly one image position.")
-    args = (round_id, discord_user_id, verdict, position, others_may_vote, interaction_id)
+    if position is not None and not 1 <= position <= MAX_POSITION:
+        raise ChoiceRefused("bad_position", f"Image {position} is not part of this round.")
+    args = (
+        round_id,
+        discord_user_id,
+        verdict,
+        position,
+        others_may_vote,
+        interaction_id,
+        open_for,
+    )
     try:
         if isinstance(db, asyncpg.Pool):
             # A single statement is its own transaction: no BEGIN/COMMIT round trips.

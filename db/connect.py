@@ -23,7 +23,26 @@ UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
+    # Reachable, but not for us: a wrong password or user, a database that does not exist.
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
 )
+
+
+class DatabaseUnreachable(ConnectionError):
+    """No connection could be opened: the server is down or unreachable, or refuses these
+    credentials or this database. The message names the server (password redacted) and why,
+    and says which setting to check. One of `UNAVAILABLE`."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        from hps.settings import redact_url
+
+        why = str(cause) or type(cause).__name__
+        super().__init__(
+            f"cannot connect to the database {redact_url(url)}: {why}\n"
+            "Check database_url (HPS_DATABASE_URL, or database_url in hps.toml), or leave it "
+            "unset for the embedded server."
+        )
 
 
 def database_url(settings: Settings) -> str:
@@ -43,9 +62,17 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def open_connection(url: str) -> asyncpg.Connection:
+    """One plain asyncpg connection (no codecs); `DatabaseUnreachable` if none opens."""
+    try:
+        return await asyncpg.connect(url)
+    except UNAVAILABLE as exc:
+        raise DatabaseUnreachable(url, exc) from exc
+
+
 async def connect(url: str) -> asyncpg.Connection:
     """One connection with our codecs (for LISTEN, or short CLI work)."""
-    conn = await asyncpg.connect(url)
+    conn = await open_connection(url)
     await init_connection(conn)
     return conn
 
@@ -64,13 +91,16 @@ async def create_pool(
     session advisory locks or cursors outside transactions), so a hot path such as the bot's
     clicks may pass `reset_session=False` and save that round trip.
     """
-    pool = await asyncpg.create_pool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        init=init_connection,
-        reset=None if reset_session else _keep_session,
-    )
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            init=init_connection,
+            reset=None if reset_session else _keep_session,
+        )
+    except UNAVAILABLE as exc:
+        raise DatabaseUnreachable(url, exc) from exc
     assert pool is not None
     return pool
 

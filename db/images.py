@@ -1,11 +1,22 @@
-"""Images: the K images of a round, where they are stored and which model made them."""
+"""Images: the K images of a round, where they are stored and which model made them.
+
+Image files are shared by content (the store's key is the bytes' SHA-256): two rounds with
+the same bytes, or a /score upload equal to a round's image, use one file. A file may be
+deleted only when nothing uses it, and a row may name it only once it is stored. Both sides
+hold an advisory lock on the key until their transaction ends: writers a shared one
+(`insert_images`, `hold_keys`), the deleter an exclusive one (`delete_unreferenced`). So a
+deletion either sees the writer's committed row and keeps the file, or happens before the
+writer's check that the file is there, and the writer stores it again.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from db.connect import Executor
+from db.connect import Executor, transaction
 
 
 @dataclass(frozen=True)
@@ -48,8 +59,30 @@ ON CONFLICT (round_id, position) DO NOTHING
 """
 
 
+HOLD_KEYS_SQL = """
+SELECT pg_advisory_xact_lock_shared(hashtextextended('hps_image:' || k, 0))
+FROM unnest($1::text[]) AS k
+"""
+
+LOCK_KEYS_SQL = """
+SELECT pg_advisory_xact_lock(hashtextextended('hps_image:' || k, 0))
+FROM unnest($1::text[]) AS k
+"""
+
+
+async def hold_keys(conn: Executor, keys: list[str]) -> None:
+    """Keep these keys' files from being deleted until the caller's transaction ends. Call
+    it inside the transaction that makes a row or job use them, then make sure the files
+    are in the store (`ImageStore.put` again: a no-op when they are) before committing."""
+    # One order for every locker (sorted keys, unnest keeps it), so lockers never deadlock.
+    await conn.execute(HOLD_KEYS_SQL, sorted(set(keys)))
+
+
 async def insert_images(db: Executor, round_id: int, images: list[NewImage]) -> None:
-    """Insert a round's images in one statement (positions already present are kept)."""
+    """Insert a round's images in one statement (positions already present are kept). The
+    keys are held (`hold_keys`) until the caller's transaction ends: put the files again
+    before committing."""
+    await hold_keys(db, [image.storage_key for image in images])
     columns = [
         [getattr(image, name) for image in images]
         for name in (
@@ -135,6 +168,21 @@ WHERE NOT EXISTS (SELECT FROM images i WHERE i.storage_key = k)
 
 
 async def unreferenced_keys(db: Executor, keys: list[str]) -> list[str]:
-    """The storage keys among `keys` that nothing uses any more (safe to delete from the
-    store): no image row, and no queued or running job's `image_keys`."""
+    """The storage keys among `keys` that nothing uses at this moment: no image row, and no
+    queued or running job's `image_keys`. To delete files, use `delete_unreferenced`."""
     return sorted(r["k"] for r in await db.fetch(UNREFERENCED_KEYS_SQL, keys))
+
+
+async def delete_unreferenced(db: Executor, keys: list[str], delete: Callable[[str], bool]) -> int:
+    """Delete (with `delete`, e.g. `ImageStore.delete`) the files among `keys` that nothing
+    uses, each under its exclusive key lock, so that no writer adds a row naming one of
+    them meanwhile; returns how many files were deleted."""
+    keys = sorted(set(keys))
+    if not keys:
+        return 0
+    async with transaction(db) as conn:
+        await conn.execute(LOCK_KEYS_SQL, keys)
+        deleted = 0
+        for key in await unreferenced_keys(conn, keys):
+            deleted += await asyncio.to_thread(delete, key)
+        return deleted

@@ -4,8 +4,10 @@
 - A claim is a lease: the worker heartbeats to extend it; a job whose lease expired (its
   worker died) is put back in the queue by `requeue_expired`, or dead-lettered when its
   attempts are spent.
-- Failures retry with exponential backoff up to `max_attempts`, then the job is `dead`
-  (the dead-letter state) with its error kept; `retry` puts a dead job back.
+- Failures (and expired leases) retry with exponential backoff up to `max_attempts`, then
+  the job is `dead` (the dead-letter state); `retry` puts a dead job back. `error` keeps the
+  last failed attempt's error, also once a later attempt succeeded; `started_at` is when
+  the current (or last) attempt started, `worker_id` who ran it.
 - `attempts` doubles as a fencing token: completing or failing a job checks the worker id and
   the attempt it claimed, so a worker that lost its lease cannot overwrite the new holder.
 - `dedupe_key` is unique for all time: enqueueing the same key twice returns the first job
@@ -54,6 +56,7 @@ class Job:
     result: Any
     error: str | None
     requested_by: str | None
+    announced_at: datetime | None = None  # when the bot posted its outcome to Discord
 
 
 def _job(record: Any) -> Job:
@@ -154,8 +157,7 @@ SET state = 'running',
     worker_id = $2,
     started_at = now(),
     heartbeat_at = now(),
-    lease_expires_at = now() + $3::interval,
-    error = NULL
+    lease_expires_at = now() + $3::interval
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.*
@@ -189,8 +191,7 @@ SET state = 'running',
     worker_id = $3,
     started_at = now(),
     heartbeat_at = now(),
-    lease_expires_at = now() + $4::interval,
-    error = NULL
+    lease_expires_at = now() + $4::interval
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.*
@@ -229,7 +230,7 @@ async def heartbeat(db: Executor, job_ids: list[int], worker_id: str, lease: tim
 
 COMPLETE_SQL = """
 UPDATE jobs
-SET state = 'done', finished_at = now(), result = $4, lease_expires_at = NULL, error = NULL
+SET state = 'done', finished_at = now(), result = $4, lease_expires_at = NULL
 WHERE id = $1 AND state = 'running' AND worker_id = $2 AND attempts = $3
 RETURNING *
 """
@@ -309,6 +310,10 @@ async def release(db: Executor, job: Job, worker_id: str) -> bool:
 REQUEUE_EXPIRED_SQL = """
 UPDATE jobs
 SET state = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'dead' END,
+    -- A job whose worker died may be what killed it (out of memory): not straight back.
+    run_after = CASE WHEN attempts < max_attempts
+                     THEN now() + $1::interval * power(2, attempts - 1)
+                     ELSE run_after END,
     finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END,
     error = 'lease expired: worker ' || coalesce(worker_id, '?') || ' stopped heartbeating',
     lease_expires_at = NULL
@@ -321,10 +326,11 @@ RETURNING *
 """
 
 
-async def requeue_expired(db: Executor) -> list[Job]:
-    """Take back jobs whose worker stopped heartbeating (requeued, or dead when spent)."""
+async def requeue_expired(db: Executor, backoff: timedelta = timedelta(seconds=10)) -> list[Job]:
+    """Take back jobs whose worker stopped heartbeating: requeued after the same backoff as
+    a failed attempt, or dead when their attempts are spent."""
     async with transaction(db) as conn:
-        jobs = [_job(r) for r in await conn.fetch(REQUEUE_EXPIRED_SQL)]
+        jobs = [_job(r) for r in await conn.fetch(REQUEUE_EXPIRED_SQL, backoff)]
         for job in jobs:
             if job.state == "dead":
                 await _notify_done(conn, job)
@@ -336,7 +342,7 @@ async def requeue_expired(db: Executor) -> list[Job]:
 RETRY_SQL = """
 UPDATE jobs
 SET state = 'queued', attempts = 0, run_after = now(), finished_at = NULL,
-    worker_id = NULL, result = NULL
+    worker_id = NULL, result = NULL, announced_at = NULL
 WHERE id = $1 AND state IN ('dead', 'cancelled')
 RETURNING *
 """
@@ -474,6 +480,44 @@ ORDER BY last_seen_at DESC
 async def list_workers(db: Executor, recent: timedelta = timedelta(days=1)) -> list[Worker]:
     """Running workers and those stopped within `recent`."""
     return [Worker(**dict(r)) for r in await db.fetch(LIST_WORKERS_SQL, recent)]
+
+
+# -- announcing outcomes ------------------------------------------------------------------
+
+CLAIM_ANNOUNCEMENTS_SQL = """
+UPDATE jobs SET announced_at = now()
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE announced_at IS NULL AND state IN ('done', 'dead') AND kind = ANY($1::text[])
+      AND ($2::bigint IS NULL OR id = $2) AND finished_at > now() - $3::interval
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING *
+"""
+
+UNANNOUNCE_SQL = """
+UPDATE jobs SET announced_at = NULL WHERE id = $1
+"""
+
+
+async def claim_announcements(
+    db: Executor,
+    kinds: list[str],
+    *,
+    job_id: int | None = None,
+    within: timedelta = timedelta(days=7),
+) -> list[Job]:
+    """Finished jobs of `kinds` whose outcome nobody has posted yet (only `job_id`, if
+    given), finished within `within`, marked as announced: whoever claims a job posts it,
+    once, however many bot processes heard of it. Oldest first."""
+    records = await db.fetch(CLAIM_ANNOUNCEMENTS_SQL, kinds, job_id, within)
+    return sorted((_job(r) for r in records), key=lambda j: j.id)
+
+
+async def unannounce(db: Executor, job_id: int) -> None:
+    """Posting a claimed outcome failed: leave it for the next claim."""
+    await db.execute(UNANNOUNCE_SQL, job_id)
 
 
 # -- training jobs: one entry point for the scheduler and the maintainers' /retrain ----

@@ -64,6 +64,10 @@ def head_revision() -> str:
     return head
 
 
+class UnknownRevision(Exception):
+    """The database was migrated by a newer checkout than this one."""
+
+
 async def status(conn: Executor) -> MigrationStatus:
     """Where the database stands against the migrations in this checkout."""
     current = None
@@ -71,5 +75,10 @@ async def status(conn: Executor) -> MigrationStatus:
         current = await conn.fetchval(CURRENT_REVISION_SQL)
     script = _script()
     head = head_revision()
+    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+        raise UnknownRevision(
+            f"the database is at revision {current}, which this checkout does not have "
+            f"(its newest is {head}): it was migrated by a newer version of the code"
+        )
     pending = [rev.revision for rev in script.iterate_revisions(head, current or "base")]
     return MigrationStatus(current=current, head=head, pending=list(reversed(pending)))

@@ -144,6 +144,23 @@ def generate_payload(round_: Round) -> dict[str, Any]:
 
 _BANNED = ("banned", "You are not allowed to start rounds here.")
 
+LOCK_USER_BY_ID_SQL = """
+SELECT banned FROM users WHERE id = $1 FOR UPDATE
+"""
+
+
+async def _check_may_retry(conn: Executor, user_id: int, limits: Limits) -> None:
+    if await conn.fetchval(LOCK_USER_BY_ID_SQL, user_id):
+        raise RoundRefused(*_BANNED)
+    usage = await conn.fetchrow(USAGE_SQL, user_id)  # counts the round being retried
+    if limits.in_flight is not None and usage["in_flight"] > limits.in_flight:
+        others = usage["in_flight"] - 1
+        raise RoundRefused(
+            "in_flight",
+            f"You already have {others} round(s) being generated "
+            f"(limit {limits.in_flight}); wait for them to finish.",
+        )
+
 
 async def check_may_dream(db: Executor, requester_discord_id: int, limits: Limits) -> None:
     """Raise `RoundRefused` if the user may not start a round now. Read-only: a caller can
@@ -284,12 +301,21 @@ RETURNING *
 """
 
 
-async def retry_round(db: Executor, round_id: int) -> jobs.Job | None:
-    """Put a failed round back in the queue (its generate job too); None if not failed."""
+async def retry_round(
+    db: Executor, round_id: int, *, limits: Limits | None = None
+) -> jobs.Job | None:
+    """Put a failed round back in the queue (its generate job too); None if not failed.
+    With `limits` (a requester retrying, not a maintainer), the requester must not be
+    banned and the round, in flight again, must stay within `limits.in_flight`: checked
+    under the requester's row lock, as `create_round` does, so concurrent retries cannot
+    both slip under it; else `RoundRefused` and nothing changes."""
     async with transaction(db) as conn:
+        # The round's row first, then the user's: the order clicks and forgetting lock in.
         record = await conn.fetchrow(REQUEUE_ROUND_SQL, round_id)
         if record is None:
             return None
+        if limits is not None and record["requester_id"] is not None:
+            await _check_may_retry(conn, record["requester_id"], limits)
         key = f"generate:round:{round_id}"
         latest = await conn.fetchrow(LATEST_GENERATE_JOB_SQL, key)
         job = await jobs.get(conn, latest["id"]) if latest else None

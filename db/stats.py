@@ -95,18 +95,22 @@ async def totals(db: Executor) -> Totals:
     return Totals(**dict(await db.fetchrow(TOTALS_SQL)))
 
 
+# A training that skipped (too few examples) trained nothing: it does not reset the count.
 REQUESTER_CHOICES_SINCE_TRAINING_SQL = """
 SELECT count(*) FROM choices
 WHERE is_requester AND NOT flagged
   AND updated_at > coalesce(
-      (SELECT max(started_at) FROM jobs WHERE kind = 'train_classifier' AND state = 'done'),
+      (SELECT max(started_at) FROM jobs
+       WHERE kind = 'train_classifier' AND state = 'done'
+         AND result->>'status' IS DISTINCT FROM 'skipped'),
       '-infinity')
 """
 
 
 async def requester_choices_since_training(db: Executor) -> int:
     """Requesters' choices (not flagged) made or changed since the last classifier training
-    that finished started: what a new training would learn from."""
+    that trained (finished, not skipped) started: what a new training would learn from.
+    Clicking the same verdict again does not count as a change."""
     return await db.fetchval(REQUESTER_CHOICES_SINCE_TRAINING_SQL)
 
 

@@ -11,7 +11,12 @@ Forgetting a user (our documented choice: deletion, not pseudonymisation), in on
   `forgotten_at` set and the Discord id removed, except for a banned or shadow-banned user,
   whose Discord id is kept so that forgetting cannot be used to shed a ban.
 The image files that no remaining row references are returned for the caller to delete from
-the image store after the commit (a crash in between leaves only unreferenced files).
+the image store after the commit, with `images.delete_unreferenced` (a crash in between leaves
+only unreferenced files).
+
+Locks are taken in the order a click takes them (the round, then the user): the user's rounds
+first, then the user's row, so a click on one of their rounds during a forget waits for it
+instead of deadlocking with it.
 """
 
 from __future__ import annotations
@@ -134,6 +139,13 @@ WHERE r.requester_id = $1
 GROUP BY r.id
 """
 
+LOCK_ROUNDS_SQL = """
+SELECT r.id FROM rounds r JOIN users u ON u.id = r.requester_id
+WHERE u.discord_id = $1
+ORDER BY r.id
+FOR UPDATE OF r
+"""
+
 CANCEL_ROUND_JOBS_SQL = """
 UPDATE jobs SET state = 'cancelled', finished_at = now()
 WHERE kind = 'generate' AND state = 'queued'
@@ -175,6 +187,7 @@ WHERE id = $1
 async def forget_user(db: Executor, discord_id: int) -> ForgetResult | None:
     """Delete the user's data as described in the module docstring; None if unknown."""
     async with transaction(db) as conn:
+        await conn.execute(LOCK_ROUNDS_SQL, discord_id)
         user_id = await conn.fetchval(LOCK_USER_SQL, discord_id)
         if user_id is None:
             return None

@@ -45,6 +45,7 @@ class Worker:
         *,
         kinds: list[str] | None = None,
         device: str = "cpu",
+        device_label: str | None = None,
         concurrency: int | None = None,
         worker_id: str | None = None,
         registry: dict[str, str] | None = None,
@@ -61,6 +62,8 @@ class Worker:
                 f"choose from {', '.join(sorted(self.registry))}"
             )
         self.device = device
+        # The device as the machine knows it (a process restricted to one GPU calls it cuda:0).
+        self.device_label = device_label or device
         self.concurrency = concurrency or settings.worker.concurrency
         self.worker_id = worker_id or jobs.default_worker_id()
         self.store = store or LocalImageStore(settings.images_dir)
@@ -81,7 +84,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `stop()`."""
-        await jobs.register_worker(self.pool, self.worker_id, self.kinds, self.device)
+        await jobs.register_worker(self.pool, self.worker_id, self.kinds, self.device_label)
         log.info(
             "worker %s takes %s on %s",
             self.worker_id,
@@ -237,7 +240,7 @@ class Worker:
         while True:
             try:
                 await self._heartbeat()
-                requeued = await jobs.requeue_expired(self.pool)
+                requeued = await jobs.requeue_expired(self.pool, self.backoff)
                 for job in requeued:
                     log.warning(
                         "job %s %s: %s",

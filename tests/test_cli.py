@@ -37,6 +37,29 @@ def test_db_upgrade_status_downgrade(empty_database_url: str) -> None:
     assert hps("db", "status", env=env).returncode == 1
 
 
+def test_db_commands_take_libpq_url_options_and_relative_revisions(empty_database_url: str) -> None:
+    # Managed servers are reached with options such as sslmode in the URL's query.
+    sep = "&" if "?" in empty_database_url else "?"
+    env = {"HPS_DATABASE_URL": f"{empty_database_url}{sep}sslmode=disable&application_name=t"}
+    upgraded = hps("db", "upgrade", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    down = hps("db", "downgrade", "-1", "--yes", env=env)  # as the README writes it
+    assert down.returncode == 0, down.stderr
+    status = hps("db", "status", env=env)
+    assert status.returncode == 1 and status.stdout.count("pending:") == 1
+    too_far = hps("db", "downgrade", "-99", "--yes", env=env)
+    assert too_far.returncode == 1 and "Traceback" not in too_far.stderr
+    assert "error: Relative revision -99 didn't produce 99 migrations" in too_far.stderr
+
+
+def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    env = {"HPS_DATABASE_URL": "postgresql://hps:pw-SECRET@127.0.0.1:1/hps"}
+    result = hps("db", "status", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot connect to the database postgresql://hps:***@127.0.0.1:1/hps" in result.stderr
+    assert "HPS_DATABASE_URL" in result.stderr and "SECRET" not in result.stderr
+
+
 def test_config_show_redacts_secrets(tmp_path: Path) -> None:
     env = {
         "HPS_DISCORD__TOKEN": "tok-SECRET",

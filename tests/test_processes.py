@@ -203,7 +203,8 @@ async def _pool_when_migrated(url: str):  # type: ignore[no-untyped-def]
 def test_bad_options_exit_2_with_a_message(database_url: str, tmp_path: Path) -> None:
     env = {"HPS_DATABASE_URL": database_url, "HPS_DATA_DIR": str(tmp_path / "data")}
     log = tmp_path / "out.log"
-    worker = spawn(["worker", "--device", "cpu", "--kinds", "generate,teleport"], env, log)
+    # `train` is short for train_classifier; `teleport` is no kind at all.
+    worker = spawn(["worker", "--device", "cpu", "--kinds", "train,generate,teleport"], env, log)
     assert worker.wait(60) == 2
     assert "unknown job kind(s) teleport: choose from adapt_sd, generate, score" in log.read_text()
     scheduler = spawn(["scheduler"], {**env, "HPS_SCHEDULES__ADAPT_SD": "every sunday"}, log)

@@ -69,6 +69,42 @@ def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-d
     )
 
 
+def test_a_password_with_reserved_characters_is_never_shown(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Written raw, a `#` or `/` would end the URL's user part early; both ways it stays hidden.
+    assert redact_url("postgresql://u:pa#ss/x@h/db") == "postgresql://u:***@h/db"
+    monkeypatch.setenv("HPS_DATABASE_URL", "postgresql://u:pa#ss@h/db")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert "percent-encoded" in str(error.value) and "pa#ss" not in str(error.value)
+    monkeypatch.setenv("HPS_DATABASE_URL", "postgresql://u:pa%23ss@h/db?sslmode=require")
+    settings = load_settings()
+    assert settings.redacted()["database_url"] == "postgresql://u:***@h/db?sslmode=require"
+    assert settings.secret_values() == ["pa%23ss", "pa#ss"]  # as written, and decoded
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("localhost", "must be a URL like postgresql://"),
+        ("mysql://u@h/db", "must be a URL like postgresql://"),
+        ("postgresql://u@h:99999/db", "port that is not a number"),
+    ],
+)
+def test_a_database_url_that_is_no_postgresql_url_is_named(
+    monkeypatch, url: str, problem: str
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("HPS_DATABASE_URL", url)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert "HPS_DATABASE_URL (database_url)" in str(error.value)
+    assert problem in str(error.value)
+
+
+def test_an_empty_database_url_means_the_embedded_server(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("HPS_DATABASE_URL", "")
+    assert load_settings().database_url is None
+
+
 @pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()])
 def test_logs_never_carry_secrets(formatter: logging.Formatter) -> None:
     stream = io.StringIO()

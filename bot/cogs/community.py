@@ -12,6 +12,7 @@ from discord.ext import commands
 from bot import checks, formats, imaging, views
 from bot.client import HPSBot
 from db import images, jobs, stats, users
+from db.connect import transaction
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ class Community(commands.Cog):
     def __init__(self, bot: HPSBot) -> None:
         self.bot = bot
         self._job_waiters: dict[int, asyncio.Future[None]] = {}
+        # One upload decoded at a time in this process: a decoded image may take
+        # score_max_pixels × 4 bytes, and the bot's memory must stay small under many /score.
+        self._decoding = asyncio.Semaphore(1)
 
     # -- /score ----------------------------------------------------------------------------
 
@@ -69,10 +73,13 @@ class Community(commands.Cog):
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            checked = [
-                await asyncio.to_thread(imaging.check_image, u.filename, await u.read(), limits)
-                for u in uploads
-            ]
+            checked = []
+            for upload in uploads:
+                data = await upload.read()
+                async with self._decoding:
+                    checked.append(
+                        await asyncio.to_thread(imaging.check_image, upload.filename, data, limits)
+                    )
         except imaging.UploadRejected as exc:
             log.info("refused /score: %s", exc, extra={"user_id": interaction.user.id})
             await interaction.edit_original_response(content=str(exc))
@@ -82,16 +89,21 @@ class Community(commands.Cog):
                 content="Downloading your images from Discord failed; please try again."
             )
             return
-        keys = [
-            (await asyncio.to_thread(self.bot.store.put, c.data, c.suffix)).key for c in checked
-        ]
-        job, _ = await jobs.enqueue(
-            self.bot.pool,
-            SCORE_KIND,
-            {"prompt": prompt, "image_keys": keys},
-            requested_by=f"discord:{interaction.user.id}",
-            priority=1,  # someone is waiting for it
-        )
+
+        def store_uploads() -> list[str]:
+            return [self.bot.store.put(c.data, c.suffix).key for c in checked]
+
+        keys = await asyncio.to_thread(store_uploads)
+        async with transaction(self.bot.pool) as conn:
+            await images.hold_keys(conn, keys)
+            await asyncio.to_thread(store_uploads)  # in case equal bytes were deleted meanwhile
+            job, _ = await jobs.enqueue(
+                conn,
+                SCORE_KIND,
+                {"prompt": prompt, "image_keys": keys},
+                requested_by=f"discord:{interaction.user.id}",
+                priority=1,  # someone is waiting for it
+            )
         log.info("score job enqueued", extra={"job_id": job.id, "user_id": interaction.user.id})
         finished = await self.wait_for_job(job.id, self.bot.settings.bot.score_timeout_seconds)
         cancelled = False
@@ -134,8 +146,7 @@ class Community(commands.Cog):
 
     async def _delete_uploads(self, keys: list[str]) -> None:
         """Scored uploads are not kept, unless a round's image has the same bytes."""
-        for key in await images.unreferenced_keys(self.bot.pool, keys):
-            await asyncio.to_thread(self.bot.store.delete, key)
+        await images.delete_unreferenced(self.bot.pool, keys, self.bot.store.delete)
 
     # -- /stats ----------------------------------------------------------------------------
 
@@ -143,9 +154,10 @@ class Community(commands.Cog):
     # It counts whole tables: a cooldown keeps anyone from turning it into a load test.
     @app_commands.checks.cooldown(1, 10.0)
     async def stats(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)  # whole-table counts
         mine = await stats.user_stats(self.bot.pool, interaction.user.id)
         totals = await stats.totals(self.bot.pool)
-        await interaction.response.send_message(formats.user_stats(mine, totals), ephemeral=True)
+        await views.reply(interaction, formats.user_stats(mine, totals))
 
     # -- /forget-me ------------------------------------------------------------------------
 
@@ -171,9 +183,9 @@ class Community(commands.Cog):
                 content="We hold no data about you.", view=None
             )
             return
-        deleted = 0
-        for key in result.orphaned_image_keys:
-            deleted += await asyncio.to_thread(self.bot.store.delete, key)
+        deleted = await images.delete_unreferenced(
+            self.bot.pool, result.orphaned_image_keys, self.bot.store.delete
+        )
         log.info(
             "user forgotten",
             extra={"user_id": result.user_id, "rounds": result.rounds_deleted, "files": deleted},

@@ -135,11 +135,20 @@ class Dream(commands.Cog):
             negative = checks.clean_prompt(
                 negative_prompt or "", settings.limits, what="negative prompt"
             )
-            await rounds.check_may_dream(self.bot.pool, user_id, limits)
+            # Checked before deferring, so that a refusal stays private; bounded, so that
+            # a slow database still leaves time to answer within Discord's 3 s.
+            async with asyncio.timeout(settings.bot.click_timeout_seconds):
+                await rounds.check_may_dream(self.bot.pool, user_id, limits)
         except (checks.PromptRejected, rounds.RoundRefused) as exc:
             text = formats.round_refused(exc) if isinstance(exc, rounds.RoundRefused) else str(exc)
             log.info("refused /dream: %s", exc, extra={"user_id": user_id})
             await interaction.response.send_message(text, ephemeral=True)
+            return
+        except TimeoutError:
+            log.warning(
+                "/dream: the database is too slow to check limits", extra={"user_id": user_id}
+            )
+            await interaction.response.send_message(formats.DB_DOWN, ephemeral=True)
             return
 
         await interaction.response.defer(thinking=True)
@@ -162,12 +171,22 @@ class Dream(commands.Cog):
             await interaction.edit_original_response(content=formats.round_refused(exc))
             return
         round_id = created.round.id
-        async with self._lock(round_id):
-            self._remember(round_id, interaction)
-            message = await interaction.edit_original_response(
-                content=formats.queued(prompt, negative, created.queue_position)
+        try:
+            async with self._lock(round_id):
+                self._remember(round_id, interaction)
+                message = await interaction.edit_original_response(
+                    content=formats.queued(prompt, negative, created.queue_position)
+                )
+                await rounds.set_message(self.bot.pool, round_id, message.id)
+        except (discord.HTTPException, *UNAVAILABLE) as exc:
+            # The round exists and its job is queued: no "nothing was changed" here. Without
+            # a registered message, the round is posted anew when it is ready.
+            log.warning(
+                "round created, but its message was not registered (%s)",
+                exc,
+                extra={"round_id": round_id, "job_id": created.job.id},
             )
-            await rounds.set_message(self.bot.pool, round_id, message.id)
+            return
         log.info(
             "round created",
             extra={
@@ -219,7 +238,16 @@ class Dream(commands.Cog):
             if r.message_id is None and round_id not in self._originals and registering:
                 return  # its /dream is still registering the message, and shows it next
             content, ui, files = await self._render(view)
-            await self._deliver(r, content, ui, files)
+            try:
+                await self._deliver(r, content, ui, files)
+            except discord.Forbidden as exc:
+                # No permission in that channel (any more): trying again at every catch-up
+                # would not help, and would crowd out the rounds that can be shown.
+                log.warning(
+                    "no permission to show the round in its channel (%s): given up",
+                    exc.text or exc.status,
+                    extra={"round_id": round_id, "channel_id": r.channel_id},
+                )
             await rounds.set_shown(pool, round_id, r.status)
         log.info("round shown", extra={"round_id": round_id, "status": r.status})
 
@@ -316,6 +344,7 @@ class Dream(commands.Cog):
                     position=position,
                     others_may_vote=settings.limits.others_may_vote,
                     interaction_id=interaction.id,
+                    open_for=timedelta(minutes=settings.limits.round_ttl_minutes),
                 )
         except ChoiceRefused as exc:
             log.info("click refused: %s", exc.code, extra=extra)
@@ -330,7 +359,7 @@ class Dream(commands.Cog):
             await interaction.response.send_message(formats.CLICK_NOT_RECORDED, ephemeral=True)
             return
         text = formats.choice_confirmation(result, label)
-        if not result.choice.is_requester or result.outcome == "unchanged":
+        if not result.choice.is_requester or result.outcome in ("unchanged", "stale"):
             await interaction.response.send_message(text, ephemeral=True)
             return
         # The requester's verdict is the training signal: show it on the message.
@@ -366,35 +395,37 @@ class Dream(commands.Cog):
     async def on_retry(self, interaction: discord.Interaction, round_id: int) -> None:
         """The Retry button of a failed round: the requester (or a maintainer) queues it again."""
         pool = self.bot.pool
+        # The round's lock may be held while its message uploads images, and a retry takes
+        # several queries: acknowledge within Discord's 3 s first, answer after.
+        await interaction.response.defer()
         async with self._lock(round_id):
             view = await rounds.get_round_view(pool, round_id)
             if view is None:
-                await interaction.response.send_message(
-                    "This round no longer exists.", ephemeral=True
-                )
+                await views.reply(interaction, "This round no longer exists.")
                 return
             maintainer = checks.is_maintainer(interaction)
             if interaction.user.id != view.requester_discord_id and not maintainer:
-                await interaction.response.send_message(
-                    "Only the person who asked (or a maintainer) can retry this round.",
-                    ephemeral=True,
+                await views.reply(
+                    interaction, "Only the person who asked (or a maintainer) can retry this round."
                 )
                 return
-            if not maintainer:  # a retry puts the round back in flight: same rules as /dream
-                in_flight = rounds.Limits(in_flight=self.bot.settings.limits.rounds_in_flight)
-                try:
-                    await rounds.check_may_dream(pool, interaction.user.id, in_flight)
-                except rounds.RoundRefused as refused:
-                    await interaction.response.send_message(str(refused), ephemeral=True)
-                    return
-            job = await rounds.retry_round(pool, round_id)
+            # A retry puts the round back in flight: the same rules as /dream, unless a
+            # maintainer retries it.
+            limits = rounds.Limits(in_flight=self.bot.settings.limits.rounds_in_flight)
+            try:
+                job = await rounds.retry_round(
+                    pool, round_id, limits=None if maintainer else limits
+                )
+            except rounds.RoundRefused as refused:
+                await views.reply(interaction, str(refused))
+                return
             if job is None:
-                await interaction.response.send_message(
-                    "This round is not failed (any more): nothing to retry.", ephemeral=True
+                await views.reply(
+                    interaction, "This round is not failed (any more): nothing to retry."
                 )
                 return
             position = await jobs.queue_position(pool, job)
-            await interaction.response.edit_message(
+            await interaction.edit_original_response(
                 content=formats.queued(view.prompt, view.negative_prompt, position, again=True),
                 view=None,
             )

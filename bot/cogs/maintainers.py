@@ -16,10 +16,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import checks, formats
+from bot import checks, formats, views
 from bot.client import HPSBot
 from db import jobs, stats, users
 from db import models as registry
+from db.connect import UNAVAILABLE
 from hps.promotion import check_promotable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class Maintainers(commands.Cog):
     async def interaction_check(self, interaction: discord.Interaction) -> bool:  # type: ignore[override]
         if not checks.is_maintainer(interaction):
             raise checks.NotMaintainer()
+        # Every command here reads or changes several tables: answer Discord's 3 s deadline
+        # with "thinking…" first (privately), and the command's text replaces it.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         return True
 
     @app_commands.command(
@@ -62,7 +66,7 @@ class Maintainers(commands.Cog):
                 "training requested",
                 extra={"job_id": job.id, "job_kind": job.kind, "created": created},
             )
-        await interaction.response.send_message(formats.retrain(enqueued), ephemeral=True)
+        await views.reply(interaction, formats.retrain(enqueued))
 
     def _log_channel(self) -> int | None:
         """The log channel, for the one bot process that posts to it: with the shards split
@@ -75,19 +79,38 @@ class Maintainers(commands.Cog):
 
     @commands.Cog.listener()
     async def on_hps_job_done(self, job_id: int, kind: str, state: str) -> None:
-        """Post every finished training job's outcome to the log channel."""
-        channel_id = self._log_channel()
-        if kind not in TRAINING_JOB_KINDS or channel_id is None:
-            return
-        job = await jobs.get(self.bot.pool, job_id)
-        if job is None:
+        """Post a finished training job's outcome to the log channel."""
+        if kind in TRAINING_JOB_KINDS:
+            await self._announce_jobs(job_id)
+
+    @commands.Cog.listener()
+    async def on_hps_listening(self) -> None:
+        """Outcomes of jobs that finished while no bot listened (a restart, an outage)."""
+        await self._announce_jobs(None)
+
+    async def _announce_jobs(self, job_id: int | None) -> None:
+        """Claim and post outcomes nobody posted yet (only `job_id`'s, if given): the claim
+        in the database makes each be posted once, by one bot process."""
+        channel_id = self.bot.settings.discord.log_channel_id
+        if channel_id is None:
             return
         try:
-            await self.bot.get_partial_messageable(channel_id).send(formats.training_outcome(job))
-        except discord.HTTPException:
-            log.exception("could not post to the log channel", extra={"job_id": job_id})
+            claimed = await jobs.claim_announcements(
+                self.bot.pool, sorted(TRAINING_JOB_KINDS), job_id=job_id
+            )
+        except UNAVAILABLE as exc:
+            log.warning("could not read the outcomes to post: %s", exc)
             return
-        log.info("training outcome posted", extra={"job_id": job_id, "job_state": state})
+        for job in claimed:
+            try:
+                await self.bot.get_partial_messageable(channel_id).send(
+                    formats.training_outcome(job)
+                )
+            except discord.HTTPException:
+                log.exception("could not post to the log channel", extra={"job_id": job.id})
+                await jobs.unannounce(self.bot.pool, job.id)
+                continue
+            log.info("training outcome posted", extra={"job_id": job.id, "job_state": job.state})
 
     @commands.Cog.listener()
     async def on_hps_model_event(self, event: dict[str, Any]) -> None:
@@ -112,8 +135,10 @@ class Maintainers(commands.Cog):
     async def status(self, interaction: discord.Interaction) -> None:
         pool = self.bot.pool
         serving = {kind: await registry.serving(pool, kind) for kind in SERVED_KINDS}
-        finished = await jobs.list_jobs(pool, kind=jobs.TRAINING_KINDS["classifier"], limit=5)
-        last = next((j for j in finished if j.state in ("done", "dead")), None)
+        last = []  # the classifier's and SD's latest outcomes
+        for kind in jobs.TRAINING_KINDS.values():
+            finished = await jobs.list_jobs(pool, kind=kind, limit=5)
+            last += [j for j in finished if j.state in ("done", "dead")][:1]
         # The serving adapter and those in A/B testing, with offline and live numbers.
         adapters = await registry.testing(pool, "sd_adapter")
         if serving["sd_adapter"] is not None:
@@ -128,7 +153,7 @@ class Maintainers(commands.Cog):
             datetime.now(UTC),
             [(v, live.get(v.id)) for v in adapters],
         )
-        await interaction.response.send_message(text, ephemeral=True)
+        await views.reply(interaction, text)
 
     @app_commands.command(description="Model versions with their metrics.")
     @app_commands.describe(kind="Only this kind of model")
@@ -141,7 +166,7 @@ class Maintainers(commands.Cog):
     ) -> None:
         versions = await registry.list_versions(self.bot.pool, kind)
         live = await stats.live_records(self.bot.pool, versions)
-        await interaction.response.send_message(formats.models(versions, live), ephemeral=True)
+        await views.reply(interaction, formats.models(versions, live))
 
     @app_commands.command(description="Serve a model version (the one it replaces is retired).")
     @app_commands.describe(
@@ -162,13 +187,13 @@ class Maintainers(commands.Cog):
                 gate=None if force else (lambda v, s: check_promotable(v, s, margin)),
             )
         except registry.ModelError as exc:
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await views.reply(interaction, str(exc))
             return
         assert done.promoted is not None
         text = f"`{done.promoted.name}` is now serving"
         text += f"; `{done.retired.name}` was retired." if done.retired else "."
         log.info("promoted %s", done.promoted.name, extra={"model_version_id": done.promoted.id})
-        await interaction.response.send_message(text, ephemeral=True)
+        await views.reply(interaction, text)
 
     @app_commands.command(
         description="Stop serving the current version of a kind; serve the previous one."
@@ -184,14 +209,12 @@ class Maintainers(commands.Cog):
         try:
             done = await registry.rollback(self.bot.pool, kind, actor=_actor(interaction))
         except registry.ModelError as exc:
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await views.reply(interaction, str(exc))
             return
         assert done.retired is not None
         restored = f"`{done.promoted.name}` serves again" if done.promoted else "none serves now"
         log.info("rolled back %s", done.retired.name, extra={"model_version_id": done.retired.id})
-        await interaction.response.send_message(
-            f"Rolled back `{done.retired.name}`; {restored}.", ephemeral=True
-        )
+        await views.reply(interaction, f"Rolled back `{done.retired.name}`; {restored}.")
 
     @app_commands.command(
         description="Ban a user from /dream and voting (shadow: votes kept but flagged)."
@@ -211,7 +234,7 @@ class Maintainers(commands.Cog):
         )
         kind = "Shadow-banned" if shadow else "Banned"
         log.info("%s user", kind.lower(), extra={"user_id": user.id})
-        await interaction.response.send_message(f"{kind} {user.mention}.", ephemeral=True)
+        await views.reply(interaction, f"{kind} {user.mention}.")
 
     @app_commands.command(description="Lift a user's ban.")
     @app_commands.default_permissions(manage_guild=True)
@@ -224,7 +247,7 @@ class Maintainers(commands.Cog):
             else f"{user.mention} is unknown here."
         )
         log.info("unbanned user", extra={"user_id": user.id})
-        await interaction.response.send_message(text, ephemeral=True)
+        await views.reply(interaction, text)
 
 
 async def setup(bot: HPSBot) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from db.connect import open_connection
 from db.schema import metadata
 
 config = context.config
@@ -34,8 +35,7 @@ def _url() -> str:
         from hps.settings import get_settings
 
         url = database_url(get_settings())
-    scheme, rest = url.split("://", 1)
-    return f"postgresql+asyncpg://{rest}" if scheme in ("postgres", "postgresql") else url
+    return url
 
 
 def _run(connection: Connection) -> None:
@@ -51,7 +51,14 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(_url(), poolclass=pool.NullPool)
+    # asyncpg itself reads the URL, as the application's pool does: SQLAlchemy would pass
+    # libpq query options such as `?sslmode=require` on as keyword arguments asyncpg lacks.
+    url = _url()
+    engine = create_async_engine(
+        "postgresql+asyncpg://",
+        async_creator=lambda: open_connection(url),
+        poolclass=pool.NullPool,
+    )
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)
@@ -60,7 +67,8 @@ async def _run_async() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(url=_url(), target_metadata=metadata, literal_binds=True)
+    # SQL scripts only need the dialect (`alembic upgrade --sql`), not a connection.
+    context.configure(dialect_name="postgresql", target_metadata=metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 else:

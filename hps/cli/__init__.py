@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from hps.cli import adapt as adapt_cli
 from hps.cli import config as config_cli
@@ -13,6 +14,7 @@ from hps.cli import models as models_cli
 from hps.cli import score as score_cli
 from hps.cli import train as train_cli
 from hps.cli.bot import bot
+from hps.cli.common import err_console
 from hps.cli.report import report
 from hps.cli.scheduler import scheduler
 from hps.cli.serve import serve
@@ -42,4 +44,10 @@ app.command("bot")(bot)
 
 
 def main() -> None:
-    app()
+    from db.connect import DatabaseUnreachable
+
+    try:
+        app()
+    except DatabaseUnreachable as exc:  # not our bug: say what to check, no traceback
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise SystemExit(1) from None

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 
 from hps.cli.common import console, fail, run, settings
 from hps.settings import redact_url
 
 app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+
+
+def _alembic(command: Callable[[str, str], None], url: str, revision: str) -> None:
+    """An Alembic command, its refusals (an unknown or impossible revision) as errors."""
+    from alembic.util import CommandError
+
+    try:
+        command(url, revision)
+    except CommandError as exc:
+        raise fail(f"{exc} (see `hps db status`)") from None
 
 
 def _url() -> str:
@@ -22,11 +34,12 @@ def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> 
     from db import migrate
 
     url = _url()
-    migrate.upgrade(url, revision)
+    _alembic(migrate.upgrade, url, revision)
     console.print(f"{redact_url(url)}: upgraded to {revision}", highlight=False)
 
 
-@app.command("downgrade")
+# `-1` (one revision down) must reach the argument rather than be taken for an option.
+@app.command("downgrade", context_settings={"ignore_unknown_options": True})
 def downgrade(
     revision: str = typer.Argument(..., help="Target revision, e.g. -1 or base."),
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
@@ -37,7 +50,7 @@ def downgrade(
     url = _url()
     if not yes:
         typer.confirm(f"Downgrade {redact_url(url)} to {revision}? This can drop data", abort=True)
-    migrate.downgrade(url, revision)
+    _alembic(migrate.downgrade, url, revision)
     console.print(f"database downgraded to {revision}")
 
 
@@ -56,7 +69,10 @@ def status() -> None:
         finally:
             await conn.close()
 
-    state = run(_status())
+    try:
+        state = run(_status())
+    except migrate.UnknownRevision as exc:
+        raise fail(str(exc)) from None
     console.print(f"database: {redact_url(url)}", highlight=False)
     console.print(f"current:  {state.current or '(empty database)'}")
     console.print(f"head:     {state.head}")

@@ -9,10 +9,20 @@ import typer
 
 from hps.cli.common import fail, run_service, settings
 
+# Short names people use for the training kinds (`hps worker --kinds generate,train`).
+KIND_ALIASES = {"train": "train_classifier", "adapt": "adapt_sd"}
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
 
 def worker(
     kinds: str | None = typer.Option(
-        None, "--kinds", help="Comma-separated job kinds to take (default: worker.kinds)."
+        None,
+        "--kinds",
+        help="Comma-separated job kinds to take (default: worker.kinds); train and adapt "
+        "stand for train_classifier and adapt_sd.",
     ),
     device: str | None = typer.Option(
         None, "--device", help="Torch device: auto, cpu, cuda, cuda:1 … (default: models.device)."
@@ -41,26 +51,35 @@ def worker(
         if not kind or ":" not in target:
             raise fail(f"--handler {spec!r}: expected KIND=module:function", 2)
         registry[kind] = target
-    chosen = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+    chosen = [KIND_ALIASES.get(k, k) for k in _names(kinds)] if kinds else None
     device = device or config.models.device
+    label = device  # what /status shows: the GPU of the machine, not of this process
     index = device.removeprefix("cuda:")
-    if device.startswith("cuda:") and index.isdigit() and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        # One GPU per worker process, before torch starts: every library (diffusers,
-        # open_clip, accelerate) then sees only that GPU, as cuda:0.
-        os.environ["CUDA_VISIBLE_DEVICES"] = index
-        device = "cuda:0"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if device.startswith("cuda:") and index.isdigit():
+        if visible is None:
+            # One GPU per worker process, before torch starts: every library (diffusers,
+            # open_clip, accelerate) then sees only that GPU, as cuda:0.
+            os.environ["CUDA_VISIBLE_DEVICES"] = index
+            device = "cuda:0"
+        else:
+            label = f"{device} of CUDA_VISIBLE_DEVICES={visible}"
     device = resolve_device(device)
     # Every job of this worker runs there: generation, scoring and training alike.
     config = config.with_changes("models", device=device)
 
     async def service(stop: asyncio.Event) -> None:
-        pool = await create_pool(database_url(config))
+        # Each job may hold a connection for its transaction; heartbeats, expired leases
+        # and the LISTEN connection must never wait behind them.
+        jobs_at_once = concurrency or config.worker.concurrency
+        pool = await create_pool(database_url(config), max_size=2 * jobs_at_once + 4)
         try:
             runner = Worker(
                 pool,
                 config,
                 kinds=chosen,
                 device=device,
+                device_label=label,
                 concurrency=concurrency,
                 worker_id=worker_id,
                 registry=registry,

@@ -28,6 +28,7 @@ def test_a_clean_prompt_is_stripped_and_kept_as_written() -> None:
         ("so much gore", "Your prompt contains a term that is not allowed here."),
         ("so much GORE", "Your prompt contains a term that is not allowed here."),
         ("so much ｇｏｒｅ", "Your prompt contains a term that is not allowed here."),
+        ("so much go\u200dre", "Your prompt contains a term that is not allowed here."),
     ],
 )
 def test_bad_prompts_are_refused_with_the_reason(text: str, message: str) -> None:

@@ -105,3 +105,26 @@ def test_training_outcomes_show_nested_metrics_and_a_tracebacks_last_line() -> N
     assert formats.score_failed(bad) == (
         "Scoring failed: cannot score image 2: the image bytes is not an image"
     )
+
+
+def test_quoted_user_text_stays_within_its_limit_once_escaped() -> None:
+    """Escaping can double a text: a prompt full of markdown must still fit its place in a
+    2,000-character message, and never end in half an escape."""
+    text = "*_" * 400  # 800 characters, 1,600 escaped
+    quoted = formats.quote(text, 500)
+    assert len(quoted) <= 500 and quoted.endswith("…")
+    assert not quoted[:-1].endswith("\\")  # the last escape is whole
+    assert quoted.startswith("\\*\\_")
+    assert formats.quote("@everyone look", 100) == "@\u200beveryone look"
+    assert formats.quote("short", 100) == "short"
+
+
+def test_a_stale_click_says_a_later_one_counts() -> None:
+    from datetime import UTC, datetime
+
+    from db.choices import Choice, ChoiceResult
+
+    now = datetime.now(UTC)
+    held = Choice(1, 1, 1, "pick", 2, True, False, 2, now, now, interaction_id=9)
+    text = formats.choice_confirmation(ChoiceResult(held, "stale", "pick", 2), "1")
+    assert text == "A later click of yours already counts: this one changed nothing."

@@ -42,7 +42,60 @@ async def test_fifty_concurrent_clicks_from_one_user_leave_one_choice(pool) -> N
         round_id,
     )
     assert (choice.verdict, choice.chosen_position) == (last["verdict"], last["chosen_position"])
-    assert choice.revision == 50 and choice.is_requester
+    # Each change is a revision; clicking the verdict it holds again is not.
+    assert choice.revision == 1 + sum(r.outcome == "changed" for r in results)
+    assert choice.is_requester
+
+
+async def test_the_latest_click_wins_whatever_order_the_clicks_commit_in(pool) -> None:  # type: ignore[no-untyped-def]
+    """Discord's interaction ids grow with time: a click made earlier but committed later
+    (two fast clicks racing through two bot connections) is kept as a stale event only."""
+    round_id = await ready_round(pool, requester=7)
+    ids = list(range(1_000, 1_050))  # click i was made at time i
+    order = ids[:]
+    random.Random(3).shuffle(order)  # ... and committed in this order
+    outcomes = []
+    for interaction_id in order:
+        i = interaction_id - 1_000
+        result = await record_choice(
+            pool, round_id=round_id, discord_user_id=7, interaction_id=interaction_id, **_verdict(i)
+        )
+        outcomes.append(result.outcome)
+    [choice] = await choices_of_round(pool, round_id)
+    latest = _verdict(49)
+    assert (choice.verdict, choice.chosen_position) == (latest["verdict"], latest["position"])
+    assert choice.interaction_id == 1_049
+    # Every click is an event; those older than the one already held are stale.
+    assert await _counts(pool, round_id) == (1, 50)
+    newest_so_far, expected = -1, []
+    for interaction_id in order:
+        expected.append("stale" if interaction_id < newest_so_far else "fresh")
+        newest_so_far = max(newest_so_far, interaction_id)
+    assert [o == "stale" for o in outcomes] == [e == "stale" for e in expected]
+    stale_events = await pool.fetchval(
+        "SELECT count(*) FROM choice_events WHERE round_id = $1 AND outcome = 'stale'", round_id
+    )
+    assert stale_events == expected.count("stale") > 0
+
+
+async def test_a_ready_round_takes_no_clicks_past_its_time(pool) -> None:  # type: ignore[no-untyped-def]
+    """Expiry is enforced by the click itself, before (or without) the scheduled close."""
+    from datetime import timedelta
+
+    round_id = await ready_round(pool, requester=1)
+    await pool.execute(
+        "UPDATE rounds SET ready_at = now() - interval '61 minutes' WHERE id = $1", round_id
+    )
+    with pytest.raises(ChoiceRefused) as refused:
+        await record_choice(
+            pool, round_id=round_id, discord_user_id=1, verdict="tie", open_for=timedelta(hours=1)
+        )
+    assert refused.value.code == "closed"
+    assert await _counts(pool, round_id) == (0, 0)
+    still_open = await record_choice(
+        pool, round_id=round_id, discord_user_id=1, verdict="tie", open_for=timedelta(hours=2)
+    )
+    assert still_open.outcome == "recorded"
 
 
 async def test_many_users_clicking_concurrently_get_one_choice_each(pool) -> None:  # type: ignore[no-untyped-def]
@@ -84,6 +137,9 @@ async def test_outcomes_say_whether_the_choice_changed(pool) -> None:  # type: i
     )
     changed = await record_choice(pool, round_id=round_id, discord_user_id=1, verdict="tie")
     assert [first.outcome, same.outcome, changed.outcome] == ["recorded", "unchanged", "changed"]
+    # The same verdict again is not a new choice (the retraining schedule counts changes).
+    assert (same.choice.revision, same.choice.updated_at) == (1, first.choice.updated_at)
+    assert changed.choice.revision == 2
     assert (changed.previous_verdict, changed.previous_position) == ("pick", 2)
     assert changed.choice.verdict == "tie" and changed.choice.chosen_position is None
 
@@ -97,6 +153,7 @@ async def test_outcomes_say_whether_the_choice_changed(pool) -> None:  # type: i
         ("failed", {"verdict": "tie"}, "failed"),
         ("closed", {"verdict": "tie"}, "closed"),
         ("ready", {"verdict": "pick", "position": 9}, "bad_position"),
+        ("ready", {"verdict": "pick", "position": 99_999}, "bad_position"),  # > smallint
         ("ready", {"verdict": "pick", "position": 3}, "bad_position"),  # safety-flagged
         ("ready", {"verdict": "pick"}, "bad_position"),
         ("ready", {"verdict": "tie", "position": 1}, "bad_position"),

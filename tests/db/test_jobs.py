@@ -66,8 +66,11 @@ async def test_expired_leases_are_taken_back_and_fenced(pool) -> None:  # type: 
     job, _ = await jobs.enqueue(pool, "generate", max_attempts=2)
     [first] = await jobs.claim(pool, ["generate"], "dead-worker", LEASE)
     await pool.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
-    [requeued] = await jobs.requeue_expired(pool)
+    [requeued] = await jobs.requeue_expired(pool, backoff=timedelta(seconds=30))
     assert requeued.state == "queued" and "dead-worker" in requeued.error
+    # What killed its worker may kill the next one: it backs off like a failed attempt.
+    assert await jobs.claim(pool, ["generate"], "live-worker", LEASE) == []
+    await pool.execute("UPDATE jobs SET run_after = now()")
     [second] = await jobs.claim(pool, ["generate"], "live-worker", LEASE)
     # The first worker wakes up: its heartbeat and completion are refused.
     assert await jobs.heartbeat(pool, [job.id], "dead-worker", LEASE) == set()
@@ -76,6 +79,9 @@ async def test_expired_leases_are_taken_back_and_fenced(pool) -> None:  # type: 
     assert await jobs.complete(pool, second, "live-worker", {"ok": 1})
     final = await jobs.get(pool, job.id)
     assert final.state == "done" and final.result == {"ok": 1} and final.attempts == 2
+    # The history stays readable: who had it before, and why it was taken back.
+    assert final.error == "lease expired: worker dead-worker stopped heartbeating"
+    assert final.worker_id == "live-worker"
     # Spent attempts: an expired lease dead-letters instead.
     other, _ = await jobs.enqueue(pool, "generate", max_attempts=1)
     await jobs.claim(pool, ["generate"], "dead-worker", LEASE)

@@ -138,6 +138,31 @@ async def test_failed_round_can_be_retried(pool) -> None:  # type: ignore[no-unt
     assert await pool.fetchval("SELECT count(*) FROM jobs") == 2
 
 
+async def test_concurrent_retries_cannot_both_slip_under_the_in_flight_limit(pool) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    failed = []
+    for prompt in ("a red cube", "a blue cone"):
+        round_id = await queued_round(pool, requester=1, prompt=prompt)
+        await rounds.start_generating(pool, round_id)
+        assert await rounds.fail_round(pool, round_id, "boom")
+        failed.append(round_id)
+    limits = rounds.Limits(in_flight=1)
+    outcomes = await asyncio.gather(
+        *(rounds.retry_round(pool, r, limits=limits) for r in failed), return_exceptions=True
+    )
+    refused = [o for o in outcomes if isinstance(o, rounds.RoundRefused)]
+    assert len(refused) == 1 and refused[0].code == "in_flight"
+    assert str(refused[0]) == (
+        "You already have 1 round(s) being generated (limit 1); wait for them to finish."
+    )
+    statuses = sorted([(await rounds.get_round(pool, r)).status for r in failed])
+    assert statuses == ["failed", "queued"]  # the refused retry changed nothing
+    # A maintainer's retry (no limits) goes through.
+    [still_failed] = [r for r in failed if (await rounds.get_round(pool, r)).status == "failed"]
+    assert await rounds.retry_round(pool, still_failed) is not None
+
+
 async def test_stale_rounds_close(pool) -> None:  # type: ignore[no-untyped-def]
     old = await ready_round(pool, requester=1)
     fresh = await ready_round(pool, requester=2)

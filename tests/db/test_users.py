@@ -80,3 +80,26 @@ async def test_forgetting_scrubs_the_users_id_from_jobs_bans_and_model_events(po
     assert await pool.fetchval("SELECT payload->'image_keys' FROM jobs WHERE kind = 'score'") == [
         "k"
     ]
+
+
+async def test_a_click_in_flight_on_their_own_round_does_not_deadlock_a_forget(pool) -> None:  # type: ignore[no-untyped-def]
+    """A click locks the round, then the user: forgetting takes them in that order too, so
+    it waits for the click (whose choice it then deletes) instead of deadlocking with it."""
+    import asyncio
+
+    mine = await ready_round(pool, requester=1)
+    async with pool.acquire() as clicking:
+        click = clicking.transaction()
+        await click.start()
+        # A click that has read (and so share-locked) the round, not yet the user's row.
+        await clicking.execute("SELECT 1 FROM rounds WHERE id = $1 FOR SHARE", mine)
+        forgetting = asyncio.create_task(users.forget_user(pool, 1))
+        await asyncio.sleep(0.3)
+        assert not forgetting.done()  # it waits for the round, holding nothing the click needs
+        result = await record_choice(clicking, round_id=mine, discord_user_id=1, verdict="tie")
+        assert result.outcome == "recorded"
+        await click.commit()
+    forgotten = await asyncio.wait_for(forgetting, 10)
+    assert forgotten is not None and forgotten.rounds_deleted == 1
+    assert forgotten.choices_deleted == 1 and forgotten.events_deleted == 1
+    assert await pool.fetchval("SELECT count(*) FROM choices") == 0

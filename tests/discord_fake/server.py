@@ -13,6 +13,8 @@ follows discord.py 2.7 and Discord's API v10:
   deferred reply Discord edits the "thinking" message instead, and so does this server), the
   original response (`GET|PATCH|DELETE /webhooks/{app}/{token}/messages/@original` or by id),
   channel messages (`POST /channels/{id}/messages`, `GET|PATCH|DELETE .../messages/{id}`).
+  As Discord, it refuses a first callback more than 3 s after the interaction was sent
+  (10062 Unknown interaction): a reply that needs longer must defer first.
   Replies are JSON with `Content-Type: application/json` exactly (discord.py parses nothing
   else). Interaction tokens can be expired (`expire_tokens`): webhooks then answer 401.
 - CDN: `GET /cdn/attachments/{id}/{name}` serves files tests upload and files the bot sent.
@@ -46,6 +48,8 @@ LOADING = 1 << 7
 MANAGE_GUILD = 1 << 5
 # Interaction callback types.
 CHANNEL_MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE = 4, 5, 6, 7
+# Discord's deadline for an interaction's first response.
+RESPONSE_DEADLINE = 3.0
 
 
 def _iso() -> str:
@@ -156,7 +160,9 @@ class FakeInteraction:
     original_message_id: int | None = None
     followup_ids: list[int] = field(default_factory=list)
     expired: bool = False
+    late: bool = False  # a first response came after Discord's deadline, and was refused
     responded: asyncio.Event = field(default_factory=asyncio.Event)
+    server: FakeDiscord | None = field(default=None, repr=False)
 
     @property
     def response_type(self) -> int | None:
@@ -174,6 +180,31 @@ class FakeInteraction:
         await asyncio.wait_for(self.responded.wait(), within)
         assert self.response is not None
         return self.response
+
+    async def followup(self, within: float = 10.0) -> dict[str, Any]:
+        """The latest follow-up message the bot sent to this interaction (how a deferred
+        button click answers privately)."""
+        await self.wait_response(within)
+        assert self.server is not None
+        messages = self.server.messages
+        return await self.server.wait_for(
+            lambda: self.followup_ids and messages.get(self.followup_ids[-1]), within
+        )
+
+    async def answer(self, within: float = 10.0) -> dict[str, Any]:
+        """The reply as the user finally sees it: the message the response made, once a
+        deferred one ("… is thinking") has been replaced by its content."""
+        await self.wait_response(within)
+        assert self.server is not None
+        messages = self.server.messages
+        return await self.server.wait_for(
+            lambda: (
+                (m := messages.get(self.original_message_id or 0))
+                and not m["flags"] & LOADING
+                and m
+            ),
+            within,
+        )
 
 
 @dataclass
@@ -408,6 +439,7 @@ class FakeDiscord:
             channel_id,
             payload,
             component_message_id=int(message["id"]) if message else None,
+            server=self,
         )
         self.interactions[interaction_id] = interaction
         self._by_token[token] = interaction
@@ -652,6 +684,9 @@ class FakeDiscord:
         if interaction.response is not None:
             acknowledged = {"message": "Interaction has already been acknowledged.", "code": 40060}
             return _json(acknowledged, 400)
+        if time.perf_counter() - interaction.dispatched_at > RESPONSE_DEADLINE:
+            interaction.late = True
+            return _json({"message": "Unknown interaction", "code": 10062}, 404)
         kind, data = body["type"], body.get("data") or {}
         flags = int(data.get("flags") or 0)
         if kind == CHANNEL_MESSAGE:

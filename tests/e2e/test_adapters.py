@@ -24,7 +24,7 @@ OFFLINE = {
 
 async def _answer(fake: FakeDiscord, name: str, options: dict | None = None) -> str:
     interaction = await fake.slash(MAINTAINER, name, options or {}, channel_id=CHANNEL_ID)
-    return (await interaction.wait_response())["data"]["content"]
+    return (await interaction.answer())["content"]
 
 
 async def test_an_automatic_promotion_is_posted_to_the_log_channel(

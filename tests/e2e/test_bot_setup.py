@@ -27,7 +27,7 @@ async def test_a_cog_that_fails_to_load_is_logged_and_the_others_work(
         )
         assert set(bot.cogs) == {"Dream", "Maintainers", "Community"}
         stats = await fake.slash(ALICE, "stats", {}, channel_id=CHANNEL_ID)
-        response = await stats.wait_response()
-        assert response["data"]["content"].startswith("**You**: 0 round(s) asked")
+        answer = await stats.answer()
+        assert answer["content"].startswith("**You**: 0 round(s) asked")
     finally:
         await stop_bot(bot)

@@ -153,8 +153,8 @@ async def test_stats_counts_the_users_and_everyones_activity(
         click = await fake.click(user, int(queued["id"]), tie["custom_id"])
         await click.wait_response()
     stats = await fake.slash(ALICE, "stats", {}, channel_id=CHANNEL_ID)
-    response = await stats.wait_response()
-    assert stats.ephemeral and response["data"]["content"] == (
+    answer = await stats.answer()
+    assert stats.ephemeral and answer["content"] == (
         "**You**: 1 round(s) asked, 1 choice(s) made (0 picks, 1 can't decide, 0 none of these).\n"
         "**Everyone**: 2 people, 1 rounds, 4 images, 2 choices (2 in the last 24 h)."
     )

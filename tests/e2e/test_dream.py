@@ -269,9 +269,11 @@ async def test_a_failed_generation_shows_the_reason_and_the_requester_can_retry(
     )
     assert fake.messages[message_id]["attachments"] == []
 
+    # A retry click is acknowledged at once (it may wait for the round's lock), then answered.
     other = await fake.click(BOB, message_id, retry["custom_id"])
-    response = await other.wait_response()
-    assert other.ephemeral and response["data"]["content"] == (
+    assert (await other.wait_response())["type"] == 6
+    answer = await other.followup()
+    assert answer["flags"] & EPHEMERAL and answer["content"] == (
         "Only the person who asked (or a maintainer) can retry this round."
     )
     assert (await _round(pool))["status"] == "failed"
@@ -279,8 +281,8 @@ async def test_a_failed_generation_shows_the_reason_and_the_requester_can_retry(
     # A requester banned since cannot regenerate it.
     await users.ban(pool, ALICE.id, reason="abuse", actor="test")
     banned = await fake.click(ALICE, message_id, retry["custom_id"])
-    response = await banned.wait_response()
-    assert banned.ephemeral and response["data"]["content"] == (
+    answer = await banned.followup()
+    assert answer["flags"] & EPHEMERAL and answer["content"] == (
         "You are not allowed to start rounds here."
     )
     assert (await _round(pool))["status"] == "failed"
@@ -288,7 +290,8 @@ async def test_a_failed_generation_shows_the_reason_and_the_requester_can_retry(
 
     mine = await fake.click(ALICE, message_id, retry["custom_id"])
     response = await mine.wait_response()
-    assert response["type"] == 7
+    assert response["type"] == 6
+    await fake.wait_for(lambda: "Queued again" in fake.messages[message_id]["content"])
     assert fake.messages[message_id]["content"] == (
         "**a broken cube**\nQueued again: #1 in line. "
         "I'll post the images here when they are ready."

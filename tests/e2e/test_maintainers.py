@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import asyncpg
 
 from db import jobs, users
 from db import models as registry
-from tests.discord_fake import MANAGE_GUILD, FakeDiscord, FakeUser
+from tests.discord_fake import EPHEMERAL, MANAGE_GUILD, FakeDiscord, FakeUser
 from tests.e2e.conftest import (
     ALICE,
     BOB,
@@ -26,10 +27,11 @@ REFUSAL = "This command is for maintainers only. Nothing was changed."
 
 
 async def _answer(fake: FakeDiscord, user: FakeUser, name: str, options: dict | None = None) -> str:
+    """What the user is finally shown, privately (maintainers' commands defer first)."""
     interaction = await fake.slash(user, name, options or {}, channel_id=CHANNEL_ID)
-    response = await interaction.wait_response()
-    assert response["type"] == 4 and interaction.ephemeral
-    return response["data"]["content"]
+    message = await interaction.answer()
+    assert message["flags"] & EPHEMERAL
+    return message["content"]
 
 
 async def test_commands_are_synced_with_maintainer_commands_hidden_by_default(
@@ -116,6 +118,28 @@ async def test_retrain_enqueues_one_job_and_posts_the_outcome_to_the_log_channel
     assert fake.channel_messages(LOG_CHANNEL_ID)[1]["content"] == (
         f"`adapt_sd` job {adapt[0].id} **dead**: CUDA error: out of memory"
     )
+
+
+async def test_outcomes_finished_while_no_bot_listened_are_posted_once_on_start(
+    make_bot, fake: FakeDiscord, pool: asyncpg.Pool
+) -> None:
+    """The NOTIFY of a job that finished while the bot was down is gone: the bot looks for
+    unposted outcomes when it listens, and two bot processes never post one twice."""
+    job, _ = await jobs.enqueue_training(pool, "classifier", requested_by="test")
+    [claimed] = await jobs.claim(pool, ["train_classifier"], "w1", lease=LEASE)
+    assert await jobs.complete(pool, claimed, "w1", {"summary": "trained while you slept"})
+    first = await make_bot()
+    await make_bot()  # another process (shards split), listening too
+    posted = await fake.wait_for(lambda: fake.channel_messages(LOG_CHANNEL_ID))
+    assert [m["content"] for m in posted] == [
+        f"`train_classifier` job {job.id} **done**: trained while you slept"
+    ]
+    await first.listener.stop()  # a reconnect catches up again: nothing new to post
+    first.listener.start()
+    await asyncio.wait_for(first.listener.listening.wait(), 10)
+    await asyncio.sleep(0.5)
+    assert len(fake.channel_messages(LOG_CHANNEL_ID)) == 1
+    assert (await jobs.get(pool, job.id)).announced_at is not None
 
 
 async def test_status_and_models_report_the_platform(

@@ -137,10 +137,17 @@ async def test_retraining_waits_for_enough_new_requester_choices(pool) -> None: 
     job = await jobs.get(pool, fired.job_id)
     assert job.kind == "train_classifier" and job.payload["new_choices"] == 2
     assert job.dedupe_key == "schedule:retrain_classifier:2026-11-25T03:00:00+00:00"
-    # Once a training finishes, the count starts again from its start.
+    # A training that skipped (too few examples) trained nothing: the count goes on.
     [claimed] = await jobs.claim(pool, ["train_classifier"], "w", LEASE)
-    await jobs.complete(pool, claimed, "w")
-    later = await scheduler.fire("retrain_classifier", WEDNESDAY + timedelta(days=1))
+    await jobs.complete(pool, claimed, "w", {"status": "skipped", "summary": "too few"})
+    again = await scheduler.fire("retrain_classifier", WEDNESDAY + timedelta(days=1))
+    assert again.action == "enqueued" and again.job_id != claimed.id
+    # Once a training finishes, the count starts again from its start; clicking the same
+    # image again is no new choice.
+    [claimed] = await jobs.claim(pool, ["train_classifier"], "w", LEASE)
+    await jobs.complete(pool, claimed, "w", {"status": "done"})
+    await record_choice(pool, round_id=second, discord_user_id=2, verdict="none")
+    later = await scheduler.fire("retrain_classifier", WEDNESDAY + timedelta(days=2))
     assert later.action == "skipped" and later.detail.startswith("0 new requester choice(s)")
 
 

@@ -13,6 +13,11 @@ the production loop: accelerate, the diffusers LoRA recipe, checkpoints off duri
 Steps/s is read from the loop's own per-step timestamps (`metrics.jsonl`), after warm-up
 steps, so model loading and the final save are not counted.
 
+Memory: the peak resident set of this process (`getrusage` high-water mark, so it includes
+loading the models; the CPU run comes first, so its figure is its own) and of the largest
+data-loader worker process; on a GPU also the peak memory torch allocated and reserved
+during the run.
+
     python bench/adapt_step.py
 
 Results: bench/results/adapt_step.json.
@@ -25,6 +30,7 @@ import json
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -84,9 +90,23 @@ def timed_run(
         "gradient_checkpointing": settings.gradient_checkpointing,
         "rank": settings.rank,
     }
-    if torch.cuda.is_available():
-        figures["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    figures.update(memory_peaks())
     return figures
+
+
+def memory_peaks() -> dict[str, float]:
+    """Peak RSS of this process and of its largest finished child (the data-loader workers)
+    so far, in MiB (Linux reports KiB); on a GPU, torch's peaks since the last reset."""
+    peaks = {
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_workers_mib": round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
+        ),
+    }
+    if torch.cuda.is_available():
+        peaks["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peaks["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return peaks
 
 
 def cpu(args: argparse.Namespace) -> dict[str, Any]:

@@ -113,6 +113,53 @@ async def _round_message(fake: FakeDiscord, worker: TestWorker, requester: FakeU
     return message_id
 
 
+# The answers to a click that was recorded (in choice_events): new, changed, the same again,
+# or made before the click the choice already holds.
+RECORDED_ANSWERS = ("Recorded", "Changed", "You had already", "A later click")
+
+
+async def _requester_clicks(
+    fake: FakeDiscord, message_id: int, requester: FakeUser, clicks: int
+) -> dict[str, Any]:
+    """The heaviest click: the requester's pick, answered by editing the round's message
+    (the chosen button highlighted), then a private confirmation and the chosen image
+    posted at full size. One at a time, alternating images, timed to the first answer."""
+    ids = [i for i in button_ids(fake.messages[message_id]) if ":pick:" in i]
+    latencies = []
+    for i in range(clicks):
+        click = await fake.click(requester, message_id, ids[i % 2])
+        await click.wait_response()
+        await click.followup()  # the confirmation: the handler has done its work
+        latencies.append((click.responded_at - click.dispatched_at) * 1000)  # type: ignore[operator]
+    return {
+        "clicks": clicks,
+        "first_answer_ms_p50": round(_percentile(latencies, 0.50), 2),
+        "first_answer_ms_max": round(max(latencies), 2),
+    }
+
+
+class PeakMemory:
+    """The bot process's largest resident set size, sampled every 50 ms meanwhile."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> PeakMemory:
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 async def _stage(
     fake: FakeDiscord,
     message_id: int,
@@ -142,9 +189,7 @@ async def _stage(
     first = min(c.dispatched_at for c in sent)
     last = max((c.responded_at for c in answered), default=first)  # type: ignore[type-var]
     recorded = [
-        c
-        for c in answered
-        if c.response_data.get("content", "").startswith(("Recorded", "Changed", "You had already"))
+        c for c in answered if c.response_data.get("content", "").startswith(RECORDED_ANSWERS)
     ]
     return {
         "offered_per_s": rate,
@@ -198,17 +243,25 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         warmup = await _stage(fake, message_id, users, args.rates[0] / 2, args.warmup_seconds, rng)
         warmup_clicks = warmup["clicks"]
         stages = []
-        for rate in args.rates:
-            stage = await _stage(fake, message_id, users, rate, args.seconds, rng)
-            stages.append(stage)
+        with PeakMemory(process.pid) as memory:
+            for rate in args.rates:
+                stage = await _stage(fake, message_id, users, rate, args.seconds, rng)
+                stages.append(stage)
+                print(
+                    f"offered {rate:6.0f}/s: recorded {stage['achieved_per_s']:7.1f}/s, "
+                    f"p50 {stage['latency_ms_p50']:6.2f} ms, "
+                    f"p99 {stage['latency_ms_p99']:7.2f} ms, lost {stage['lost']}",
+                    flush=True,
+                )
+            requester_path = await _requester_clicks(fake, message_id, requester, 20)
             print(
-                f"offered {rate:6.0f}/s: recorded {stage['achieved_per_s']:7.1f}/s, "
-                f"p50 {stage['latency_ms_p50']:6.2f} ms, p99 {stage['latency_ms_p99']:7.2f} ms, "
-                f"lost {stage['lost']}",
+                f"requester's clicks: first answer p50 {requester_path['first_answer_ms_p50']} ms,"
+                f" max {requester_path['first_answer_ms_max']} ms",
                 flush=True,
             )
         facts = _bot_process_facts(process.pid)
-        sent = sum(s["clicks"] for s in stages) + warmup_clicks
+        facts["peak_rss_mb"] = round(memory.peak / 2**20, 1)
+        sent = sum(s["clicks"] for s in stages) + warmup_clicks + requester_path["clicks"]
         round_id = await pool.fetchval("SELECT id FROM rounds")
         events = await pool.fetchval(
             "SELECT count(*) FROM choice_events WHERE round_id = $1", round_id
@@ -240,6 +293,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "warmup_seconds": args.warmup_seconds,
             },
             "stages": stages,
+            "requester_clicks": requester_path,
             "sustained_choices_per_s": sustained,
             "p99_target_ms": args.p99_target_ms,
             "clicks_sent": sent,
@@ -252,7 +306,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"sustained {sustained}/s with p99 < {args.p99_target_ms} ms; "
             f"{sent} clicks sent, {events} choice events stored ({sent - events} lost), "
-            f"{choices} choices; bot RSS {facts['rss_mb']} MB, torch imported: "
+            f"{choices} choices; bot RSS {facts['rss_mb']} MB (peak {facts['peak_rss_mb']} MB), "
+            "torch imported: "
             f"{facts['torch_imported']}"
         )
         return result

@@ -4,11 +4,17 @@ Who counts: a choice is used for training or exported only if it is not flagged 
 shadow-banned) and its chooser is neither banned, shadow-banned nor forgotten. Images the
 safety checker flagged were never shown, so they are not part of a round's shown images.
 Exports name users by their pseudonym only.
+
+Splits: training and export place a round by the same rule (`pipeline.data.prompt_split`),
+which needs to know, per prompt, whether any of its rounds is declared test by a dataset
+(`prompt_tested`) and whether any has no declared split (`prompt_undeclared`): both queries
+return them.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import hashlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +33,26 @@ _COUNTED_CHOOSER = """
     NOT c.flagged AND NOT u.banned AND NOT u.shadow_banned AND u.forgotten_at IS NULL
 """
 
+# Per prompt, over all its rounds: any declared test by a dataset, any with no declared split.
+# (One aggregate for the whole query: cheaper than a lookup per row over a million rows.)
+_PROMPT_SIDES = """
+prompt_sides AS (
+    SELECT prompt_id, bool_or(split = 'test') AS prompt_tested,
+           bool_or(split IS NULL) AS prompt_undeclared
+    FROM rounds GROUP BY prompt_id
+)
+"""
+
 TRAINING_CHOICES_SQL = f"""
-SELECT c.id AS choice_id, c.round_id, r.split, p.text AS prompt, p.norm_hash,
+WITH {_PROMPT_SIDES}
+SELECT c.id AS choice_id, c.round_id, r.split, coalesce(r.prompt_text, p.text) AS prompt,
+       p.norm_hash, sides.prompt_tested, sides.prompt_undeclared,
        c.verdict, c.chosen_position, shown.positions, shown.image_keys
 FROM choices c
 JOIN rounds r ON r.id = c.round_id
 JOIN prompts p ON p.id = r.prompt_id
 JOIN users u ON u.id = c.user_id
+JOIN prompt_sides sides ON sides.prompt_id = r.prompt_id
 CROSS JOIN LATERAL ({_SHOWN_IMAGES}) shown
 WHERE c.verdict IN ('pick', 'tie') AND {_COUNTED_CHOOSER}
   AND ($1 OR c.is_requester)
@@ -52,8 +71,10 @@ class TrainingChoice:
     choice_id: int
     round_id: int
     split: str | None  # a dataset's own split (imported rounds), else None
-    prompt: str
+    prompt: str  # the round's own spelling
     norm_hash: str
+    prompt_tested: bool  # some round of this prompt is declared test
+    prompt_undeclared: bool  # some round of this prompt has no declared split
     verdict: str
     chosen_position: int | None
     positions: list[int]
@@ -71,11 +92,21 @@ async def training_choices(
 # ---- import ----------------------------------------------------------------------------
 
 
+def import_key(norm_hash: str, image_sha256s: Sequence[str], chosen_position: int) -> str:
+    """What makes two imported records the same record: the prompt (normalised, as
+    `prompts.norm_hash`), the images in the order shown (their sha256) and the pick. Record
+    ids are no key: they are only unique within one dataset (an export of another instance
+    numbers its records by its round ids). Migration 0008 computes the same in SQL."""
+    content = f"{norm_hash}|{','.join(image_sha256s)}|{chosen_position}"
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class ImportedRound:
     """One record of an imported dataset: a closed round with its requester's pick."""
 
-    external_id: str
+    external_id: str  # the record's id in its dataset (exported again as its id)
+    import_key: str  # `import_key(...)`: what makes importing it again a no-op
     split: str | None
     prompt: str
     contains_name: bool
@@ -84,21 +115,23 @@ class ImportedRound:
     chosen_position: int
 
 
-IMPORTED_EXTERNAL_IDS_SQL = """
-SELECT external_id FROM rounds WHERE source = 'import' AND external_id = ANY($1::text[])
+IMPORTED_KEYS_SQL = """
+SELECT import_key FROM rounds WHERE import_key = ANY($1::text[])
 """
 
 
-async def imported_external_ids(db: Executor, external_ids: list[str]) -> set[str]:
-    """Which of these dataset record ids are already imported."""
-    return {r["external_id"] for r in await db.fetch(IMPORTED_EXTERNAL_IDS_SQL, external_ids)}
+async def imported_keys(db: Executor, keys: list[str]) -> set[str]:
+    """Which of these records (by `import_key`) are already imported."""
+    return {r["import_key"] for r in await db.fetch(IMPORTED_KEYS_SQL, keys)}
 
 
+# `prompt_text` keeps the record's exact spelling where the prompt row has another one.
 INSERT_IMPORTED_ROUND_SQL = """
-INSERT INTO rounds (prompt_id, requester_id, source, external_id, split, k, status,
-                    ready_at, closed_at)
-VALUES ($1, $2, 'import', $3, $4, $5, 'closed', now(), now())
-ON CONFLICT (source, external_id) DO NOTHING
+INSERT INTO rounds (prompt_id, requester_id, source, external_id, import_key, split, k,
+                    status, ready_at, closed_at, prompt_text)
+VALUES ($1, $2, 'import', $3, $4, $5, $6, 'closed', now(), now(),
+        NULLIF($7, (SELECT text FROM prompts WHERE id = $1)))
+ON CONFLICT (import_key) DO NOTHING
 RETURNING id
 """
 
@@ -108,10 +141,14 @@ VALUES ($1, $2, 'pick', $3, true)
 """
 
 
-async def import_round(db: Executor, record: ImportedRound) -> int | None:
-    """Insert one imported record (round, images, choice) in one transaction; None, with
-    nothing written, if a round with its external id exists (imports are idempotent).
-    Imported choices are not clicks, so they add no `choice_events`."""
+async def import_round(
+    db: Executor, record: ImportedRound, store_files: Callable[[], object] | None = None
+) -> int | None:
+    """Insert one imported record (round, images, choice) in one transaction; None if the
+    same record (by `import_key`) is already there, with nothing written but its prompt's
+    `contains_name` flag (imports are idempotent). Imported choices are not clicks, so they
+    add no `choice_events`. `store_files` puts the images' files in the store again once
+    their keys are held (see `db.images`)."""
     async with transaction(db) as conn:
         prompt_id = await prompts.ensure_prompt(
             conn, record.prompt, contains_name=record.contains_name
@@ -122,12 +159,16 @@ async def import_round(db: Executor, record: ImportedRound) -> int | None:
             prompt_id,
             user.id,
             record.external_id,
+            record.import_key,
             record.split,
             len(record.images),
+            record.prompt,
         )
         if round_id is None:
             return None
         await insert_images(conn, round_id, record.images)
+        if store_files is not None:
+            store_files()
         await conn.execute(INSERT_IMPORTED_CHOICE_SQL, round_id, user.id, record.chosen_position)
         return round_id
 
@@ -135,8 +176,10 @@ async def import_round(db: Executor, record: ImportedRound) -> int | None:
 # ---- export ----------------------------------------------------------------------------
 
 EXPORT_CHOICES_SQL = f"""
+WITH {_PROMPT_SIDES}
 SELECT c.id AS choice_id, c.round_id, r.source, r.external_id, r.split,
-       p.text AS prompt, p.negative_text AS negative_prompt, p.norm_hash, p.contains_name,
+       coalesce(r.prompt_text, p.text) AS prompt, p.negative_text AS negative_prompt,
+       p.norm_hash, p.contains_name, sides.prompt_tested, sides.prompt_undeclared,
        u.pseudonym AS user_id, requester.pseudonym AS requester, c.is_requester,
        c.verdict, c.chosen_position, r.params::text AS params,
        r.created_at AS round_created_at, c.created_at, c.updated_at,
@@ -146,6 +189,7 @@ JOIN rounds r ON r.id = c.round_id
 JOIN prompts p ON p.id = r.prompt_id
 JOIN users u ON u.id = c.user_id
 LEFT JOIN users requester ON requester.id = r.requester_id
+JOIN prompt_sides sides ON sides.prompt_id = r.prompt_id
 CROSS JOIN LATERAL (
     SELECT array_agg(i.position ORDER BY i.position) AS positions,
            array_agg(i.storage_key ORDER BY i.position) AS image_keys,

@@ -125,7 +125,7 @@ async def set_scores(db: Executor, scores: dict[int, float], hps_version_id: int
 # Shown images (never safety-flagged ones) without a score, newest first: fresh images are
 # scored first, and an old image whose file is missing never holds the others up.
 UNSCORED_IMAGES_SQL = """
-SELECT i.id, i.storage_key, p.text AS prompt
+SELECT i.id, i.storage_key, coalesce(r.prompt_text, p.text) AS prompt
 FROM images i
 JOIN rounds r ON r.id = i.round_id
 JOIN prompts p ON p.id = r.prompt_id

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from db.connect import Executor, transaction
@@ -75,6 +75,13 @@ NOTIFY_SQL = """
 SELECT pg_notify($1, $2)
 """
 
+# The transition's own event is the announced version's newest (its row is locked).
+SET_NOTICE_SQL = """
+UPDATE model_events SET notice = $2
+WHERE id = (SELECT max(id) FROM model_events WHERE model_version_id = $1)
+RETURNING id
+"""
+
 
 async def _notify(
     conn: Executor,
@@ -86,7 +93,8 @@ async def _notify(
 ) -> None:
     """Announce a transition on `hps_models` (delivered when the transaction commits, so
     never for one that is rolled back); `related` names the other versions it touched (the
-    one replaced, the one restored)."""
+    one replaced, the one restored). The notice is also kept on the transition's event, for
+    the bot to post once (`claim_notices`), also when nobody listened at the time."""
     payload: dict[str, Any] = {
         "version_id": version.id,
         "name": version.name,
@@ -97,6 +105,7 @@ async def _notify(
     }
     for key, other in related.items():
         payload[key] = {"id": other.id, "name": other.name} if other else None
+    payload["event_id"] = await conn.fetchval(SET_NOTICE_SQL, version.id, payload)
     await conn.execute(NOTIFY_SQL, MODELS_CHANNEL, json.dumps(payload))
 
 
@@ -171,8 +180,25 @@ async def serving(db: Executor, kind: str) -> ModelVersion | None:
 
 async def sd_incumbent(db: Executor) -> ModelVersion | None:
     """What makes the images of rounds, and what adapters in testing are measured against:
-    the serving SD adapter, else the serving base pipeline."""
+    the serving SD adapter, else the serving base pipeline (the one the generator runs:
+    `serve_base`)."""
     return await serving(db, "sd_adapter") or await serving(db, "sd_base")
+
+
+# A version's decided A/B rounds against one opponent, in the order they were decided (the
+# live test's looks are at fixed counts of these: `pipeline.adapt.live`).
+LIVE_OUTCOMES_SQL = """
+SELECT won FROM ab_decisions
+WHERE version_id = $1 AND opponent_id = $2
+ORDER BY decided_at, round_id
+LIMIT $3
+"""
+
+
+async def live_outcomes(db: Executor, version_id: int, opponent_id: int, limit: int) -> list[bool]:
+    """Whether `version_id` won each of its first `limit` decided A/B rounds against
+    `opponent_id` (the analysts' `ab_decisions`), oldest decision first."""
+    return [r["won"] for r in await db.fetch(LIVE_OUTCOMES_SQL, version_id, opponent_id, limit)]
 
 
 TESTING_SQL = """
@@ -360,11 +386,59 @@ async def ensure_base(db: Executor, *, kind: str, artifact: str) -> ModelVersion
         return version
 
 
+async def serve_base(db: Executor, *, kind: str, artifact: str) -> ModelVersion:
+    """The base version of `artifact` (see `ensure_base`), made the serving one of its kind
+    if another serves. The generator calls this with the pipeline it actually runs, so that
+    the images it makes and the incumbent the live review measures adapters against are one
+    version, also after `generation.sd_model` changed (the promotion retires the former
+    base and is posted to the log channel like any other)."""
+    async with transaction(db) as conn:
+        version = await ensure_base(conn, kind=kind, artifact=artifact)
+        if version.status == "serving":
+            return version
+        reason = f"the configured base model is now {artifact}"
+        promoted = (await promote(conn, version.id, actor="system", reason=reason)).promoted
+        assert promoted is not None
+        return promoted
+
+
 EVENTS_SQL = """
 SELECT e.*, v.name FROM model_events e JOIN model_versions v ON v.id = e.model_version_id
 WHERE ($1::text IS NULL OR v.kind = $1)
 ORDER BY e.id DESC LIMIT $2
 """
+
+
+CLAIM_NOTICES_SQL = """
+UPDATE model_events SET announced_at = now()
+WHERE id IN (
+    SELECT id FROM model_events
+    WHERE announced_at IS NULL AND notice IS NOT NULL
+      AND ($1::bigint IS NULL OR id = $1) AND created_at > now() - $2::interval
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, notice
+"""
+
+UNANNOUNCE_NOTICE_SQL = """
+UPDATE model_events SET announced_at = NULL WHERE id = $1
+"""
+
+
+async def claim_notices(
+    db: Executor, *, event_id: int | None = None, within: timedelta = timedelta(days=7)
+) -> list[dict[str, Any]]:
+    """Promotion, retirement and rollback notices (the NOTIFY payloads) nobody posted yet
+    (only `event_id`'s, if given), from within `within`, marked as announced: whoever
+    claims one posts it, once. Oldest first."""
+    records = await db.fetch(CLAIM_NOTICES_SQL, event_id, within)
+    return [{**r["notice"], "event_id": r["id"]} for r in sorted(records, key=lambda r: r["id"])]
+
+
+async def unannounce_notice(db: Executor, event_id: int) -> None:
+    """Posting a claimed notice failed: leave it for the next claim."""
+    await db.execute(UNANNOUNCE_NOTICE_SQL, event_id)
 
 
 async def events(db: Executor, kind: str | None = None, limit: int = 50) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 Normalisation is NFKC, whitespace collapsed, case folded. CLIP's tokenizer lower-cases and
 cleans whitespace itself, so two prompts that normalise alike generate and score alike; the
-row keeps the first spelling seen.
+row keeps the first spelling seen (a round whose own spelling differs keeps it in
+`rounds.prompt_text`, so datasets round-trip exactly). `contains_name` only ever turns on:
+once any source flags a prompt as naming people, it stays flagged.
 """
 
 from __future__ import annotations
@@ -37,16 +39,19 @@ class Prompt:
     created_at: datetime
 
 
+# On conflict the row is updated (locked) only when the flag turns on; otherwise it is read.
 ENSURE_PROMPT_SQL = """
-WITH inserted AS (
+WITH upserted AS (
     INSERT INTO prompts (text, negative_text, norm_hash, contains_name)
     VALUES ($1, $2, $3, $4)
-    ON CONFLICT (norm_hash) DO NOTHING
+    ON CONFLICT (norm_hash) DO UPDATE SET contains_name = true
+    WHERE EXCLUDED.contains_name AND NOT prompts.contains_name
     RETURNING id
 )
-SELECT id FROM inserted
+SELECT id FROM upserted
 UNION ALL
 SELECT id FROM prompts WHERE norm_hash = $3
+LIMIT 1
 """
 
 PROMPT_ID_SQL = """
@@ -57,7 +62,8 @@ SELECT id FROM prompts WHERE norm_hash = $1
 async def ensure_prompt(
     db: Executor, text: str, negative_text: str = "", *, contains_name: bool = False
 ) -> int:
-    """The id of this prompt's row, inserted if new."""
+    """The id of this prompt's row, inserted if new; `contains_name` flags an existing row
+    too (a flag is never cleared here: one source saying a prompt names people suffices)."""
     key = prompt_hash(text, negative_text)
     prompt_id = await db.fetchval(ENSURE_PROMPT_SQL, text, negative_text, key, contains_name)
     if prompt_id is None:  # inserted concurrently after this statement's snapshot

@@ -38,13 +38,27 @@ WINDOW w AS (PARTITION BY v.name, o.name ORDER BY (d.decided_at AT TIME ZONE 'UT
 ORDER BY version, opponent, day
 """
 
+# Scores of different classifiers are on different scales: the distributions compare one
+# classifier's, the serving one's if it scored served images, else the latest that did.
+SCORE_CLASSIFIER_SQL = """
+SELECT v.id, v.name, v.status
+FROM model_versions v
+WHERE v.kind = 'classifier'
+  AND EXISTS (SELECT FROM images i
+              WHERE i.hps_version_id = v.id AND i.hps_score IS NOT NULL AND NOT i.nsfw)
+ORDER BY v.status = 'serving' DESC, v.id DESC
+LIMIT 1
+"""
+
 # Histograms over one shared set of bins, computed in the database: bounded whatever the
-# number of images.
+# number of images. $2: the classifier whose scores count (NULL: the configured model's,
+# which has no registry version).
 SCORE_HISTOGRAMS_SQL = """
 WITH scored AS (
     SELECT v.name AS version, i.hps_score AS score
     FROM images i JOIN model_versions v ON v.id = i.model_version_id
     WHERE i.hps_score IS NOT NULL AND NOT i.nsfw
+      AND i.hps_version_id IS NOT DISTINCT FROM $2::bigint
 ), bounds AS (
     SELECT min(score) AS lo, greatest(max(score), min(score) + 1e-3) AS hi FROM scored
 )
@@ -61,20 +75,26 @@ SCORE_SUMMARY_SQL = """
 SELECT v.name AS version, count(*) AS images, avg(i.hps_score) AS mean_hps
 FROM images i JOIN model_versions v ON v.id = i.model_version_id
 WHERE i.hps_score IS NOT NULL AND NOT i.nsfw
+  AND i.hps_version_id IS NOT DISTINCT FROM $1::bigint
 GROUP BY v.name ORDER BY v.name
 """
 
 
 async def report_data(db: Executor, bins: int = 30) -> dict[str, list[dict[str, Any]]]:
-    """Every table the report draws, as lists of plain rows."""
+    """Every table the report draws, as lists of plain rows. `score_classifier` is the
+    classifier whose scores the HPS distributions show (one row; none when only the
+    configured, unregistered model scored images)."""
+    classifier = [dict(r) for r in await db.fetch(SCORE_CLASSIFIER_SQL)]
+    scorer = classifier[0]["id"] if classifier else None
     queries = {
         "choices_per_day": (CHOICES_PER_DAY_SQL, ()),
         "rounds_by_status": (ROUNDS_BY_STATUS_SQL, ()),
         "classifier_accuracy": (CLASSIFIER_ACCURACY_SQL, ()),
         "ab_win_rate_over_time": (AB_WIN_RATE_OVER_TIME_SQL, ()),
-        "score_histograms": (SCORE_HISTOGRAMS_SQL, (bins,)),
-        "score_summary": (SCORE_SUMMARY_SQL, ()),
+        "score_histograms": (SCORE_HISTOGRAMS_SQL, (bins, scorer)),
+        "score_summary": (SCORE_SUMMARY_SQL, (scorer,)),
     }
-    return {
+    data = {
         name: [dict(r) for r in await db.fetch(sql, *args)] for name, (sql, args) in queries.items()
     }
+    return {**data, "score_classifier": classifier}

@@ -88,9 +88,11 @@ FROM rounds
 WHERE requester_id = $1 AND created_at > now() - interval '7 days'
 """
 
+# `prompt_text`: the requester's own spelling, where the prompt row has another one (a row
+# keeps the first spelling of prompts that normalise alike).
 INSERT_ROUND_SQL = """
-INSERT INTO rounds (prompt_id, requester_id, guild_id, channel_id, params, k)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO rounds (prompt_id, requester_id, guild_id, channel_id, params, k, prompt_text)
+VALUES ($1, $2, $3, $4, $5, $6, NULLIF($7, (SELECT text FROM prompts WHERE id = $1)))
 RETURNING *
 """
 
@@ -120,7 +122,7 @@ async def create_round(
         _check_limits(usage, limits)
         prompt_id = await prompts.ensure_prompt(conn, prompt, negative_prompt)
         record = await conn.fetchrow(
-            INSERT_ROUND_SQL, prompt_id, user.id, guild_id, channel_id, params or {}, k
+            INSERT_ROUND_SQL, prompt_id, user.id, guild_id, channel_id, params or {}, k, prompt
         )
         created = _round(record)
         job, _ = await jobs.enqueue(
@@ -219,7 +221,7 @@ class RoundView:
 
 
 ROUND_VIEW_SQL = """
-SELECT r.*, p.text AS prompt, p.negative_text AS negative_prompt,
+SELECT r.*, coalesce(r.prompt_text, p.text) AS prompt, p.negative_text AS negative_prompt,
        u.discord_id AS requester_discord_id
 FROM rounds r
 JOIN prompts p ON p.id = r.prompt_id

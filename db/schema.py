@@ -54,7 +54,7 @@ def _at(name: str) -> Column:
 
 ROUND_STATUSES = ("queued", "generating", "ready", "closed", "failed")
 VERDICTS = ("pick", "tie", "none")
-CHOICE_OUTCOMES = ("recorded", "changed", "unchanged")
+CHOICE_OUTCOMES = ("recorded", "changed", "unchanged", "stale")
 MODEL_KINDS = ("classifier", "sd_base", "sd_adapter")
 MODEL_STATUSES = ("candidate", "testing", "serving", "retired")
 MODEL_ACTIONS = ("registered", "testing", "promoted", "retired", "rolled_back")
@@ -143,7 +143,16 @@ model_events = Table(
     Column("actor", Text, nullable=True),
     Column("reason", Text, nullable=True),
     _now("created_at"),
+    # A promotion's, retirement's or rollback's notice (the NOTIFY payload), and when the
+    # bot posted it to Discord.
+    Column("notice", JSONB, nullable=True),
+    _at("announced_at"),
     CheckConstraint(_in("action", MODEL_ACTIONS), name="action"),
+    Index(
+        "ix_model_events_unannounced",
+        "id",
+        postgresql_where=text("announced_at IS NULL AND notice IS NOT NULL"),
+    ),
 )
 
 rounds = Table(
@@ -154,6 +163,10 @@ rounds = Table(
     Column("requester_id", BigInteger, ForeignKey("users.id"), nullable=True),
     Column("source", Text, nullable=False, server_default="discord"),
     Column("external_id", Text, nullable=True),
+    # An imported record's content key (`db.datasets.import_key`): imports are idempotent.
+    Column("import_key", Text, nullable=True),
+    # The round's exact prompt where it differs from its prompt row's first spelling.
+    Column("prompt_text", Text, nullable=True),
     Column("split", Text, nullable=True),
     Column("guild_id", BigInteger, nullable=True),
     Column("channel_id", BigInteger, nullable=True),
@@ -175,7 +188,7 @@ rounds = Table(
     CheckConstraint(
         "shown_status IS NULL OR " + _in("shown_status", ROUND_STATUSES), name="shown_status"
     ),
-    UniqueConstraint("source", "external_id"),
+    UniqueConstraint("import_key"),
     Index("ix_rounds_requester_id_created_at", "requester_id", "created_at"),
     Index("ix_rounds_status_created_at", "status", "created_at"),
     Index("ix_rounds_created_at", "created_at"),
@@ -230,6 +243,8 @@ choices = Table(
     Column("revision", Integer, nullable=False, server_default=text("1")),
     _now("created_at"),
     _now("updated_at"),
+    # The Discord interaction (a time-ordered snowflake) of the click the choice holds.
+    Column("interaction_id", BigInteger, nullable=True),
     CheckConstraint(_in("verdict", VERDICTS), name="verdict"),
     CheckConstraint("(verdict = 'pick') = (chosen_position IS NOT NULL)", name="pick_position"),
     UniqueConstraint("round_id", "user_id"),
@@ -292,6 +307,7 @@ jobs = Table(
     Column("result", JSONB, nullable=True),
     Column("error", Text, nullable=True),
     Column("requested_by", Text, nullable=True),
+    _at("announced_at"),  # when the bot posted a finished job's outcome to Discord
     CheckConstraint(_in("state", JOB_STATES), name="state"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
     Index(
@@ -308,6 +324,14 @@ jobs = Table(
         postgresql_where=text("state = 'running'"),
     ),
     Index("ix_jobs_kind_state", "kind", "state"),
+    Index(
+        "ix_jobs_unannounced",
+        "id",
+        postgresql_where=text(
+            "announced_at IS NULL AND state IN ('done', 'dead') "
+            "AND kind IN ('train_classifier', 'adapt_sd')"
+        ),
+    ),
 )
 
 workers = Table(

@@ -5,17 +5,40 @@ metrics that evaluation records, so the bot can use them without importing `pipe
 The rule (issue 3, the paper's measure): evaluated on the same test examples, the new
 version's top-1 accuracy beats the serving model's by at least `train.promote_margin`. With
 no classifier version serving, the configured model (e.g. the paper's `hpc.pth`) serves and
-is the one to beat.
+is the one to beat: the one configured now (`configured_label`), not one configured when the
+version was evaluated.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from db.models import ModelError, ModelVersion
 
+if TYPE_CHECKING:
+    from hps.settings import Settings
+
 # Evaluation reports name the configured (unregistered) model `configured:<its spec>`.
 CONFIGURED_PREFIX = "configured:"
+
+
+def describe_model(model: str, pretrained: str | None = None, checkpoint: str | None = None) -> str:
+    """How reports name a model spec (`pipeline.model_files.ModelSpec.describe`); here so
+    that the bot can name the configured model without importing `pipeline`."""
+    parts = [model]
+    if pretrained:
+        parts.append(f"pretrained={pretrained}")
+    if checkpoint:
+        parts.append(f"checkpoint={checkpoint}")
+    return " ".join(parts)
+
+
+def configured_label(settings: Settings) -> str:
+    """The label of the configured model (`models.hps_arch`, `hps_pretrained`,
+    `hps_checkpoint`) in evaluation reports: what to beat while no classifier version serves."""
+    m = settings.models
+    checkpoint = str(m.hps_checkpoint) if m.hps_checkpoint else None
+    return CONFIGURED_PREFIX + describe_model(m.hps_arch, m.hps_pretrained or None, checkpoint)
 
 
 def beats(new: dict[str, Any], old: dict[str, Any], margin: float) -> tuple[bool, str]:
@@ -32,27 +55,36 @@ def beats(new: dict[str, Any], old: dict[str, Any], margin: float) -> tuple[bool
     return False, f"not better by the margin: {verdict}"
 
 
-def check_promotable(version: ModelVersion, serving: ModelVersion | None, margin: float) -> str:
+def check_promotable(
+    version: ModelVersion,
+    serving: ModelVersion | None,
+    margin: float,
+    configured: str,
+) -> str:
     """Why a maintainer may serve `version` (raises `ModelError` if not). A classifier's
     recorded evaluation must beat the serving version's, or with none serving the configured
-    model's, on the same examples. Other kinds have no offline gate here (an SD adapter's is
-    its offline evaluation and live A/B review): a maintainer's promotion is their call."""
+    model's, on the same examples. `configured` is the configured model's label now
+    (`configured_label(settings)`): a report on a model configured before does not count.
+    Other kinds have no offline gate here (an SD adapter's is its offline evaluation and live
+    A/B review): a maintainer's promotion is their call."""
     if version.kind != "classifier":
         return f"promoted by a maintainer ({version.kind} has no offline gate)"
     report = version.metrics.get("test")
     compared = version.metrics.get("compared", {})
+    others: list[str] = []  # reports on models configured before
     if serving is not None:
-        rival, against = serving.name, compared.get(serving.name)
+        rival = words = serving.name
     else:
-        configured = [k for k in compared if k.startswith(CONFIGURED_PREFIX)]
-        rival = configured[0] if len(configured) == 1 else "the configured model"
-        against = compared.get(rival)
+        rival, words = configured, f"the configured model ({configured})"
+        others = [k for k in compared if k.startswith(CONFIGURED_PREFIX) and k != configured]
+    against = compared.get(rival)
     if report is None or against is None:
+        earlier = f" (only against {', '.join(others)}, configured before)" if others else ""
         raise ModelError(
-            f"{version.name} was not evaluated against {rival}: "
+            f"{version.name} was not evaluated against {words}{earlier}: "
             f"run `hps eval --model {version.name}` first (or force the promotion)"
         )
     better, reason = beats(report, against, margin)
     if not better:
-        raise ModelError(f"{version.name} does not beat {rival}: {reason} (forcing overrides)")
+        raise ModelError(f"{version.name} does not beat {words}: {reason} (forcing overrides)")
     return reason

@@ -13,9 +13,16 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -128,6 +135,18 @@ class GenerationSettings(Section):
     torch_compile: bool = Field(
         False, description="torch.compile the UNet on a GPU (slow first round, faster after)."
     )
+
+    @model_validator(mode="after")
+    def _ab_rounds_split_evenly(self) -> GenerationSettings:
+        # A/B rounds show as many images of each version (`pipeline.serving`): one win per
+        # round is only fair then.
+        if self.ab_share > 0 and self.images_per_round % 2:
+            raise ValueError(
+                "generation.images_per_round (HPS_GENERATION__IMAGES_PER_ROUND) must be even "
+                "while generation.ab_share (HPS_GENERATION__AB_SHARE) is above 0: A/B rounds "
+                "show as many images of each version"
+            )
+        return self
 
 
 class ModelSettings(Section):
@@ -305,16 +324,40 @@ class AdaptSettings(Section):
     )
     offline_min_win_rate: float = Field(0.5, ge=0, lt=1, description="See offline_gate.")
     offline_min_hps_gain: float = Field(0.0, description="See offline_gate (HPS points).")
-    # Live A/B measurement.
+    # Live A/B measurement: a group-sequential test (`pipeline.adapt.live`).
     min_live_rounds: int = Field(
-        200, ge=1, description="Decided A/B rounds before promoting or retiring automatically."
+        200,
+        ge=1,
+        description="Decided A/B rounds between two planned looks of the live test (the "
+        "first look is at this many).",
     )
     max_live_rounds: int = Field(
-        0, ge=0, description="Retire without a significant result after this many (0 = never)."
+        1000,
+        ge=0,
+        description="The last planned look: retire as inconclusive when no look decided by "
+        "then; max_live_rounds // min_live_rounds looks in all (0 = one look).",
+    )
+    live_confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="Confidence of the live test over all its looks (Bonferroni: each look "
+        "uses 1 - (1 - this) / looks).",
     )
     max_live_days: float = Field(
-        0, ge=0, description="Retire without a significant result after this long (0 = never)."
+        28,
+        ge=0,
+        description="Retire as inconclusive after this many days in testing (0 = no limit).",
     )
+
+    @model_validator(mode="after")
+    def _looks_fit(self) -> AdaptSettings:
+        if 0 < self.max_live_rounds < self.min_live_rounds:
+            raise ValueError(
+                "adapt.max_live_rounds (HPS_ADAPT__MAX_LIVE_ROUNDS) must be at least "
+                "adapt.min_live_rounds (HPS_ADAPT__MIN_LIVE_ROUNDS), the first look"
+            )
+        return self
 
 
 class ScheduleSettings(Section):
@@ -415,6 +458,37 @@ class Settings(BaseSettings):
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _empty_url_is_embedded(cls, value: Any) -> Any:
+        """`HPS_DATABASE_URL=` (empty) means the embedded server, as no URL does."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The messages never quote the URL: it may hold a password.
+        if value is None:
+            return None
+        url = value.get_secret_value()
+        scheme = url.partition("://")[0] if "://" in url else ""
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                "must be a URL like postgresql://user:password@host:5432/database "
+                "(or empty for the embedded server)"
+            )
+        parts = _userinfo(url)
+        if parts is not None and any(c in f"{parts[1]}:{parts[2]}" for c in "/?#[]"):
+            raise ValueError(
+                "has a user name or password with / ? # [ or ] in it: write them "
+                "percent-encoded (%2F %3F %23 %5B %5D)"
+            )
+        try:
+            urlsplit(url).port  # noqa: B018 (parsing it raises for a bad port)
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535") from None
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -460,10 +534,11 @@ class Settings(BaseSettings):
         if self.discord.token is not None:
             values.append(self.discord.token.get_secret_value())
         if self.database_url is not None:
-            parts = urlsplit(self.database_url.get_secret_value())
-            values.append(parts.password or "")
-            values.extend(parse_qs(parts.query).get("password", []))  # libpq's ?password=
-        return [v for v in values if v]
+            url = self.database_url.get_secret_value()
+            password = _url_password(url) or ""
+            values += [password, unquote(password)]
+            values.extend(parse_qs(urlsplit(url).query).get("password", []))  # libpq's ?password=
+        return list(dict.fromkeys(v for v in values if v))
 
     def redacted(self) -> dict[str, Any]:
         """The settings as plain data with every secret replaced, for `hps config show`."""
@@ -475,14 +550,30 @@ class Settings(BaseSettings):
         return data
 
 
+def _userinfo(url: str) -> tuple[str, str, str | None, str] | None:
+    """`(scheme://, user, password, after @)` of a URL with a user part. The user part ends
+    at the last `@`, so a password with an unescaped `/`, `#` or `?` (which libpq refuses,
+    but a person may well write) is still found whole."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return None
+    user, colon, password = rest[:at].partition(":")
+    return scheme + sep, user, password if colon else None, rest[at + 1 :]
+
+
+def _url_password(url: str) -> str | None:
+    parts = _userinfo(url)
+    return parts[2] if parts else None
+
+
 def redact_url(url: str) -> str:
     """The URL with its password (in the user part, or libpq's `?password=`) as `***`."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        host = parts.netloc.rsplit("@", 1)[-1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
-    return urlunsplit(parts._replace(query=query))
+    parts = _userinfo(url)
+    if parts is not None and parts[2] is not None:
+        prefix, user, _, rest = parts
+        url = f"{prefix}{user}:***@{rest}"
+    return re.sub(r"([?&])password=[^&#]*", r"\1password=***", url)
 
 
 def _setting_name(loc: tuple[Any, ...]) -> str:

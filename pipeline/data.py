@@ -3,7 +3,8 @@
 Examples come from the choices database or from a dataset folder in the paper's HPD layout
 (what `hps export --format hpd` writes). Splits are by prompt, so a prompt never sits on
 both sides: a dataset's own train/test split is kept (HPD's), and everything else is placed
-by its prompt's hash, which is stable as data grows.
+by its prompt's hash, which is stable as data grows. `prompt_split` is that rule for a round
+of the database; training and `hps export` both use it, so they agree on every round.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
     from pipeline.images import ImageInput
 
 SPLITS = ("train", "val", "test")
+
+
+class DatasetError(Exception):
+    """A dataset folder that does not hold what its layout promises, or a choice that does
+    not fit its round; says where."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,41 @@ def assign_split(
     if position >= 1 - val_fraction:
         return "val"
     return "train"
+
+
+def prompt_split(
+    group: str,
+    declared: str | None,
+    *,
+    prompt_tested: bool,
+    prompt_undeclared: bool,
+    val_fraction: float,
+    test_fraction: float,
+) -> str:
+    """The split of a round of the database, given what the other rounds of its prompt say:
+    test if any of them is declared test, or if any has no declared split and the prompt's
+    hash places it in test (`assign_split` of that round); otherwise its own `assign_split`.
+    So a prompt is test on every round or on none, whichever rounds a caller reads (the
+    training examples or an export's)."""
+    fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
+    if prompt_tested or (prompt_undeclared and assign_split(group, None, **fractions) == "test"):
+        return "test"
+    return assign_split(group, declared, **fractions)
+
+
+def chosen_index(positions: Sequence[int], chosen_position: int | None, where: str) -> int | None:
+    """The index among the shown images of the chosen one (None for no pick). Raises
+    `DatasetError` naming `where` if the chosen image is not among those shown (e.g. it was
+    withheld by the safety checker after the choice was made)."""
+    if chosen_position is None:
+        return None
+    try:
+        return list(positions).index(chosen_position)
+    except ValueError:
+        raise DatasetError(
+            f"{where}: the chosen image (position {chosen_position}) is not among the images "
+            f"shown (positions {', '.join(map(str, positions))})"
+        ) from None
 
 
 def one_side_per_prompt(examples: list[Example]) -> list[Example]:
@@ -96,9 +137,18 @@ async def examples_from_db(
         Example(
             prompt=c.prompt,
             images=tuple(c.image_keys),
-            chosen=c.positions.index(c.chosen_position) if c.verdict == "pick" else None,
-            split=assign_split(
-                c.norm_hash, c.split, val_fraction=val_fraction, test_fraction=test_fraction
+            chosen=chosen_index(
+                c.positions,
+                c.chosen_position if c.verdict == "pick" else None,
+                f"choice {c.choice_id} (round {c.round_id})",
+            ),
+            split=prompt_split(
+                c.norm_hash,
+                c.split,
+                prompt_tested=c.prompt_tested,
+                prompt_undeclared=c.prompt_undeclared,
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
             ),
             key=f"choice:{c.choice_id}",
             group=c.norm_hash,
@@ -106,10 +156,6 @@ async def examples_from_db(
         for c in choices
     ]
     return weight_by_prompt(one_side_per_prompt(examples))
-
-
-class DatasetError(Exception):
-    """A dataset folder that does not hold what its layout promises; says where."""
 
 
 HPD_FILES = {"train": "preference_train.json", "test": "preference_test.json"}
@@ -127,10 +173,15 @@ class HPDRecord:
     split: str  # the file it came from: train | test
 
 
+MAX_LISTED_PROBLEMS = 10
+
+
 def read_hpd(folder: Path) -> list[HPDRecord]:
     """Read and check an HPD-layout folder: `preference_train.json` and/or
     `preference_test.json` (JSON lists of records) and `preference_images/`. Raises
-    `DatasetError` naming the first problem; reads no image data."""
+    `DatasetError` listing the bad records (each by its file, number and id, with what is
+    wrong; the first `MAX_LISTED_PROBLEMS` of them), so that one pass finds them all; reads
+    no image data."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder")
@@ -142,6 +193,7 @@ def read_hpd(folder: Path) -> list[HPDRecord]:
             f"{folder} holds neither {HPD_FILES['train']} nor {HPD_FILES['test']} (HPD layout)"
         )
     records: list[HPDRecord] = []
+    problems: list[str] = []
     seen: dict[int, str] = {}
     for split, path in present.items():
         try:
@@ -151,14 +203,28 @@ def read_hpd(folder: Path) -> list[HPDRecord]:
         if not isinstance(data, list):
             raise DatasetError(f"{path.name}: expected a JSON list of records")
         for number, raw in enumerate(data, start=1):
-            record = _hpd_record(folder, raw, split, f"{path.name} record {number}")
+            where = f"{path.name} record {number}"
+            if isinstance(raw, dict) and isinstance(raw.get("id"), int):
+                where += f" (id {raw['id']})"
+            try:
+                record = _hpd_record(folder, raw, split, where)
+            except DatasetError as exc:
+                problems.append(str(exc))
+                continue
             if record.id in seen:
-                raise DatasetError(
-                    f"{path.name} record {number}: id {record.id} appears twice "
-                    f"(also in {HPD_FILES[seen[record.id]]})"
+                problems.append(
+                    f"{where}: the id appears twice (also in {HPD_FILES[seen[record.id]]})"
                 )
+                continue
             seen[record.id] = split
             records.append(record)
+    if problems:
+        listed = "\n".join(f"- {p}" for p in problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        raise DatasetError(
+            f"{folder}: {len(problems)} bad record(s), nothing imported:\n{listed}"
+            + (f"\n- and {more} more" if more > 0 else "")
+        )
     return records
 
 
@@ -178,8 +244,12 @@ def _hpd_record(folder: Path, raw: Any, split: str, where: str) -> HPDRecord:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise DatasetError(f"{where}: {name!r} must be a {kind.__name__}")
     files = raw["file_path"]
-    if not 2 <= len(files) <= 16 or not all(isinstance(f, str) for f in files):
-        raise DatasetError(f"{where}: 'file_path' must list 2 to 16 image paths")
+    if not all(isinstance(f, str) for f in files):
+        raise DatasetError(f"{where}: 'file_path' must list image paths (strings)")
+    if not 2 <= len(files) <= 16:
+        raise DatasetError(
+            f"{where}: 'file_path' lists {len(files)} image(s); a round shows 2 to 16"
+        )
     if not 0 <= raw["human_preference"] < len(files):
         raise DatasetError(
             f"{where}: 'human_preference' {raw['human_preference']} is not an index of "

@@ -1,10 +1,13 @@
 """Dataset import and export: the paper's HPD layout in, and HPD, Parquet or Pick-a-Pic out.
 
 Import (`hps import FOLDER`): an HPD-layout folder becomes closed rounds (source `import`,
-external id = the record's id, the file's split kept), their images (copied into the
-content-addressed store) and the requester's pick. The whole folder is checked before
-anything is written; each record is written in one transaction; records already imported
-are skipped, so an import can simply be run again.
+external id = the record's id, the file's split kept, the prompt's exact spelling kept),
+their images (copied into the content-addressed store) and the requester's pick. The whole
+folder is checked before anything is written; each record is written in one transaction.
+A record is the same record as one already imported when its content is (the prompt, the
+images in order and the pick: `db.datasets.import_key`), not its id, which is unique only
+within its dataset: running an import again, or importing our own export of it from
+another folder, adds nothing, while another dataset reusing the ids is imported whole.
 
 Export (`hps export OUT --format ...`), streamed from a server-side cursor in batches, so
 memory stays bounded however many choices there are:
@@ -25,11 +28,13 @@ users' choices are never exported (`db.datasets`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +46,28 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from db import datasets as db_datasets
+from db import prompts as db_prompts
 from db.images import NewImage
 from hps.store import ImageStore
-from pipeline.data import HPD_FILES, HPD_IMAGES, DatasetError, HPDRecord, assign_split, read_hpd
+from pipeline.data import (
+    HPD_FILES,
+    HPD_IMAGES,
+    DatasetError,
+    HPDRecord,
+    chosen_index,
+    prompt_split,
+    read_hpd,
+)
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hpd", "parquet", "pickapic", "hf")
 IMAGE_BATCH_ROWS = 128
+# Pick-a-Pic pairs with image bytes are written this many at a time: a round of K images
+# makes up to K(K-1)/2 pairs, each carrying two images.
+IMAGE_PAIRS_PER_TABLE = 256
+# HPD export: records whose id is taken get this plus their round id.
+RENUMBERED_FROM = 10**12
 _SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 
 
@@ -62,14 +81,32 @@ class ImportReport:
     skipped: int  # already imported
 
 
-def _image_info(path: Path) -> tuple[int, int, str]:
-    """Width, height and file suffix of an image, from its header."""
+@dataclass(frozen=True)
+class _ImageFile:
+    width: int
+    height: int
+    suffix: str
+    sha256: str
+
+
+def _check_image(path: Path) -> _ImageFile:
+    """Size, file suffix (from its header) and sha256 of an image file."""
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
             suffix = _SUFFIX_OF_FORMAT.get(image.format or "", ".img")
-            return image.width, image.height, suffix
+            size = image.size
     except (OSError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{path} is not a readable image ({exc})") from None
+    return _ImageFile(size[0], size[1], suffix, hashlib.sha256(data).hexdigest())
+
+
+def _import_key(record: HPDRecord, files: dict[Path, _ImageFile]) -> str:
+    return db_datasets.import_key(
+        db_prompts.prompt_hash(record.prompt),
+        [files[path].sha256 for path in record.files],
+        record.human_preference + 1,
+    )
 
 
 async def import_hpd(
@@ -78,16 +115,25 @@ async def import_hpd(
     """Import an HPD-layout folder (see the module docstring). Raises `DatasetError`, with
     nothing written, if any record or image is malformed."""
     records = read_hpd(folder)
-    infos = {path: _image_info(path) for record in records for path in record.files}
-    existing = await db_datasets.imported_external_ids(conn, [str(r.id) for r in records])
+    files = {path: _check_image(path) for record in records for path in record.files}
+    keys = {record.id: _import_key(record, files) for record in records}
+    existing = await db_datasets.imported_keys(conn, list(keys.values()))
     imported = skipped = 0
     for record in tqdm(records, desc="import", unit="round", disable=not progress):
-        if str(record.id) in existing:
+        if keys[record.id] in existing:
             skipped += 1
+            if record.contain_name:  # this import flags it, even if the first did not
+                await db_prompts.ensure_prompt(conn, record.prompt, contains_name=True)
             continue
-        round_id = await db_datasets.import_round(conn, _imported_round(record, store, infos))
-        if round_id is None:
-            skipped += 1
+        imported_round = _imported_round(record, keys[record.id], store, files)
+
+        def store_again(record: HPDRecord = record) -> None:
+            # Under the held keys: a deletion of equal bytes may have come in between.
+            for path in record.files:
+                store.put(path.read_bytes(), suffix=files[path].suffix)
+
+        if await db_datasets.import_round(conn, imported_round, store_again) is None:
+            skipped += 1  # the same content twice in this folder, or imported meanwhile
         else:
             imported += 1
     log.info("imported %d rounds from %s (%d already there)", imported, folder, skipped)
@@ -95,15 +141,20 @@ async def import_hpd(
 
 
 def _imported_round(
-    record: HPDRecord, store: ImageStore, infos: dict[Path, tuple[int, int, str]]
+    record: HPDRecord, key: str, store: ImageStore, files: dict[Path, _ImageFile]
 ) -> db_datasets.ImportedRound:
     images = []
     for position, path in enumerate(record.files, start=1):
-        width, height, suffix = infos[path]
-        blob = store.put(path.read_bytes(), suffix=suffix)
-        images.append(NewImage(position, blob.sha256, blob.key, width=width, height=height))
+        info = files[path]
+        blob = store.put(path.read_bytes(), suffix=info.suffix)
+        if blob.sha256 != info.sha256:
+            raise DatasetError(f"{path} changed while it was being imported; import again")
+        images.append(
+            NewImage(position, blob.sha256, blob.key, width=info.width, height=info.height)
+        )
     return db_datasets.ImportedRound(
         external_id=str(record.id),
+        import_key=key,
         split=record.split,
         prompt=record.prompt,
         contains_name=record.contain_name,
@@ -125,12 +176,22 @@ class ExportReport:
 
 
 def _split(row: Any, val_fraction: float, test_fraction: float) -> str:
-    """The round's declared split, else the one training would assign to its prompt."""
-    if row["split"] is not None:
-        return row["split"]
-    return assign_split(
-        row["norm_hash"], None, val_fraction=val_fraction, test_fraction=test_fraction
+    """The split training places this round in (`pipeline.data.prompt_split`: a prompt is
+    test on all its rounds or on none)."""
+    return prompt_split(
+        row["norm_hash"],
+        row["split"],
+        prompt_tested=row["prompt_tested"],
+        prompt_undeclared=row["prompt_undeclared"],
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
     )
+
+
+def _chosen(row: Any) -> int | None:
+    """The index of the chosen image among the shown ones (None: a tie or "none")."""
+    where = f"choice {row['choice_id']} (round {row['round_id']})"
+    return chosen_index(row["positions"], row["chosen_position"], where)
 
 
 def _prepare_target(out: Path) -> None:
@@ -167,7 +228,7 @@ async def export_dataset(
         verdicts: tuple[str, ...] = ("pick",)
         all_choosers = False  # HPD records are one requester's pick per round
     elif fmt == "parquet":
-        writer = _ParquetWriter(out / "choices.parquet", _choice_table, CHOICES_SCHEMA, fractions)
+        writer = _ParquetWriter(out / "choices.parquet", _choice_tables, CHOICES_SCHEMA, fractions)
         verdicts = ("pick", "tie", "none")
     elif fmt == "hf":
         writer = _HFWriter(out, store, fractions)
@@ -175,7 +236,7 @@ async def export_dataset(
     else:
         schema = PAIRS_SCHEMA_WITH_IMAGES if with_images else PAIRS_SCHEMA
         writer = _ParquetWriter(
-            out / "pairs.parquet", _pair_table(store if with_images else None), schema, fractions
+            out / "pairs.parquet", _pair_tables(store if with_images else None), schema, fractions
         )
         verdicts = ("pick", "tie")
     choices = 0
@@ -215,19 +276,20 @@ class _Writer:
 
 
 class _ParquetWriter(_Writer):
-    """Batches of records → a Parquet file, written under a temporary name, renamed at the end."""
+    """Batches of records → a Parquet file, written under a temporary name, renamed at the
+    end. `to_tables(batch, fractions)` makes the tables of one batch."""
 
-    def __init__(self, path: Path, to_table: Any, schema: pa.Schema, fractions: dict) -> None:
+    def __init__(self, path: Path, to_tables: Any, schema: pa.Schema, fractions: dict) -> None:
         self.path = path
         self.tmp = path.with_name(f".{path.name}.tmp")
-        self.to_table = to_table
+        self.to_tables = to_tables
         self.fractions = fractions
         self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
 
     def write(self, batch: list[Any]) -> None:
-        table = self.to_table(batch, self.fractions)
-        self.writer.write_table(table)
-        self.rows += table.num_rows
+        for table in self.to_tables(batch, self.fractions):
+            self.writer.write_table(table)
+            self.rows += table.num_rows
 
     def close(self) -> Path:
         self.writer.close()
@@ -273,15 +335,12 @@ CHOICES_SCHEMA = pa.schema(
 _COPIED = [n for n in CHOICES_SCHEMA.names if n not in ("split", "chosen_index", "model_versions")]
 
 
-def _choice_table(batch: list[Any], fractions: dict) -> pa.Table:
+def _choice_tables(batch: list[Any], fractions: dict) -> list[pa.Table]:
     columns: dict[str, list[Any]] = {name: [row[name] for row in batch] for name in _COPIED}
     columns["model_versions"] = [row["models"] for row in batch]
     columns["split"] = [_split(row, **fractions) for row in batch]
-    columns["chosen_index"] = [
-        None if row["chosen_position"] is None else row["positions"].index(row["chosen_position"])
-        for row in batch
-    ]
-    return pa.Table.from_pydict(columns, schema=CHOICES_SCHEMA)
+    columns["chosen_index"] = [_chosen(row) for row in batch]
+    return [pa.Table.from_pydict(columns, schema=CHOICES_SCHEMA)]
 
 
 _PAIR_FIELDS = [
@@ -307,34 +366,37 @@ PAIRS_SCHEMA_WITH_IMAGES = pa.schema(
 )
 
 
-def _pairs(row: Any) -> Iterable[tuple[int, int, float]]:
+def _pairs(row: Any, chosen: int | None) -> Iterable[tuple[int, int, float]]:
     """(index a, index b, label of a) for the labelled pairs of one choice: the chosen image
     against each other one, or every pair at 0.5 for a tie. Pairs keep the shown order."""
     keys = row["image_keys"]
-    if row["verdict"] == "tie":
+    if chosen is None:  # a tie
         for a in range(len(keys)):
             for b in range(a + 1, len(keys)):
                 yield a, b, 0.5
         return
-    chosen = row["positions"].index(row["chosen_position"])
     for other in range(len(keys)):
         if other != chosen:
             a, b = sorted((chosen, other))
             yield a, b, 1.0 if a == chosen else 0.0
 
 
-def _pair_table(store: ImageStore | None) -> Any:
+def _pair_tables(store: ImageStore | None) -> Any:
+    """Batches of choices → tables of pairs. With image bytes (`store`), each image of a
+    round is read once however many pairs it is in, and tables hold at most
+    `IMAGE_PAIRS_PER_TABLE` pairs, so memory stays bounded whatever K is."""
     schema = PAIRS_SCHEMA_WITH_IMAGES if store is not None else PAIRS_SCHEMA
+    limit = IMAGE_PAIRS_PER_TABLE if store is not None else None
 
-    def to_table(batch: list[Any], fractions: dict) -> pa.Table:
+    def to_tables(batch: list[Any], fractions: dict) -> Iterator[pa.Table]:
         columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         for row in batch:
             keys, models = row["image_keys"], row["models"]
-            best = None
-            if row["verdict"] == "pick":
-                best = keys[row["positions"].index(row["chosen_position"])]
+            chosen = _chosen(row) if row["verdict"] == "pick" else None
+            best = keys[chosen] if chosen is not None else None
             split = _split(row, **fractions)
-            for a, b, label in _pairs(row):
+            blobs: dict[int, bytes] = {}  # this round's images, each read once
+            for a, b, label in _pairs(row, chosen):
                 values = {
                     "ranking_id": row["choice_id"],
                     "round_id": row["round_id"],
@@ -353,20 +415,29 @@ def _pair_table(store: ImageStore | None) -> Any:
                     "created_at": row["created_at"],
                 }
                 if store is not None:
-                    values["jpg_0"] = store.get(keys[a])
-                    values["jpg_1"] = store.get(keys[b])
+                    for index in (a, b):
+                        if index not in blobs:
+                            blobs[index] = store.get(keys[index])
+                    values["jpg_0"], values["jpg_1"] = blobs[a], blobs[b]
                 for name, value in values.items():
                     columns[name].append(value)
-        return pa.Table.from_pydict(columns, schema=schema)
+                if limit is not None and len(columns["ranking_id"]) >= limit:
+                    yield pa.Table.from_pydict(columns, schema=schema)
+                    columns = {name: [] for name in schema.names}
+        if columns["ranking_id"]:
+            yield pa.Table.from_pydict(columns, schema=schema)
 
-    return to_table
+    return to_tables
 
 
 class _HPDWriter(_Writer):
     """The HPD layout: images under `preference_images/{id}_{j}{suffix}` (the stored bytes,
     unchanged), records streamed into `preference_train.json` / `preference_test.json`
     (validation-split prompts go to train, as HPD has no validation file). A record's id is
-    its external id for imported rounds, else the round id."""
+    its external id for imported rounds, else the round id; one already taken (two imported
+    datasets reusing ids, or an imported id equal to a round id) becomes
+    `RENUMBERED_FROM + round id`, so a database of several datasets still exports whole (and
+    importing the export again is still a no-op: imports match records by content)."""
 
     def __init__(self, out: Path, store: ImageStore, **fractions: float) -> None:
         self.out = out
@@ -379,6 +450,7 @@ class _HPDWriter(_Writer):
         }
         self.counts = dict.fromkeys(self.files, 0)
         self.ids: set[int] = set()
+        self.renumbered = 0
 
     def write(self, batch: list[Any]) -> None:
         for row in batch:
@@ -386,10 +458,13 @@ class _HPDWriter(_Writer):
             imported = row["source"] == "import" and external is not None and external.isdigit()
             record_id = int(external) if imported else row["round_id"]
             if record_id in self.ids:
-                raise DatasetError(
-                    f"two rounds would both be record {record_id} (an imported id equals a "
-                    "round id); export them separately"
-                )
+                record_id = RENUMBERED_FROM + row["round_id"]
+                if record_id in self.ids:  # only if a dataset used ids that large
+                    raise DatasetError(
+                        f"round {row['round_id']}: no free record id for it (its id and "
+                        f"{record_id} are both taken)"
+                    )
+                self.renumbered += 1
             self.ids.add(record_id)
             files = []
             for j, key in enumerate(row["image_keys"]):
@@ -397,7 +472,7 @@ class _HPDWriter(_Writer):
                 (self.out / name).write_bytes(self.store.get(key))
                 files.append(name)
             record = {
-                "human_preference": row["positions"].index(row["chosen_position"]),
+                "human_preference": _chosen(row),
                 "prompt": row["prompt"],
                 "id": record_id,
                 "file_path": files,
@@ -411,6 +486,8 @@ class _HPDWriter(_Writer):
             self.rows += 1
 
     def close(self) -> Path:
+        if self.renumbered:
+            log.warning("%d record id(s) were taken: renumbered from 10**12", self.renumbered)
         for split, fh in self.files.items():
             fh.write("\n]\n" if self.counts[split] else "[]\n")
             fh.close()
@@ -511,10 +588,7 @@ class _HFWriter(_Writer):
     def _table(self, rows: list[Any]) -> pa.Table:
         columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in _HF_COPIED}
         columns["model_versions"] = [row["models"] for row in rows]
-        columns["chosen_index"] = [
-            None if r["chosen_position"] is None else r["positions"].index(r["chosen_position"])
-            for r in rows
-        ]
+        columns["chosen_index"] = [_chosen(row) for row in rows]
         columns["images"] = [
             [{"bytes": self.store.get(key), "path": Path(key).name} for key in row["image_keys"]]
             for row in rows

@@ -36,6 +36,8 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +94,10 @@ class GeneratedImage:
     height: int
 
 
+class NoSafetyChecker(ValueError):
+    """The safety checker is on, but the model has none."""
+
+
 class Generator:
     """A resident text-to-image pipeline with named LoRA adapters. Thread-safe: calls
     serialise on a lock, since the active adapter is pipeline-wide state."""
@@ -114,13 +120,23 @@ class Generator:
         self._lock = threading.Lock()
         self.adapters: dict[str, str] = {}  # adapter name → artifact it was loaded from
         self.identifiers: dict[str, str] = {}  # adapter name → its negative-prompt identifier
+        # Adapters in use by a job (the adapter evaluation's `run:<name>`, a run's parent):
+        # `keep_adapters` never unloads them. Own lock: pinning must not wait for a generation.
+        self._pins: Counter[str] = Counter()
+        self._pins_lock = threading.Lock()
+        self._sources: dict[str, tuple[str, str]] = {}  # ever loaded → (artifact, identifier)
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         started = time.perf_counter()
         pipe = AutoPipelineForText2Image.from_pretrained(model, **kwargs)
         if safety_checker and getattr(pipe, "safety_checker", None) is None:
-            log.warning("%s has no safety checker: its images are not checked", model)
+            # Images would go out unchecked: only a maintainer's explicit choice allows that.
+            raise NoSafetyChecker(
+                f"{model} has no safety checker, so its images could not be checked: give "
+                "it one, or set generation.safety_checker = false "
+                "(HPS_GENERATION__SAFETY_CHECKER=false) to post its images unchecked"
+            )
         pipe.set_progress_bar_config(disable=True)
         # Attention already uses torch's scaled_dot_product_attention (diffusers' default
         # processor on torch 2), which picks flash or memory-efficient kernels on a GPU.
@@ -167,11 +183,33 @@ class Generator:
                 self.adapters[name] = artifact
                 log.info("loaded adapter %s from %s", name, artifact)
             self.identifiers[name] = identifier
+            self._sources[name] = (artifact, identifier)
+
+    @contextlib.contextmanager
+    def pinned(self, names: Iterable[str | None]) -> Iterator[None]:
+        """Keep the adapters `names` loaded inside the block (None, the base, is ignored):
+        with worker concurrency above 1, another job's `keep_adapters` would otherwise
+        unload an adapter this job is using. Pin before loading, so there is no moment
+        when it is loaded and not pinned."""
+        pins = [name for name in names if name is not None]
+        with self._pins_lock:
+            self._pins.update(pins)
+        try:
+            yield
+        finally:
+            with self._pins_lock:
+                self._pins.subtract(pins)
+                self._pins = +self._pins  # forget the names no job pins any more
 
     def keep_adapters(self, names: set[str]) -> None:
-        """Unload the adapters not in `names` (retired versions), freeing their memory."""
-        with self._lock:
-            stale = [name for name in self.adapters if name not in names]
+        """Unload the adapters neither in `names` (e.g. retired versions) nor pinned by a
+        job, freeing their memory."""
+        self.unload_adapters(set(self.adapters) - names)
+
+    def unload_adapters(self, names: set[str]) -> None:
+        """Unload the adapters `names`, except those pinned by a job."""
+        with self._lock, self._pins_lock:
+            stale = [name for name in self.adapters if name in names and not self._pins[name]]
             if stale:
                 self.pipe.delete_adapters(stale)
                 for name in stale:
@@ -213,6 +251,13 @@ class Generator:
             if self.adapters:
                 self.pipe.disable_lora()
             return
+        if adapter not in self.adapters and adapter in self._sources:
+            # A generate job planned with it, then another job unloaded it (its version
+            # was retired meanwhile): load it again rather than fail the round.
+            artifact, identifier = self._sources[adapter]
+            self.pipe.load_lora_weights(artifact, adapter_name=adapter)
+            self.adapters[adapter], self.identifiers[adapter] = artifact, identifier
+            log.info("loaded adapter %s again", adapter)
         # set_adapters does not undo an earlier disable_lora: enable first.
         self.pipe.enable_lora()
         self.pipe.set_adapters([adapter])
@@ -255,7 +300,10 @@ async def get_generator(ctx: JobContext) -> Generator:
         if cached is None or cached[0] != key:
             ctx.cache.pop(GENERATOR_KEY, None)
             ctx.log.info("loading the text-to-image pipeline %s", settings.sd_model)
-            generator = await asyncio.to_thread(Generator.from_settings, settings, ctx.device)
+            try:
+                generator = await asyncio.to_thread(Generator.from_settings, settings, ctx.device)
+            except NoSafetyChecker as exc:  # retrying cannot help: the settings must change
+                raise PermanentError(str(exc)) from None
             ctx.cache[GENERATOR_KEY] = cached = (key, generator)
         return cached[1]
 
@@ -284,7 +332,8 @@ class _Versions:
 
 async def _serving_versions(ctx: JobContext, generator: Generator) -> _Versions:
     """The versions rounds may use now, with their adapters loaded in the generator."""
-    base = await models.ensure_base(ctx.pool, kind="sd_base", artifact=generator.model)
+    # What this generator runs is the serving base: images and the live review agree.
+    base = await models.serve_base(ctx.pool, kind="sd_base", artifact=generator.model)
     incumbent = await models.serving(ctx.pool, "sd_adapter") or base
     if incumbent is not base:
         # The serving adapter must load: without it the round would silently be the base's.
@@ -335,17 +384,9 @@ async def handle_generate(ctx: JobContext) -> None:
     if batch_key is not None:
         limit = ctx.settings.generation.batch_rounds - 1
         batch += await ctx.claim_matching({"batch": batch_key}, limit)
-    try:
-        await _generate_batch(ctx, generator, batch)
-    except LeaseLost:
-        raise
-    except Exception:
-        # On a job's last attempt, tell the requester rather than leave the round hanging.
-        for job in batch:
-            round_id = job.payload.get("round_id")
-            if job.attempts >= job.max_attempts and isinstance(round_id, int):
-                await rounds.fail_round(ctx.pool, round_id, "Making the images failed, sorry.")
-        raise
+    # An exception fails the batch's jobs (the worker's `jobs.fail`); a job dead-lettered
+    # there fails its round in the same transaction, so the requester sees why and can retry.
+    await _generate_batch(ctx, generator, batch)
 
 
 async def _generate_batch(ctx: JobContext, generator: Generator, batch: list[jobs.Job]) -> None:
@@ -459,7 +500,8 @@ async def _finish_round(
             "to choose from. Try another prompt."
         )
         return await _commit(ctx, item.job, round_id, result=result, failure=failure)
-    return await _commit(ctx, item.job, round_id, result=result, images=rows)
+    files = [image.png for image in images]
+    return await _commit(ctx, item.job, round_id, result=result, images=rows, files=files)
 
 
 async def _commit(
@@ -469,6 +511,7 @@ async def _commit(
     *,
     result: dict[str, Any] | None = None,
     images: list[NewImage] | None = None,
+    files: Sequence[bytes] = (),
     failure: str | None = None,
 ) -> bool:
     """The round's outcome and the job's completion, in one transaction; with neither
@@ -482,6 +525,9 @@ async def _commit(
                 await rounds.fail_round(conn, round_id, failure)
                 result.update(status="failed", error=failure)
             elif images is not None and await rounds.finish_round(conn, round_id, images):
+                # The rows hold their keys now: store the files again (a no-op unless a
+                # deletion of equal bytes, say a forgotten user's, came in between).
+                await asyncio.to_thread(lambda: [ctx.store.put(data) for data in files])
                 result["status"] = "ready"
             else:
                 result.update(status="skipped", reason="the round no longer waits for images")

@@ -25,20 +25,22 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.factory import load_state_dict
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as torchvision_transforms
 
 from pipeline.images import ImageError, ImageInput, open_image
 from pipeline.model_files import (
@@ -48,6 +50,8 @@ from pipeline.model_files import (
     WEIGHTS_FILE,
     ModelSpec,
     fsync,
+    fsync_tree,
+    make_temp_dir,
     sha256_file,
     write_json,
 )
@@ -161,6 +165,71 @@ class _Images(Dataset):
             raise ImageError(f"image {index + 1}: {exc}") from None
 
 
+class _BatchPreprocess:
+    """The model's preprocessing of a batch of images, in two halves: `load` (decoding and
+    the PIL steps, in a background thread) and `finish` (the tensor steps, once per batch,
+    on the model's device). open_clip's inference transforms are PIL steps (resize, crop or
+    pad, mode), then `ToTensor` and `Normalize`, which are elementwise: doing those on the
+    stacked batch gives what the per-image transform and `torch.stack` give, bit for bit.
+    A transform of another shape runs whole, per image, in `load`."""
+
+    def __init__(self, transform: Any) -> None:
+        steps = list(getattr(transform, "transforms", []))
+        cut = next(
+            (i for i, t in enumerate(steps) if isinstance(t, torchvision_transforms.ToTensor)),
+            None,
+        )
+        tail = steps[cut + 1 :] if cut is not None else []
+        self.transform = transform
+        self.split = cut is not None and all(
+            isinstance(t, torchvision_transforms.Normalize) for t in tail
+        )
+        self.pil_steps = torchvision_transforms.Compose(steps[:cut] if self.split else [])
+        self.tensor_steps = tail if self.split else []
+
+    def load(
+        self, images: Sequence[ImageInput], offset: int, max_pixels: int | None
+    ) -> torch.Tensor:
+        """Decoded and resized: uint8 [N, 3, H, W] (float, finished, for another transform).
+        `offset` numbers the images in errors. For open_clip's transforms this is PIL and
+        numpy only, no torch kernels: it runs beside the model's forward pass, which has the
+        torch threads."""
+        decoded = []
+        for i, image in enumerate(images):
+            try:
+                decoded.append(open_image(image, max_pixels))
+            except ImageError as exc:
+                raise ImageError(f"image {offset + i + 1}: {exc}") from None
+        if not self.split:
+            return torch.stack([self.transform(image) for image in decoded])
+        arrays = np.stack([np.asarray(self.pil_steps(image)) for image in decoded])  # NHWC
+        return torch.from_numpy(np.ascontiguousarray(arrays.transpose(0, 3, 1, 2)))
+
+    def finish(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The tensor steps, as torchvision's `to_tensor` (float / 255) and `Normalize`."""
+        if not self.split:
+            return batch
+        pixels = batch.to(device, non_blocking=True).to(dtype=torch.float32).div(255)
+        for step in self.tensor_steps:
+            pixels = step(pixels)
+        return pixels
+
+
+def _prefetched(batches: Iterator[Callable[[], torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """Run each batch's loading (`batches` yields the work) in a background thread, one
+    batch ahead: decoding and resizing (which release the GIL) overlap the model's forward
+    pass of the batch before. Errors surface when their batch is reached."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hps-decode") as pool:
+        pending = None
+        for load in batches:
+            submitted = pool.submit(load)
+            if pending is not None:
+                yield pending.result()
+            pending = submitted
+        if pending is not None:
+            yield pending.result()
+
+
 class HPSModel:
     """An open_clip CLIP with its tokenizer and preprocessing, scoring on the HPS scale."""
 
@@ -215,9 +284,7 @@ class HPSModel:
             _load_checkpoint(clip, Path(spec.checkpoint))
             base = ModelSpec(spec.model, spec.pretrained)
         if resize_mode is not None:
-            if resize_mode not in RESIZE_MODES:
-                raise ModelLoadError(f"resize mode must be one of {', '.join(RESIZE_MODES)}")
-            preprocess_cfg = {**preprocess_cfg, "resize_mode": resize_mode}
+            preprocess_cfg = _with_resize_mode(preprocess_cfg, resize_mode)
         model = cls(
             clip,
             _tokenizer(model_cfg),
@@ -231,6 +298,12 @@ class HPSModel:
         log.info("loaded HPS model %s on %s (%s)", model.name, model.device, model.dtype)
         return model
 
+    def set_resize_mode(self, resize_mode: str) -> None:
+        """Change how images are fitted to the model's size (see `RESIZE_MODES`): training
+        evaluates its base as the base serves, then trains (and saves) with the recipe's."""
+        self.preprocess_cfg = _with_resize_mode(self.preprocess_cfg, resize_mode)
+        self.transform = image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
+
     def save(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> str:
         """Write this model as a version folder (atomically: a new folder appears whole, and
         an existing one is never changed) and return the sha256 of its weights."""
@@ -238,7 +311,7 @@ class HPSModel:
         if target.exists():
             raise FileExistsError(f"{target} exists")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        tmp = make_temp_dir(target)  # the mode of a plain mkdir (the umask's), not 0700
         try:
             state = {
                 k: v.detach().float().cpu().contiguous() for k, v in self.clip.state_dict().items()
@@ -257,8 +330,7 @@ class HPSModel:
                 **(metadata or {}),
             }
             write_json(tmp / METADATA_FILE, meta)
-            for file in tmp.iterdir():
-                fsync(file)
+            fsync_tree(tmp)
             os.replace(tmp, target)
             fsync(target.parent)
         except BaseException:
@@ -318,23 +390,47 @@ class HPSModel:
         num_workers: int = 0,
         max_pixels: int | None = None,
     ) -> Iterator[list[float]]:
-        """`score`, one batch at a time (decoding runs ahead in `num_workers` processes)."""
+        """`score`, one batch at a time. Decoding runs ahead of the model: in `num_workers`
+        DataLoader processes, or with none in a thread, one batch ahead."""
         per_image = _per_image(prompts, len(images))
         if not per_image:
             return
         text, index = self._prompt_table(per_image)
-        loader = DataLoader(
-            _Images(images, self.transform, max_pixels),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
         start = 0
-        for pixels in loader:
+        for pixels in self._pixel_batches(images, batch_size, num_workers, max_pixels):
             rows = index[start : start + len(pixels)]
             yield self._cosine(self.encode_pixels(pixels), text[rows])
             start += len(pixels)
+
+    def _pixel_batches(
+        self,
+        images: Sequence[ImageInput],
+        batch_size: int,
+        num_workers: int,
+        max_pixels: int | None,
+    ) -> Iterator[torch.Tensor]:
+        if num_workers > 0:
+            yield from DataLoader(
+                _Images(images, self.transform, max_pixels),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=False,
+            )
+            return
+        preprocess = _BatchPreprocess(self.transform)
+
+        def load(start: int) -> torch.Tensor:
+            # Indexing may read the image too (an image-store reader): in the thread as well.
+            chunk = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+            return preprocess.load(chunk, start, max_pixels)
+
+        def work() -> Iterator[Callable[[], torch.Tensor]]:
+            for start in range(0, len(images), batch_size):
+                yield lambda start=start: load(start)
+
+        for batch in _prefetched(work()):
+            yield preprocess.finish(batch, self.device)
 
     def score_pixels(self, prompts: str | Sequence[str], pixels: torch.Tensor) -> list[float]:
         """HPS of preprocessed pixels [N, 3, H, W] (already resized and normalised)."""
@@ -447,6 +543,12 @@ def _load_checkpoint(clip: torch.nn.Module, path: Path) -> None:
         clip.load_state_dict(state_dict)
     except RuntimeError as exc:
         raise ModelLoadError(f"checkpoint {path} does not fit the architecture: {exc}") from None
+
+
+def _with_resize_mode(preprocess_cfg: dict[str, Any], resize_mode: str) -> dict[str, Any]:
+    if resize_mode not in RESIZE_MODES:
+        raise ModelLoadError(f"resize mode must be one of {', '.join(RESIZE_MODES)}")
+    return {**preprocess_cfg, "resize_mode": resize_mode}
 
 
 def _preprocess_cfg(clip: torch.nn.Module) -> dict[str, Any]:

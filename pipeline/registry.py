@@ -13,16 +13,24 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from db import models
 from db.connect import Executor
 from db.models import ModelVersion
-from hps.promotion import CONFIGURED_PREFIX, beats
+from hps import promotion
+from hps.promotion import beats
 from hps.settings import Settings
-from pipeline.model_files import METADATA_FILE, WEIGHTS_FILE, ModelSpec, sha256_file
+from pipeline.model_files import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    ModelSpec,
+    fsync,
+    fsync_tree,
+    make_temp_dir,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     from pipeline.hps_model import HPSModel
@@ -40,7 +48,8 @@ def configured_spec(settings: Settings) -> ModelSpec:
 
 
 def configured_label(settings: Settings) -> str:
-    return f"{CONFIGURED_PREFIX}{configured_spec(settings).describe()}"
+    """`configured:<spec>`, as `hps.promotion` names it (the bot's gate compares with it)."""
+    return promotion.configured_label(settings)
 
 
 async def serving_model(
@@ -66,6 +75,30 @@ def load_spec(
         name=name,
         **kwargs,
     )
+
+
+def untuned_spec(model: HPSModel, spec: ModelSpec, settings: Settings) -> ModelSpec | None:
+    """The untuned CLIP that `model` (loaded from `spec`) derives from, the paper's baseline:
+    the base it records; for a bare weights file, which records none (the paper's
+    `hpc.pth`), the configured base architecture (`models.hps_arch` with
+    `hps_pretrained`: ViT-L-14 with OpenAI's weights by default). None for a model that is
+    its own base (an architecture name)."""
+    if model.base != spec:
+        return model.base
+    from pipeline.hps_model import WEIGHT_SUFFIXES
+
+    path = Path(spec.model)
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        m = settings.models
+        return ModelSpec(m.hps_arch, m.hps_pretrained or None)
+    return None
+
+
+def same_architecture(a: HPSModel, b: HPSModel) -> bool:
+    """Whether two models have the same tensors (names and shapes): a baseline must be the
+    architecture the other model was tuned from."""
+    shapes = [{k: v.shape for k, v in m.clip.state_dict().items()} for m in (a, b)]
+    return shapes[0] == shapes[1]
 
 
 def is_model_spec(model: str) -> bool:
@@ -125,14 +158,20 @@ async def register_classifier(
 
 def copy_atomically(source: Path, target: Path, marker: str = METADATA_FILE) -> None:
     """Copy a model folder (one holding `marker`) to `target`, which appears whole or not
-    at all: copied to a temporary folder beside it, then renamed."""
+    at all, and durably: copied to a temporary folder beside it, its files fsynced, renamed,
+    and the rename fsynced. The folder gets the mode a plain `mkdir` would (the umask's),
+    not `mkdtemp`'s owner-only 0700, so that other users (a worker, a web server) can read it."""
     if not (source / marker).is_file():
         raise FileNotFoundError(f"{source} is not a saved model folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = make_temp_dir(target)
+    mode = tmp.stat().st_mode  # copytree would give it the source's (a 0700 `mkdtemp` one)
     try:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
+        tmp.chmod(mode)
+        fsync_tree(tmp)
         os.replace(tmp, target)
+        fsync(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

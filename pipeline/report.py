@@ -4,7 +4,9 @@ no server. The data comes from the analysts' views (`db.reports`).
 
 Plots: choices per day, rounds by status, classifier top-1 accuracy by version against the
 untuned CLIP baseline, each SD adapter's cumulative live win rate over time with its 95 %
-Wilson band, and the HPS distribution of the images each model version served.
+Wilson band, and the HPS distribution of the images each model version served, as scored by
+one classifier (the serving one, else the latest that scored images; its name is in the
+caption), since scores of different classifiers are on different scales.
 """
 
 from __future__ import annotations
@@ -165,6 +167,16 @@ def score_histograms(rows: Rows, summary: Rows) -> bytes:
     return _png(fig)
 
 
+def scorer_words(classifier: Rows) -> str:
+    """Which classifier's scores the HPS plot shows, in words."""
+    if not classifier:
+        return "the configured HPS model (no registered classifier version scored images)"
+    c = classifier[0]
+    if c["status"] == "serving":
+        return f"classifier {c['name']} (serving)"
+    return f"classifier {c['name']} ({c['status']}; the serving one has scored no image yet)"
+
+
 def build_plots(data: dict[str, Rows]) -> list[Plot]:
     win_rates = []
     for r in data["ab_win_rate_over_time"]:
@@ -185,8 +197,9 @@ def build_plots(data: dict[str, Rows]) -> list[Plot]:
          "adapter's image was picked, with its 95 % Wilson band; 0.5 is a draw.",
          lambda: ab_win_rates(data["ab_win_rate_over_time"]), win_rates),
         ("hps_scores", "HPS of served images by model version",
-         "Distribution of the HPS of the images each model version served (safety-flagged "
-         "images excluded).",
+         "Distribution of the HPS of the images each model version served, all scored by "
+         f"{scorer_words(data.get('score_classifier', []))}; other classifiers' scores are on "
+         "other scales and left out (as are safety-flagged images).",
          lambda: score_histograms(data["score_histograms"], data["score_summary"]),
          data["score_summary"]),
     ]  # fmt: skip

@@ -7,6 +7,13 @@ shuffled positions, so the same buttons that collect preferences measure the can
 live win rate; the other rounds are all incumbent. Nothing in the order of the positions
 tells the versions apart.
 
+Half and half exactly: a requester's pick counts one win per round, which is only fair when
+both versions offered as many images (with 3 against 2, the version with 3 wins more often
+by chance alone). So a round of odd K is never mixed (the settings refuse an odd
+`generation.images_per_round` while `ab_share` > 0), and the analysts' `ab_decisions` view
+counts only rounds that still showed as many images of each version once the safety filter
+held some back (migration 0007).
+
 The live review (`pipeline.adapt.live`) decides on the rounds this policy mixes: the
 requester's pick in them is the candidate's win or loss against the incumbent. With several
 candidates, each mixed round tests one, picked uniformly, so they share the A/B traffic
@@ -38,16 +45,16 @@ def plan_round(
 ) -> RoundPlan:
     """Plan the K positions of a round.
 
-    With probability `ab_share` (and at least one candidate and K ≥ 2) one candidate, picked
-    uniformly, makes ⌊K/2⌋ images and the incumbent the rest, at positions shuffled by `rng`;
-    otherwise the incumbent makes all K. `rng` makes the plan reproducible: a retried job
-    seeded the same way plans the same round.
+    With probability `ab_share` (and at least one candidate and an even K) one candidate,
+    picked uniformly, makes K/2 images and the incumbent the other K/2, at positions
+    shuffled by `rng`; otherwise the incumbent makes all K. `rng` makes the plan
+    reproducible: a retried job seeded the same way plans the same round.
     """
     if k < 1:
         raise ValueError(f"a round has at least one image, not {k}")
-    if not candidates or k < 2 or rng.random() >= ab_share:
+    if not candidates or k % 2 or rng.random() >= ab_share:
         return RoundPlan([incumbent] * k, incumbent, None)
     candidate = rng.choice(candidates)
-    versions = [candidate] * (k // 2) + [incumbent] * (k - k // 2)
+    versions = [candidate] * (k // 2) + [incumbent] * (k // 2)
     rng.shuffle(versions)
     return RoundPlan(versions, incumbent, candidate)

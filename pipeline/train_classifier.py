@@ -3,7 +3,9 @@ examples → train (`pipeline.trainer`) → evaluate the new model, the untuned 
 from and the serving model on the same test examples → register → promote if better.
 
 A run lives in `runs_dir/<name>/`: `config.json`, `metrics.jsonl`, `checkpoints/` (see
-`pipeline.trainer`) and `eval.json` (the test reports).
+`pipeline.trainer`) and `eval.json` (the test reports). Under `accelerate launch` every
+process trains; the main one names the run (`agree_run_name`), writes its folder,
+evaluates and registers.
 """
 
 from __future__ import annotations
@@ -36,13 +38,36 @@ from pipeline.data import (
 from pipeline.evaluate import evaluate
 from pipeline.handlers import JobContext, PermanentError
 from pipeline.hps_model import HPSModel
-from pipeline.trainer import TrainConfig, TrainResult, train
+from pipeline.trainer import TrainConfig, TrainResult, process_state, train
 
 log = logging.getLogger(__name__)
 
 
 class TooFewExamples(Exception):
     """Not enough training examples; the message says how many and how many are needed."""
+
+
+class RunExists(Exception):
+    """A run of that name exists already; the message says where."""
+
+
+def agree_run_name(runs_dir: Path, name: str | None, device: str = "auto") -> str:
+    """The run's name (`name`, else `classifier-<UTC time>`), the same in every process of
+    `accelerate launch`: the main process picks it and checks that no run has it, the
+    others receive its answer (each would stamp its own time, and a check racing the main
+    process's `mkdir` would find the folder). Raises `RunExists` in every process.
+    `device` is the training's (`TrainConfig.device`)."""
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state(device)
+    answer: list[str | None] = [name or f"classifier-{datetime.now(UTC):%Y%m%d-%H%M%S}", None]
+    if state.is_main_process and (runs_dir / str(answer[0])).exists():
+        answer[1] = f"a run named {answer[0]} exists in {runs_dir}; choose another --name"
+    if state.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    if answer[1] is not None:
+        raise RunExists(answer[1])
+    return str(answer[0])
 
 
 @dataclass
@@ -174,13 +199,12 @@ async def run_training(
             None,
         )
 
-    from accelerate import PartialState
-
-    # Under `accelerate launch` every process trains; the main one evaluates and registers.
-    main = PartialState().is_main_process
+    # Under `accelerate launch` every process trains; the main one writes the run folder
+    # (the others write nothing there), evaluates and registers.
+    main = process_state(config.device).is_main_process
     run_dir = settings.runs_dir / name
-    run_dir.mkdir(parents=True, exist_ok=not main)
     if main:
+        run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(
             json.dumps(
                 {

@@ -6,7 +6,9 @@ and projection with them, and the logit scale); per example, cross-entropy of th
 over its K image-text logits against the choice (`pipeline.loss`); AdamW (lr 1.7e-5, weight
 decay 3.1e-3), batches of 5 examples, a cosine schedule after a linear warm-up, gradient
 clipping, mixed precision on GPUs, gradient accumulation. `accelerate` runs the same loop on
-the CPU, one GPU or several (`accelerate launch -m hps train ...`).
+the CPU, one GPU or several (`accelerate launch -m hps train ...`); the schedule's length is
+counted in the steps each process takes (`schedule_lengths`), so it ends with the training
+however many processes share it.
 
 A run writes `metrics.jsonl` (one line per epoch) and `checkpoints/epoch-N/` (saved models,
 each written atomically) with `checkpoints/best` pointing at the best by validation top-1
@@ -95,11 +97,28 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _accelerator(config: TrainConfig) -> Any:
-    from accelerate import Accelerator
+def process_state(device: str) -> Any:
+    """accelerate's view of the processes (`PartialState`): the first call decides whether
+    this is one process of several, and on the CPU only with `cpu=True` does it see the
+    others (a run under `accelerate launch --cpu` or `torchrun`)."""
+    from accelerate import PartialState
 
     from pipeline.devices import resolve_device
 
+    return PartialState(cpu=resolve_device(device) == "cpu")
+
+
+def _accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pipeline.devices import resolve_device
+
+    # A worker process trains one run after another (and SD adapters in between): without
+    # distribution there is no state to keep, and a stale one would pin the first run's
+    # device and precision ("AcceleratorState has already been initialized").
+    if process_state(config.device).num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
     # Which GPU: the process's visible one (`hps worker --device cuda:N` narrows
     # CUDA_VISIBLE_DEVICES to it), or the ones `accelerate launch` assigns.
     cpu = resolve_device(config.device) == "cpu"
@@ -140,6 +159,26 @@ def _param_groups(clip: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def schedule_lengths(
+    batches_per_process: int,
+    *,
+    grad_accumulation: int,
+    epochs: int,
+    warmup_fraction: float,
+    ticks_per_step: int,
+) -> tuple[int, int]:
+    """(total, warm-up) length of the LR schedule, in calls of the scheduler's own `step`.
+
+    Each process takes ceil(batches / accumulation) optimizer steps an epoch over its shard
+    of the data (`batches_per_process`: the prepared loader's length). accelerate's
+    scheduler wrapper steps the schedule `ticks_per_step` times per optimizer step: the
+    number of processes (the batch of a step is that many batches), or 1 with split
+    batches. Counting the same way, the schedule ends exactly when the training does."""
+    steps = math.ceil(batches_per_process / grad_accumulation) * epochs
+    warmup = int(warmup_fraction * steps)
+    return steps * ticks_per_step, warmup * ticks_per_step
+
+
 def _scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Any:
     from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
@@ -167,13 +206,14 @@ def train(
 
     accelerator = _accelerator(config)
     set_seed(config.seed)
+    # Loaded with its own preprocessing: the untuned baseline (and the serving model, when
+    # that is the base) is evaluated as it serves; training then switches to the recipe's.
     hps = HPSModel.load(
         config.base.model,
         pretrained=config.base.pretrained,
         checkpoint=config.base.checkpoint,
         device=str(accelerator.device),
         precision="fp32",
-        resize_mode=config.resize_mode,
     )
     by_split = {s: [e for e in examples if e.split == s] for s in ("train", "val", "test")}
     if not by_split["train"]:
@@ -191,6 +231,7 @@ def train(
         return report
 
     initial = evaluate_on("test")
+    hps.set_resize_mode(config.resize_mode)
     trainable = freeze_lower_blocks(hps.clip, config.image_blocks, config.text_blocks)
     log.info("training %s: %d trainable parameters", config.base.describe(), trainable)
     optimizer = torch.optim.AdamW(
@@ -206,13 +247,17 @@ def train(
         num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,
     )
-    steps_per_epoch = math.ceil(len(loader) / config.grad_accumulation)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(config.warmup_fraction * total_steps)
-    scheduler = _scheduler(
-        optimizer, total_steps * accelerator.num_processes, warmup * accelerator.num_processes
+    raw_optimizer = optimizer
+    clip, optimizer, loader = accelerator.prepare(hps.clip, optimizer, loader)
+    # After `prepare`, the loader's length is this process's shard of the batches.
+    total, warmup = schedule_lengths(
+        len(loader),
+        grad_accumulation=config.grad_accumulation,
+        epochs=config.epochs,
+        warmup_fraction=config.warmup_fraction,
+        ticks_per_step=1 if accelerator.split_batches else accelerator.num_processes,
     )
-    clip, optimizer, loader, scheduler = accelerator.prepare(hps.clip, optimizer, loader, scheduler)
+    scheduler = accelerator.prepare(_scheduler(raw_optimizer, total, warmup))
     tokenizer = hps.tokenizer
 
     result = TrainResult(run_dir, None, None, None, 0, 0, False, initial)

@@ -66,8 +66,12 @@ async def test_the_analyst_role_cannot_read_discord_ids(pool) -> None:  # type: 
         assert await conn.fetchval("SELECT count(*) FROM users WHERE pseudonym LIKE 'user-%'")
         for sql in (
             "SELECT discord_id FROM users",
+            "SELECT ban_reason FROM users",
             "SELECT channel_id FROM rounds",
             "SELECT * FROM rounds",
+            "SELECT interaction_id FROM choices",
+            "SELECT interaction_id FROM choice_events",
+            "SELECT * FROM choice_events",
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 async with conn.transaction():
@@ -86,18 +90,37 @@ ORDER BY c.table_name, c.ordinal_position
 """
 
 
+# Every Discord id the example stored (as the owner reads them).
+DISCORD_IDS_SQL = """
+SELECT discord_id AS id FROM users
+UNION SELECT unnest(ARRAY[guild_id, channel_id, message_id]) FROM rounds
+UNION SELECT interaction_id FROM choices
+UNION SELECT interaction_id FROM choice_events
+"""
+
+
 async def test_nothing_the_analyst_role_reads_holds_a_discord_id(pool) -> None:  # type: ignore[no-untyped-def]
-    """Every column hps_analyst may read, in every table and view, as text: no Discord id
-    and no `discord:<id>` attribution (the maintainer's, the users', the /score prompt)."""
-    from tests.seed import MAINTAINER
+    """Every column hps_analyst may read, in every table and view, as text: none of the
+    Discord ids the example stored (users', guild, channel, messages, every click's
+    interaction, a mention in a ban reason), no `discord:<id>` attribution (the
+    maintainer's, the users'), no /score prompt."""
+    from tests.seed import MAINTAINER, snowflake
 
     await seed(pool)
+    ids = {str(r["id"]) for r in await pool.fetch(DISCORD_IDS_SQL) if r["id"] is not None}
+    ids.add(MAINTAINER.removeprefix("discord:"))
+    assert len(ids) >= 40 and all(len(i) >= 18 for i in ids)  # realistic snowflakes
+    assert str(snowflake(104)) in await pool.fetchval(
+        "SELECT string_agg(ban_reason, '') FROM users"
+    )
     columns = await pool.fetch(READABLE_COLUMNS_SQL)
     assert {"choices_flat", "users", "jobs", "model_events"} <= {c["table_name"] for c in columns}
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL ROLE hps_analyst")
         for table, column in columns:
             text = await conn.fetchval(f'SELECT string_agg("{column}"::text, \' \') FROM "{table}"')
-            assert "discord:" not in (text or ""), (table, column)
-            assert MAINTAINER.removeprefix("discord:") not in (text or ""), (table, column)
-            assert "my secret idea" not in (text or ""), (table, column)
+            text = text or ""
+            assert "discord:" not in text, (table, column)
+            assert "my secret idea" not in text, (table, column)
+            leaked = [i for i in ids if i in text]
+            assert not leaked, (table, column, leaked)

@@ -29,7 +29,9 @@ def test_compose_file_follows_the_compose_specification() -> None:
     data = {k: v for k, v in _compose().items() if not k.startswith("x-")}
     compose = PyCompose.from_json(json.dumps(data))
     compose.validate()
-    assert set(compose.service_names()) == {"postgres", "migrate", "bot", "scheduler", "worker"}
+    assert set(compose.service_names()) == {
+        "postgres", "migrate", "bot", "scheduler", "worker", "trainer"
+    }  # fmt: skip
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="no docker client")
@@ -56,17 +58,35 @@ def test_docker_compose_config_accepts_it_when_the_plugin_exists(tmp_path: Path)
     assert result.returncode == 0, result.stderr
 
 
+def _kinds(command: list[str]) -> set[str]:
+    return set(command[command.index("--kinds") + 1].split(","))
+
+
 def test_services_are_wired_as_documented() -> None:
     services = _compose()["services"]
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    for name in ("bot", "scheduler", "worker"):
+    for name in ("worker", "trainer"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        assert services[name]["image"] == "hps-worker"
+    for name in ("bot", "scheduler", "worker", "trainer"):
         assert services[name]["depends_on"] == {
             "migrate": {"condition": "service_completed_successfully"}
         }
         assert "hps-data:/data" in services[name]["volumes"]
     assert services["migrate"]["command"] == ["db", "upgrade"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_training_has_a_worker_of_its_own_and_every_job_kind_a_worker() -> None:
+    """The weekly adapt_sd job runs for hours: on the rounds' worker it would hold /dream
+    rounds up that long."""
+    from pipeline.handlers import HANDLERS
+
+    services = _compose()["services"]
+    rounds, training = _kinds(services["worker"]["command"]), _kinds(services["trainer"]["command"])
+    assert training == {"train_classifier", "adapt_sd"}
+    assert "generate" in rounds and not rounds & training
+    assert rounds | training == set(HANDLERS)
 
 
 def test_every_setting_in_compose_exists() -> None:
@@ -86,7 +106,7 @@ def test_dockerfile_has_the_targets_compose_builds() -> None:
             assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
 
 
-@pytest.mark.parametrize("service", ["migrate", "bot", "scheduler", "worker"])
+@pytest.mark.parametrize("service", ["migrate", "bot", "scheduler", "worker", "trainer"])
 def test_each_service_command_exists_in_the_cli(service: str) -> None:
     command = _compose()["services"][service]["command"]
     words = []

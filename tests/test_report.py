@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from db.reports import report_data
-from pipeline.report import write_report
+from pipeline.report import build_plots, write_report
 from tests.seed import DAY1, seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,11 +42,40 @@ async def test_report_data_holds_the_example_numbers(pool) -> None:  # type: ign
     # The adapter: 4 wins of 5 decided rounds on day 2, then 5 of 7.
     adapter = [(str(r["day"]), r["rounds"], r["wins"]) for r in data["ab_win_rate_over_time"]]
     assert adapter == [("2026-11-02", 5, 4), ("2026-11-03", 7, 5)]
+    # Only the serving classifier's scores: day 1's images were scored by classifier-a.
+    assert [(r["name"], r["status"]) for r in data["score_classifier"]] == [
+        ("classifier-b", "serving")
+    ]
     histogram = data["score_histograms"]
     counts = {v: sum(r["images"] for r in histogram if r["version"] == v) for v in
               {r["version"] for r in histogram}}  # fmt: skip
-    assert counts == {"sd_adapter-ab": 16, "sd_base:CompVis/stable-diffusion-v1-4": 32}
+    assert counts == {"sd_adapter-ab": 16, "sd_base:CompVis/stable-diffusion-v1-4": 16}
     assert {r["bin"] for r in histogram} <= set(range(1, 11))
+    assert (histogram[0]["lo"], histogram[0]["hi"]) == (21.0, 26.5)  # not day 1's 20.0
+    summary = {r["version"]: (r["images"], r["mean_hps"]) for r in data["score_summary"]}
+    assert summary == {
+        "sd_adapter-ab": (16, pytest.approx(23.90625)),
+        "sd_base:CompVis/stable-diffusion-v1-4": (16, pytest.approx(21.75)),
+    }
+
+
+async def test_without_serving_scores_the_report_shows_the_latest_classifier_that_scored(
+    pool,
+) -> None:  # type: ignore[no-untyped-def]
+    from db import models
+
+    ids = await seed(pool)
+    newer = await models.register(pool, kind="classifier", name="classifier-c", artifact="/c")
+    await models.promote(pool, newer.id, actor="test")  # serves, has scored nothing yet
+    data = await report_data(pool, bins=10)
+    assert [(r["id"], r["status"]) for r in data["score_classifier"]] == [
+        (ids["classifier_b"], "retired")
+    ]
+    assert sum(r["images"] for r in data["score_histograms"]) == 32
+    plots = {p.name: p for p in build_plots(data)}
+    assert "all scored by classifier classifier-b (retired; the serving one has scored no " in (
+        plots["hps_scores"].caption
+    )
 
 
 async def test_report_files_are_self_contained(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -63,16 +92,19 @@ async def test_report_files_are_self_contained(pool, tmp_path: Path) -> None:  #
     assert not re.search(r"(src|href)=['\"](?!data:)", text)
     assert "Generated 2026-11-01 12:00 UTC" in text
     assert "<td>sd_adapter-ab</td>" in text and "<td>0.714</td>" in text  # 5 of 7
+    assert "all scored by classifier classifier-b (serving); other classifiers" in text
 
 
 def test_an_empty_database_still_makes_a_report(tmp_path: Path) -> None:
     empty = {
         name: []
         for name in ("choices_per_day", "rounds_by_status", "classifier_accuracy",
-                     "ab_win_rate_over_time", "score_histograms", "score_summary")
+                     "ab_win_rate_over_time", "score_histograms", "score_summary",
+                     "score_classifier")
     }  # fmt: skip
     text = write_report(empty, tmp_path).read_text()
     assert text.count("No data.") == len(PLOTS)
+    assert "all scored by the configured HPS model (no registered classifier" in text
 
 
 @pytest.mark.skipif(

@@ -21,7 +21,7 @@ from bot.client import HPSBot
 from db import jobs, stats, users
 from db import models as registry
 from db.connect import UNAVAILABLE
-from hps.promotion import check_promotable
+from hps.promotion import check_promotable, configured_label
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,6 @@ class Maintainers(commands.Cog):
             )
         await views.reply(interaction, formats.retrain(enqueued))
 
-    def _log_channel(self) -> int | None:
-        """The log channel, for the one bot process that posts to it: with the shards split
-        over several processes, every one hears each NOTIFY, and the one running shard 0
-        posts (once)."""
-        shards = self.bot.shard_ids
-        if shards is not None and 0 not in shards:
-            return None
-        return self.bot.settings.discord.log_channel_id
-
     @commands.Cog.listener()
     async def on_hps_job_done(self, job_id: int, kind: str, state: str) -> None:
         """Post a finished training job's outcome to the log channel."""
@@ -85,8 +76,10 @@ class Maintainers(commands.Cog):
 
     @commands.Cog.listener()
     async def on_hps_listening(self) -> None:
-        """Outcomes of jobs that finished while no bot listened (a restart, an outage)."""
+        """What happened while no bot listened (a restart, an outage): training outcomes and
+        the registry's promotions, retirements and rollbacks."""
         await self._announce_jobs(None)
+        await self._announce_models(None)
 
     async def _announce_jobs(self, job_id: int | None) -> None:
         """Claim and post outcomes nobody posted yet (only `job_id`'s, if given): the claim
@@ -116,16 +109,28 @@ class Maintainers(commands.Cog):
     async def on_hps_model_event(self, event: dict[str, Any]) -> None:
         """Post every promotion, retirement and rollback (by anyone: the automatic review,
         a job's offline gate, /promote, the CLI) to the log channel."""
-        channel_id = self._log_channel()
+        await self._announce_models(event.get("event_id"))
+
+    async def _announce_models(self, event_id: int | None) -> None:
+        """Claim and post the registry's notices nobody posted yet (only `event_id`'s, if
+        given): each is posted once, by one bot process, also after a downtime."""
+        channel_id = self.bot.settings.discord.log_channel_id
         if channel_id is None:
             return
-        extra = {"model_version_id": event.get("version_id"), "action": event.get("action")}
         try:
-            await self.bot.get_partial_messageable(channel_id).send(formats.model_event(event))
-        except discord.HTTPException:
-            log.exception("could not post to the log channel", extra=extra)
+            notices = await registry.claim_notices(self.bot.pool, event_id=event_id)
+        except UNAVAILABLE as exc:
+            log.warning("could not read the registry's notices to post: %s", exc)
             return
-        log.info("model event posted", extra=extra)
+        for notice in notices:
+            extra = {"model_version_id": notice.get("version_id"), "action": notice.get("action")}
+            try:
+                await self.bot.get_partial_messageable(channel_id).send(formats.model_event(notice))
+            except discord.HTTPException:
+                log.exception("could not post to the log channel", extra=extra)
+                await registry.unannounce_notice(self.bot.pool, notice["event_id"])
+                continue
+            log.info("model event posted", extra=extra)
 
     @app_commands.command(
         description="Queue, workers, serving models, last training, recent choices."
@@ -179,12 +184,13 @@ class Maintainers(commands.Cog):
         self, interaction: discord.Interaction, version: str, force: bool = False
     ) -> None:
         margin = self.bot.settings.train.promote_margin
+        configured = configured_label(self.bot.settings)
         try:
             done = await registry.promote(
                 self.bot.pool,
                 version.strip(),
                 actor=_actor(interaction),
-                gate=None if force else (lambda v, s: check_promotable(v, s, margin)),
+                gate=None if force else (lambda v, s: check_promotable(v, s, margin, configured)),
             )
         except registry.ModelError as exc:
             await views.reply(interaction, str(exc))

@@ -227,7 +227,9 @@ def review(
     dry_run: bool = typer.Option(False, "--dry-run", help="Decide, but change nothing."),
 ) -> None:
     """Review the adapters in A/B testing now (the scheduler does it every
-    `schedules.review_adapters`): promote the significantly better, retire the worse."""
+    `schedules.review_adapters`): take the live test's planned looks that are due; promote
+    the significantly better, retire the worse and, after the last look, the inconclusive."""
+    from pipeline.adapt.live import Design
     from pipeline.adapt.live import review as review_adapters
 
     config = settings()
@@ -240,8 +242,10 @@ def review(
     if not reviews:
         console.print("No adapter is in A/B testing.")
         return
+    design = Design.of(config.adapt)
     table = Table(title="Adapters in A/B testing" + (" (dry run)" if dry_run else ""))
-    for column in ("version", "against", "rounds", "wins", "win rate (95% CI)", "decision"):
+    columns = ("version", "against", "rounds", "wins", "win rate (95% CI)", "looks", "decision")
+    for column in columns:
         table.add_column(column)
     for r in reviews:
         live = r.live
@@ -251,6 +255,7 @@ def review(
             str(live.rounds if live else 0),
             str(live.wins if live else 0),
             f"{live.win_rate:.1%} [{live.low:.1%}, {live.high:.1%}]" if live else "-",
+            f"{len(r.decision.looks)} of {design.looks} (every {design.every})",
             f"{r.decision.action}: {r.decision.reason}",
         )
     console.print(table)

@@ -99,19 +99,19 @@ def promote(
     """Serve a version (the serving one of its kind retires). A classifier must have been
     evaluated against the serving one on the same test examples and beat it by the margin."""
     from db import models
-    from hps.promotion import check_promotable
+    from hps.promotion import check_promotable, configured_label
 
     config = settings()
+    margin, configured = config.train.promote_margin, configured_label(config)
 
     async def _promote() -> models.Promotion:
         async with database(config) as pool:
-            margin = config.train.promote_margin
             return await models.promote(
                 pool,
                 name,
                 actor=_actor(),
                 reason=reason,
-                gate=None if force else (lambda v, s: check_promotable(v, s, margin)),
+                gate=None if force else (lambda v, s: check_promotable(v, s, margin, configured)),
             )
 
     try:

@@ -53,7 +53,7 @@ def train(
     from db.models import ModelError
     from pipeline.data import DatasetError
     from pipeline.hps_model import ModelLoadError, ModelSpec
-    from pipeline.train_classifier import TooFewExamples, run_training
+    from pipeline.train_classifier import RunExists, TooFewExamples, agree_run_name, run_training
     from pipeline.trainer import TrainConfig
 
     try:
@@ -84,9 +84,10 @@ def train(
         train_config.base = ModelSpec(base, pretrained or None)
     elif pretrained is not None:
         train_config.base = ModelSpec(train_config.base.model, pretrained or None)
-    run_name = name or f"classifier-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    if (config.runs_dir / run_name).exists():
-        raise fail(f"a run named {run_name} exists in {config.runs_dir}; choose another --name")
+    try:  # one name for all the processes of `accelerate launch`
+        run_name = agree_run_name(config.runs_dir, name, train_config.device)
+    except RunExists as exc:
+        raise fail(str(exc)) from None
     needs_db = data is None or register
 
     async def _train() -> Any:
@@ -105,6 +106,8 @@ def train(
         outcome = run(_train())
     except (TooFewExamples, DatasetError, ModelLoadError, ModelError, ValueError) as exc:
         raise fail(str(exc)) from None
+    if not outcome.reports:  # another process of `accelerate launch`: the main one reports
+        return
     print_reports(outcome.reports)
     console.print(f"run folder: {outcome.run_dir}", highlight=False)
     console.print(outcome.summary, highlight=False)
@@ -164,7 +167,7 @@ async def _evaluate(
 
     from db import models
     from pipeline import registry
-    from pipeline.hps_model import ModelSpec
+    from pipeline.hps_model import ModelLoadError, ModelSpec
     from pipeline.train_classifier import evaluate_models, load_examples
 
     async with database(config) as pool:
@@ -190,8 +193,21 @@ async def _evaluate(
             subject = registry.load_spec(spec, config, label)
             torch.manual_seed(config.train.seed)  # a randomly initialised base is reproducible
             candidates = {label: subject}
-            if subject.base != spec:  # a bare weights file is its own base
-                candidates["untuned"] = registry.load_spec(subject.base, config)
+            base = registry.untuned_spec(subject, spec, config)
+            if base is not None:
+                try:
+                    untuned = registry.load_spec(base, config)
+                except ModelLoadError as exc:
+                    untuned, why = None, str(exc)
+                else:
+                    why = (
+                        f"{label} is not the architecture {base.describe()} (set "
+                        "models.hps_arch and hps_pretrained to the CLIP it was tuned from)"
+                    )
+                if untuned is not None and registry.same_architecture(untuned, subject):
+                    candidates["untuned"] = untuned
+                else:
+                    console.print(f"no untuned baseline: {why}", highlight=False)
             if serving_label != label:
                 candidates[serving_label] = registry.load_spec(serving_spec, config, serving_label)
             return evaluate_models(examples, read, candidates, batch_size=batch_size)

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
-from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from pipeline.adapt.label import Label
 
@@ -96,25 +97,46 @@ def counts(items: Sequence[Item]) -> dict[str, int]:
     return {kind: sum(item.kind == kind for item in items) for kind in KINDS}
 
 
-def image_transform(resolution: int, *, center_crop: bool, random_flip: bool) -> Any:
+@dataclass(frozen=True)
+class TrainTransform:
+    """The reference's training transform (torchvision's Resize, bilinear, on the short
+    side; RandomCrop or CenterCrop; optional RandomHorizontalFlip; ToTensor; Normalize to
+    [-1, 1]), drawing its crop and flip, in torchvision's order, from the generator it is
+    given instead of torch's global one."""
+
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        size = self.resolution
+        image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR)
+        width, height = image.size
+        if self.center_crop:
+            image = TF.center_crop(image, [size, size])
+        elif (width, height) != (size, size):
+            top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+            image = TF.crop(image, top, left, size, size)
+        if self.random_flip and torch.rand(1, generator=generator) < 0.5:
+            image = TF.hflip(image)
+        return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+
+
+def image_transform(resolution: int, *, center_crop: bool, random_flip: bool) -> TrainTransform:
     """The reference's training transform."""
-    steps: list[Any] = [
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
-    ]
-    if random_flip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
-    return transforms.Compose(steps)
+    return TrainTransform(resolution, center_crop, random_flip)
 
 
 class FinetuneDataset(Dataset):
     """Pixels in [-1, 1] and caption token ids of the fine-tuning items.
 
-    The random crop (and flip, and prompt dropout) of an item is drawn from a generator
-    seeded by (seed, epoch, index), not from the global one: a data loader that fetches
-    ahead (accelerate's does) or worker processes then change nothing, and a run resumed
-    mid-epoch sees exactly the crops, and the noise, of an uninterrupted one."""
+    The random crop (and flip, and prompt dropout) of an item is drawn from a local
+    generator seeded by (seed, epoch, index), never from or into the global ones: a data
+    loader that fetches ahead (accelerate's does) or worker processes then change nothing,
+    a run resumed mid-epoch sees exactly the crops, and the noise, of an uninterrupted one,
+    and an item fetched in the training process (num_workers = 0) leaves the CUDA
+    generator that draws the training noise alone (`torch.manual_seed` would reseed it)."""
 
     def __init__(
         self,
@@ -141,10 +163,12 @@ class FinetuneDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
-        with Image.open(self.root / item.file) as image, torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
-            pixels = self.transform(image.convert("RGB"))
-            dropped = bool(torch.rand(()) < self.prompt_dropout)
+        generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
+        )
+        with Image.open(self.root / item.file) as image:
+            pixels = self.transform(image.convert("RGB"), generator)
+        dropped = bool(torch.rand((), generator=generator) < self.prompt_dropout)
         caption = "" if dropped else item.caption
         return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
 

@@ -10,11 +10,16 @@ bootstrap 95% interval over prompts, since the pairs of one prompt are not indep
 The gate (`adapt.offline_gate`): `win_rate` admits an adapter whose win-rate interval lies
 above `offline_min_win_rate` (0.5: significantly better than its parent), `hps_gain` one
 whose mean gain exceeds `offline_min_hps_gain`, `none` every adapter.
+
+Each batch's pairs are appended to `pairs.jsonl` and fsynced as they are made, with the
+name of the classifier that scored them, so an evaluation that crashed resumes: it makes
+only the pairs not recorded yet (those scored by another classifier are made again).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
@@ -95,6 +100,21 @@ def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, s
     return passed, f"offline evaluation {'passed' if passed else 'failed'}: {figures}; {rule}"
 
 
+def read_pairs(path: Path, scorer: str) -> list[Pair]:
+    """The pairs recorded so far that `scorer` scored (a line torn by a crash is ignored)."""
+    if not path.is_file():
+        return []
+    pairs = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            if record.pop("scorer", None) == scorer:
+                pairs.append(Pair(**record))
+        except (json.JSONDecodeError, TypeError, AttributeError):
+            continue
+    return pairs
+
+
 def evaluate_adapter(
     prompts: Sequence[str],
     *,
@@ -112,34 +132,53 @@ def evaluate_adapter(
     cancelled: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Make and score the paired images of `adapter` (loaded in `generator`) and `parent`
-    (an adapter name, or None for the base pipeline); write the pairs and the images to
-    `out_dir`; return the report."""
+    (an adapter name, or None for the base pipeline) not recorded in `out_dir` yet; write
+    the pairs and the images there; return the report on all of them."""
     from pipeline.generate import ImageRequest
 
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    record = out_dir / PAIRS_FILE
     planned = [
         (i, prompt, sample_seed(seed, i, j, seeds_per_prompt))
         for i, prompt in enumerate(prompts)
         for j in range(seeds_per_prompt)
     ]
+    order = {item: n for n, item in enumerate(planned)}
+    pairs = [
+        p for p in read_pairs(record, scorer.name) if (p.prompt_index, p.prompt, p.seed) in order
+    ]
+    have = {(p.prompt_index, p.prompt, p.seed) for p in pairs}
+    planned = [item for item in planned if item not in have]
     requests = [
         ImageRequest(prompt, "", s, side)
         for _, prompt, s in planned
         for side in (adapter, parent)  # one call per side in each batch: batch of pairs
     ]
-    pairs: list[Pair] = []
     per_call = max(2, batch - batch % 2)  # whole pairs per batch
-    with Progress(len(requests), "offline evaluation", bar=progress, context=context) as bar:
+    total = 2 * len(order)
+    bar = Progress(
+        total, "offline evaluation", bar=progress, context=context, initial=total - len(requests)
+    )
+    # Only this scorer's pairs stay: a resumed run never mixes classifiers.
+    record.write_text(
+        "".join(json.dumps({**asdict(p), "scorer": scorer.name}) + "\n" for p in pairs)
+    )
+    with bar, open(record, "a") as out:
+        done = 0
         for chunk, made in generate_in_batches(generator, requests, params, per_call, cancelled):
             pictures = [decode(image) for image in made]
             scores = scorer.score([r.prompt for r in chunk], pictures)
-            first = len(pairs)
             for k in range(0, len(chunk), 2):
-                i, prompt, s = planned[first + k // 2]
-                pairs.append(Pair(i, prompt, s, float(scores[k]), float(scores[k + 1])))
+                i, prompt, s = planned[done + k // 2]
+                pair = Pair(i, prompt, s, float(scores[k]), float(scores[k + 1]))
                 for side, picture in zip(("adapted", "parent"), pictures[k : k + 2], strict=True):
                     picture.save(images_dir / f"{i:05d}_{s}_{side}.jpg", quality=90)
+                pairs.append(pair)
+                out.write(json.dumps({**asdict(pair), "scorer": scorer.name}) + "\n")
+            done += len(chunk) // 2
+            out.flush()
+            os.fsync(out.fileno())
             bar.update(len(chunk))
-    (out_dir / PAIRS_FILE).write_text("".join(json.dumps(asdict(p)) + "\n" for p in pairs))
-    return paired_report(pairs)
+    # In the planned order, so a resumed evaluation reports what an uninterrupted one does.
+    return paired_report(sorted(pairs, key=lambda p: order[(p.prompt_index, p.prompt, p.seed)]))

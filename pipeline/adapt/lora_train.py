@@ -25,6 +25,7 @@ with the identifier as negative prompt, the same seeds each) and `adapter/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -137,6 +138,20 @@ def _check_pipeline(sd_model: str) -> None:
         )
 
 
+def on_device(device: str) -> contextlib.AbstractContextManager[Any]:
+    """While training, make GPU N of `device` "cuda:N" this thread's current CUDA device
+    (restored after). A single-process `Accelerator()` places everything on the current
+    device ("cuda" without an index), so without this `models.device = cuda:1` trained on
+    cuda:0. Under `accelerate launch` accelerate gives each process its GPU: left alone."""
+    from accelerate.state import PartialState
+
+    resolved = resolve_device(device)
+    index = torch.device(resolved).index if resolved.startswith("cuda") else None
+    if index is None or PartialState().num_processes > 1:
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
 def train_lora(
     items: Sequence[Item],
     root: Path,
@@ -152,9 +167,37 @@ def train_lora(
 ) -> TrainReport:
     """Fine-tune LoRA weights on the UNet of `sd_model` with `items` (files relative to
     `root`), resuming from the latest checkpoint in `out_dir`; returns what it did. `device`
-    "cpu" trains on the CPU where a GPU is visible; otherwise the process's visible GPU
-    (or those `accelerate launch` assigns). Raises `Cancelled` at the next batch once
-    `cancelled` is set (the latest checkpoint stays, to resume from)."""
+    "cpu" trains on the CPU where a GPU is visible, "cuda:N" on GPU N; otherwise the
+    process's current GPU (or those `accelerate launch` assigns). Raises `Cancelled` at the
+    next batch once `cancelled` is set (the latest checkpoint stays, to resume from)."""
+    with on_device(device):
+        return _train_lora(
+            items,
+            root,
+            recipe,
+            sd_model=sd_model,
+            out_dir=out_dir,
+            validation=validation,
+            device=device,
+            progress=progress,
+            context=context,
+            cancelled=cancelled,
+        )
+
+
+def _train_lora(
+    items: Sequence[Item],
+    root: Path,
+    recipe: AdaptSettings,
+    *,
+    sd_model: str,
+    out_dir: Path,
+    validation: SamplingParams,
+    device: str,
+    progress: bool,
+    context: dict[str, Any] | None,
+    cancelled: threading.Event | None,
+) -> TrainReport:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import ProjectConfiguration, set_seed

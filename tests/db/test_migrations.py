@@ -127,6 +127,10 @@ async def test_choices_flat_has_one_row_per_choice(pool) -> None:  # type: ignor
     await record_choice(pool, round_id=round_id, discord_user_id=2, verdict="tie")
     rows = await pool.fetch("SELECT * FROM choices_flat ORDER BY choice_id")
     assert len(rows) == 2
+    respelled = await ready_round(pool, requester=3, k=2, prompt="A Red  Cube")
+    await record_choice(pool, round_id=respelled, discord_user_id=3, verdict="tie")
+    prompts = await pool.fetch("SELECT DISTINCT prompt FROM choices_flat ORDER BY prompt")
+    assert [r["prompt"] for r in prompts] == ["A Red  Cube", "a red cube"]  # as written
     first, second = rows
     assert first["prompt"] == "a red cube"
     assert first["is_requester"] and not second["is_requester"]

@@ -85,6 +85,21 @@ async def test_promotions_retirements_and_rollbacks_are_announced(pool, database
         got = [await heard.next() for _ in range(4)]
         await asyncio.sleep(0.2)
         assert heard.payloads.empty()
+    # Each notice is kept on its transition's event, for the bot to claim and post once.
+    event_ids = [notice.pop("event_id") for notice in got]
+    rows = await pool.fetch(
+        "SELECT id, action, notice FROM model_events WHERE notice IS NOT NULL ORDER BY id"
+    )
+    assert [r["id"] for r in rows] == event_ids
+    assert [r["action"] for r in rows] == ["promoted", "promoted", "retired", "rolled_back"]
+    assert [{k: v for k, v in r["notice"].items() if k != "event_id"} for r in rows] == got
+    claimed = await models.claim_notices(pool, event_id=event_ids[1])
+    assert claimed == [{**rows[1]["notice"], "event_id": event_ids[1]}]
+    assert [n["event_id"] for n in await models.claim_notices(pool)] == [
+        event_ids[0],
+        *event_ids[2:],
+    ]
+    assert await models.claim_notices(pool) == []  # each is claimed once
     common = {"kind": "sd_adapter"}
     assert got == [
         {**common, "version_id": a.id, "name": a.name, "action": "promoted", "actor": "ann",

@@ -46,10 +46,13 @@ async def test_create_round_enqueues_one_generate_job(pool) -> None:  # type: ig
     assert first.job.payload == {"round_id": first.round.id, "batch": '{"seed": 3}'}
     assert second.job.payload == {"round_id": second.round.id, "batch": "{}"}
     assert (first.queue_position, second.queue_position) == (1, 2)
-    # Same prompt after normalisation: one prompt row, first spelling kept.
+    # Same prompt after normalisation: one prompt row (its first spelling kept), and each
+    # round shows its requester's own spelling.
     assert first.round.prompt_id == second.round.prompt_id
+    assert await pool.fetchval("SELECT text FROM prompts") == "a cat"
     view = await rounds.get_round_view(pool, second.round.id)
-    assert view is not None and view.prompt == "a cat" and view.requester_discord_id == 2
+    assert view is not None and view.prompt == "A  cat " and view.requester_discord_id == 2
+    assert (await rounds.get_round_view(pool, first.round.id)).prompt == "a cat"
 
 
 async def test_limits_refuse_and_change_nothing(pool) -> None:  # type: ignore[no-untyped-def]

@@ -53,7 +53,8 @@ async def test_an_automatic_promotion_is_posted_to_the_log_channel(
         "`sd_base:tiny-sd`\n"
     ) in status
 
-    [decided] = await review(pool, AdaptSettings(min_live_rounds=6))
+    # One look at 95 % after 6 decided rounds (the default design looks 5 times at 99 %).
+    [decided] = await review(pool, AdaptSettings(min_live_rounds=6, max_live_rounds=6))
     assert decided.decision.action == "promote"
     posted = await fake.wait_for(lambda: fake.channel_messages(LOG_CHANNEL_ID))
     assert [m["content"] for m in posted] == [

@@ -128,17 +128,25 @@ async def test_outcomes_finished_while_no_bot_listened_are_posted_once_on_start(
     job, _ = await jobs.enqueue_training(pool, "classifier", requested_by="test")
     [claimed] = await jobs.claim(pool, ["train_classifier"], "w1", lease=LEASE)
     assert await jobs.complete(pool, claimed, "w1", {"summary": "trained while you slept"})
+    version = await registry.register(pool, kind="classifier", artifact="/m/c9")
+    await registry.promote(pool, version.id, actor="cli:ops", reason="by hand")
     first = await make_bot()
     await make_bot()  # another process (shards split), listening too
-    posted = await fake.wait_for(lambda: fake.channel_messages(LOG_CHANNEL_ID))
-    assert [m["content"] for m in posted] == [
-        f"`train_classifier` job {job.id} **done**: trained while you slept"
+    posted = await fake.wait_for(
+        lambda: (
+            len(fake.channel_messages(LOG_CHANNEL_ID)) == 2
+            and fake.channel_messages(LOG_CHANNEL_ID)
+        )
+    )
+    assert sorted(m["content"] for m in posted) == [
+        f"`classifier-{version.id}` (classifier) **promoted** by cli:ops: by hand",
+        f"`train_classifier` job {job.id} **done**: trained while you slept",
     ]
     await first.listener.stop()  # a reconnect catches up again: nothing new to post
     first.listener.start()
     await asyncio.wait_for(first.listener.listening.wait(), 10)
     await asyncio.sleep(0.5)
-    assert len(fake.channel_messages(LOG_CHANNEL_ID)) == 1
+    assert len(fake.channel_messages(LOG_CHANNEL_ID)) == 2
     assert (await jobs.get(pool, job.id)).announced_at is not None
 
 
@@ -166,8 +174,9 @@ async def test_status_and_models_report_the_platform(
     # Unevaluated, a classifier is not served (the gate of `hps models promote` too)...
     refused = await _answer(fake, MAINTAINER, "promote", {"version": classifier.name})
     assert refused == (
-        f"{classifier.name} was not evaluated against the configured model: run "
-        f"`hps eval --model {classifier.name}` first (or force the promotion)"
+        f"{classifier.name} was not evaluated against the configured model "
+        f"(configured:ViT-L-14 pretrained=openai): run `hps eval --model {classifier.name}` "
+        "first (or force the promotion)"
     )
     assert await registry.serving(pool, "classifier") is None
     # ...unless the maintainer forces it.

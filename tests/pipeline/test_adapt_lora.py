@@ -198,3 +198,64 @@ def test_a_cancelled_fine_tune_stops_at_the_next_step(
                    validation=PARAMS, device="cpu", cancelled=cancelled)  # fmt: skip
     assert [s for s, _ in lora_train.checkpoints(out)] == [2]  # to resume from
     assert not (out / "adapter").exists()
+
+
+def test_training_runs_on_the_gpu_the_device_names(
+    tiny_sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models.device = cuda:1`: the whole fine-tuning runs with GPU 1 current, where a
+    single-process Accelerator puts its models (on this CPU-only machine accelerate falls
+    back to the CPU, and `torch.cuda.device` is a stand-in that records its use)."""
+    import contextlib
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def current_device(index: int):  # type: ignore[no-untyped-def]
+        events.append(f"cuda:{index} current")
+        yield
+        events.append("restored")
+
+    monkeypatch.setattr(torch.cuda, "device", current_device)
+    real_record = lora_train.record_step
+
+    def record(path: Path, line: dict) -> None:
+        events.append(f"step {line['step']}")
+        real_record(path, line)
+
+    monkeypatch.setattr(lora_train, "record_step", record)
+    recipe = _recipe(max_train_steps=2, checkpointing_steps=2, validation_images=0)
+    train_lora(_items(tmp_path), tmp_path, recipe, sd_model=str(tiny_sd_dir),
+               out_dir=tmp_path / "train", validation=PARAMS, device="cuda:1",
+               progress=False)  # fmt: skip
+    assert events == ["cuda:1 current", "step 1", "step 2", "restored"]
+    # No index, the CPU, or `accelerate launch` (which assigns each process its GPU): as is.
+    for device in ("cuda", "cpu", "auto"):
+        assert isinstance(lora_train.on_device(device), contextlib.nullcontext)
+
+
+def test_fetching_an_item_leaves_the_global_generators_alone(
+    tiny_sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With num_workers = 0 the items are fetched in the training process, between noise
+    draws on the GPU: seeding the global generators there would make every step's noise a
+    function of the last item fetched. Crops and flips come from a local generator, fixed
+    by (seed, epoch, index)."""
+    from transformers import CLIPTokenizer
+
+    from pipeline.adapt.dataset import FinetuneDataset, image_transform
+
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_dir, subfolder="tokenizer")
+    transform = image_transform(64, center_crop=False, random_flip=True)
+    dataset = FinetuneDataset(_items(tmp_path), tmp_path, tokenizer, transform, 0.5, seed=42)
+    torch.manual_seed(0)
+    reseeded.clear()
+    state = torch.get_rng_state()
+    first = [dataset[i]["pixel_values"] for i in range(8)]
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))
+    dataset.set_epoch(1)  # other crops and flips in another epoch
+    assert any(not torch.equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))
+    assert first[0].shape == (3, 64, 64) and -1 <= first[0].min() < first[0].max() <= 1

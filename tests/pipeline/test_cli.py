@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,115 @@ async def test_adapt_review_and_models_list_show_live_and_offline_numbers(
                   str(tmp_path / "absent"), env=env)  # fmt: skip
     assert missing.returncode == 1 and "no regularization data at" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "data" / "runs").exists()
+
+
+async def test_eval_of_a_bare_weights_file_compares_it_with_the_untuned_configured_clip(
+    database_url: str, colour_hpd: Path, tmp_path: Path
+) -> None:
+    """The paper's hpc.pth records no base: its baseline is the configured architecture's
+    untuned CLIP (models.hps_arch with hps_pretrained), when the architectures match."""
+    import torch
+
+    from hps.cli.train import _evaluate
+    from hps.settings import load_settings
+    from pipeline.data import examples_from_folder, read_path
+    from pipeline.evaluate import evaluate as evaluate_model
+    from pipeline.hps_model import HPSModel
+    from tests.tiny_clip import tiny_openai_checkpoint
+
+    checkpoint = tiny_openai_checkpoint(tmp_path, seed=3)
+    config = load_settings(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        models={"hps_arch": str(tiny_config(tmp_path)), "hps_pretrained": None},
+    )
+    reports, target = await _evaluate(config, str(checkpoint), colour_hpd, "test", False, 32)
+    assert target == str(checkpoint).replace("/", "_")
+    assert set(reports) == {str(checkpoint), "untuned", f"configured:{tiny_config(tmp_path)}"}
+    test = [e for e in examples_from_folder(colour_hpd) if e.split == "test"]
+    torch.manual_seed(config.train.seed)
+    untuned = evaluate_model(HPSModel.load(tiny_config(tmp_path)), test, read_path)
+    assert reports["untuned"]["pairwise"] == untuned["pairwise"]
+    assert reports["untuned"]["top1"] == untuned["top1"]
+
+    # Another configured architecture is no baseline of it: none is reported.
+    other = {**json.loads(tiny_config(tmp_path).read_text()), "embed_dim": 16}
+    (tmp_path / "other").mkdir()
+    other_config = tmp_path / "other" / "hps-other-clip.json"
+    other_config.write_text(json.dumps(other))
+    config = load_settings(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        models={"hps_arch": str(other_config), "hps_pretrained": None},
+    )
+    reports, _ = await _evaluate(config, str(checkpoint), colour_hpd, "test", False, 32)
+    assert "untuned" not in reports
+
+
+def _classifier(name: str, compared: dict[str, dict]) -> object:
+    from datetime import UTC, datetime
+
+    from db.models import ModelVersion
+
+    test = {"examples": "e1", "n": 40, "top1": 0.9}
+    return ModelVersion(
+        id=1, kind="classifier", name=name, parent_id=None, artifact="/m", sha256=None,
+        config={}, metrics={"test": test, "compared": compared}, status="candidate",
+        created_at=datetime.now(UTC), promoted_at=None, retired_at=None,
+    )  # fmt: skip
+
+
+def test_the_promotion_gate_compares_with_the_model_configured_now() -> None:
+    from db.models import ModelError
+    from hps.promotion import check_promotable, configured_label
+    from hps.settings import load_settings
+    from pipeline.registry import configured_spec
+
+    settings = load_settings(models={"hps_arch": "ViT-L-14", "hps_checkpoint": "/w/hpc.pth"})
+    now = configured_label(settings)
+    assert now == "configured:ViT-L-14 pretrained=openai checkpoint=/w/hpc.pth"
+    assert now == "configured:" + configured_spec(settings).describe()  # one naming
+    before = "configured:ViT-L-14 pretrained=openai"
+    weak = {"examples": "e1", "n": 40, "top1": 0.5}
+
+    # Evaluated only against a model configured before: not against the one to beat now.
+    stale = _classifier("v2", {before: weak})
+    with pytest.raises(ModelError) as refused:
+        check_promotable(stale, None, 0.01, now)
+    assert str(refused.value) == (
+        f"v2 was not evaluated against the configured model ({now}) (only against {before}, "
+        "configured before): run `hps eval --model v2` first (or force the promotion)"
+    )
+    fresh = _classifier("v3", {before: weak, now: weak})
+    assert check_promotable(fresh, None, 0.01, now).startswith("better: top-1 0.900 vs 0.500")
+    strong = _classifier("v4", {now: {"examples": "e1", "n": 40, "top1": 0.95}})
+    with pytest.raises(ModelError, match=r"v4 does not beat the configured model \(configured:"):
+        check_promotable(strong, None, 0.01, now)
+
+
+@pytest.mark.slow
+def test_train_in_two_processes_makes_one_run_whose_schedule_ends_with_it(tmp_path: Path) -> None:
+    """`hps train` under a distributed launcher (here torchrun with two CPU processes and
+    gloo, as `accelerate launch` on two GPUs): one run name and folder for both processes,
+    each training on its half of the batches, the LR schedule ending at the last step."""
+    import subprocess
+    import sys
+
+    data = write_colour_hpd(tmp_path / "hpd", n_train=40, n_test=10, k=4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
+    env.update({"HPS_DATA_DIR": str(tmp_path / "data"), "HPS_MODELS__DEVICE": "cpu",
+                "HPS_MODELS__HPS_ARCH": str(tiny_config(tmp_path)),
+                "HPS_MODELS__HPS_PRETRAINED": ""})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "hps", "train", "--data", str(data), "--no-register", "--epochs", "2",
+         "--batch-size", "5", *FAST[:2], *FAST[4:]],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2], timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "data" / "runs").iterdir())
+    assert len(runs) == 1 and result.stdout.count("Predicting the person's choice") == 1
+    epochs = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    # 38 training examples: 8 batches of 5, 4 for each process: 4 optimizer steps an epoch.
+    assert [e["steps"] for e in epochs] == [4, 8]
+    assert epochs[0]["lr"] == pytest.approx(5e-4) and epochs[-1]["lr"] == pytest.approx(0.0)

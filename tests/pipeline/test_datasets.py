@@ -87,14 +87,19 @@ async def test_a_malformed_dataset_is_refused_and_nothing_is_written(pool, tmp_p
     folder = write_colour_hpd(tmp_path / "hpd", n_train=3, n_test=0)
     records = json.loads((folder / "preference_train.json").read_text())
     records[2]["human_preference"] = 7
+    records[0]["file_path"] = records[0]["file_path"][:1]
     (folder / "preference_train.json").write_text(json.dumps(records))
-    with pytest.raises(
-        DatasetError,
-        match=re.escape(
-            "preference_train.json record 3: 'human_preference' 7 is not an index of its 4 images"
-        ),
-    ):
+    with pytest.raises(DatasetError) as refused:
         await _import(pool, folder, tmp_path / "store")
+    # Every bad record is named, by its number and its id, with what is wrong with it.
+    assert str(refused.value) == (
+        f"{folder}: 2 bad record(s), nothing imported:\n"
+        "- preference_train.json record 1 (id 1000): 'file_path' lists 1 image(s); a round "
+        "shows 2 to 16\n"
+        "- preference_train.json record 3 (id 1002): 'human_preference' 7 is not an index of "
+        "its 4 images"
+    )
+    records[0]["file_path"] = [f"preference_images/1000_{j}.jpg" for j in range(4)]
     records[2]["human_preference"] = 0
     (folder / records[1]["file_path"][0]).write_bytes(b"truncated")
     (folder / "preference_train.json").write_text(json.dumps(records))
@@ -244,3 +249,178 @@ async def test_hf_export_loads_with_datasets_and_its_images_decode(
     assert picked["images"][2].getpixel((0, 0)) == (0, 0, 255)  # the chosen blue image
     assert picked["seeds"] == [1, 2, 3] and len(picked["user_id"]) == 32
     assert set(loaded) <= {"train", "validation", "test"}
+
+
+async def test_another_dataset_reusing_the_ids_is_imported_and_reimports_add_nothing(
+    pool, other_pool, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # Two different datasets numbering their records alike (ids 1000..1005 in both).
+    first = write_colour_hpd(tmp_path / "first", n_train=4, n_test=2, seed=0)
+    second = write_colour_hpd(tmp_path / "second", n_train=4, n_test=2, seed=1)
+    store = tmp_path / "store"
+    assert (await _import(pool, first, store)).imported == 6
+    reused = await _import(pool, second, store)
+    assert (reused.imported, reused.skipped) == (6, 0)  # not taken for the first one
+    for folder in (first, second):
+        again = await _import(pool, folder, store)
+        assert (again.imported, again.skipped) == (0, 6)
+    assert await pool.fetchval("SELECT count(*) FROM rounds") == 12
+
+    # Our export of both holds 12 records with distinct ids; importing it from its new
+    # folder into the same database adds nothing, into another one adds everything.
+    exported = await _export(pool, tmp_path / "out", "hpd", store)
+    assert exported.rows == 12
+    records = [r for rs in _records(tmp_path / "out").values() for r in rs]
+    assert len({r["id"] for r in records}) == 12
+    assert {r["id"] for r in records} & set(range(1000, 1006)) == set(range(1000, 1006))
+    back = await _import(pool, tmp_path / "out", store)
+    assert (back.imported, back.skipped) == (0, 12)
+    assert (await _import(other_pool, tmp_path / "out", tmp_path / "store2")).imported == 12
+
+
+async def test_import_keys_of_earlier_imports_are_computed_by_migration_0008(
+    pool, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "db" / "migrations" / "versions" / "0008_datasets.py"
+    spec = importlib.util.spec_from_file_location("migration_0008", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+
+    folder = write_colour_hpd(tmp_path / "hpd", n_train=3, n_test=1, k=(2, 3))
+    await _import(pool, folder, tmp_path / "store")
+    keys = "SELECT id, import_key FROM rounds ORDER BY id"
+    computed = [tuple(r) for r in await pool.fetch(keys)]
+    assert len(computed) == 4 and all(key for _, key in computed)
+    await pool.execute("UPDATE rounds SET import_key = NULL")  # as before the migration
+    await pool.execute(migration.BACKFILL_SQL)
+    assert [tuple(r) for r in await pool.fetch(keys)] == computed
+
+
+async def test_prompt_spellings_round_trip_and_any_import_flags_a_name(
+    pool, other_pool, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.data import examples_from_db
+
+    folder = write_colour_hpd(tmp_path / "hpd", n_train=3, n_test=0)
+    records = json.loads((folder / "preference_train.json").read_text())
+    # Three spellings of one prompt (alike once normalised); only the last names someone.
+    spellings = ["a red cube", "A  Red Cube", "ａ red CUBE "]
+    for record, spelling in zip(records, spellings, strict=True):
+        record["prompt"] = spelling
+    records[2]["contain_name"] = True
+    (folder / "preference_train.json").write_text(json.dumps(records))
+    await _import(pool, folder, tmp_path / "store")
+
+    assert await pool.fetchval("SELECT count(*) FROM prompts") == 1
+    assert await pool.fetchval("SELECT contains_name FROM prompts")
+    assert await examples_from_db(pool) == []  # a prompt naming someone is not trained on
+    named = await examples_from_db(pool, include_contains_name=True)
+    assert sorted(e.prompt for e in named) == sorted(spellings)
+    await _export(pool, tmp_path / "out", "hpd", tmp_path / "store")
+    exported = _records(tmp_path / "out")["train"]
+    assert [r["prompt"] for r in exported] == spellings
+    assert [r["contain_name"] for r in exported] == [True, True, True]
+    await _import(other_pool, tmp_path / "out", tmp_path / "store2")
+    assert await _snapshot(other_pool) == await _snapshot(pool)
+
+    # A later import of records already there still flags their prompt.
+    unflagged = write_colour_hpd(tmp_path / "plain", n_train=2, n_test=0, seed=5)
+    await _import(other_pool, unflagged, tmp_path / "store2")
+    flag = "SELECT contains_name FROM prompts WHERE text = $1"
+    prompt = json.loads((unflagged / "preference_train.json").read_text())[0]["prompt"]
+    assert await other_pool.fetchval(flag, prompt) is False
+    flagged = json.loads((unflagged / "preference_train.json").read_text())
+    flagged[0]["contain_name"] = True
+    (unflagged / "preference_train.json").write_text(json.dumps(flagged))
+    again = await _import(other_pool, unflagged, tmp_path / "store2")
+    assert (again.imported, again.skipped) == (0, 2)
+    assert await other_pool.fetchval(flag, prompt) is True
+
+
+async def test_export_splits_keep_each_prompt_on_one_side_as_training_does(
+    pool, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from db.prompts import prompt_hash
+    from pipeline.data import assign_split, examples_from_db
+
+    def placed(prompt: str) -> str:
+        return assign_split(prompt_hash(prompt), None, val_fraction=0.1, test_fraction=0.1)
+
+    candidates = [f"a red cube number {i}" for i in range(200)]
+    hashed_train = next(p for p in candidates if placed(p) == "train")
+    hashed_test = next(p for p in candidates if placed(p) == "test")
+    # An imported test record of a prompt the hash puts in train, and an imported train
+    # record of a prompt the hash puts in test; each prompt also has a live /dream round.
+    folder = write_colour_hpd(tmp_path / "hpd", n_train=1, n_test=1, k=2)
+    files = {}
+    for split, prompt in (("test", hashed_train), ("train", hashed_test)):
+        path = folder / f"preference_{split}.json"
+        records = json.loads(path.read_text())
+        records[0]["prompt"] = prompt
+        path.write_text(json.dumps(records))
+        files[prompt] = split
+    await _import(pool, folder, tmp_path / "store")
+    live = {}
+    for requester, prompt in enumerate((hashed_train, hashed_test), start=1):
+        live[prompt] = await ready_round(pool, requester=requester, prompt=prompt, k=2)
+        await record_choice(
+            pool, round_id=live[prompt], discord_user_id=requester, verdict="pick", position=1
+        )
+
+    await _export(pool, tmp_path / "out", "parquet", tmp_path / "store")
+    rows = pq.read_table(tmp_path / "out" / "choices.parquet").to_pylist()
+    assert len(rows) == 4 and {r["split"] for r in rows} == {"test"}
+    training = {e.key: e.split for e in await examples_from_db(pool)}
+    assert training == {f"choice:{r['choice_id']}": r["split"] for r in rows}
+
+
+def test_a_chosen_image_that_was_not_shown_is_a_clear_error() -> None:
+    from pipeline.datasets import _choice_tables
+
+    row = {
+        "choice_id": 7, "round_id": 3, "source": "discord", "external_id": None,
+        "split": None, "prompt": "a red cube", "negative_prompt": "", "norm_hash": "h",
+        "prompt_tested": False, "prompt_undeclared": True, "contains_name": False,
+        "user_id": "u", "requester": "u", "is_requester": True, "verdict": "pick",
+        "chosen_position": 2, "positions": [1, 3], "image_keys": ["a.png", "c.png"],
+        "models": [None, None], "seeds": [1, 3], "params": "{}", "round_created_at": None,
+        "created_at": None, "updated_at": None,
+    }  # fmt: skip
+    with pytest.raises(
+        DatasetError,
+        match=re.escape(
+            "choice 7 (round 3): the chosen image (position 2) is not among the images shown "
+            "(positions 1, 3)"
+        ),
+    ):
+        _choice_tables([row], {"val_fraction": 0.1, "test_fraction": 0.1})
+
+
+async def test_pickapic_with_images_reads_each_image_once_in_bounded_tables(
+    pool, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import pipeline.datasets as datasets
+
+    folder = write_colour_hpd(tmp_path / "hpd", n_train=3, n_test=0, k=4)
+    await _import(pool, folder, tmp_path / "store")
+    reads: list[str] = []
+    original = LocalImageStore.get
+
+    def counting_get(self: LocalImageStore, key: str) -> bytes:
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(LocalImageStore, "get", counting_get)
+    monkeypatch.setattr(datasets, "IMAGE_PAIRS_PER_TABLE", 4)
+    report = await _export(pool, tmp_path / "pairs", "pickapic", tmp_path / "store",
+                           with_images=True)  # fmt: skip
+    assert report.rows == 9  # 3 picks among 4 images: 3 pairs each
+    assert len(reads) == len(set(reads)) == 12  # each image read once
+    parquet = pq.ParquetFile(tmp_path / "pairs" / "pairs.parquet")
+    assert max(parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)) <= 4
+    pairs = parquet.read().to_pylist()
+    stored = LocalImageStore(tmp_path / "store")
+    assert all(p["jpg_0"] == original(stored, p["image_0_uid"]) for p in pairs)

@@ -190,6 +190,32 @@ async def test_flagged_images_are_recorded_never_shown_and_too_many_fail_the_rou
     assert [i["nsfw"] for i in failed_job.result["images"]] == [True, False]
 
 
+async def test_a_model_without_a_safety_checker_is_refused_while_the_check_is_on(
+    pool, tiny_sd_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Its images would go out unchecked: the job dies at once (retrying cannot help) and
+    the requester is told, rather than seeing unchecked images."""
+    settings = _settings(tiny_sd_dir, safety_checker=True)  # tiny_sd_dir has no checker
+    async with running(_worker(pool, settings)):
+        created = await rounds.create_round(pool, requester_discord_id=1, prompt=PROMPT, k=4)
+        dead = await wait_until(lambda: _state(pool, created.job.id, "dead"), within=60)
+    assert dead.attempts == 1
+    assert dead.error == (
+        f"{tiny_sd_dir} has no safety checker, so its images could not be checked: give it "
+        "one, or set generation.safety_checker = false (HPS_GENERATION__SAFETY_CHECKER=false) "
+        "to post its images unchecked"
+    )
+    failed = await rounds.get_round(pool, created.round.id)
+    assert failed.status == "failed"
+    assert failed.error == "Generation failed after 1 attempt(s). You can retry it."
+    assert await images_of_round(pool, created.round.id, include_nsfw=True) == []
+
+
+async def _state(pool, job_id: int, state: str) -> jobs.Job | None:  # type: ignore[no-untyped-def]
+    job = await jobs.get(pool, job_id)
+    return job if job.state == state else None
+
+
 async def test_a_retry_after_a_crash_never_duplicates_images(
     pool, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

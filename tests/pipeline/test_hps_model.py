@@ -6,6 +6,7 @@ import io
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import pytest
@@ -168,3 +169,68 @@ def test_loading_errors_say_what_is_wrong(tmp_path: Path, tiny_model) -> None:  
         HPSModel.load(config, checkpoint=tmp_path / "absent.pth")
     with pytest.raises(ModelLoadError, match="is not a saved model folder"):
         HPSModel.load(tmp_path)
+
+
+def test_saved_and_registered_folders_are_durable_and_readable_by_others(
+    tiny_model, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Files are fsynced before the rename publishes their folder, and the folder has the
+    mode the umask gives (0755 here), not the 0700 of a temporary folder."""
+    import os
+    import stat
+
+    from pipeline import model_files, registry
+
+    config, weights = tiny_model
+    synced: list[str] = []
+    real_fsync = model_files.fsync
+
+    def spy(path: Path) -> None:
+        synced.append(Path(path).name)
+        real_fsync(path)
+
+    monkeypatch.setattr(model_files, "fsync", spy)
+    previous = os.umask(0o022)
+    try:
+        HPSModel.load(config, pretrained=str(weights)).save(tmp_path / "v1")
+        assert stat.S_IMODE((tmp_path / "v1").stat().st_mode) == 0o755
+        (tmp_path / "v1").chmod(0o700)  # as checkpoints saved before were
+        registry.copy_atomically(tmp_path / "v1", tmp_path / "models" / "v1")
+    finally:
+        os.umask(previous)
+    files = ["hps.json", "model.safetensors", "open_clip_config.json"]
+    for folder in (tmp_path / "v1", tmp_path / "models" / "v1"):
+        assert sorted(p.name for p in folder.iterdir()) == files
+    assert stat.S_IMODE((tmp_path / "models" / "v1").stat().st_mode) == 0o755
+    assert sorted(n for n in synced if n in files) == sorted(files * 2)  # saved, then copied
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+
+
+def test_batched_preprocessing_gives_the_per_image_transform_bit_for_bit(
+    tiny_model, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Decoding runs a batch ahead in a thread and the tensor steps run once per batch; the
+    pixels, and so the scores, are exactly those of the per-image transform."""
+    from pipeline.hps_model import _BatchPreprocess
+    from pipeline.images import open_image
+
+    config, weights = tiny_model
+    sizes = [(64, 48), (31, 77), (32, 32), (200, 100)]
+    images: list[Any] = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"{i}.jpg"
+        _images(1, seed=i)[0].resize(size).save(path, quality=90)
+        images.append(path)
+    images.append(Image.new("L", (40, 60), 128))  # greyscale, converted to RGB
+    for mode in ("shortest", "longest", "squash"):
+        hps = HPSModel.load(config, pretrained=str(weights), resize_mode=mode)
+        per_image = torch.stack([hps.transform(open_image(i)) for i in images])
+        batched = _BatchPreprocess(hps.transform)
+        assert batched.split  # open_clip's transforms take the batched path
+        assert torch.equal(batched.finish(batched.load(images, 0, None), hps.device), per_image)
+        expected = HPSModel._cosine(
+            hps.encode_pixels(per_image[:2]), hps.encode_text(["a red cube"]).expand(2, -1)
+        )
+        assert hps.score("a red cube", images[:2], batch_size=2) == expected
+    with pytest.raises(ImageError, match="image 4: the image bytes is not a decodable image"):
+        hps.score("a red cube", [*images[:3], b"junk", images[0]], batch_size=2)

@@ -347,3 +347,110 @@ async def test_train_job_refuses_invalid_options(pool) -> None:  # type: ignore[
     with pytest.raises(PermanentError, match="invalid train_classifier options"):
         await handle_train_classifier(_context(pool, load_settings(), job))
     assert not (load_settings().runs_dir / f"classifier-job{job.id}").exists()
+
+
+@pytest.mark.parametrize(
+    ("processes", "accumulation", "split_batches"), [(1, 1, False), (4, 1, False), (4, 2, False),
+                                                     (3, 1, True)]
+)  # fmt: skip
+def test_the_lr_schedule_ends_with_the_training_however_many_processes(
+    processes: int, accumulation: int, split_batches: bool
+) -> None:
+    """accelerate's scheduler wrapper steps the schedule once per process per optimizer step
+    (unless batches are split); the schedule must still warm up for 10% of the steps and
+    reach its end at the last one, as with one process."""
+    from pipeline.trainer import _scheduler, schedule_lengths
+
+    batches, epochs = 40, 2  # of the whole data set, per epoch
+    per_process = batches if split_batches else math.ceil(batches / processes)
+    ticks = 1 if split_batches else processes
+    total, warmup = schedule_lengths(
+        per_process, grad_accumulation=accumulation, epochs=epochs, warmup_fraction=0.1,
+        ticks_per_step=ticks,
+    )  # fmt: skip
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = _scheduler(optimizer, total, warmup)
+    steps = math.ceil(per_process / accumulation) * epochs  # one process's optimizer steps
+    lrs = []
+    for _ in range(steps):  # what AcceleratedScheduler does after each optimizer step
+        optimizer.step()
+        for _ in range(ticks):
+            scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    warmup_steps = int(0.1 * steps)
+    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == warmup_steps - 1
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-9)  # the cosine ends with the last step
+    decay = lrs[warmup_steps - 1 :]
+    assert decay == sorted(decay, reverse=True)  # then it only decays
+
+
+def _tiny_examples(tmp_path: Path, n: int, size: tuple[int, int] = (32, 32)) -> list[Example]:
+    """n examples of 3 images (of `size`: three vertical bands of random colours) each,
+    split train/test alternately. Cropping a wide one to a square keeps the middle band only."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(n):
+        paths = []
+        for j in range(3):
+            path = tmp_path / f"{i}_{j}.png"
+            bands = rng.integers(0, 256, (3, 3), dtype=np.uint8)
+            pixels = np.repeat(bands, -(-size[0] // 3), axis=0)[: size[0]]
+            Image.fromarray(np.broadcast_to(pixels, (size[1], size[0], 3)).copy()).save(path)
+            paths.append(str(path))
+        split = "train" if i % 2 else "test"
+        examples.append(Example(f"a red cube {i}", tuple(paths), i % 3, split, f"x:{i}", str(i)))
+    return examples
+
+
+def test_two_trainings_in_one_process_with_other_precisions(tmp_path: Path) -> None:
+    """A worker trains one run after another: the second may use another mixed precision
+    (or device) than the first without accelerate refusing to start."""
+    _, config_file = tiny_clip(tmp_path)
+    examples = [e for e in _tiny_examples(tmp_path, 20) if e.split == "train"]
+    for precision in ("bf16", "no"):
+        config = TrainConfig(
+            base=ModelSpec(str(config_file)), device="cpu", mixed_precision=precision,
+            **{**FAST, "epochs": 1, "batch_size": 5},
+        )  # fmt: skip
+        result = train(examples, config, tmp_path / f"run-{precision}", read_path, progress=False)
+        assert result.steps == 2
+
+
+def test_the_untuned_base_is_evaluated_with_the_preprocessing_it_serves_with(
+    tmp_path: Path,
+) -> None:
+    """Training pads images (the recipe's resize mode); the report on the base it starts
+    from, which is also the serving model's report when the base serves, must crop as the
+    base does when it serves."""
+    _, config_file = tiny_clip(tmp_path)
+    examples = _tiny_examples(tmp_path, 40, size=(48, 24))  # wide: cropping ≠ padding
+    test = [e for e in examples if e.split == "test"]
+    config = TrainConfig(base=ModelSpec(str(config_file)), **{**FAST, "epochs": 1})
+    result = train(examples, config, tmp_path / "run", read_path, progress=False)
+
+    def report(resize_mode: str | None) -> dict[str, Any]:
+        torch.manual_seed(config.seed)  # the base's random initialisation, as train() made it
+        model = HPSModel.load(config_file, resize_mode=resize_mode, device="cpu")
+        return evaluate(model, test, read_path)
+
+    serving = report(None)
+    assert serving["examples"] == result.initial["examples"]
+    assert serving["pairwise"] != report("longest")["pairwise"]  # the test can tell them apart
+    assert result.initial["pairwise"] == serving["pairwise"]
+    assert result.initial["top1"] == serving["top1"]
+    saved = json.loads((result.best / "open_clip_config.json").read_text())
+    assert saved["preprocess_cfg"]["resize_mode"] == "longest"  # trained and saved padding
+
+
+def test_every_process_agrees_on_the_run_name(tmp_path: Path) -> None:
+    from pipeline.train_classifier import RunExists, agree_run_name
+
+    stamped = agree_run_name(tmp_path, None)
+    assert stamped.startswith("classifier-") and len(stamped) == len("classifier-20261201-120000")
+    assert agree_run_name(tmp_path, "mine") == "mine"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RunExists, match=f"a run named mine exists in {tmp_path}"):
+        agree_run_name(tmp_path, "mine")

@@ -12,7 +12,9 @@ outcomes posted to Discord are claimed once.
 - `jobs.announced_at`, `model_events.announced_at`: when the bot posted a training job's
   outcome or a registry event to the log channel. The bot claims an announcement by setting
   it, so each is posted once by one bot process, and what finished while no bot listened is
-  posted when one listens again. Existing rows count as announced.
+  posted when one listens again. Existing rows count as announced. `model_events.notice`
+  keeps a promotion's, retirement's or rollback's notice (the `hps_models` NOTIFY payload)
+  for that; it names the actor, so it is hidden from `hps_analyst` like the actor.
 - `choices.interaction_id` is a Discord id: hidden from `hps_analyst`, like the others.
 
 Revision ID: 0006
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects.postgresql import JSONB
 
 revision: str = "0006"
 down_revision: str | None = "0005"
@@ -191,6 +194,7 @@ def upgrade() -> None:
 
     for table in ("jobs", "model_events"):
         op.add_column(table, sa.Column("announced_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("model_events", sa.Column("notice", JSONB(), nullable=True))
     op.execute("UPDATE jobs SET announced_at = now() WHERE state IN ('done', 'dead', 'cancelled')")
     op.execute("UPDATE model_events SET announced_at = now()")
     op.create_index(
@@ -203,7 +207,7 @@ def upgrade() -> None:
         "ix_model_events_unannounced",
         "model_events",
         ["id"],
-        postgresql_where=sa.text("announced_at IS NULL"),
+        postgresql_where=sa.text("announced_at IS NULL AND notice IS NOT NULL"),
     )
 
     op.execute(
@@ -226,6 +230,7 @@ def downgrade() -> None:
     )
     op.drop_index("ix_model_events_unannounced", table_name="model_events")
     op.drop_index("ix_jobs_unannounced", table_name="jobs")
+    op.drop_column("model_events", "notice")
     for table in ("model_events", "jobs"):
         op.drop_column(table, "announced_at")
 

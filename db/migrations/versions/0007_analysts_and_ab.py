@@ -1,4 +1,14 @@
-"""Analysts and A/B accounting (adaptation and analysts' follow-ups).
+"""Fair A/B rounds only, and two more columns hidden from analysts.
+
+- `ab_rounds` gets a last column `balanced`: every model version shown in the round showed as
+  many images as the others (after the safety filter held some back). A requester's pick is
+  one win per round, which is only fair between versions offering as many images: with 2
+  against 1, the version with 2 wins more often by chance alone. `ab_decisions` (and so
+  `ab_win_rates`, the live review and the report) counts balanced rounds only; unbalanced
+  ones stay visible in `ab_rounds`.
+- `hps_analyst` may no longer read `choice_events.interaction_id` (a Discord snowflake) nor
+  `users.ban_reason` (free text a maintainer typed, which may hold mentions of Discord ids),
+  with column-level grants as 0003 does.
 
 Revision ID: 0007
 Revises: 0006
@@ -7,15 +17,98 @@ Create Date: 2026-12-01
 
 from collections.abc import Sequence
 
+from alembic import op
+
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+ROLE = "hps_analyst"
+# Revoked here, beside those 0003 and 0006 revoke.
+HIDDEN = {"choice_events": "interaction_id", "users": "ban_reason"}
+
+AB_ROUNDS = """
+SELECT r.id AS round_id,
+       r.created_at,
+       shown.version_ids AS shown_version_ids,
+       c.verdict AS requester_verdict,
+       chosen.model_version_id AS chosen_version_id,
+       c.updated_at AS decided_at,
+       shown.balanced
+FROM rounds r
+CROSS JOIN LATERAL (
+    SELECT array_agg(per.version_id ORDER BY per.version_id) AS version_ids,
+           min(per.images) = max(per.images) AS balanced
+    FROM (
+        SELECT i.model_version_id AS version_id, count(*) AS images
+        FROM images i
+        WHERE i.round_id = r.id AND NOT i.nsfw AND i.model_version_id IS NOT NULL
+        GROUP BY i.model_version_id
+    ) per
+) shown
+LEFT JOIN (
+    choices c JOIN users u
+        ON u.id = c.user_id AND NOT u.banned AND NOT u.shadow_banned AND u.forgotten_at IS NULL
+) ON c.round_id = r.id AND c.is_requester AND NOT c.flagged
+LEFT JOIN images chosen ON chosen.round_id = c.round_id AND chosen.position = c.chosen_position
+WHERE cardinality(shown.version_ids) >= 2
+"""
+
+AB_DECISIONS = """
+SELECT a.round_id,
+       a.decided_at,
+       mine.version_id,
+       theirs.version_id AS opponent_id,
+       a.chosen_version_id = mine.version_id AS won
+FROM ab_rounds a
+CROSS JOIN LATERAL unnest(a.shown_version_ids) AS mine(version_id)
+CROSS JOIN LATERAL unnest(a.shown_version_ids) AS theirs(version_id)
+WHERE a.requester_verdict = 'pick' AND a.balanced AND mine.version_id <> theirs.version_id
+"""
+
+
+def _role_exists() -> bool:
+    rows = op.get_bind().exec_driver_sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'")
+    return rows.first() is not None
+
+
+def _columns(table: str) -> list[str]:
+    rows = op.get_bind().exec_driver_sql(
+        "SELECT column_name FROM information_schema.columns"
+        f" WHERE table_schema = 'public' AND table_name = '{table}' ORDER BY ordinal_position"
+    )
+    return [row[0] for row in rows]
+
 
 def upgrade() -> None:
-    pass
+    # Same columns plus one at the end: the views stay in place, grants and all.
+    op.execute(f"CREATE OR REPLACE VIEW ab_rounds AS {AB_ROUNDS}")
+    op.execute(f"CREATE OR REPLACE VIEW ab_decisions AS {AB_DECISIONS}")
+    if not _role_exists():
+        return
+    # choice_events was granted whole (0003): a column is revoked by granting the others.
+    events = [c for c in _columns("choice_events") if c != HIDDEN["choice_events"]]
+    op.execute(f"REVOKE SELECT ON choice_events FROM {ROLE}")
+    op.execute(f"GRANT SELECT ({', '.join(events)}) ON choice_events TO {ROLE}")
+    op.execute(f"REVOKE SELECT ({HIDDEN['users']}) ON users FROM {ROLE}")
 
 
 def downgrade() -> None:
-    pass
+    script = op.get_context().script
+    assert script is not None
+    before = script.get_revision("0003").module.VIEWS
+    # A view cannot lose a column in place: drop the three and make them as 0004 left them.
+    for view in ("ab_win_rates", "ab_decisions", "ab_rounds"):
+        op.execute(f"DROP VIEW {view}")
+    op.execute(f"CREATE VIEW ab_rounds AS {script.get_revision('0004').module.AFTER}")
+    for view in ("ab_decisions", "ab_win_rates"):
+        op.execute(f"CREATE VIEW {view} AS {before[view]}")
+    if not _role_exists():
+        return
+    for view in ("ab_rounds", "ab_decisions", "ab_win_rates"):
+        op.execute(f"GRANT SELECT ON {view} TO {ROLE}")
+    # A table-level REVOKE takes its column-level grants with it.
+    op.execute(f"REVOKE SELECT ON choice_events FROM {ROLE}")
+    op.execute(f"GRANT SELECT ON choice_events TO {ROLE}")
+    op.execute(f"GRANT SELECT ({HIDDEN['users']}) ON users TO {ROLE}")

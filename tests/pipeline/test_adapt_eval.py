@@ -1,0 +1,165 @@
+"""The offline evaluation beside a worker's other jobs: the adapters it uses stay loaded
+while generate jobs unload others, and a crashed evaluation resumes its recorded pairs."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from db import models
+from pipeline.adapt import dataset as data
+from pipeline.adapt.evaluate import PAIRS_FILE, evaluate_adapter
+from pipeline.adapt.run import EVAL_DIR, PROMPTS_FILE, Resources, open_run, run_adaptation
+from pipeline.generate import Generator, ImageRequest, SamplingParams
+from pipeline.handlers import Cancelled
+from pipeline.hps_model import HPSModel
+from tests.pipeline.conftest import make_settings
+
+PARAMS = SamplingParams(steps=2, guidance_scale=7.5, width=64, height=64)
+HELD_OUT = ["a red cube", "a blue ball"]
+
+
+class CountingScorer:
+    """The tiny HPS model, counting the images it scores; `then` runs after each batch."""
+
+    def __init__(self, model: HPSModel, then: Any = None) -> None:
+        self.model, self.then, self.images = model, then, 0
+        self.name = model.name
+
+    def score(self, prompts: Any, pictures: list[Any]) -> Any:
+        self.images += len(pictures)
+        scores = self.model.score(prompts, pictures)
+        if self.then is not None:
+            self.then(self)
+        return scores
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_sd_dir: Path) -> Generator:
+    return Generator(str(tiny_sd_dir), device="cpu", safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model: tuple[Path, Path]) -> HPSModel:
+    config, weights = tiny_model
+    return HPSModel.load(config, pretrained=str(weights), device="cpu")
+
+
+def test_pinned_adapters_stay_loaded_and_an_unloaded_one_a_round_needs_loads_again(
+    generator: Generator, tiny_lora_dirs: list[Path]
+) -> None:
+    with generator.pinned(["run:x", None]):
+        generator.load_adapter("run:x", str(tiny_lora_dirs[0]))
+        generator.load_adapter("v9", str(tiny_lora_dirs[1]), "Odd. ")
+        [before] = generator.generate([ImageRequest("a red cube", "", 1, "v9")], PARAMS)
+        generator.keep_adapters(set())  # a generate job: no version serves or tests
+        assert set(generator.adapters) == {"run:x"}
+    generator.keep_adapters(set())
+    assert generator.adapters == {}
+    # A generate job planned a round with v9 before another job unloaded it: it loads again,
+    # with its identifier, and makes the same image.
+    [after] = generator.generate([ImageRequest("a red cube", "", 1, "v9")], PARAMS)
+    assert after.png == before.png and generator.identifiers["v9"] == "Odd. "
+    generator.keep_adapters(set())
+
+
+def test_a_crashed_evaluation_resumes_its_recorded_pairs(
+    generator: Generator, scorer: HPSModel, tiny_lora_dirs: list[Path], tmp_path: Path
+) -> None:
+    generator.load_adapter("tuned", str(tiny_lora_dirs[0]))
+
+    def evaluate(out: Path, counting: CountingScorer, cancelled: threading.Event | None) -> Any:
+        return evaluate_adapter(HELD_OUT, generator=generator, scorer=counting,  # type: ignore[arg-type]
+                                adapter="tuned", parent=None, params=PARAMS, seeds_per_prompt=2,
+                                seed=42, batch=2, out_dir=out, progress=False,
+                                cancelled=cancelled)  # fmt: skip
+
+    whole = evaluate(tmp_path / "whole", CountingScorer(scorer), None)
+    assert whole["pairs"] == 4
+
+    cancelled = threading.Event()  # the worker gives the job up during the second batch
+
+    def give_up(counting: CountingScorer) -> None:
+        if counting.images == 4:
+            cancelled.set()
+
+    with pytest.raises(Cancelled):
+        evaluate(tmp_path / "crashed", CountingScorer(scorer, give_up), cancelled)
+    lines = (tmp_path / "crashed" / PAIRS_FILE).read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["scorer"] == scorer.name for x in lines)
+    with (tmp_path / "crashed" / PAIRS_FILE).open("a") as torn:  # a crash mid-write
+        torn.write('{"prompt_index": 1, "pro')
+
+    resumed_scorer = CountingScorer(scorer)
+    resumed = evaluate(tmp_path / "crashed", resumed_scorer, None)
+    assert resumed_scorer.images == 4  # the two pairs not recorded, nothing else
+    assert resumed == whole
+    assert len((tmp_path / "crashed" / PAIRS_FILE).read_text().splitlines()) == 4
+    assert len(list((tmp_path / "crashed" / "images").iterdir())) == 8
+
+    # Pairs another classifier scored are made again, never mixed in.
+    other = CountingScorer(scorer)
+    other.name = "another-classifier"
+    assert evaluate(tmp_path / "crashed", other, None) == whole and other.images == 8
+    generator.keep_adapters(set())
+
+
+async def test_the_eval_stage_keeps_its_adapter_while_generate_jobs_unload_others(
+    pool,
+    generator: Generator,
+    scorer: HPSModel,
+    tiny_sd_dir: Path,
+    tiny_lora_dirs: list[Path],
+    tiny_model,
+    tmp_path: Path,
+) -> None:  # type: ignore[no-untyped-def]
+    config, weights = tiny_model
+    settings = make_settings(
+        data_dir=str(tmp_path / "data"),
+        generation={"sd_model": str(tiny_sd_dir), "steps": 2, "width": 64, "height": 64,
+                    "safety_checker": False},
+        models={"hps_arch": str(config), "hps_pretrained": str(weights), "device": "cpu"},
+        adapt={"min_prompts": 1, "eval_seeds": 2, "sample_batch": 2, "offline_gate": "none"},
+    )  # fmt: skip
+    base = await models.ensure_base(pool, kind="sd_base", artifact=str(tiny_sd_dir))
+    parent = await models.register(pool, kind="sd_adapter", artifact=str(tiny_lora_dirs[1]),
+                                   parent_id=base.id)  # fmt: skip
+    await models.promote(pool, parent.id, actor="test")
+    # A run whose fine-tuning is done (the adapter: a tiny LoRA).
+    run = await open_run(pool, settings, "evalrun")
+    (run.path / PROMPTS_FILE).write_text(json.dumps({"train": ["a cone"], "heldout": HELD_OUT}))
+    run.finish("prompts", train=1, heldout=2)
+    run.finish("samples", images=0)
+    data.write_items(run.path / data.FINETUNE_FILE, [data.Item("x.jpg", "a cone", "positive")])
+    run.finish("label")
+    run.finish("train", adapter=str(tiny_lora_dirs[0]))
+    # The parent stops serving meanwhile: generate jobs keep no adapter loaded at all.
+    await models.rollback(pool, "sd_adapter", actor="test")
+    kept: list[set[str]] = []
+
+    def generate_job_between_batches(counting: CountingScorer) -> None:
+        generator.keep_adapters(set())
+        kept.append(set(generator.adapters))
+
+    resources = Resources(
+        generator=_value(generator),
+        scorer=_value(CountingScorer(scorer, generate_job_between_batches)),
+    )
+    outcome = await run_adaptation(pool, settings, name="evalrun", resources=resources,
+                                   until="eval", progress=False)  # fmt: skip
+    assert outcome.stages["eval"]["report"]["pairs"] == 4
+    assert kept == [{"run:evalrun", f"v{parent.id}"}] * 4  # neither was unloaded
+    assert generator.adapters == {f"v{parent.id}": str(tiny_lora_dirs[1])}  # the run's own: gone
+    assert (run.path / EVAL_DIR / PAIRS_FILE).is_file()
+    generator.keep_adapters(set())
+
+
+def _value(value: Any) -> Any:
+    async def get() -> Any:
+        return value
+
+    return get

@@ -170,6 +170,9 @@ class HPSBot(commands.AutoShardedBot):
     async def on_app_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
+        if isinstance(error, app_commands.CommandInvokeError) and views.too_late(error.original):
+            log.warning("/%s was answered too late (after Discord's 3 s)", _name(interaction))
+            return
         if isinstance(error, app_commands.CommandOnCooldown):
             message = f"Slow down: try again in {formats.duration(error.retry_after)}."
         elif isinstance(error, app_commands.CheckFailure):

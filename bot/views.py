@@ -54,10 +54,24 @@ async def _guarded(interaction: discord.Interaction, handling: Awaitable[Any]) -
     except UNAVAILABLE as exc:
         log.warning("database unavailable handling a click: %s", exc)
         await reply(interaction, formats.DB_DOWN)
-    except Exception:
+    except Exception as exc:
+        if too_late(exc):
+            # No answer can reach the user now (what was recorded stays recorded); an
+            # overloaded bot must not spend its time on tracebacks either.
+            log.warning("a click was answered too late (after Discord's 3 s deadline)")
+            return
         custom_id = (interaction.data or {}).get("custom_id")
         log.exception("handling a click failed", extra={"custom_id": custom_id})
         await reply(interaction, formats.FAILED_COMMAND)
+
+
+# Discord's answer to a response after its 3 s deadline (or to an unknown interaction).
+UNKNOWN_INTERACTION = 10062
+
+
+def too_late(error: BaseException) -> bool:
+    """Whether `error` says the interaction can no longer be answered."""
+    return isinstance(error, discord.NotFound) and error.code == UNKNOWN_INTERACTION
 
 
 def _dream(interaction: discord.Interaction) -> Dream | None:

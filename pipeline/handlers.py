@@ -72,6 +72,8 @@ class JobContext:
     cache: dict[str, Any]
     log: logging.LoggerAdapter = field(init=False)
     completed: bool = field(default=False, init=False)
+    # The handler returned or raised: the worker is recording the outcome (no heartbeats).
+    finishing: bool = field(default=False, init=False)
     # Jobs taken by `claim_matching` and not finished yet, run along with `job`.
     extra_jobs: list[jobs.Job] = field(default_factory=list, init=False)
     # Set when the worker gives the job up (shutdown past its grace): long work in a thread

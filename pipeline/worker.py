@@ -194,7 +194,10 @@ class Worker:
         outcome = "done"
         try:
             handler = load_handler(job.kind, self.registry)
-            result = await handler(ctx)
+            try:
+                result = await handler(ctx)
+            finally:
+                ctx.finishing = True
             if not ctx.completed and not await jobs.complete(
                 self.pool, job, self.worker_id, result
             ):
@@ -255,10 +258,21 @@ class Worker:
                 log.exception("worker maintenance failed; trying again in %d s", interval)
             await asyncio.sleep(interval)
 
+    def _held(self) -> set[int]:
+        """The jobs in hand that are not finished: neither completed by their handler nor
+        being recorded by the worker (their row says so, or soon will)."""
+        return {
+            j.id
+            for ctx in self._running.values()
+            if not ctx.finishing
+            for j in ([] if ctx.completed else [ctx.job]) + ctx.extra_jobs
+        }
+
     async def _heartbeat(self) -> None:
-        held = {j.id for ctx in self._running.values() for j in [ctx.job, *ctx.extra_jobs]}
+        held = self._held()
         kept = await jobs.heartbeat(self.pool, sorted(held), self.worker_id, self.lease)
-        for job_id in sorted(held - kept):
+        # A job that finished while the heartbeat ran was not lost.
+        for job_id in sorted((held - kept) & self._held()):
             log.warning("job %s: lease lost", job_id, extra={"job_id": job_id})
         current = min((ctx.job.id for ctx in self._running.values()), default=None)
         await jobs.touch_worker(self.pool, self.worker_id, current)

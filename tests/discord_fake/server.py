@@ -256,6 +256,7 @@ class FakeDiscord:
         self.resumes = 0
         self.heartbeats = 0
         self.callbacks = 0  # interaction callbacks answered so far
+        self.response_deadline = RESPONSE_DEADLINE  # seconds: a test may shorten it
 
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -684,7 +685,7 @@ class FakeDiscord:
         if interaction.response is not None:
             acknowledged = {"message": "Interaction has already been acknowledged.", "code": 40060}
             return _json(acknowledged, 400)
-        if time.perf_counter() - interaction.dispatched_at > RESPONSE_DEADLINE:
+        if time.perf_counter() - interaction.dispatched_at > self.response_deadline:
             interaction.late = True
             return _json({"message": "Unknown interaction", "code": 10062}, 404)
         kind, data = body["type"], body.get("data") or {}

@@ -28,6 +28,7 @@ from tests.e2e.conftest import (
     GUILD_ID,
     OTHER_CHANNEL_ID,
     dream,
+    eventually,
     stop_bot,
     wait_buttons,
     wait_db,
@@ -450,3 +451,26 @@ async def test_where_only_the_requester_may_choose_other_votes_are_refused(
     assert [(c.verdict, c.is_requester) for c in await choices_of_round(pool, round_id)] == [
         ("none", True)
     ]
+
+
+async def test_a_click_answered_after_discords_deadline_is_logged_briefly_and_still_counts(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """Overloaded, the bot answers too late: Discord refuses the answer (10062). The choice
+    is recorded all the same, and the bot logs one line, not tracebacks that would slow it
+    further."""
+    import logging
+
+    _, queued = await dream(fake, ALICE, "a late cube")
+    message_id = int(queued["id"])
+    await worker.run_once()
+    [*_, tie, _] = await wait_buttons(fake, message_id, 6)
+    fake.response_deadline = 0.0  # every answer is late now
+    with caplog.at_level(logging.WARNING, logger="bot"):
+        late = await fake.click(BOB, message_id, tie["custom_id"])
+        await wait_db(pool, "SELECT count(*) FROM choices", 1)
+        await eventually(lambda: late.late)
+        await asyncio.sleep(0.2)
+    assert late.response is None
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("bot")]
+    assert messages == [("WARNING", "a click was answered too late (after Discord's 3 s deadline)")]

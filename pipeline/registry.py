@@ -47,18 +47,13 @@ def configured_spec(settings: Settings) -> ModelSpec:
     )
 
 
-def configured_label(settings: Settings) -> str:
-    """`configured:<spec>`, as `hps.promotion` names it (the bot's gate compares with it)."""
-    return promotion.configured_label(settings)
-
-
 async def serving_model(
     db: Executor, settings: Settings
 ) -> tuple[ModelSpec, str, ModelVersion | None]:
     """The spec and label of the model that scores now, and its registry version if any."""
     version = await models.serving(db, KIND)
     if version is None:
-        return configured_spec(settings), configured_label(settings), None
+        return configured_spec(settings), promotion.configured_label(settings), None
     return ModelSpec(version.artifact), version.name, version
 
 

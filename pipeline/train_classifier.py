@@ -23,6 +23,7 @@ from typing import Any
 
 from db import models
 from db.connect import Executor
+from hps import promotion
 from hps.settings import Settings
 from hps.store import LocalImageStore
 from pipeline import registry
@@ -195,7 +196,7 @@ async def run_training(
     else:
         serving_spec, serving_label, serving_version = (
             registry.configured_spec(settings),
-            registry.configured_label(settings),
+            promotion.configured_label(settings),
             None,
         )
 

@@ -3,7 +3,7 @@
 On a fresh database of the test server (`HPS_TEST_DATABASE_URL`, default the local one):
 
 1. the local Discord-compatible server (`tests/discord_fake`) starts in this process, and
-   the real bot as a subprocess, `python -m hps bot`, pointed at it through
+   the real bot as a subprocess, `python -m cli bot`, pointed at it through
    `HPS_DISCORD__API_BASE_URL` / `HPS_DISCORD__GATEWAY_URL`;
 2. a requester runs /dream; the test worker (`tests/e2e/worker.py`) makes the round's
    images; the bot posts them with their buttons;
@@ -90,7 +90,7 @@ async def _start_bot(
         HPS_BOT__GUILD_READY_TIMEOUT="0.1",
         HPS_LOG_LEVEL="WARNING",
     )
-    command = [sys.executable, "-m", "hps", "bot"]
+    command = [sys.executable, "-m", "cli", "bot"]
     if profile is not None:  # cProfile writes its statistics when the bot exits cleanly
         command[1:1] = ["-m", "cProfile", "-o", str(profile)]
     process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=env)

@@ -130,7 +130,7 @@ def export(url: str, out: Path) -> tuple[float, float, str]:
     env.update({"HPS_DATABASE_URL": url, "HPS_DATA_DIR": str(out.parent / "data")})
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "hps", "export", str(out), "--format", "parquet"],
+        [sys.executable, "-m", "cli", "export", str(out), "--format", "parquet"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     seconds = time.monotonic() - started

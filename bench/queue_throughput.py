@@ -1,7 +1,7 @@
 """Job queue throughput and pick-up latency with real worker processes.
 
 On a fresh database of the test server (`HPS_TEST_DATABASE_URL`, default the local one),
-with no-op jobs and N `python -m hps worker` processes:
+with no-op jobs and N `python -m cli worker` processes:
 
 1. enqueue: `--jobs` jobs from `--producers` concurrent tasks, no worker running yet: jobs/s
    enqueued;
@@ -83,7 +83,7 @@ async def _finished(pool: Any, kind: str) -> stats.QueueTimings:
 async def start_workers(url: str, args: argparse.Namespace) -> list[asyncio.subprocess.Process]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
     env.update(HPS_DATABASE_URL=url, HPS_LOG_LEVEL="WARNING", HPS_DATA_DIR="/tmp/hps-bench")
-    command = ["-m", "hps", "worker", "--kinds", ",".join(KINDS), "--device", "cpu"]
+    command = ["-m", "cli", "worker", "--kinds", ",".join(KINDS), "--device", "cpu"]
     command += ["--concurrency", str(args.concurrency)]
     for kind in KINDS:
         command += ["--handler", f"{kind}=bench.queue_throughput:noop"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hps.promotion import describe_model
+from db.promotion import describe_model
 
 SCALE = "hps"  # 100 × cosine similarity
 METADATA_FILE = "hps.json"

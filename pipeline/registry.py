@@ -16,11 +16,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from db import models
+from db import models, promotion
 from db.connect import Executor
 from db.models import ModelVersion
-from hps import promotion
-from hps.promotion import beats
+from db.promotion import beats
 from hps.settings import Settings
 from pipeline.model_files import (
     METADATA_FILE,

@@ -21,9 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from db import models
+from db import models, promotion
 from db.connect import Executor
-from hps import promotion
 from hps.settings import Settings
 from hps.store import LocalImageStore
 from pipeline import registry

@@ -6,7 +6,7 @@ and projection with them, and the logit scale); per example, cross-entropy of th
 over its K image-text logits against the choice (`pipeline.loss`); AdamW (lr 1.7e-5, weight
 decay 3.1e-3), batches of 5 examples, a cosine schedule after a linear warm-up, gradient
 clipping, mixed precision on GPUs, gradient accumulation. `accelerate` runs the same loop on
-the CPU, one GPU or several (`accelerate launch -m hps train ...`); the schedule's length is
+the CPU, one GPU or several (`accelerate launch -m cli train ...`); the schedule's length is
 counted in the steps each process takes (`schedule_lengths`), so it ends with the training
 however many processes share it.
 

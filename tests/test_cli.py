@@ -17,7 +17,7 @@ def hps(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
     clean.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "hps", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         env=clean,

@@ -115,7 +115,7 @@ def test_each_service_command_exists_in_the_cli(service: str) -> None:
             break
         words.append(word)
     result = subprocess.run(
-        [sys.executable, "-m", "hps", *words, "--help"],
+        [sys.executable, "-m", "cli", *words, "--help"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -30,7 +30,7 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "hps", *args],
+            [sys.executable, "-m", "cli", *args],
             env={**clean, **FAST, **env},
             cwd=ROOT,
             stdout=out,

@@ -126,7 +126,7 @@ def _make_and_render(database_url: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
     env.update(HPS_DATABASE_URL=database_url, HPS_DATA_DIR=str(tmp_path / "data"))
     made = subprocess.run(
-        [sys.executable, "-m", "hps", "report", str(out)],
+        [sys.executable, "-m", "cli", "report", str(out)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr

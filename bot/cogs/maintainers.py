@@ -21,7 +21,7 @@ from bot.client import HPSBot
 from db import jobs, stats, users
 from db import models as registry
 from db.connect import UNAVAILABLE
-from hps.promotion import check_promotable, configured_label
+from db.promotion import check_promotable, configured_label
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """End-to-end fixtures: the local Discord-compatible server, the real bot (in this process,
-or as a `python -m hps bot` subprocess) pointed at it, and a test worker.
+or as a `python -m cli bot` subprocess) pointed at it, and a test worker.
 
 In-process bots run the same `HPSBot` that `hps bot` runs, in the test's event loop (fast,
 and tests can look inside); the restart and shutdown tests use real processes.
@@ -81,7 +81,7 @@ def bot_settings(fake: FakeDiscord, database_url: str, data_dir: Path, **section
 
 
 def bot_env(settings: Settings) -> dict[str, str]:
-    """The same settings as environment variables, for a `python -m hps bot` process."""
+    """The same settings as environment variables, for a `python -m cli bot` process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
     assert settings.database_url is not None and settings.discord.token is not None
     d = settings.discord
@@ -173,11 +173,11 @@ def worker(pool: asyncpg.Pool, store: LocalImageStore) -> TestWorker:
 
 
 class BotProcess:
-    """`python -m hps bot` as a real process, its log lines collected."""
+    """`python -m cli bot` as a real process, its log lines collected."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hps", "bot"],
+            [sys.executable, "-m", "cli", "bot"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

@@ -17,7 +17,7 @@ def test_without_a_token_the_bot_says_how_to_set_one(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
     env["HPS_DATA_DIR"] = str(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "hps", "bot"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "cli", "bot"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 1
     assert "no Discord bot token: set HPS_DISCORD__TOKEN" in result.stderr
@@ -50,7 +50,7 @@ def test_the_bot_package_never_imports_torch_or_pipeline() -> None:
                     f"{path.relative_to(ROOT)} imports {name}"
                 )
     code = (
-        "import sys, hps.cli.bot, bot.client, bot.cogs.dream, bot.cogs.maintainers, "
+        "import sys, cli.bot, bot.client, bot.cogs.dream, bot.cogs.maintainers, "
         "bot.cogs.community; print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'pipeline', 'diffusers', 'open_clip')))"
     )

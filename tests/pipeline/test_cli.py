@@ -151,7 +151,7 @@ async def test_eval_of_a_bare_weights_file_compares_it_with_the_untuned_configur
     untuned CLIP (models.hps_arch with hps_pretrained), when the architectures match."""
     import torch
 
-    from hps.cli.train import _evaluate
+    from cli.train import _evaluate
     from hps.settings import load_settings
     from pipeline.data import examples_from_folder, read_path
     from pipeline.evaluate import evaluate as evaluate_model
@@ -202,7 +202,7 @@ def _classifier(name: str, compared: dict[str, dict]) -> object:
 
 def test_the_promotion_gate_compares_with_the_model_configured_now() -> None:
     from db.models import ModelError
-    from hps.promotion import check_promotable, configured_label
+    from db.promotion import check_promotable, configured_label
     from hps.settings import load_settings
     from pipeline.registry import configured_spec
 
@@ -243,7 +243,7 @@ def test_train_in_two_processes_makes_one_run_whose_schedule_ends_with_it(tmp_pa
                 "HPS_MODELS__HPS_PRETRAINED": ""})  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "hps", "train", "--data", str(data), "--no-register", "--epochs", "2",
+         "-m", "cli", "train", "--data", str(data), "--no-register", "--epochs", "2",
          "--batch-size", "5", *FAST[:2], *FAST[4:]],
         capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2], timeout=300,
     )  # fmt: skip

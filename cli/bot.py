@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from hps.cli.common import fail, run, settings
+from cli.common import fail, run, settings
 
 log = logging.getLogger(__name__)
 

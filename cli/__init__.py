@@ -6,19 +6,19 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from hps.cli import adapt as adapt_cli
-from hps.cli import config as config_cli
-from hps.cli import datasets as datasets_cli
-from hps.cli import db as db_cli
-from hps.cli import models as models_cli
-from hps.cli import score as score_cli
-from hps.cli import train as train_cli
-from hps.cli.bot import bot
-from hps.cli.common import err_console
-from hps.cli.report import report
-from hps.cli.scheduler import scheduler
-from hps.cli.serve import serve
-from hps.cli.worker import worker
+from cli import adapt as adapt_cli
+from cli import config as config_cli
+from cli import datasets as datasets_cli
+from cli import db as db_cli
+from cli import models as models_cli
+from cli import score as score_cli
+from cli import train as train_cli
+from cli.bot import bot
+from cli.common import err_console
+from cli.report import report
+from cli.scheduler import scheduler
+from cli.serve import serve
+from cli.worker import worker
 
 app = typer.Typer(
     name="hps",

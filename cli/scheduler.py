@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hps.cli.common import fail, run_service, settings
+from cli.common import fail, run_service, settings
 
 
 def scheduler() -> None:

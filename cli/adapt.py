@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from hps.cli.common import console, database, fail, run, settings
+from cli.common import console, database, fail, run, settings
 from hps.settings import Settings
 
 app = typer.Typer(
@@ -172,7 +172,7 @@ app.command("train")(
     _with_recipe(
         "train",
         "Fine-tune the LoRA (after the earlier stages, run first if needed). Under "
-        "`accelerate launch -m hps adapt train --name N` on several GPUs, after `hps adapt "
+        "`accelerate launch -m cli adapt train --name N` on several GPUs, after `hps adapt "
         "label --name N`; then `hps adapt run --name N` evaluates and registers.",
     )
 )

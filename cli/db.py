@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import typer
 
-from hps.cli.common import console, fail, run, settings
+from cli.common import console, fail, run, settings
 from hps.settings import redact_url
 
 app = typer.Typer(help="Database migrations.", no_args_is_help=True)

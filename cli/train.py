@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from hps.cli.common import console, database, fail, run, settings
+from cli.common import console, database, fail, run, settings
 from hps.settings import Settings
 
 

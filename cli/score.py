@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from hps.cli.common import console, database, fail, run, settings
+from cli.common import console, database, fail, run, settings
 
 
 def score(

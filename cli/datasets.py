@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from hps.cli.common import console, database, fail, run, settings
+from cli.common import console, database, fail, run, settings
 
 
 def import_(folder: Path = typer.Argument(..., help="An HPD-layout dataset folder.")) -> None:

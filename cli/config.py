@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from hps.cli.common import console, settings
+from cli.common import console, settings
 
 app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 

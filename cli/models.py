@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from hps.cli.common import console, database, fail, run, settings
+from cli.common import console, database, fail, run, settings
 
 app = typer.Typer(help="The model registry: versions, promotion, rollback.", no_args_is_help=True)
 
@@ -99,7 +99,7 @@ def promote(
     """Serve a version (the serving one of its kind retires). A classifier must have been
     evaluated against the serving one on the same test examples and beat it by the margin."""
     from db import models
-    from hps.promotion import check_promotable, configured_label
+    from db.promotion import check_promotable, configured_label
 
     config = settings()
     margin, configured = config.train.promote_margin, configured_label(config)

@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from hps.cli.common import fail, run_service, settings
+from cli.common import fail, run_service, settings
 
 # Short names people use for the training kinds (`hps worker --kinds generate,train`).
 KIND_ALIASES = {"train": "train_classifier", "adapt": "adapt_sd"}

@@ -1,6 +1,6 @@
 """`hps serve`: everything on one machine, as child processes of one supervisor.
 
-The children are `python -m hps bot`, `python -m hps scheduler` and `python -m hps worker`,
+The children are `python -m cli bot`, `python -m cli scheduler` and `python -m cli worker`,
 sharing this process's settings, with the database URL resolved once here (so an embedded
 PostgreSQL is started once and lives as long as the supervisor). SIGTERM or SIGINT is
 passed on to every child, each stops cleanly (the worker finishes or releases its job),
@@ -17,7 +17,7 @@ import sys
 import time
 from types import FrameType
 
-from hps.cli.common import console, err_console, settings
+from cli.common import console, err_console, settings
 
 log_prefix = "[bold]hps serve:[/bold]"
 
@@ -49,7 +49,7 @@ def serve() -> None:
 
 
 def supervise(services: list[str], env: dict[str, str], grace: float) -> int:
-    """Run `python -m hps <service>` for each service until a signal or a child's exit."""
+    """Run `python -m cli <service>` for each service until a signal or a child's exit."""
     stop_signal: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -59,7 +59,7 @@ def supervise(services: list[str], env: dict[str, str], grace: float) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name in services:
-            children[name] = subprocess.Popen([sys.executable, "-m", "hps", name], env=env)
+            children[name] = subprocess.Popen([sys.executable, "-m", "cli", name], env=env)
             console.print(f"{log_prefix} started {name} (pid {children[name].pid})")
         died = None
         while not stop_signal and died is None:

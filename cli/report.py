@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from hps.cli.common import console, database, run, settings
+from cli.common import console, database, run, settings
 
 
 def report(

@@ -1,0 +1,5 @@
+"""`python -m cli` runs the CLI."""
+
+from cli import main
+
+main()

@@ -1,5 +1,0 @@
-"""`python -m hps` runs the CLI."""
-
-from hps.cli import main
-
-main()

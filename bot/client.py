@@ -1,8 +1,9 @@
 """The bot: one `AutoShardedBot` subclass that everything hangs off (pool, settings, store).
 
 Start-up (`setup_hook`, after login and before the gateway): open the database pool, load
-the cogs (one failing is logged and the rest go on), register the persistent buttons, start
-LISTENing for round, job and model-registry notifications, and sync the slash commands.
+the cogs (one failing is logged and the rest go on; each registers its own persistent
+buttons), start LISTENing for round, job and model-registry notifications, and sync the
+slash commands.
 
 Pointing the unmodified discord.py client elsewhere (an API proxy, or the tests' local
 server): `discord.api_base_url` replaces `discord.http.Route.BASE`, through which every REST
@@ -28,7 +29,7 @@ from discord.ext import commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot import formats, views
+from bot import buttons, formats, replies
 from db.connect import UNAVAILABLE, create_pool, database_url
 from db.jobs import JOB_DONE_CHANNEL
 from db.listen import NotificationListener
@@ -112,7 +113,6 @@ class HPSBot(commands.AutoShardedBot):
             except Exception:
                 log.exception("failed to load %s; the other features go on", extension)
                 self.failed_extensions.append(extension)
-        self.add_dynamic_items(*views.DYNAMIC_ITEMS)
         if not self.settings.discord.maintainer_role_ids:
             log.warning(
                 "no maintainer roles configured (discord.maintainer_role_ids): "
@@ -160,6 +160,14 @@ class HPSBot(commands.AutoShardedBot):
         # Notifications sent while nobody listened are gone: cogs look at the tables instead.
         self.dispatch("hps_listening")
 
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        # A click on a button whose cog did not load gets an answer, not "interaction failed".
+        custom_id = (interaction.data or {}).get("custom_id", "")
+        if interaction.type is discord.InteractionType.component and buttons.unhandled(
+            self, custom_id
+        ):
+            await replies.unavailable(interaction)
+
     def handles_guild(self, guild_id: int | None) -> bool:
         """Whether this process runs the shard of `guild_id` (several processes may split
         the shards; each shows only its own guilds' rounds)."""
@@ -170,7 +178,7 @@ class HPSBot(commands.AutoShardedBot):
     async def on_app_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        if isinstance(error, app_commands.CommandInvokeError) and views.too_late(error.original):
+        if isinstance(error, app_commands.CommandInvokeError) and replies.too_late(error.original):
             log.warning("/%s was answered too late (after Discord's 3 s)", _name(interaction))
             return
         if isinstance(error, app_commands.CommandOnCooldown):
@@ -192,7 +200,7 @@ class HPSBot(commands.AutoShardedBot):
                 message,
                 extra={"user_id": interaction.user.id},
             )
-        await views.reply(interaction, message)
+        await replies.reply(interaction, message)
 
     async def close(self) -> None:
         if self.listener is not None:

@@ -1,16 +1,21 @@
-"""Commands for everyone: /score (HPS of uploaded images), /stats, /forget-me."""
+"""Commands for everyone: /score (HPS of uploaded images), /stats, /forget-me (and its
+confirmation buttons)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 import discord
-from discord import app_commands
+from discord import ButtonStyle, app_commands
 from discord.ext import commands
+from discord.ui import View
 
-from bot import checks, formats, imaging, views
+from bot import checks, formats, imaging
+from bot.buttons import ButtonCog, CogButton
 from bot.client import HPSBot
+from bot.replies import reply
 from db import images, jobs, stats, users
 from db.connect import transaction
 
@@ -27,9 +32,37 @@ def _score_cooldown(interaction: discord.Interaction) -> app_commands.Cooldown:
     return app_commands.Cooldown(per_minute, 60.0)
 
 
-class Community(commands.Cog):
+class ForgetButton(
+    CogButton["Community"], template=r"hps:forget:(?P<answer>yes|no):(?P<user_id>\d+)"
+):
+    """The confirmation of /forget-me, valid only for the user who asked."""
+
+    def __init__(self, user_id: int, answer: str) -> None:
+        yes = answer == "yes"
+        super().__init__(
+            f"hps:forget:{answer}:{user_id}",
+            "Yes, delete my data" if yes else "No, keep it",
+            ButtonStyle.danger if yes else ButtonStyle.secondary,
+        )
+        self.user_id = user_id
+        self.answer = answer
+
+    def handle(self, cog: Community, interaction: discord.Interaction) -> Awaitable[None]:
+        return cog.on_forget_answer(interaction, self.user_id, self.answer == "yes")
+
+
+def forget_view(user_id: int) -> View:
+    view = View(timeout=None)
+    view.add_item(ForgetButton(user_id, "yes"))
+    view.add_item(ForgetButton(user_id, "no"))
+    return view
+
+
+class Community(ButtonCog):
+    buttons = (ForgetButton,)
+
     def __init__(self, bot: HPSBot) -> None:
-        self.bot = bot
+        self.bot: HPSBot = bot
         self._job_waiters: dict[int, asyncio.Future[None]] = {}
         # One upload decoded at a time in this process: a decoded image may take
         # score_max_pixels × 4 bytes, and the bot's memory must stay small under many /score.
@@ -157,14 +190,14 @@ class Community(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)  # whole-table counts
         mine = await stats.user_stats(self.bot.pool, interaction.user.id)
         totals = await stats.totals(self.bot.pool)
-        await views.reply(interaction, formats.user_stats(mine, totals))
+        await reply(interaction, formats.user_stats(mine, totals))
 
     # -- /forget-me ------------------------------------------------------------------------
 
     @app_commands.command(name="forget-me", description="Delete your rounds and choices.")
     async def forget_me(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(
-            formats.FORGET_PROMPT, view=views.forget_view(interaction.user.id), ephemeral=True
+            formats.FORGET_PROMPT, view=forget_view(interaction.user.id), ephemeral=True
         )
 
     async def on_forget_answer(

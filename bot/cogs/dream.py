@@ -9,6 +9,10 @@
 3. A click records a choice (`db.choices.record_choice`: one transaction, idempotent) and
    answers privately. The requester's pick is highlighted on the message and the chosen
    image posted on its own, as the original workflow's "upscale".
+
+The round's buttons live here too (`bot.buttons` for how they reach this cog). Their custom
+ids say nothing about model versions: in an A/B round the buttons and file names are the same
+whichever model made which image.
 """
 
 from __future__ import annotations
@@ -16,19 +20,24 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import time
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 import discord
-from discord import app_commands
+from discord import ButtonStyle, app_commands
 from discord.ext import commands
+from discord.ui import View
 
-from bot import checks, formats, imaging, views
+from bot import checks, formats, imaging
+from bot.buttons import ButtonCog, CogButton
 from bot.client import HPSBot
+from bot.replies import reply
 from db import jobs, rounds
 from db.choices import ChoiceRefused, record_choice, requester_choice
 from db.connect import UNAVAILABLE
@@ -48,6 +57,8 @@ CATCH_UP_WINDOW = timedelta(days=7)
 # posted instead.
 REGISTRATION_GRACE = timedelta(minutes=2)
 SHOWN_STATUSES = ("ready", "failed", "closed")
+PER_ROW = 5  # Discord's limit of buttons in an action row
+PICK = re.compile(r"hps:pick:(?P<round_id>\d+):(?P<position>\d+)")
 
 Aspect = Literal["square", "portrait", "landscape"]
 
@@ -82,9 +93,126 @@ class _Original:
         return time.monotonic() - self.since < ORIGINAL_TTL
 
 
-class Dream(commands.Cog):
+class PickButton(CogButton["Dream"], template=PICK.pattern):
+    """Button `label` picks the image at `position` (labels count the shown images 1..n)."""
+
+    def __init__(
+        self,
+        round_id: int,
+        position: int,
+        *,
+        label: str | None = None,
+        style: ButtonStyle = ButtonStyle.primary,
+        row: int | None = None,
+        disabled: bool = False,
+    ) -> None:
+        custom_id = f"hps:pick:{round_id}:{position}"
+        super().__init__(custom_id, label or str(position), style, row=row, disabled=disabled)
+        self.round_id = round_id
+        self.position = position
+
+    def handle(self, cog: Dream, interaction: discord.Interaction) -> Awaitable[None]:
+        return cog.on_click(interaction, self.round_id, "pick", self.position, self.item.label)
+
+
+class VerdictButton(CogButton["Dream"], template=r"hps:(?P<verdict>tie|none):(?P<round_id>\d+)"):
+    """ "Can't decide" (a tie) or "None of these"."""
+
+    def __init__(
+        self,
+        round_id: int,
+        verdict: str,
+        *,
+        style: ButtonStyle = ButtonStyle.secondary,
+        row: int | None = None,
+        disabled: bool = False,
+    ) -> None:
+        label = formats.VERDICT_LABELS[verdict]
+        super().__init__(f"hps:{verdict}:{round_id}", label, style, row=row, disabled=disabled)
+        self.round_id = round_id
+        self.verdict = verdict
+
+    def handle(self, cog: Dream, interaction: discord.Interaction) -> Awaitable[None]:
+        return cog.on_click(interaction, self.round_id, self.verdict, None, None)
+
+
+class RetryButton(CogButton["Dream"], template=r"hps:retry:(?P<round_id>\d+)"):
+    """Shown on a failed round: generate it again."""
+
+    def __init__(self, round_id: int) -> None:
+        super().__init__(f"hps:retry:{round_id}", "Retry", ButtonStyle.primary)
+        self.round_id = round_id
+
+    def handle(self, cog: Dream, interaction: discord.Interaction) -> Awaitable[None]:
+        return cog.on_retry(interaction, self.round_id)
+
+
+def round_view(
+    round_id: int,
+    positions: list[int],
+    *,
+    chosen: tuple[str, int | None] | None = None,
+    closed: bool = False,
+) -> View:
+    """Buttons 1..n for the shown `positions`, then "Can't decide" and "None of these";
+    the requester's `chosen` verdict (and position) highlighted, everything disabled when
+    `closed`."""
+    view = View(timeout=None)
+    for index, position in enumerate(positions):
+        if chosen is None:
+            style = ButtonStyle.primary
+        else:
+            style = ButtonStyle.success if chosen == ("pick", position) else ButtonStyle.secondary
+        view.add_item(
+            PickButton(
+                round_id,
+                position,
+                label=str(index + 1),
+                style=style,
+                row=index // PER_ROW,
+                disabled=closed,
+            )
+        )
+    verdict_row = (len(positions) - 1) // PER_ROW + 1 if positions else 0
+    for verdict in ("tie", "none"):
+        picked = chosen is not None and chosen[0] == verdict
+        view.add_item(
+            VerdictButton(
+                round_id,
+                verdict,
+                style=ButtonStyle.success if picked else ButtonStyle.secondary,
+                row=verdict_row,
+                disabled=closed,
+            )
+        )
+    return view
+
+
+def shown_positions(message: discord.Message | None, round_id: int) -> list[int] | None:
+    """The image positions a round message offers, read from its pick buttons (None when
+    the message is not at hand)."""
+    if message is None:
+        return None
+    positions = []
+    for row in message.components:
+        for component in getattr(row, "children", []):
+            match = PICK.fullmatch(getattr(component, "custom_id", None) or "")
+            if match and int(match["round_id"]) == round_id:
+                positions.append(int(match["position"]))
+    return positions or None
+
+
+def retry_view(round_id: int) -> View:
+    view = View(timeout=None)
+    view.add_item(RetryButton(round_id))
+    return view
+
+
+class Dream(ButtonCog):
+    buttons = (PickButton, VerdictButton, RetryButton)
+
     def __init__(self, bot: HPSBot) -> None:
-        self.bot = bot
+        self.bot: HPSBot = bot
         self._originals: dict[int, _Original] = {}
         # One lock per round serialises the edits of its message.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -257,13 +385,13 @@ class Dream(commands.Cog):
         """The message's text, buttons and (when not yet posted) image files."""
         r = view.round
         if r.status == "failed":
-            return formats.failed(view), views.retry_view(r.id), []
+            return formats.failed(view), retry_view(r.id), []
         positions = [image.position for image in view.images]
         if not positions:
             return formats.nothing_to_show(view), None, []
         choice = await requester_choice(self.bot.pool, r.id)
         chosen = (choice.verdict, choice.chosen_position) if choice else None
-        ui = views.round_view(r.id, positions, chosen=chosen, closed=r.status == "closed")
+        ui = round_view(r.id, positions, chosen=chosen, closed=r.status == "closed")
         if r.status == "closed":
             content = formats.closed(view)
         else:
@@ -363,11 +491,11 @@ class Dream(commands.Cog):
             await interaction.response.send_message(text, ephemeral=True)
             return
         # The requester's verdict is the training signal: show it on the message.
-        positions = views.shown_positions(interaction.message, round_id)
+        positions = shown_positions(interaction.message, round_id)
         if positions is None:
             images = await images_of_round(self.bot.pool, round_id, include_nsfw=False)
             positions = [image.position for image in images]
-        ui = views.round_view(round_id, positions, chosen=(verdict, position))
+        ui = round_view(round_id, positions, chosen=(verdict, position))
         try:
             await interaction.response.edit_message(view=ui)
         except discord.HTTPException as exc:  # the choice is recorded: say so all the same
@@ -401,11 +529,11 @@ class Dream(commands.Cog):
         async with self._lock(round_id):
             view = await rounds.get_round_view(pool, round_id)
             if view is None:
-                await views.reply(interaction, "This round no longer exists.")
+                await reply(interaction, "This round no longer exists.")
                 return
             maintainer = checks.is_maintainer(interaction)
             if interaction.user.id != view.requester_discord_id and not maintainer:
-                await views.reply(
+                await reply(
                     interaction, "Only the person who asked (or a maintainer) can retry this round."
                 )
                 return
@@ -417,12 +545,10 @@ class Dream(commands.Cog):
                     pool, round_id, limits=None if maintainer else limits
                 )
             except rounds.RoundRefused as refused:
-                await views.reply(interaction, str(refused))
+                await reply(interaction, str(refused))
                 return
             if job is None:
-                await views.reply(
-                    interaction, "This round is not failed (any more): nothing to retry."
-                )
+                await reply(interaction, "This round is not failed (any more): nothing to retry.")
                 return
             position = await jobs.queue_position(pool, job)
             await interaction.edit_original_response(

@@ -16,8 +16,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import checks, formats, views
+from bot import checks, formats
 from bot.client import HPSBot
+from bot.replies import reply
 from db import jobs, stats, users
 from db import models as registry
 from db.connect import UNAVAILABLE
@@ -66,7 +67,7 @@ class Maintainers(commands.Cog):
                 "training requested",
                 extra={"job_id": job.id, "job_kind": job.kind, "created": created},
             )
-        await views.reply(interaction, formats.retrain(enqueued))
+        await reply(interaction, formats.retrain(enqueued))
 
     @commands.Cog.listener()
     async def on_hps_job_done(self, job_id: int, kind: str, state: str) -> None:
@@ -158,7 +159,7 @@ class Maintainers(commands.Cog):
             datetime.now(UTC),
             [(v, live.get(v.id)) for v in adapters],
         )
-        await views.reply(interaction, text)
+        await reply(interaction, text)
 
     @app_commands.command(description="Model versions with their metrics.")
     @app_commands.describe(kind="Only this kind of model")
@@ -171,7 +172,7 @@ class Maintainers(commands.Cog):
     ) -> None:
         versions = await registry.list_versions(self.bot.pool, kind)
         live = await stats.live_records(self.bot.pool, versions)
-        await views.reply(interaction, formats.models(versions, live))
+        await reply(interaction, formats.models(versions, live))
 
     @app_commands.command(description="Serve a model version (the one it replaces is retired).")
     @app_commands.describe(
@@ -193,13 +194,13 @@ class Maintainers(commands.Cog):
                 gate=None if force else (lambda v, s: check_promotable(v, s, margin, configured)),
             )
         except registry.ModelError as exc:
-            await views.reply(interaction, str(exc))
+            await reply(interaction, str(exc))
             return
         assert done.promoted is not None
         text = f"`{done.promoted.name}` is now serving"
         text += f"; `{done.retired.name}` was retired." if done.retired else "."
         log.info("promoted %s", done.promoted.name, extra={"model_version_id": done.promoted.id})
-        await views.reply(interaction, text)
+        await reply(interaction, text)
 
     @app_commands.command(
         description="Stop serving the current version of a kind; serve the previous one."
@@ -215,12 +216,12 @@ class Maintainers(commands.Cog):
         try:
             done = await registry.rollback(self.bot.pool, kind, actor=_actor(interaction))
         except registry.ModelError as exc:
-            await views.reply(interaction, str(exc))
+            await reply(interaction, str(exc))
             return
         assert done.retired is not None
         restored = f"`{done.promoted.name}` serves again" if done.promoted else "none serves now"
         log.info("rolled back %s", done.retired.name, extra={"model_version_id": done.retired.id})
-        await views.reply(interaction, f"Rolled back `{done.retired.name}`; {restored}.")
+        await reply(interaction, f"Rolled back `{done.retired.name}`; {restored}.")
 
     @app_commands.command(
         description="Ban a user from /dream and voting (shadow: votes kept but flagged)."
@@ -240,7 +241,7 @@ class Maintainers(commands.Cog):
         )
         kind = "Shadow-banned" if shadow else "Banned"
         log.info("%s user", kind.lower(), extra={"user_id": user.id})
-        await views.reply(interaction, f"{kind} {user.mention}.")
+        await reply(interaction, f"{kind} {user.mention}.")
 
     @app_commands.command(description="Lift a user's ban.")
     @app_commands.default_permissions(manage_guild=True)
@@ -253,7 +254,7 @@ class Maintainers(commands.Cog):
             else f"{user.mention} is unknown here."
         )
         log.info("unbanned user", extra={"user_id": user.id})
-        await views.reply(interaction, text)
+        await reply(interaction, text)
 
 
 async def setup(bot: HPSBot) -> None:

@@ -7,8 +7,7 @@ from datetime import timedelta
 import discord
 
 from bot import formats
-from bot.cogs.dream import dimensions
-from bot.views import round_view
+from bot.cogs.dream import dimensions, round_view
 from hps.settings import GenerationSettings
 
 

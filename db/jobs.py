@@ -8,6 +8,9 @@
   the job is `dead` (the dead-letter state); `retry` puts a dead job back. `error` keeps the
   last failed attempt's error, also once a later attempt succeeded; `started_at` is when
   the current (or last) attempt started, `worker_id` who ran it.
+- The queue knows no job kind. What a job's death means beyond it (a generate job's round
+  fails) is its caller's: `fail` and `requeue_expired` return the dead jobs, and the
+  worker acts on them in the same transaction (`pipeline.handlers.ON_DEAD`).
 - `attempts` doubles as a fencing token: completing or failing a job checks the worker id and
   the attempt it claimed, so a worker that lost its lease cannot overwrite the new holder.
 - `dedupe_key` is unique for all time: enqueueing the same key twice returns the first job
@@ -266,7 +269,8 @@ async def fail(
     backoff: timedelta = timedelta(seconds=10),
 ) -> Job | None:
     """Record a failed attempt: back to the queue after `backoff * 2**(attempt-1)` while
-    attempts remain and `retry` is true, else dead-lettered. None if the lease was lost."""
+    attempts remain and `retry` is true, else dead-lettered. None if the lease was lost.
+    Inside a caller's transaction, the caller may act on a death in the same commit."""
     async with transaction(db) as conn:
         record = await conn.fetchrow(
             FAIL_SQL, job.id, worker_id, job.attempts, retry, backoff, error[:10_000]
@@ -320,7 +324,8 @@ RETURNING *
 
 async def requeue_expired(db: Executor, backoff: timedelta = timedelta(seconds=10)) -> list[Job]:
     """Take back jobs whose worker stopped heartbeating: requeued after the same backoff as
-    a failed attempt, or dead when their attempts are spent."""
+    a failed attempt, or dead when their attempts are spent (inside a caller's transaction,
+    the caller may act on the deaths in the same commit)."""
     async with transaction(db) as conn:
         jobs = [_job(r) for r in await conn.fetch(REQUEUE_EXPIRED_SQL, backoff)]
         for job in jobs:

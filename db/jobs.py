@@ -8,6 +8,9 @@
   the job is `dead` (the dead-letter state); `retry` puts a dead job back. `error` keeps the
   last failed attempt's error, also once a later attempt succeeded; `started_at` is when
   the current (or last) attempt started, `worker_id` who ran it.
+- The queue knows no job kind. What a job's death means beyond it (a generate job's round
+  fails) is its caller's: `fail` and `requeue_expired` return the dead jobs, and the
+  worker acts on them in the same transaction (`pipeline.handlers.ON_DEAD`).
 - `attempts` doubles as a fencing token: completing or failing a job checks the worker id and
   the attempt it claimed, so a worker that lost its lease cannot overwrite the new holder.
 - `dedupe_key` is unique for all time: enqueueing the same key twice returns the first job
@@ -143,10 +146,13 @@ async def get_by_dedupe_key(db: Executor, key: str) -> Job | None:
     return _job(record) if record else None
 
 
-CLAIM_SQL = """
+def _claim_sql(which: str) -> str:
+    """The claim statement, taking the due queued jobs that `which` selects. Parameters:
+    $2 worker id, $3 lease, $4 limit, and $1 (and $5) as `which` uses them."""
+    return f"""
 WITH picked AS (
     SELECT id FROM jobs
-    WHERE state = 'queued' AND kind = ANY($1::text[]) AND run_after <= now()
+    WHERE state = 'queued' AND {which} AND run_after <= now()
     ORDER BY priority DESC, run_after, id
     LIMIT $4
     FOR UPDATE SKIP LOCKED
@@ -164,6 +170,12 @@ RETURNING j.*
 """
 
 
+CLAIM_SQL = _claim_sql("kind = ANY($1::text[])")
+# One kind (`= $1`, not `= ANY`): the index on queued jobs then yields them in order and the
+# scan stops once `limit` match, instead of sorting every queued job of the kind.
+CLAIM_MATCHING_SQL = _claim_sql("kind = $1 AND payload @> $5::jsonb")
+
+
 async def claim(
     db: Executor,
     kinds: list[str],
@@ -174,28 +186,7 @@ async def claim(
 ) -> list[Job]:
     """Take up to `limit` due jobs of these kinds, highest priority and oldest first."""
     records = await db.fetch(CLAIM_SQL, kinds, worker_id, lease, limit)
-    return sorted((_job(r) for r in records), key=lambda j: (-j.priority, j.run_after, j.id))
-
-
-CLAIM_MATCHING_SQL = """
-WITH picked AS (
-    SELECT id FROM jobs
-    WHERE state = 'queued' AND kind = $1 AND run_after <= now() AND payload @> $2::jsonb
-    ORDER BY priority DESC, run_after, id
-    LIMIT $5
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE jobs j
-SET state = 'running',
-    attempts = j.attempts + 1,
-    worker_id = $3,
-    started_at = now(),
-    heartbeat_at = now(),
-    lease_expires_at = now() + $4::interval
-FROM picked
-WHERE j.id = picked.id
-RETURNING j.*
-"""
+    return _claimed(records)
 
 
 async def claim_matching(
@@ -209,7 +200,11 @@ async def claim_matching(
 ) -> list[Job]:
     """Take up to `limit` more due jobs of `kind` whose payload contains `payload_contains`
     (used to batch compatible generate jobs together)."""
-    records = await db.fetch(CLAIM_MATCHING_SQL, kind, payload_contains, worker_id, lease, limit)
+    records = await db.fetch(CLAIM_MATCHING_SQL, kind, worker_id, lease, limit, payload_contains)
+    return _claimed(records)
+
+
+def _claimed(records: list[Any]) -> list[Job]:
     return sorted((_job(r) for r in records), key=lambda j: (-j.priority, j.run_after, j.id))
 
 
@@ -274,7 +269,8 @@ async def fail(
     backoff: timedelta = timedelta(seconds=10),
 ) -> Job | None:
     """Record a failed attempt: back to the queue after `backoff * 2**(attempt-1)` while
-    attempts remain and `retry` is true, else dead-lettered. None if the lease was lost."""
+    attempts remain and `retry` is true, else dead-lettered. None if the lease was lost.
+    Inside a caller's transaction, the caller may act on a death in the same commit."""
     async with transaction(db) as conn:
         record = await conn.fetchrow(
             FAIL_SQL, job.id, worker_id, job.attempts, retry, backoff, error[:10_000]
@@ -328,7 +324,8 @@ RETURNING *
 
 async def requeue_expired(db: Executor, backoff: timedelta = timedelta(seconds=10)) -> list[Job]:
     """Take back jobs whose worker stopped heartbeating: requeued after the same backoff as
-    a failed attempt, or dead when their attempts are spent."""
+    a failed attempt, or dead when their attempts are spent (inside a caller's transaction,
+    the caller may act on the deaths in the same commit)."""
     async with transaction(db) as conn:
         jobs = [_job(r) for r in await conn.fetch(REQUEUE_EXPIRED_SQL, backoff)]
         for job in jobs:
@@ -374,23 +371,6 @@ async def cancel(db: Executor, job_ids: list[int]) -> list[int]:
 async def _notify_done(conn: Executor, job: Job) -> None:
     payload = json.dumps({"id": job.id, "kind": job.kind, "state": job.state})
     await conn.execute(NOTIFY_SQL, JOB_DONE_CHANNEL, payload)
-    if job.state == "dead" and job.kind == "generate":
-        await _fail_round_of(conn, job)
-
-
-async def _fail_round_of(conn: Executor, job: Job) -> None:
-    """A generate job that died (attempts spent, or its last worker vanished) fails its round
-    in the same transaction, so the requester sees the failure and a retry button instead of
-    a round that waits forever (and counts against their in-flight limit)."""
-    from db import rounds  # rounds imports this module
-
-    round_id = job.payload.get("round_id")
-    if isinstance(round_id, int):
-        await rounds.fail_round(
-            conn,
-            round_id,
-            f"Generation failed after {job.attempts} attempt(s). You can retry it.",
-        )
 
 
 QUEUE_POSITION_SQL = """

@@ -296,6 +296,20 @@ async def fail_round(db: Executor, round_id: int, error: str) -> bool:
         return True
 
 
+async def fail_round_of_dead_job(db: Executor, job: jobs.Job) -> bool:
+    """A round's generate job died (its attempts spent, or its last worker vanished): fail
+    the round, so that its requester sees the failure and a retry button instead of a round
+    that waits forever (and counts against their in-flight limit). Call it in the
+    transaction that dead-letters the job. False if the payload names no round or the
+    round no longer waits for images."""
+    round_id = job.payload.get("round_id")
+    if not isinstance(round_id, int):
+        return False
+    return await fail_round(
+        db, round_id, f"Generation failed after {job.attempts} attempt(s). You can retry it."
+    )
+
+
 REQUEUE_ROUND_SQL = """
 UPDATE rounds SET status = 'queued', error = NULL, started_at = NULL
 WHERE id = $1 AND status = 'failed'

@@ -17,6 +17,11 @@ kinds it takes (a CPU-only worker for `score` never imports diffusers).
   handler raised) or released (if it returned) by the worker.
 - `LeaseLost`: raise it (from `ctx.complete` returning False) to roll back a transaction
   whose job another worker has taken over; the worker logs it and moves on.
+- What a job's death means beyond the queue is its kind's hook in `ON_DEAD`,
+  `async def hook(conn, job)`: the worker runs it in the transaction that dead-letters the
+  job (its handler raised `PermanentError` or spent its attempts, or its last worker
+  vanished at its last attempt), whichever worker that is, so hooks stay light (no model
+  imports). A dead generate job fails its round with a reason its requester reads.
 - GPU or CPU-heavy work runs in a thread (`await asyncio.to_thread(...)`) so the worker's
   event loop keeps heartbeating; long work checks `ctx.cancelled` between steps.
 - `ctx.cache` lives as long as the worker process: handlers keep loaded models there so
@@ -35,7 +40,7 @@ from typing import Any
 
 import asyncpg
 
-from db import jobs
+from db import jobs, rounds
 from db.connect import Executor
 from hps.settings import Settings
 from hps.store import ImageStore
@@ -46,6 +51,12 @@ HANDLERS: dict[str, str] = {
     "score_images": "pipeline.score:handle_score_images",
     "train_classifier": "pipeline.train_classifier:handle_train_classifier",
     "adapt_sd": "pipeline.adapt.run:handle_adapt_sd",
+}
+
+OnDead = Callable[[asyncpg.Connection, jobs.Job], Awaitable[object]]
+
+ON_DEAD: dict[str, OnDead] = {
+    rounds.GENERATE_KIND: rounds.fail_round_of_dead_job,
 }
 
 

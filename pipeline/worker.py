@@ -11,6 +11,9 @@
   once; any other exception fails the attempt (retried after a backoff doubling per attempt,
   dead-lettered when attempts are spent); `LeaseLost` (another worker took the job over)
   is only logged.
+- A job that dies (dead-lettered here, or by `requeue_expired` when its worker vanished at
+  its last attempt) runs its kind's hook in `pipeline.handlers.ON_DEAD` in the same
+  transaction (`fail_job`, `requeue_expired`): a dead generate job fails its round.
 - Shutdown (`stop()`, on SIGTERM/SIGINT): no new claims; jobs in hand run on for up to
   `worker.shutdown_grace_seconds`, after which their handlers are cancelled, which rolls
   back their open transaction, and the jobs are released untouched for another worker.
@@ -30,11 +33,60 @@ from typing import Any
 import asyncpg
 
 from db import jobs
+from db.connect import Executor, transaction
 from hps.settings import Settings
 from hps.store import ImageStore, LocalImageStore
-from pipeline.handlers import HANDLERS, JobContext, LeaseLost, PermanentError, load_handler
+from pipeline.handlers import (
+    HANDLERS,
+    ON_DEAD,
+    JobContext,
+    LeaseLost,
+    OnDead,
+    PermanentError,
+    load_handler,
+)
 
 log = logging.getLogger(__name__)
+
+DEFAULT_BACKOFF = timedelta(seconds=10)
+
+
+async def fail_job(
+    db: Executor,
+    job: jobs.Job,
+    worker_id: str,
+    error: str,
+    *,
+    retry: bool = True,
+    backoff: timedelta = DEFAULT_BACKOFF,
+    on_dead: dict[str, OnDead] = ON_DEAD,
+) -> jobs.Job | None:
+    """`jobs.fail`, and if that dead-lettered the job, its kind's `on_dead` hook in the
+    same transaction. None if the lease was lost (then nothing changed)."""
+    async with transaction(db) as conn:
+        failed = await jobs.fail(conn, job, worker_id, error, retry=retry, backoff=backoff)
+        if failed is not None and failed.state == "dead":
+            await _dead(conn, failed, on_dead)
+        return failed
+
+
+async def requeue_expired(
+    db: Executor, backoff: timedelta = DEFAULT_BACKOFF, on_dead: dict[str, OnDead] = ON_DEAD
+) -> list[jobs.Job]:
+    """`jobs.requeue_expired`, and the `on_dead` hook of each job it dead-lettered, in the
+    same transaction."""
+    async with transaction(db) as conn:
+        taken = await jobs.requeue_expired(conn, backoff)
+        for job in taken:
+            if job.state == "dead":
+                await _dead(conn, job, on_dead)
+        return taken
+
+
+async def _dead(conn: asyncpg.Connection, job: jobs.Job, on_dead: dict[str, OnDead]) -> None:
+    hook = on_dead.get(job.kind)
+    if hook is not None:
+        await hook(conn, job)
 
 
 class Worker:
@@ -49,11 +101,15 @@ class Worker:
         concurrency: int | None = None,
         worker_id: str | None = None,
         registry: dict[str, str] | None = None,
+        on_dead: dict[str, OnDead] | None = None,
         store: ImageStore | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.registry = registry if registry is not None else HANDLERS
+        # Every kind's hook, not only those of `kinds`: any worker may take back the expired
+        # lease of another's job.
+        self.on_dead = on_dead if on_dead is not None else ON_DEAD
         self.kinds = list(kinds if kinds is not None else settings.worker.kinds)
         unknown = sorted(set(self.kinds) - set(self.registry))
         if unknown or not self.kinds:
@@ -210,11 +266,11 @@ class Worker:
         except PermanentError as exc:
             outcome = "dead"
             log.error("job %s failed permanently: %s", job.id, exc, extra=extra)
-            await jobs.fail(self.pool, job, self.worker_id, str(exc), retry=False)
+            await self._fail(job, str(exc), retry=False)
             await self._settle_extras(ctx, None)
         except Exception as exc:
             error = "".join(traceback.format_exception(exc)).strip()
-            failed = await jobs.fail(self.pool, job, self.worker_id, error, backoff=self.backoff)
+            failed = await self._fail(job, error)
             outcome = {"queued": "failed, will retry", "dead": "dead"}.get(
                 failed.state if failed else "", "lost"
             )
@@ -229,7 +285,18 @@ class Worker:
             if error is None:
                 await jobs.release(self.pool, extra_job, self.worker_id)
             else:
-                await jobs.fail(self.pool, extra_job, self.worker_id, error, backoff=self.backoff)
+                await self._fail(extra_job, error)
+
+    async def _fail(self, job: jobs.Job, error: str, *, retry: bool = True) -> jobs.Job | None:
+        return await fail_job(
+            self.pool,
+            job,
+            self.worker_id,
+            error,
+            retry=retry,
+            backoff=self.backoff,
+            on_dead=self.on_dead,
+        )
 
     async def _release(self, ctx: JobContext) -> None:
         for job in [ctx.job, *ctx.extra_jobs]:
@@ -243,7 +310,7 @@ class Worker:
         while True:
             try:
                 await self._heartbeat()
-                requeued = await jobs.requeue_expired(self.pool, self.backoff)
+                requeued = await requeue_expired(self.pool, self.backoff, self.on_dead)
                 for job in requeued:
                     log.warning(
                         "job %s %s: %s",

@@ -11,8 +11,9 @@ from datetime import timedelta
 
 import pytest
 
-from db import jobs, stats
-from pipeline.worker import Worker
+from db import jobs, rounds, stats
+from pipeline.worker import Worker, fail_job, requeue_expired
+from tests.factories import queued_round
 from tests.job_handlers import REGISTRY, RUNS
 from tests.pipeline.conftest import make_settings, running, wait_until
 
@@ -160,3 +161,42 @@ async def test_jobs_a_handler_took_are_settled_by_the_worker(pool) -> None:  # t
 async def test_unknown_kinds_are_refused(pool) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="unknown job kind"):
         _worker(pool, make_settings(), "w", ["noop", "teleport"])
+
+
+LEASE = timedelta(minutes=1)
+
+
+async def test_a_dead_generate_job_fails_its_round(pool) -> None:  # type: ignore[no-untyped-def]
+    """Moved from tests/db/test_jobs.py: the worker's failing and taking back, not the
+    queue, run what a job's death means (`pipeline.handlers.ON_DEAD`)."""
+    by_errors = await queued_round(pool, requester=1)
+    [job] = await jobs.claim(pool, ["generate"], "w", LEASE)
+    await rounds.start_generating(pool, by_errors)
+    await fail_job(pool, job, "w", "CUDA out of memory", retry=False)
+    failed = await rounds.get_round(pool, by_errors)
+    assert failed.status == "failed"
+    assert failed.error == "Generation failed after 1 attempt(s). You can retry it."
+
+    by_lease = await queued_round(pool, requester=2)
+    await pool.execute("UPDATE jobs SET max_attempts = 1 WHERE state = 'queued'")
+    await jobs.claim(pool, ["generate"], "vanished", LEASE)
+    await pool.execute("UPDATE jobs SET lease_expires_at = now() WHERE state = 'running'")
+    [dead] = await requeue_expired(pool)
+    assert dead.state == "dead"
+    assert (await rounds.get_round(pool, by_lease)).status == "failed"
+    # The requester can retry: the dead job is revived.
+    assert (await rounds.retry_round(pool, by_lease)).id == dead.id
+
+
+async def test_any_worker_fails_the_round_of_a_generate_job_whose_worker_vanished(pool) -> None:  # type: ignore[no-untyped-def]
+    round_id = await queued_round(pool, requester=1)
+    await pool.execute("UPDATE jobs SET max_attempts = 1")
+    [job] = await jobs.claim(pool, ["generate"], "vanished", timedelta(seconds=1))
+    await rounds.start_generating(pool, round_id)
+    # A worker that takes no generate jobs takes the expired lease back all the same.
+    async with running(_worker(pool, make_settings(), "w", ["noop"])):
+        dead = await wait_until(lambda: _in_state(pool, job.id, "dead"), within=10)
+    assert dead.error == "lease expired: worker vanished stopped heartbeating"
+    failed = await rounds.get_round(pool, round_id)
+    assert failed.status == "failed"
+    assert failed.error == "Generation failed after 1 attempt(s). You can retry it."

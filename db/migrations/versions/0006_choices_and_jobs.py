@@ -28,6 +28,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
+from db.sql import load
+
 revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
@@ -43,129 +45,6 @@ OLD_OUTCOMES = "outcome IN ('recorded', 'changed', 'unchanged')"
 NEW_OUTCOMES = "outcome IN ('recorded', 'changed', 'unchanged', 'stale')"
 OLD_SIGNATURE = "record_choice(bigint, bigint, text, smallint, boolean, bigint)"
 NEW_SIGNATURE = "record_choice(bigint, bigint, text, smallint, boolean, bigint, interval)"
-
-RECORD_CHOICE_FUNCTION = """
-CREATE FUNCTION record_choice(
-    p_round_id bigint,
-    p_discord_id bigint,
-    p_verdict text,
-    p_position smallint,
-    p_others_may_vote boolean,
-    p_interaction_id bigint,
-    p_open_for interval
-) RETURNS TABLE (
-    -- The choice's columns, flat: a composite column would cost asyncpg a slow type
-    -- introspection on every new connection.
-    id bigint,
-    round_id bigint,
-    user_id bigint,
-    verdict text,
-    chosen_position smallint,
-    is_requester boolean,
-    flagged boolean,
-    revision integer,
-    created_at timestamptz,
-    updated_at timestamptz,
-    outcome text,
-    previous_verdict text,
-    previous_position smallint
-)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    r record;
-    u users;
-    prev choices;
-    had_prev boolean;
-    cur choices;
-    by_requester boolean;
-    result text;
-BEGIN
-    SELECT rr.status, rr.requester_id, rr.ready_at,
-           EXISTS (SELECT FROM images i WHERE i.round_id = rr.id AND i.position = p_position
-                   AND NOT i.nsfw) AS shown
-    INTO r FROM rounds rr WHERE rr.id = p_round_id
-    -- Until commit, the round can be neither closed nor deleted (a forget) under the
-    -- click: a click racing a close is decided by which commits first, never both.
-    FOR SHARE OF rr;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'HP001', MESSAGE = 'unknown_round';
-    END IF;
-    IF r.status <> 'ready' THEN
-        RAISE EXCEPTION USING ERRCODE = 'HP001', MESSAGE = 'status', DETAIL = r.status;
-    END IF;
-    -- Past its time a round is closed to clicks, whether or not it was marked closed yet.
-    IF p_open_for IS NOT NULL AND r.ready_at + p_open_for <= now() THEN
-        RAISE EXCEPTION USING ERRCODE = 'HP001', MESSAGE = 'status', DETAIL = 'closed';
-    END IF;
-    IF p_verdict = 'pick' AND NOT r.shown THEN
-        RAISE EXCEPTION USING ERRCODE = 'HP001', MESSAGE = 'bad_position';
-    END IF;
-
-    -- The user's row stays locked until commit: one user's clicks serialise here.
-    INSERT INTO users (discord_id) VALUES (p_discord_id)
-    ON CONFLICT (discord_id) DO UPDATE SET last_seen_at = now()
-    RETURNING * INTO u;
-    IF u.banned THEN
-        RAISE EXCEPTION USING ERRCODE = 'HP001', MESSAGE = 'banned';
-    END IF;
-    by_requester := u.id IS NOT DISTINCT FROM r.requester_id;
-    IF NOT by_requester AND NOT p_others_may_vote THEN
-        RAISE EXCEPTION USING ERRCODE = 'HP001', MESSAGE = 'requester_only';
-    END IF;
-
-    SELECT * INTO prev FROM choices c
-    WHERE c.round_id = p_round_id AND c.user_id = u.id FOR UPDATE;
-    had_prev := FOUND;
-    IF NOT had_prev THEN
-        INSERT INTO choices (round_id, user_id, verdict, chosen_position, is_requester, flagged,
-                             interaction_id)
-        VALUES (p_round_id, u.id, p_verdict, p_position, by_requester, u.shadow_banned,
-                p_interaction_id)
-        ON CONFLICT (round_id, user_id) DO NOTHING
-        RETURNING * INTO cur;
-        IF NOT FOUND THEN  -- a concurrent first click won the insert: now it exists
-            SELECT * INTO prev FROM choices c
-            WHERE c.round_id = p_round_id AND c.user_id = u.id FOR UPDATE;
-            had_prev := true;
-        END IF;
-    END IF;
-    IF had_prev THEN
-        IF p_interaction_id < prev.interaction_id THEN
-            -- Made before the click the choice holds, committed after it: too late.
-            cur := prev;
-            result := 'stale';
-        ELSIF prev.verdict = p_verdict AND prev.chosen_position IS NOT DISTINCT FROM p_position
-        THEN
-            -- The same choice again: not a new choice, but the latest click it holds.
-            UPDATE choices c
-            SET interaction_id = greatest(c.interaction_id, p_interaction_id)
-            WHERE c.id = prev.id
-            RETURNING * INTO cur;
-            result := 'unchanged';
-        ELSE
-            UPDATE choices c
-            SET verdict = p_verdict, chosen_position = p_position, flagged = u.shadow_banned,
-                updated_at = now(), revision = c.revision + 1,
-                interaction_id = coalesce(p_interaction_id, c.interaction_id)
-            WHERE c.id = prev.id
-            RETURNING * INTO cur;
-            result := 'changed';
-        END IF;
-    ELSE
-        result := 'recorded';
-    END IF;
-
-    INSERT INTO choice_events (round_id, user_id, verdict, chosen_position, is_requester,
-                               flagged, outcome, interaction_id)
-    VALUES (p_round_id, u.id, p_verdict, p_position, by_requester, u.shadow_banned, result,
-            p_interaction_id);
-    RETURN QUERY SELECT cur.id, cur.round_id, cur.user_id, cur.verdict, cur.chosen_position,
-        cur.is_requester, cur.flagged, cur.revision, cur.created_at, cur.updated_at, result,
-        prev.verdict, prev.chosen_position;
-END
-$$
-"""
 
 # What hps_analyst may read of `choices`: everything but the Discord interaction id.
 CHOICE_COLUMNS = (
@@ -190,7 +69,7 @@ def upgrade() -> None:
     op.drop_constraint(op.f("ck_choice_events_outcome"), "choice_events", type_="check")
     op.create_check_constraint(op.f("ck_choice_events_outcome"), "choice_events", NEW_OUTCOMES)
     op.execute(f"DROP FUNCTION {OLD_SIGNATURE}")
-    op.execute(RECORD_CHOICE_FUNCTION)
+    op.execute(load("record_choice/0006"))
 
     for table in ("jobs", "model_events"):
         op.add_column(table, sa.Column("announced_at", sa.DateTime(timezone=True), nullable=True))
@@ -235,10 +114,7 @@ def downgrade() -> None:
         op.drop_column(table, "announced_at")
 
     op.execute(f"DROP FUNCTION {NEW_SIGNATURE}")
-    # The function as 0002 made it (the migration's own text, not a copy of it).
-    script = op.get_context().script
-    assert script is not None
-    op.execute(script.get_revision("0002").module.RECORD_CHOICE_FUNCTION)
+    op.execute(load("record_choice/0002"))
     op.execute("DELETE FROM choice_events WHERE outcome = 'stale'")
     op.drop_constraint(op.f("ck_choice_events_outcome"), "choice_events", type_="check")
     op.create_check_constraint(op.f("ck_choice_events_outcome"), "choice_events", OLD_OUTCOMES)

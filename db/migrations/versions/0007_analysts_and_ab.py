@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from db.sql import load
+
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
@@ -27,45 +29,6 @@ depends_on: str | Sequence[str] | None = None
 ROLE = "hps_analyst"
 # Revoked here, beside those 0003 and 0006 revoke.
 HIDDEN = {"choice_events": "interaction_id", "users": "ban_reason"}
-
-AB_ROUNDS = """
-SELECT r.id AS round_id,
-       r.created_at,
-       shown.version_ids AS shown_version_ids,
-       c.verdict AS requester_verdict,
-       chosen.model_version_id AS chosen_version_id,
-       c.updated_at AS decided_at,
-       shown.balanced
-FROM rounds r
-CROSS JOIN LATERAL (
-    SELECT array_agg(per.version_id ORDER BY per.version_id) AS version_ids,
-           min(per.images) = max(per.images) AS balanced
-    FROM (
-        SELECT i.model_version_id AS version_id, count(*) AS images
-        FROM images i
-        WHERE i.round_id = r.id AND NOT i.nsfw AND i.model_version_id IS NOT NULL
-        GROUP BY i.model_version_id
-    ) per
-) shown
-LEFT JOIN (
-    choices c JOIN users u
-        ON u.id = c.user_id AND NOT u.banned AND NOT u.shadow_banned AND u.forgotten_at IS NULL
-) ON c.round_id = r.id AND c.is_requester AND NOT c.flagged
-LEFT JOIN images chosen ON chosen.round_id = c.round_id AND chosen.position = c.chosen_position
-WHERE cardinality(shown.version_ids) >= 2
-"""
-
-AB_DECISIONS = """
-SELECT a.round_id,
-       a.decided_at,
-       mine.version_id,
-       theirs.version_id AS opponent_id,
-       a.chosen_version_id = mine.version_id AS won
-FROM ab_rounds a
-CROSS JOIN LATERAL unnest(a.shown_version_ids) AS mine(version_id)
-CROSS JOIN LATERAL unnest(a.shown_version_ids) AS theirs(version_id)
-WHERE a.requester_verdict = 'pick' AND a.balanced AND mine.version_id <> theirs.version_id
-"""
 
 
 def _role_exists() -> bool:
@@ -83,8 +46,8 @@ def _columns(table: str) -> list[str]:
 
 def upgrade() -> None:
     # Same columns plus one at the end: the views stay in place, grants and all.
-    op.execute(f"CREATE OR REPLACE VIEW ab_rounds AS {AB_ROUNDS}")
-    op.execute(f"CREATE OR REPLACE VIEW ab_decisions AS {AB_DECISIONS}")
+    op.execute(f"CREATE OR REPLACE VIEW ab_rounds AS {load('ab_rounds/0007')}")
+    op.execute(f"CREATE OR REPLACE VIEW ab_decisions AS {load('ab_decisions/0007')}")
     if not _role_exists():
         return
     # choice_events was granted whole (0003): a column is revoked by granting the others.
@@ -95,15 +58,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    script = op.get_context().script
-    assert script is not None
-    before = script.get_revision("0003").module.VIEWS
     # A view cannot lose a column in place: drop the three and make them as 0004 left them.
     for view in ("ab_win_rates", "ab_decisions", "ab_rounds"):
         op.execute(f"DROP VIEW {view}")
-    op.execute(f"CREATE VIEW ab_rounds AS {script.get_revision('0004').module.AFTER}")
-    for view in ("ab_decisions", "ab_win_rates"):
-        op.execute(f"CREATE VIEW {view} AS {before[view]}")
+    op.execute(f"CREATE VIEW ab_rounds AS {load('ab_rounds/0004')}")
+    op.execute(f"CREATE VIEW ab_decisions AS {load('ab_decisions/0003')}")
+    op.execute(f"CREATE VIEW ab_win_rates AS {load('ab_win_rates/0003')}")
     if not _role_exists():
         return
     for view in ("ab_rounds", "ab_decisions", "ab_win_rates"):

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from db.sql import load
+
 revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
@@ -61,17 +63,6 @@ WHERE d.id = r.id AND d.n > 1
 """
 
 
-def _choices_flat(prompt_column: str) -> str:
-    """0001's `choices_flat` (its own text, not a copy), with the prompt taken from
-    `prompt_column`."""
-    script = op.get_context().script
-    assert script is not None
-    view = script.get_revision("0001").module.CHOICES_FLAT_VIEW
-    return view.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").replace(
-        "    p.text AS prompt,", f"    {prompt_column} AS prompt,"
-    )
-
-
 def upgrade() -> None:
     op.add_column("rounds", sa.Column("import_key", sa.Text(), nullable=True))
     op.add_column("rounds", sa.Column("prompt_text", sa.Text(), nullable=True))
@@ -80,11 +71,11 @@ def upgrade() -> None:
     op.create_unique_constraint("uq_rounds_import_key", "rounds", ["import_key"])
     op.execute(f"GRANT SELECT (import_key, prompt_text) ON rounds TO {ROLE}")
     # Analysts see each round's prompt as it was written.
-    op.execute(_choices_flat("coalesce(r.prompt_text, p.text)"))
+    op.execute(f"CREATE OR REPLACE VIEW choices_flat AS {load('choices_flat/0008')}")
 
 
 def downgrade() -> None:
-    op.execute(_choices_flat("p.text"))
+    op.execute(f"CREATE OR REPLACE VIEW choices_flat AS {load('choices_flat/0001')}")
     op.drop_constraint("uq_rounds_import_key", "rounds", type_="unique")
     op.execute(DISAMBIGUATE_SQL)
     op.create_unique_constraint("uq_rounds_source_external_id", "rounds", ["source", "external_id"])

@@ -472,3 +472,89 @@ async def test_pickapic_with_images_reads_each_image_once_in_bounded_tables(
     stored = LocalImageStore(tmp_path / "store")
     assert len(pairs) == 9
     assert all(p["jpg_0"] == original(stored, p["image_0_uid"]) for p in pairs)
+
+
+REFUSED = {
+    ("hpd", "all"): "--format hpd holds the requesters' picks only: an HPD record is the pick "
+    "of the person who asked for the images (and importing it makes them its requester); use "
+    "--format parquet, hf or pickapic for everyone's choices",
+    ("hpd", "ties"): "--ties applies to --format pickapic (pairs) only: HPD records name one "
+    "preferred image, so ties are never in them",
+    ("parquet", "ties"): "--ties applies to --format pickapic (pairs) only: --format parquet "
+    "keeps every verdict as it is (ties as verdict 'tie')",
+    ("hf", "ties"): "--ties applies to --format pickapic (pairs) only: --format hf keeps every "
+    "verdict as it is (ties as verdict 'tie')",
+}
+
+
+async def test_every_option_of_every_format_is_honoured_or_refused(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each format x --choosers x --images x --ties: the export does what the options say,
+    or refuses with a message and writes nothing."""
+    store = LocalImageStore(tmp_path / "store")
+    await _choices_of_everyone(pool, store)
+    for fmt in ("hpd", "parquet", "pickapic", "hf"):
+        for choosers in ("requester", "all"):
+            for images in (False, True):
+                for ties in (None, "drop", "half"):
+                    out = tmp_path / f"{fmt}-{choosers}-{images}-{ties}"
+                    refusal = REFUSED.get((fmt, "all")) if choosers == "all" else None
+                    if ties is not None and fmt != "pickapic":
+                        refusal = refusal or REFUSED[(fmt, "ties")]
+                    kwargs = {"all_choosers": choosers == "all", "with_images": images}
+                    if refusal:
+                        with pytest.raises(DatasetError) as refused:
+                            await _export(pool, out, fmt, tmp_path / "store", ties=ties, **kwargs)
+                        assert str(refused.value) == refusal
+                        assert not out.exists()
+                        continue
+                    report = await _export(pool, out, fmt, tmp_path / "store", ties=ties, **kwargs)
+                    everyone = choosers == "all"
+                    if fmt == "hpd":  # the requesters' picks, with their image files
+                        assert (report.rows, len(list((out / "preference_images").iterdir()))) == (
+                            1,
+                            3,
+                        )
+                    elif fmt in ("parquet", "hf"):  # every verdict; + user 8's tie on "picked"
+                        assert report.rows == (4 if everyone else 3)
+                    elif ties == "half":  # pick: 2 pairs; the ties among 3: 3 pairs each
+                        assert report.rows == (8 if everyone else 5)
+                    else:  # ties dropped (the default)
+                        assert report.rows == 2
+                    keys = [p.relative_to(out / "images").as_posix()
+                            for p in (out / "images").rglob("*.png")]  # fmt: skip
+                    if fmt == "parquet" and images:  # the image files beside it
+                        table = pq.read_table(out / "choices.parquet").to_pylist()
+                        wanted = {k for row in table for k in row["image_keys"]}
+                        assert sorted(keys) == sorted(wanted) and len(keys) == 3 + 3 + 2
+                        assert all((out / "images" / k).read_bytes() == store.get(k) for k in keys)
+                    else:
+                        assert keys == []
+                    assert not (out / ".partial").exists()
+
+
+async def test_a_failed_export_leaves_its_folder_empty(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store = LocalImageStore(tmp_path / "store")
+    rounds = await _choices_of_everyone(pool, store)
+    key = await pool.fetchval(
+        "SELECT storage_key FROM images WHERE round_id = $1 AND position = 2", rounds["picked"]
+    )
+    store.delete(key)
+    for fmt in ("hpd", "parquet", "pickapic", "hf"):
+        out = tmp_path / fmt
+        with pytest.raises(DatasetError) as failed:
+            await _export(pool, out, fmt, tmp_path / "store", with_images=fmt == "parquet",
+                          ties="half" if fmt == "pickapic" else None)  # fmt: skip
+        assert (
+            str(failed.value)
+            == f"image {key} of round {rounds['picked']} is not in the image store"
+        )
+        assert list(out.iterdir()) == []
+
+
+def test_the_cli_refuses_an_option_the_format_cannot_honour(tmp_path: Path) -> None:
+    from tests.test_cli import hps
+
+    env = {"HPS_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}  # never reached
+    refused = hps("export", str(tmp_path / "out"), "--format", "hpd", "--choosers", "all", env=env)
+    assert refused.returncode != 0 and not (tmp_path / "out").exists()
+    assert "--format hpd holds the requesters' picks only" in refused.stderr

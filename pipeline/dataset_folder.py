@@ -93,7 +93,7 @@ class DatasetFolder:
         self.schema = schema.with_metadata(metadata)
         self.counts: dict[str, int] = {}
         self._parquet: dict[str, pq.ParquetWriter] = {}
-        self._arrow: dict[str, pa.RecordBatchStreamWriter] = {}
+        self._arrow: dict[str, tuple[pa.RecordBatchStreamWriter, pa.NativeFile]] = {}
 
     def write(self, split: str, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -104,16 +104,17 @@ class DatasetFolder:
             self._parquet[split] = pq.ParquetWriter(
                 self.root / PARQUET_FILE.format(split=split), self.schema, compression="zstd"
             )
-            self._arrow[split] = pa.ipc.new_stream(str(self.root / split / ARROW_FILE), self.schema)
+            sink = pa.OSFile(str(self.root / split / ARROW_FILE), "wb")
+            self._arrow[split] = (pa.ipc.new_stream(sink, self.schema), sink)
             self.counts[split] = 0
         self._parquet[split].write_table(table)
-        self._arrow[split].write_table(table)
+        self._arrow[split][0].write_table(table)
         self.counts[split] += table.num_rows
 
     def close(self, splits: Sequence[str], body: str) -> dict[str, int]:
         """Finish the files and write the folder's descriptions; `splits` orders the splits
         (those without rows are left out). Returns the rows of each split written."""
-        self.abort()
+        self._close_files()
         written = [split for split in splits if split in self.counts]
         for split in written:
             state = {
@@ -135,8 +136,14 @@ class DatasetFolder:
         return {split: self.counts[split] for split in written}
 
     def abort(self) -> None:
-        for writer in [*self._parquet.values(), *self._arrow.values()]:
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for writer in self._parquet.values():
             writer.close()
+        for stream, sink in self._arrow.values():
+            stream.close()
+            sink.close()
         self._parquet.clear()
         self._arrow.clear()
 

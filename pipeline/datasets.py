@@ -284,10 +284,15 @@ async def export_dataset(
         # meanwhile, small enough to stay bounded in memory.
         batch_size = min(batch_size, IMAGE_BATCH_ROWS)
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
-    verdicts = {"hpd": ("pick",), "pickapic": ("pick", "tie") if ties == "half" else ("pick",)}
-    chosen = verdicts.get(fmt, ("pick", "tie", "none"))
+    if fmt == "hpd":
+        verdicts: tuple[str, ...] = ("pick",)
+    elif fmt == "pickapic":
+        verdicts = ("pick", "tie") if ties == "half" else ("pick",)
+    else:
+        verdicts = ("pick", "tie", "none")
     bar = tqdm(desc=f"export {fmt}", unit="choice", disable=not progress)
     writer: _Writer | None = None
+    pending: asyncio.Future[None] | None = None  # a batch being written in a thread
     choices = 0
     try:
         async with db_datasets.export_snapshot(conn):
@@ -299,13 +304,12 @@ async def export_dataset(
                 writer = _HFWriter(stage, store, fractions)
             else:
                 counts = await db_datasets.export_prompt_choices(
-                    conn, all_choosers=all_choosers, verdicts=chosen, min_shown=2
+                    conn, all_choosers=all_choosers, verdicts=verdicts, min_shown=2
                 )
                 writer = _PairsWriter(stage, store, fractions, ties or "drop", counts)
             # Each batch is written in a thread while the next one is read.
-            pending: asyncio.Future[None] | None = None
             async for batch in db_datasets.stream_export_choices(
-                conn, all_choosers=all_choosers, verdicts=chosen, batch_size=batch_size
+                conn, all_choosers=all_choosers, verdicts=verdicts, batch_size=batch_size
             ):
                 if pending is not None:
                     await pending
@@ -316,6 +320,8 @@ async def export_dataset(
                 await pending
             splits = writer.close()
     except BaseException:
+        if pending is not None:
+            await asyncio.wait([pending])  # the thread writes no more in the folder
         if writer is not None:
             writer.abort()
         shutil.rmtree(stage, ignore_errors=True)
@@ -505,9 +511,9 @@ _TIES_TEXT = {
 
 class _PairsWriter(_Writer):
     """Pick-a-Pic pairs into a `datasets` folder. Each image of a round is read once however
-    many pairs it is in, and each split's tables hold at most `IMAGE_PAIRS_PER_TABLE` pairs,
-    so memory stays bounded whatever K is. `prompt_choices`: per prompt, its choices that
-    make pairs (for `num_example_per_prompt`)."""
+    many pairs it is in, and at most `IMAGE_PAIRS_PER_TABLE` pairs (all splits together) are
+    held before they are written, so memory stays bounded whatever K is. `prompt_choices`:
+    per prompt, its choices that make pairs (for `num_example_per_prompt`)."""
 
     def __init__(
         self,
@@ -520,7 +526,8 @@ class _PairsWriter(_Writer):
         self.store, self.fractions, self.prompt_choices = store, fractions, prompt_choices
         self.folder = DatasetFolder(stage, PAIRS_SCHEMA)
         self.columns = {split: _empty(PAIRS_SCHEMA) for split in PAIR_SPLITS}
-        self.numbered = dict.fromkeys(PAIR_SPLITS, 0)
+        self.numbered = dict.fromkeys(PAIR_SPLITS, 0)  # each split's `__index_level_0__`
+        self.held = 0  # pairs in `columns`
         self.unique: dict[str, set[str]] = {"validation": set(), "test": set()}
         self.ties = ties
 
@@ -571,23 +578,25 @@ class _PairsWriter(_Writer):
 
     def _add(self, split: str, values: dict[str, Any]) -> None:
         columns = self.columns[split]
-        values["__index_level_0__"] = self.numbered[split]
-        self.numbered[split] += 1
         for name, value in values.items():
             columns[name].append(value)
-        if len(columns["ranking_id"]) >= IMAGE_PAIRS_PER_TABLE:
-            self._flush(split)
+        columns["__index_level_0__"].append(self.numbered[split])
+        self.numbered[split] += 1
+        self.held += 1
+        if self.held >= IMAGE_PAIRS_PER_TABLE:  # all splits together: memory stays bounded
+            self._flush()
 
-    def _flush(self, split: str) -> None:
-        table = pa.Table.from_pydict(self.columns[split], schema=self.folder.schema)
-        self.folder.write(split, table)
-        if not split.endswith("_unique"):  # copies of rows in validation and test
-            self.rows += table.num_rows
-        self.columns[split] = _empty(PAIRS_SCHEMA)
+    def _flush(self) -> None:
+        for split in PAIR_SPLITS:
+            table = pa.Table.from_pydict(self.columns[split], schema=self.folder.schema)
+            self.folder.write(split, table)  # (nothing for an empty table)
+            if not split.endswith("_unique"):  # copies of rows in validation and test
+                self.rows += table.num_rows
+            self.columns[split] = _empty(PAIRS_SCHEMA)
+        self.held = 0
 
     def close(self) -> dict[str, int]:
-        for split in PAIR_SPLITS:
-            self._flush(split)
+        self._flush()
         counts = self.folder.counts
         text = ", ".join(f"{split} {counts[split]}" for split in PAIR_SPLITS if split in counts)
         body = _PAIRS_CARD.format(counts=text or "none", ties=_TIES_TEXT[self.ties])

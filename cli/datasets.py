@@ -11,7 +11,9 @@ from cli.common import console, database, fail, run, settings
 
 def import_(folder: Path = typer.Argument(..., help="An HPD-layout dataset folder.")) -> None:
     """Import the paper's HPD layout (preference_train.json, preference_test.json,
-    preference_images/) as closed rounds with their picks; safe to run again."""
+    preference_images/) as closed rounds with their picks, made by imported users
+    (`import:<user_hash>`, never a Discord user); records of forgotten users are left out;
+    safe to run again."""
     from hps.store import LocalImageStore
     from pipeline.data import DatasetError
     from pipeline.datasets import import_hpd
@@ -26,8 +28,10 @@ def import_(folder: Path = typer.Argument(..., help="An HPD-layout dataset folde
         report = run(_import())
     except DatasetError as exc:
         raise fail(str(exc)) from None
+    forgotten = f", {report.forgotten} of forgotten users left out" if report.forgotten else ""
     console.print(
-        f"{report.records} records: {report.imported} imported, {report.skipped} already there",
+        f"{report.records} records: {report.imported} imported, {report.skipped} already there"
+        + forgotten,
         highlight=False,
     )
 
@@ -38,25 +42,43 @@ def export(
         "parquet",
         "--format",
         "-f",
-        help="hpd, parquet (one row per choice), pickapic (pairs) or hf (a Hugging Face "
-        "datasets folder with the images).",
+        help="hpd (the paper's layout, requesters' picks), parquet (one row per choice), "
+        "pickapic (Pick-a-Pic pairs with the images, a datasets folder) or hf (one row per "
+        "choice with the images, a datasets folder).",
     ),
     choosers: str = typer.Option(
-        "requester", "--choosers", help="requester (one choice per round) or all."
+        "requester",
+        "--choosers",
+        help="requester (one choice per round) or all (not for hpd: its records are "
+        "requesters' picks).",
     ),
     images: bool = typer.Option(
-        False, "--images", help="pickapic: embed the image bytes as jpg_0/jpg_1."
+        False,
+        "--images",
+        help="parquet: write the image files beside it (images/<image key>). hpd, pickapic "
+        "and hf always hold the images.",
+    ),
+    ties: str | None = typer.Option(
+        None,
+        "--ties",
+        help="pickapic only: drop (default) leaves ties out; half writes each as 0.5/0.5 "
+        "pairs, which PickScore trains as ties but Diffusion-DPO, unless its --dataset_name "
+        "contains 'pickapic', trains as image 0 preferred.",
     ),
 ) -> None:
     """Export the choices (users pseudonymised; flagged, banned and forgotten users'
-    choices left out)."""
+    choices left out). An option the format cannot honour is refused."""
     from hps.store import LocalImageStore
     from pipeline.data import DatasetError
-    from pipeline.datasets import export_dataset
+    from pipeline.datasets import check_export_options, export_dataset
 
     config = settings()
     if choosers not in ("requester", "all"):
         raise fail("--choosers must be requester or all")
+    try:  # before connecting: nothing is done for a refused combination
+        check_export_options(fmt, all_choosers=choosers == "all", with_images=images, ties=ties)
+    except DatasetError as exc:
+        raise fail(str(exc)) from None
 
     async def _export():  # type: ignore[no-untyped-def]
         async with database(config) as pool, pool.acquire() as conn:
@@ -67,6 +89,7 @@ def export(
                 fmt,
                 all_choosers=choosers == "all",
                 with_images=images,
+                ties=ties,
                 val_fraction=config.train.val_fraction,
                 test_fraction=config.train.test_fraction,
             )
@@ -75,7 +98,11 @@ def export(
         report = run(_export())
     except DatasetError as exc:
         raise fail(str(exc)) from None
+    splits = ""
+    if report.splits is not None:
+        splits = " (" + (", ".join(f"{s} {n}" for s, n in report.splits.items()) or "empty") + ")"
     console.print(
-        f"{report.choices} choices exported as {report.rows} {report.format} rows to {report.path}",
+        f"{report.choices} choices exported as {report.rows} {report.format} rows to "
+        f"{report.path}{splits}",
         highlight=False,
     )

@@ -110,7 +110,7 @@ class ImportedRound:
     split: str | None
     prompt: str
     contains_name: bool
-    user_pseudonym: str
+    user_hash: str  # the dataset's user id; the user is `import:<user_hash>`
     images: list[NewImage]
     chosen_position: int
 
@@ -141,19 +141,28 @@ VALUES ($1, $2, 'pick', $3, true)
 """
 
 
+IMPORTED = "imported"
+ALREADY_THERE = "already there"
+FORGOTTEN = "forgotten"  # under a pseudonym a forgotten user held
+
+
 async def import_round(
     db: Executor, record: ImportedRound, store_files: Callable[[], object] | None = None
-) -> int | None:
-    """Insert one imported record (round, images, choice) in one transaction; None if the
-    same record (by `import_key`) is already there, with nothing written but its prompt's
-    `contains_name` flag (imports are idempotent). Imported choices are not clicks, so they
-    add no `choice_events`. `store_files` puts the images' files in the store again once
-    their keys are held (see `db.images`)."""
+) -> str:
+    """Insert one imported record (round, images, choice) in one transaction, for the
+    imported user of its user hash (`users.ensure_imported_user`, never a Discord user), and
+    say what happened: `IMPORTED`; `ALREADY_THERE` if the same record (by `import_key`) is,
+    with nothing written but its prompt's `contains_name` flag (imports are idempotent);
+    `FORGOTTEN`, with nothing written, if its user hash is a pseudonym a forgotten user held.
+    Imported choices are not clicks, so they add no `choice_events`. `store_files` puts the
+    images' files in the store again once their keys are held (see `db.images`)."""
     async with transaction(db) as conn:
+        user = await users.ensure_imported_user(conn, record.user_hash)
+        if user is None:
+            return FORGOTTEN
         prompt_id = await prompts.ensure_prompt(
             conn, record.prompt, contains_name=record.contains_name
         )
-        user = await users.ensure_imported_user(conn, record.user_pseudonym)
         round_id = await conn.fetchval(
             INSERT_IMPORTED_ROUND_SQL,
             prompt_id,
@@ -165,15 +174,20 @@ async def import_round(
             record.prompt,
         )
         if round_id is None:
-            return None
+            return ALREADY_THERE
         await insert_images(conn, round_id, record.images)
         if store_files is not None:
             store_files()
         await conn.execute(INSERT_IMPORTED_CHOICE_SQL, round_id, user.id, record.chosen_position)
-        return round_id
+        return IMPORTED
 
 
 # ---- export ----------------------------------------------------------------------------
+
+# Which choices an export holds ($1: everyone's, else the requesters'; $2: the verdicts).
+_EXPORTED = f"""
+    {_COUNTED_CHOOSER} AND ($1 OR c.is_requester) AND c.verdict = ANY($2::text[])
+"""
 
 EXPORT_CHOICES_SQL = f"""
 WITH {_PROMPT_SIDES}
@@ -198,12 +212,38 @@ CROSS JOIN LATERAL (
     FROM images i LEFT JOIN model_versions v ON v.id = i.model_version_id
     WHERE i.round_id = c.round_id AND NOT i.nsfw
 ) shown
-WHERE {_COUNTED_CHOOSER}
-  AND ($1 OR c.is_requester)
-  AND c.verdict = ANY($2::text[])
-  AND shown.positions IS NOT NULL
+WHERE {_EXPORTED} AND shown.positions IS NOT NULL
 ORDER BY c.id
 """
+
+# Per prompt: its exported choices of rounds that showed at least $3 images.
+EXPORT_PROMPT_CHOICES_SQL = f"""
+SELECT p.norm_hash, count(*) AS choices
+FROM choices c
+JOIN rounds r ON r.id = c.round_id
+JOIN prompts p ON p.id = r.prompt_id
+JOIN users u ON u.id = c.user_id
+WHERE {_EXPORTED}
+  AND (SELECT count(*) FROM images i WHERE i.round_id = c.round_id AND NOT i.nsfw) >= $3
+GROUP BY p.norm_hash
+"""
+
+
+def export_snapshot(conn: Any) -> Any:
+    """The transaction an export reads in (read-only, repeatable read: one snapshot of the
+    database). `stream_export_choices` needs one (a cursor lives in its transaction), and
+    `export_prompt_choices` read in the same one agrees with the rows streamed. `conn` must
+    be a connection, not a pool."""
+    return conn.transaction(readonly=True, isolation="repeatable_read")
+
+
+async def export_prompt_choices(
+    conn: Any, *, all_choosers: bool, verdicts: tuple[str, ...], min_shown: int = 1
+) -> dict[str, int]:
+    """Per prompt (`norm_hash`): how many of the choices `stream_export_choices` streams
+    with these arguments are of rounds that showed at least `min_shown` images."""
+    records = await conn.fetch(EXPORT_PROMPT_CHOICES_SQL, all_choosers, list(verdicts), min_shown)
+    return {r["norm_hash"]: r["choices"] for r in records}
 
 
 async def stream_export_choices(
@@ -214,9 +254,8 @@ async def stream_export_choices(
     batch_size: int = 10_000,
 ) -> AsyncIterator[list[Any]]:
     """The exportable choices in batches of records (the columns of `EXPORT_CHOICES_SQL`),
-    read with a server-side cursor so memory stays bounded however many there are. `conn` must be a
-    connection (a cursor lives in its transaction), not a pool."""
-    async with conn.transaction(readonly=True, isolation="repeatable_read"):
-        cursor = await conn.cursor(EXPORT_CHOICES_SQL, all_choosers, list(verdicts))
-        while batch := await cursor.fetch(batch_size):
-            yield batch
+    read with a server-side cursor so memory stays bounded however many there are. Call it
+    inside `export_snapshot(conn)`."""
+    cursor = await conn.cursor(EXPORT_CHOICES_SQL, all_choosers, list(verdicts))
+    while batch := await cursor.fetch(batch_size):
+        yield batch

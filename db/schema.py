@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
+from db.users import IMPORTED_PREFIX
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -89,6 +91,23 @@ users = Table(
     _at("forgotten_at"),
     CheckConstraint(_in("source", ("discord", "import")), name="source"),
     CheckConstraint("NOT (banned AND shadow_banned)", name="one_ban"),
+    # Imported users live in their own namespace (`import:` + the dataset's user hash), so
+    # an import can never take a Discord user's pseudonym (`db.users.ensure_imported_user`).
+    CheckConstraint(
+        f"(source = 'import') = (pseudonym LIKE '{IMPORTED_PREFIX}%')", name="import_pseudonym"
+    ),
+)
+
+# The sha256 of every pseudonym a Discord user stopped holding (forgotten: the row's pseudonym
+# replaced or the row deleted), filled by a trigger (migration 0010). An import leaves out the
+# records of these users, so re-importing an old export does not bring a forgotten person
+# back. Nothing else is kept (no time, no user id: nothing that joins to the tombstone), and
+# analysts cannot read it.
+retired_pseudonyms = Table(
+    "retired_pseudonyms",
+    metadata,
+    Column("sha256", Text, primary_key=True),
+    CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="sha256"),
 )
 
 prompts = Table(

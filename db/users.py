@@ -1,5 +1,10 @@
 """Users: Discord accounts (and imported dataset users), bans, and forgetting.
 
+Imported users (`source` import) are named `import:<the dataset's user hash>`, a namespace
+Discord users' pseudonyms never enter, so no import can put picks on a Discord user, live or
+forgotten. A pseudonym a forgotten user held is remembered only as its sha256
+(`retired_pseudonyms`, filled by a trigger), and an import leaves out records under it.
+
 Forgetting a user (our documented choice: deletion, not pseudonymisation), in one transaction:
 - every choice and choice event the user made is deleted;
 - every round the user requested is deleted with its images' rows and the votes others cast
@@ -21,6 +26,8 @@ instead of deadlocking with it.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -67,16 +74,55 @@ async def get_user(db: Executor, discord_id: int) -> User | None:
     return User(**dict(record)) if record else None
 
 
-ENSURE_IMPORTED_USER_SQL = """
-INSERT INTO users (pseudonym, source) VALUES ($1, 'import')
+# Imported users' pseudonyms are this prefix + the dataset's user hash: a namespace of their
+# own (a CHECK constraint keeps it to them), so that an import never meets a Discord user's
+# pseudonym, live or forgotten, whatever hash a dataset holds.
+IMPORTED_PREFIX = "import:"
+
+# Nothing is created for a retired hash (see `retired_hashes`).
+ENSURE_IMPORTED_USER_SQL = f"""
+INSERT INTO users (pseudonym, source)
+SELECT '{IMPORTED_PREFIX}' || $1, 'import'
+WHERE NOT EXISTS (
+    SELECT FROM retired_pseudonyms
+    WHERE sha256 = encode(sha256(convert_to($1, 'UTF8')), 'hex')
+)
 ON CONFLICT (pseudonym) DO UPDATE SET last_seen_at = users.last_seen_at
 RETURNING *
 """
 
 
-async def ensure_imported_user(db: Executor, pseudonym: str) -> User:
-    """A user known only by a dataset's pseudonymous id (e.g. HPD's `user_hash`)."""
-    return User(**dict(await db.fetchrow(ENSURE_IMPORTED_USER_SQL, pseudonym)))
+async def ensure_imported_user(db: Executor, user_hash: str) -> User | None:
+    """The imported user of a dataset's pseudonymous user id (e.g. HPD's `user_hash`): the
+    user `import:<user_hash>`, created on first sight; never a Discord user. None if the
+    hash is a pseudonym a forgotten user held (`retired_hashes`): their records stay out."""
+    record = await db.fetchrow(ENSURE_IMPORTED_USER_SQL, user_hash)
+    return User(**dict(record)) if record else None
+
+
+def imported_hash(pseudonym: str) -> str | None:
+    """The dataset's user hash of an imported user's pseudonym (None for a Discord user's)."""
+    if not pseudonym.startswith(IMPORTED_PREFIX):
+        return None
+    return pseudonym.removeprefix(IMPORTED_PREFIX)
+
+
+RETIRED_HASHES_SQL = """
+SELECT sha256 FROM retired_pseudonyms WHERE sha256 = ANY($1::text[])
+"""
+
+
+async def retired_hashes(db: Executor, user_hashes: Iterable[str]) -> set[str]:
+    """Which of these user hashes are pseudonyms that forgotten users held: a trigger
+    (migration 0010) records the sha256 of every pseudonym a Discord user stops holding, so
+    an export made before someone was forgotten, imported again, leaves their records out.
+    (Users forgotten before migration 0010 left no record.)"""
+    digests = {_sha256(h): h for h in user_hashes}
+    return {digests[r["sha256"]] for r in await db.fetch(RETIRED_HASHES_SQL, list(digests))}
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 SET_BAN_SQL = """

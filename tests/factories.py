@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
+
+from PIL import Image as PILImage
 
 from db import rounds
 from db.connect import Executor
 from db.images import NewImage
+from hps.store import ImageStore
 
 
 def fake_image(round_id: int, position: int, **fields: object) -> NewImage:
@@ -46,5 +50,48 @@ async def ready_round(
         fake_image(round_id, p, nsfw=p in nsfw_positions, model_version_id=versions.get(p))
         for p in range(1, k + 1)
     ]
+    assert await rounds.finish_round(db, round_id, images)
+    return round_id
+
+
+# Distinct colours for stored rounds' images (position 1 is the first).
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+
+
+async def stored_round(
+    db: Executor,
+    store: ImageStore,
+    *,
+    requester: int = 1000,
+    prompt: str = "a red cube",
+    k: int = 3,
+    nsfw_positions: tuple[int, ...] = (),
+    model_version_ids: dict[int, int] | None = None,
+) -> int:
+    """A ready round whose K images are real PNG files in `store`: image p is a solid
+    `COLOURS[p - 1]` of 8p x 8 pixels but for its bottom-right pixel, which holds the round
+    id (so that no two rounds share a file)."""
+    round_id = await queued_round(db, requester=requester, prompt=prompt, k=k)
+    assert await rounds.start_generating(db, round_id) is not None
+    versions = model_version_ids or {}
+    images = []
+    for position in range(1, k + 1):
+        image = PILImage.new("RGB", (8 * position, 8), COLOURS[position - 1])
+        image.putpixel((8 * position - 1, 7), (round_id % 256, round_id // 256 % 256, 7))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        blob = store.put(buffer.getvalue())
+        images.append(
+            NewImage(
+                position,
+                blob.sha256,
+                blob.key,
+                seed=1000 + position,
+                width=8 * position,
+                height=8,
+                nsfw=position in nsfw_positions,
+                model_version_id=versions.get(position),
+            )
+        )
     assert await rounds.finish_round(db, round_id, images)
     return round_id

@@ -30,6 +30,7 @@ TABLES = {
     "model_events",
     "jobs",
     "workers",
+    "retired_pseudonyms",
 }
 
 TABLES_SQL = """

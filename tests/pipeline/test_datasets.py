@@ -17,7 +17,7 @@ from db.images import NewImage
 from hps.store import LocalImageStore
 from pipeline.data import DatasetError
 from pipeline.datasets import export_dataset, import_hpd
-from tests.factories import ready_round
+from tests.factories import ready_round, stored_round
 from tests.tiny_clip import write_colour_hpd
 
 SNAPSHOT_SQL = """
@@ -111,15 +111,22 @@ async def test_a_malformed_dataset_is_refused_and_nothing_is_written(pool, tmp_p
         await _import(pool, tmp_path, tmp_path / "store")
 
 
-async def _choices_of_everyone(pool: Any) -> dict[str, int]:
-    """Rounds with every kind of chooser; returns round ids by name."""
+async def _choices_of_everyone(pool: Any, store: LocalImageStore | None = None) -> dict[str, int]:
+    """Rounds with every kind of chooser (their image files in `store` if given); returns
+    round ids by name."""
+
+    async def made(requester: int, prompt: str, k: int) -> int:
+        if store is None:
+            return await ready_round(pool, requester=requester, prompt=prompt, k=k)
+        return await stored_round(pool, store, requester=requester, prompt=prompt, k=k)
+
     rounds = {
-        "picked": await ready_round(pool, requester=1, prompt="a red cube", k=3),
-        "tied": await ready_round(pool, requester=2, prompt="a blue ball", k=3),
-        "none": await ready_round(pool, requester=3, prompt="a green car", k=2),
-        "flagged": await ready_round(pool, requester=4, prompt="a black cat", k=2),
-        "banned": await ready_round(pool, requester=5, prompt="a white dog", k=2),
-        "forgotten": await ready_round(pool, requester=6, prompt="an orange hat", k=2),
+        "picked": await made(1, "a red cube", 3),
+        "tied": await made(2, "a blue ball", 3),
+        "none": await made(3, "a green car", 2),
+        "flagged": await made(4, "a black cat", 2),
+        "banned": await made(5, "a white dog", 2),
+        "forgotten": await made(6, "an orange hat", 2),
     }
     await record_choice(
         pool, round_id=rounds["picked"], discord_user_id=1, verdict="pick", position=2
@@ -182,12 +189,20 @@ async def test_parquet_export_has_one_row_per_choice_and_no_excluded_user(
         await _export(pool, tmp_path / "all", "parquet", tmp_path / "store")
 
 
-async def test_pickapic_pairs_label_picks_and_ties(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    rounds = await _choices_of_everyone(pool)
+def _pairs(out: Path) -> list[dict[str, Any]]:
+    """Every pair of a pickapic export's train, validation and test files."""
+    files = sorted((out / "data").glob("*.parquet"))
+    files = [f for f in files if "_unique" not in f.name]
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+async def test_pairs_label_picks_and_ties_and_weigh_each_choice_alike(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store = LocalImageStore(tmp_path / "store")
+    rounds = await _choices_of_everyone(pool, store)
     report = await _export(
-        pool, tmp_path / "pairs", "pickapic", tmp_path / "store", all_choosers=True
+        pool, tmp_path / "pairs", "pickapic", tmp_path / "store", all_choosers=True, ties="half"
     )
-    pairs = pq.read_table(tmp_path / "pairs" / "pairs.parquet").to_pylist()
+    pairs = _pairs(tmp_path / "pairs")
     # The pick among 3: 2 pairs; user 8's tie among 3: 3 pairs; the requester's tie: 3 pairs.
     assert report.rows == len(pairs) == 8 and report.choices == 3
     pick = [p for p in pairs if p["round_id"] == rounds["picked"] and p["best_image_uid"]]
@@ -197,9 +212,27 @@ async def test_pickapic_pairs_label_picks_and_ties(pool, tmp_path: Path) -> None
     ties = [p for p in pairs if p["best_image_uid"] is None]
     assert len(ties) == 6 and {(p["label_0"], p["label_1"]) for p in ties} == {(0.5, 0.5)}
     assert {p["caption"] for p in pairs} == {"a red cube", "a blue ball"}
-    assert set(pq.read_schema(tmp_path / "pairs" / "pairs.parquet").names) >= {
-        "caption", "image_0_uid", "image_1_uid", "label_0", "label_1", "model_0", "model_1",
-        "user_id", "ranking_id",
+    # Each choice weighs 1 in all, each pair has its own ranking id, and PickScore's
+    # denominator is (choices of the prompt) x (pairs of the choice).
+    by_choice: dict[int, list[dict[str, Any]]] = {}
+    for p in pairs:
+        by_choice.setdefault(p["choice_id"], []).append(p)
+    assert sorted(sum(p["weight"] for p in ps) for ps in by_choice.values()) == [1.0] * 3
+    assert len({p["ranking_id"] for p in pairs}) == 8
+    assert all(p["ranking_id"] // 128 == p["choice_id"] for p in pairs)
+    red = {
+        p["choice_id"]: p["num_example_per_prompt"] for p in pairs if p["caption"] == "a red cube"
+    }
+    assert sorted(red.values()) == [2 * 2, 2 * 3]  # 2 choices: a pick (2 pairs), a tie (3)
+    assert {p["model_0"] for p in pairs} == {"unknown"}
+    stored = {p["image_0_uid"]: p["jpg_0"] for p in pairs}
+    assert all(store.get(key) == data for key, data in stored.items())
+
+    dropped = await _export(pool, tmp_path / "drop", "pickapic", tmp_path / "store",
+                            all_choosers=True)  # fmt: skip
+    assert dropped.rows == 2 and dropped.choices == 1  # ties are left out by default
+    assert {(p["label_0"], p["num_example_per_prompt"]) for p in _pairs(tmp_path / "drop")} == {
+        (0.0, 2), (1.0, 2)
     }  # fmt: skip
 
 
@@ -208,12 +241,11 @@ async def test_hf_export_loads_with_datasets_and_its_images_decode(
 ) -> None:  # type: ignore[no-untyped-def]
     import io
 
-    from datasets import load_dataset
+    from datasets import load_dataset, load_from_disk
     from PIL import Image as PILImage
 
     from db import rounds as db_rounds
 
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     store = LocalImageStore(tmp_path / "store")
     colours = ["red", "green", "blue"]
@@ -239,16 +271,31 @@ async def test_hf_export_loads_with_datasets_and_its_images_decode(
     report = await _export(pool, tmp_path / "hf-out", "hf", tmp_path / "store")
 
     assert report.rows == 2 and (tmp_path / "hf-out" / "README.md").is_file()
-    loaded = load_dataset(str(tmp_path / "hf-out"))
-    rows = sorted((row for split in loaded.values() for row in split), key=lambda r: r["round_id"])
-    assert [r["round_id"] for r in rows] == [made[1], made[2]]  # the banned user's is out
-    picked, tied = rows
-    assert (picked["verdict"], picked["chosen_index"]) == ("pick", 2)
-    assert (tied["verdict"], tied["chosen_index"]) == ("tie", None)
-    assert [image.size for image in picked["images"]] == [(8, 8), (16, 8), (24, 8)]
-    assert picked["images"][2].getpixel((0, 0)) == (0, 0, 255)  # the chosen blue image
-    assert picked["seeds"] == [1, 2, 3] and len(picked["user_id"]) == 32
-    assert set(loaded) <= {"train", "validation", "test"}
+    assert sum(report.splits.values()) == 2
+    for loaded in (
+        load_dataset(str(tmp_path / "hf-out"), cache_dir=str(tmp_path / "hf")),
+        load_from_disk(str(tmp_path / "hf-out")),  # PickScore's `from_disk`
+    ):
+        assert {s: len(rows) for s, rows in loaded.items()} == report.splits
+        rows = sorted((row for split in loaded.values() for row in split),
+                      key=lambda r: r["round_id"])  # fmt: skip
+        assert [r["round_id"] for r in rows] == [made[1], made[2]]  # the banned user's is out
+        picked, tied = rows
+        assert (picked["verdict"], picked["chosen_index"], picked["chosen_position"]) == (
+            "pick", 2, 3
+        )  # fmt: skip
+        assert (tied["verdict"], tied["chosen_index"], tied["chosen_position"]) == (
+            "tie",
+            None,
+            None,
+        )
+        assert [image.size for image in picked["images"]] == [(8, 8), (16, 8), (24, 8)]
+        assert picked["images"][2].getpixel((0, 0)) == (0, 0, 255)  # the chosen blue image
+        assert picked["seeds"] == [1, 2, 3] and len(picked["user_id"]) == 32
+        assert picked["positions"] == [1, 2, 3] and picked["is_requester"]
+        assert picked["requester"] == picked["user_id"] and picked["contains_name"] is False
+        assert picked["round_created_at"] <= picked["created_at"] <= picked["updated_at"]
+        assert picked["created_at"].tzinfo is not None and picked["source"] == "discord"
 
 
 async def test_another_dataset_reusing_the_ids_is_imported_and_reimports_add_nothing(
@@ -415,12 +462,99 @@ async def test_pickapic_with_images_reads_each_image_once_in_bounded_tables(
 
     monkeypatch.setattr(LocalImageStore, "get", counting_get)
     monkeypatch.setattr(datasets, "IMAGE_PAIRS_PER_TABLE", 4)
-    report = await _export(pool, tmp_path / "pairs", "pickapic", tmp_path / "store",
-                           with_images=True)  # fmt: skip
+    report = await _export(pool, tmp_path / "pairs", "pickapic", tmp_path / "store")
     assert report.rows == 9  # 3 picks among 4 images: 3 pairs each
     assert len(reads) == len(set(reads)) == 12  # each image read once
-    parquet = pq.ParquetFile(tmp_path / "pairs" / "pairs.parquet")
-    assert max(parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)) <= 4
-    pairs = parquet.read().to_pylist()
+    files = [pq.ParquetFile(f) for f in (tmp_path / "pairs" / "data").glob("*.parquet")]
+    groups = [f.metadata.row_group(i).num_rows for f in files for i in range(f.num_row_groups)]
+    assert max(groups) <= 4
+    pairs = _pairs(tmp_path / "pairs")
     stored = LocalImageStore(tmp_path / "store")
+    assert len(pairs) == 9
     assert all(p["jpg_0"] == original(stored, p["image_0_uid"]) for p in pairs)
+
+
+REFUSED = {
+    ("hpd", "all"): "--format hpd holds the requesters' picks only: an HPD record is the pick "
+    "of the person who asked for the images (and importing it makes them its requester); use "
+    "--format parquet, hf or pickapic for everyone's choices",
+    ("hpd", "ties"): "--ties applies to --format pickapic (pairs) only: HPD records name one "
+    "preferred image, so ties are never in them",
+    ("parquet", "ties"): "--ties applies to --format pickapic (pairs) only: --format parquet "
+    "keeps every verdict as it is (ties as verdict 'tie')",
+    ("hf", "ties"): "--ties applies to --format pickapic (pairs) only: --format hf keeps every "
+    "verdict as it is (ties as verdict 'tie')",
+}
+
+
+async def test_every_option_of_every_format_is_honoured_or_refused(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each format x --choosers x --images x --ties: the export does what the options say,
+    or refuses with a message and writes nothing."""
+    store = LocalImageStore(tmp_path / "store")
+    await _choices_of_everyone(pool, store)
+    for fmt in ("hpd", "parquet", "pickapic", "hf"):
+        for choosers in ("requester", "all"):
+            for images in (False, True):
+                for ties in (None, "drop", "half"):
+                    out = tmp_path / f"{fmt}-{choosers}-{images}-{ties}"
+                    refusal = REFUSED.get((fmt, "all")) if choosers == "all" else None
+                    if ties is not None and fmt != "pickapic":
+                        refusal = refusal or REFUSED[(fmt, "ties")]
+                    kwargs = {"all_choosers": choosers == "all", "with_images": images}
+                    if refusal:
+                        with pytest.raises(DatasetError) as refused:
+                            await _export(pool, out, fmt, tmp_path / "store", ties=ties, **kwargs)
+                        assert str(refused.value) == refusal
+                        assert not out.exists()
+                        continue
+                    report = await _export(pool, out, fmt, tmp_path / "store", ties=ties, **kwargs)
+                    everyone = choosers == "all"
+                    if fmt == "hpd":  # the requesters' picks, with their image files
+                        assert (report.rows, len(list((out / "preference_images").iterdir()))) == (
+                            1,
+                            3,
+                        )
+                    elif fmt in ("parquet", "hf"):  # every verdict; + user 8's tie on "picked"
+                        assert report.rows == (4 if everyone else 3)
+                    elif ties == "half":  # pick: 2 pairs; the ties among 3: 3 pairs each
+                        assert report.rows == (8 if everyone else 5)
+                    else:  # ties dropped (the default)
+                        assert report.rows == 2
+                    keys = [p.relative_to(out / "images").as_posix()
+                            for p in (out / "images").rglob("*.png")]  # fmt: skip
+                    if fmt == "parquet" and images:  # the image files beside it
+                        table = pq.read_table(out / "choices.parquet").to_pylist()
+                        wanted = {k for row in table for k in row["image_keys"]}
+                        assert sorted(keys) == sorted(wanted) and len(keys) == 3 + 3 + 2
+                        assert all((out / "images" / k).read_bytes() == store.get(k) for k in keys)
+                    else:
+                        assert keys == []
+                    assert not (out / ".partial").exists()
+
+
+async def test_a_failed_export_leaves_its_folder_empty(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store = LocalImageStore(tmp_path / "store")
+    rounds = await _choices_of_everyone(pool, store)
+    key = await pool.fetchval(
+        "SELECT storage_key FROM images WHERE round_id = $1 AND position = 2", rounds["picked"]
+    )
+    store.delete(key)
+    for fmt in ("hpd", "parquet", "pickapic", "hf"):
+        out = tmp_path / fmt
+        with pytest.raises(DatasetError) as failed:
+            await _export(pool, out, fmt, tmp_path / "store", with_images=fmt == "parquet",
+                          ties="half" if fmt == "pickapic" else None)  # fmt: skip
+        assert (
+            str(failed.value)
+            == f"image {key} of round {rounds['picked']} is not in the image store"
+        )
+        assert list(out.iterdir()) == []
+
+
+def test_the_cli_refuses_an_option_the_format_cannot_honour(tmp_path: Path) -> None:
+    from tests.test_cli import hps
+
+    env = {"HPS_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}  # never reached
+    refused = hps("export", str(tmp_path / "out"), "--format", "hpd", "--choosers", "all", env=env)
+    assert refused.returncode != 0 and not (tmp_path / "out").exists()
+    assert "--format hpd holds the requesters' picks only" in refused.stderr

@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 from db import datasets as db_datasets
 from db import prompts as db_prompts
 from db.images import NewImage
+from hps.files import publish, temporary
 from hps.store import ImageStore
 from pipeline.data import (
     HPD_FILES,
@@ -281,7 +281,7 @@ class _ParquetWriter(_Writer):
 
     def __init__(self, path: Path, to_tables: Any, schema: pa.Schema, fractions: dict) -> None:
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp = temporary(path, unique=False)
         self.to_tables = to_tables
         self.fractions = fractions
         self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
@@ -293,7 +293,7 @@ class _ParquetWriter(_Writer):
 
     def close(self) -> Path:
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path, durable=False)
         return self.path
 
     def abort(self) -> None:
@@ -445,7 +445,7 @@ class _HPDWriter(_Writer):
         self.fractions = fractions
         (out / HPD_IMAGES).mkdir()
         self.files = {
-            split: open(out / f".{name}.tmp", "w", encoding="utf-8")  # noqa: SIM115
+            split: open(temporary(out / name, unique=False), "w", encoding="utf-8")  # noqa: SIM115
             for split, name in HPD_FILES.items()
         }
         self.counts = dict.fromkeys(self.files, 0)
@@ -491,7 +491,7 @@ class _HPDWriter(_Writer):
         for split, fh in self.files.items():
             fh.write("\n]\n" if self.counts[split] else "[]\n")
             fh.close()
-            os.replace(fh.name, self.out / HPD_FILES[split])
+            publish(Path(fh.name), self.out / HPD_FILES[split], durable=False)
         return self.out
 
     def abort(self) -> None:
@@ -570,8 +570,10 @@ class _HFWriter(_Writer):
 
     def _writer(self, split: str) -> pq.ParquetWriter:
         if split not in self.writers:
-            path = self.out / "data" / f".{split}-00000-of-00001.parquet.tmp"
-            self.writers[split] = pq.ParquetWriter(path, self.schema, compression="zstd")
+            path = self.out / "data" / f"{split}-00000-of-00001.parquet"
+            self.writers[split] = pq.ParquetWriter(
+                temporary(path, unique=False), self.schema, compression="zstd"
+            )
             self.counts[split] = 0
         return self.writers[split]
 
@@ -599,8 +601,8 @@ class _HFWriter(_Writer):
         files = []
         for split, writer in self.writers.items():
             writer.close()
-            name = f"{split}-00000-of-00001.parquet"
-            os.replace(self.out / "data" / f".{name}.tmp", self.out / "data" / name)
+            path = self.out / "data" / f"{split}-00000-of-00001.parquet"
+            publish(Path(writer.where), path, durable=False)
             files.append(f"  - split: {split}\n    path: data/{split}-*.parquet")
         counts = ", ".join(f"{split} {n}" for split, n in sorted(self.counts.items())) or "none"
         card = _HF_CARD.replace("{files}", "\n".join(files)).replace("{counts}", counts)

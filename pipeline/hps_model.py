@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as torchvision_transforms
 
+from hps.files import replacing
 from pipeline.images import ImageError, ImageInput, open_image
 from pipeline.model_files import (
     METADATA_FILE,
@@ -49,9 +49,6 @@ from pipeline.model_files import (
     SCALE,
     WEIGHTS_FILE,
     ModelSpec,
-    fsync,
-    fsync_tree,
-    make_temp_dir,
     sha256_file,
     write_json,
 )
@@ -310,9 +307,7 @@ class HPSModel:
         target = Path(directory)
         if target.exists():
             raise FileExistsError(f"{target} exists")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(target)  # the mode of a plain mkdir (the umask's), not 0700
-        try:
+        with replacing(target, folder=True) as tmp:
             state = {
                 k: v.detach().float().cpu().contiguous() for k, v in self.clip.state_dict().items()
             }
@@ -330,12 +325,6 @@ class HPSModel:
                 **(metadata or {}),
             }
             write_json(tmp / METADATA_FILE, meta)
-            fsync_tree(tmp)
-            os.replace(tmp, target)
-            fsync(target.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return digest
 
     # ---- scoring -----------------------------------------------------------------------

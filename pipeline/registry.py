@@ -11,7 +11,6 @@ beats the serving model on the same test examples by the configured margin.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,14 +19,12 @@ from db import models, promotion
 from db.connect import Executor
 from db.models import ModelVersion
 from db.promotion import beats
+from hps.files import replacing
 from hps.settings import Settings
 from pipeline.model_files import (
     METADATA_FILE,
     WEIGHTS_FILE,
     ModelSpec,
-    fsync,
-    fsync_tree,
-    make_temp_dir,
     sha256_file,
 )
 
@@ -157,18 +154,10 @@ def copy_atomically(source: Path, target: Path, marker: str = METADATA_FILE) -> 
     not `mkdtemp`'s owner-only 0700, so that other users (a worker, a web server) can read it."""
     if not (source / marker).is_file():
         raise FileNotFoundError(f"{source} is not a saved model folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target)
-    mode = tmp.stat().st_mode  # copytree would give it the source's (a 0700 `mkdtemp` one)
-    try:
+    with replacing(target, folder=True) as tmp:
+        mode = tmp.stat().st_mode  # copytree would give it the source's (a 0700 `mkdtemp` one)
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         tmp.chmod(mode)
-        fsync_tree(tmp)
-        os.replace(tmp, target)
-        fsync(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 async def promote_if_better(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -33,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hps.files import replacing
 from hps.settings import Settings
 from pipeline.batches import ChoiceDataset, collate
 from pipeline.data import Example, Reader
@@ -342,10 +342,8 @@ def _save_best(
     hps.save(folder, {"training": {"epoch": epoch, "config": config.as_dict(), **record}})
     best = checkpoints / "best"
     previous = best.resolve() if best.is_symlink() else None
-    link = checkpoints / f".best-{epoch}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(folder.name)
-    os.replace(link, best)
+    with replacing(best, durable=False) as link:
+        link.symlink_to(folder.name)
     if previous is not None and previous != folder.resolve():
         shutil.rmtree(previous, ignore_errors=True)
     return best

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from hps.files import replacing
 from hps.settings import AdaptSettings
 from pipeline.adapt.dataset import (
     EpochShuffle,
@@ -523,12 +523,9 @@ def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, recipe: AdaptSe
     folder = out_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    if target.exists():  # saved by an attempt that crashed before recording later steps
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    # (One there was saved by an attempt that crashed before recording later steps.)
+    with replacing(target, folder=True, unique=False) as tmp:
+        accelerator.save_state(str(tmp))
     for _, old in checkpoints(out_dir)[: -recipe.checkpoints_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("saved checkpoint %s", target)
@@ -662,9 +659,6 @@ def _save_adapter(
     identifier, the negative prompt) beside it; written to a temporary folder, renamed."""
     from diffusers import StableDiffusionPipeline
 
-    tmp = target.parent / f".tmp-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
     info = {
         "format": "diffusers-lora",
         "base_model": sd_model,
@@ -674,7 +668,8 @@ def _save_adapter(
         "steps": steps,
         "usage": "pipe.load_lora_weights(folder); pipe(prompt, negative_prompt=identifier)",
     }
-    (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with replacing(target, folder=True, unique=False) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=layers, safe_serialization=True
+        )
+        (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -10,11 +10,11 @@ rename), so a crash leaves either the old manifest or the new one, never half of
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from hps.files import write_json_atomically
 
 STAGES = ("prompts", "samples", "label", "train", "eval", "register")
 MANIFEST = "manifest.json"
@@ -22,20 +22,6 @@ MANIFEST = "manifest.json"
 
 class RunError(Exception):
     """A run directory that cannot be used as asked (the message says why)."""
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Run:

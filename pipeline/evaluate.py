@@ -27,6 +27,8 @@ BOOTSTRAP_SAMPLES = 1000
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of successes / n at the normal quantile `z` (95%: `Z95`);
+    (0, 1) when n is 0. Accuracy reports, the live A/B test and the report's plots use it."""
     if n == 0:
         return (0.0, 1.0)
     p = successes / n

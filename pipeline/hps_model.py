@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as torchvision_transforms
 
 from hps.files import replacing
+from pipeline import devices
 from pipeline.images import ImageError, ImageInput, open_image
 from pipeline.model_files import (
     METADATA_FILE,
@@ -72,21 +73,6 @@ __all__ = [
 
 class ModelLoadError(Exception):
     """The model cannot be loaded as specified; the message says why and what to do."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """fp32 on the CPU; bf16 (fp16 where bf16 is missing) on a GPU unless told otherwise."""
-    if precision != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def openai_model_cfg(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -249,8 +235,9 @@ class HPSModel:
         self.name = name
         self.base = base  # the untuned CLIP this one derives from (the paper's baseline)
         self.transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
-        self.device = resolve_device(str(device))
-        self.dtype = inference_dtype(self.device, precision)
+        # Inference: float32 on the CPU, bf16 (fp16 where bf16 is missing) on a GPU.
+        self.device = torch.device(devices.resolve_device(str(device)))
+        self.dtype = devices.dtype(devices.precision(precision, str(self.device)))
         self.clip.to(device=self.device, dtype=self.dtype).eval()
 
     # ---- loading and saving ------------------------------------------------------------

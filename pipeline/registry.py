@@ -1,29 +1,31 @@
-"""Which HPS model serves, and how trained classifiers enter the registry.
+"""Which HPS model serves, and how trained versions enter the registry.
 
 The serving classifier is the `classifier` version with status serving
 (`db.models.serving`); with none, the configured model (`models.hps_arch`,
-`hps_pretrained`, `hps_checkpoint`) serves. A trained classifier is copied into
-`models_dir/<name>/` and registered as a candidate with the sha256 of its weights, its
-parent (the version serving when it was trained) and its metrics. It is promoted only if it
-beats the serving model on the same test examples by the configured margin.
+`hps_pretrained`, `hps_checkpoint`) serves. A trained version (a classifier, an SD adapter)
+is copied into `models_dir/<name>/` and registered with the sha256 of its weights, its
+parent (the version serving when it was trained) and its metrics, and its recipe's `Gate`
+decides in the same transaction: a classifier is promoted only if it beats the serving
+model on the same test examples by the configured margin (`PromotionGate`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from db import models, promotion
-from db.connect import Executor
+from db.connect import Executor, transaction
 from db.models import ModelVersion
 from db.promotion import beats
 from hps.files import replacing
 from hps.settings import Settings
 from pipeline.model_files import (
     METADATA_FILE,
-    WEIGHTS_FILE,
     ModelSpec,
     sha256_file,
 )
@@ -114,37 +116,75 @@ async def resolve_version(
     return ModelSpec(version.artifact), version.name
 
 
-async def register_classifier(
+class Gate(Protocol):
+    """What a new version must pass: a classifier serves if it beats the serving model
+    (`PromotionGate`); an SD adapter enters A/B testing if its offline evaluation passes,
+    else it is retired (`pipeline.adapt.evaluate.OfflineGate`)."""
+
+    async def apply(
+        self, conn: Executor, version: ModelVersion, actor: str | None
+    ) -> tuple[bool, str]:
+        """Decide on a new candidate and act on it, in the transaction that registers it;
+        returns whether it passed and why."""
+        ...
+
+    async def settle(
+        self, db: Executor, version: ModelVersion, actor: str | None
+    ) -> tuple[bool, str]:
+        """Where a version an earlier attempt registered stands now (gated again if its gate
+        depends on what serves now)."""
+        ...
+
+
+async def register_version(
     db: Executor,
     settings: Settings,
-    checkpoint: Path,
+    folder: Path,
     *,
+    kind: str,
     name: str,
-    metrics: dict[str, Any],
+    weights: str,
     config: dict[str, Any],
+    metrics: dict[str, Any],
     parent_id: int | None,
     actor: str | None,
-) -> ModelVersion:
-    """Copy a saved checkpoint folder to `models_dir/<name>` and register it as a candidate
-    (a folder left there by a crash before registering is replaced)."""
-    if await models.get(db, models.check_name(name)) is not None:
-        raise models.ModelError(f"a model version named {name} exists; choose another name")
+    gate: Gate | None,
+) -> tuple[ModelVersion, bool, str]:
+    """Copy a model folder (with its `weights` file) to `models_dir/<name>`, whole or not
+    at all, then register it as a `kind` candidate and apply `gate` (None: it stays a
+    candidate) in one transaction; returns the version, whether it passed and why. A crash
+    leaves nothing registered; a version an earlier attempt registered is settled instead."""
+    existing = await models.get(db, models.check_name(name))
+    if existing is not None:
+        return existing, *(await _settle(gate, db, existing, actor))
     target = settings.models_dir / name
-    if target.exists():
+    if target.exists():  # left by an attempt that crashed before its transaction
         shutil.rmtree(target)
-    copy_atomically(checkpoint, target)
-    log.info("registering classifier %s from %s", name, checkpoint)
-    return await models.register(
-        db,
-        kind=KIND,
-        name=name,
-        artifact=str(target.resolve()),
-        sha256=sha256_file(target / WEIGHTS_FILE),
-        config=config,
-        metrics=metrics,
-        parent_id=parent_id,
-        actor=actor,
-    )
+    await asyncio.to_thread(copy_atomically, folder, target, weights)
+    async with transaction(db) as conn:
+        version = await models.register(
+            conn,
+            kind=kind,
+            name=name,
+            artifact=str(target.resolve()),
+            sha256=sha256_file(target / weights),
+            config=config,
+            metrics=metrics,
+            parent_id=parent_id,
+            actor=actor,
+        )
+        passed, reason = await gate.apply(conn, version, actor) if gate else (False, NOT_REQUESTED)
+    log.info("registered %s: %s", name, reason, extra={"model_version_id": version.id})
+    return version, passed, reason
+
+
+NOT_REQUESTED = "promotion not requested"
+
+
+async def _settle(
+    gate: Gate | None, db: Executor, version: ModelVersion, actor: str | None
+) -> tuple[bool, str]:
+    return await gate.settle(db, version, actor) if gate else (False, NOT_REQUESTED)
 
 
 def copy_atomically(source: Path, target: Path, marker: str = METADATA_FILE) -> None:
@@ -186,3 +226,42 @@ async def promote_if_better(
     except models.ModelError as exc:
         return False, f"not promoted: {exc}; it was compared with {compared_with}"
     return True, reason
+
+
+@dataclass
+class PromotionGate:
+    """A classifier serves if its test report beats the serving model's by `margin`, on
+    the same examples (`db.promotion.beats`)."""
+
+    settings: Settings
+    report: dict[str, Any]
+    serving_report: dict[str, Any]
+    margin: float
+
+    async def apply(
+        self, conn: Executor, version: ModelVersion, actor: str | None
+    ) -> tuple[bool, str]:
+        return await promote_if_better(
+            conn, version, self.report, self.serving_report, margin=self.margin, actor=actor
+        )
+
+    async def settle(
+        self, db: Executor, version: ModelVersion, actor: str | None
+    ) -> tuple[bool, str]:
+        """A candidate is compared again with what serves now, from its recorded reports."""
+        if version.status == "serving":
+            return True, "promoted by an earlier attempt"
+        if version.status != "candidate":
+            return False, f"it is {version.status}"
+        _, serving_label, _ = await serving_model(db, self.settings)
+        compared = version.metrics.get("compared", {})
+        if serving_label not in compared:
+            return False, f"the serving model changed to {serving_label} since its evaluation"
+        return await promote_if_better(
+            db,
+            version,
+            version.metrics.get("test", {}),
+            compared[serving_label],
+            margin=self.margin,
+            actor=actor,
+        )

@@ -15,6 +15,31 @@ from cli.options import apply_changes, settings_options
 from hps.settings import Settings
 
 
+class RunExists(Exception):
+    """A run of that name exists already; the message says where."""
+
+
+def agree_run_name(runs_dir: Path, name: str | None, device: str = "auto") -> str:
+    """The run's name (`name`, else `classifier-<UTC time>`), the same in every process of
+    `accelerate launch`: the main process picks it and checks that no run has it, the
+    others receive its answer (each would stamp its own time, and a check racing the main
+    process's `mkdir` would find the folder). Raises `RunExists` in every process.
+    `device` is the training's (`models.device`)."""
+    from accelerate.utils import broadcast_object_list
+
+    from pipeline.devices import process_state
+
+    state = process_state(device)
+    answer: list[str | None] = [name or f"classifier-{datetime.now(UTC):%Y%m%d-%H%M%S}", None]
+    if state.is_main_process and (runs_dir / str(answer[0])).exists():
+        answer[1] = f"a run named {answer[0]} exists in {runs_dir}; choose another --name"
+    if state.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    if answer[1] is not None:
+        raise RunExists(answer[1])
+    return str(answer[0])
+
+
 @settings_options("train")
 def train(
     data: Path | None = typer.Option(
@@ -37,7 +62,7 @@ def train(
     from pipeline.data import DatasetError
     from pipeline.hps_model import ModelLoadError, ModelSpec
     from pipeline.runs import run_recipe
-    from pipeline.train_classifier import CLASSIFIER, RunExists, TooFewExamples, agree_run_name
+    from pipeline.train_classifier import CLASSIFIER, TooFewExamples
 
     config = apply_changes(settings(), "train", changes or {})
     m = config.models

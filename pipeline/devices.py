@@ -1,16 +1,20 @@
-"""Where models run and in what precision, decided in one place for every model: the device
-of a setting ("auto", "cpu", "cuda:1"), the precision of a setting ("auto", "bf16",
-"float16", ...) on that device, and, for training, accelerate's view of the processes and a
-fresh `Accelerator`. torch and accelerate are imported where needed: a CPU-only worker
-without the `worker` extra imports this module too."""
+"""Where models run and in what precision, decided here for every model: the device of a
+setting ("auto", "cuda:1"), the precision of a setting ("auto", "bf16", "float16") on it,
+and for training accelerate's processes and a fresh `Accelerator`. torch is imported where
+needed: a CPU-only worker without the `worker` extra imports this module too."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # The settings' spellings of a precision → accelerate's ("no" is float32).
 PRECISIONS = {
@@ -38,11 +42,12 @@ def precision(setting: str, device: str, *, auto: str = "bf16") -> str:
     float16 on the CPU, slow where it works at all, falls back to float32 with a warning."""
     gpu = resolve_device(device).startswith("cuda")
     if setting == "auto":
-        if not gpu:
-            return "no"
-        import torch
+        if gpu:
+            import torch
 
-        return "bf16" if auto == "bf16" and torch.cuda.is_bf16_supported() else "fp16"
+            if torch.cuda.is_available():
+                return "bf16" if auto == "bf16" and torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
     chosen = PRECISIONS[setting]
     if chosen == "fp16" and not gpu:
         log.warning("float16 is not supported on %s: using float32", device)
@@ -69,12 +74,10 @@ def process_state(device: str = "auto") -> Any:
 
 
 def accelerator(device: str, mixed_precision: str, **options: Any) -> Any:
-    """A fresh `Accelerator` for one training on `device`, in the precision of the setting
-    `mixed_precision` (see `precision`). A worker trains one run after another (classifiers
-    and SD adapters in turn): with a single process there is no distributed state to keep,
-    and a stale one would pin the first run's device and precision ("AcceleratorState has
-    already been initialized"), so it is reset first. The GPU is the current one (see
-    `on_device`), or the one `accelerate launch` gives the process."""
+    """A fresh `Accelerator` for one training on `device` in the precision of the setting
+    `mixed_precision`. A worker trains one run after another: with one process there is no
+    distributed state to keep, and a stale one would pin the first run's device and
+    precision, so it is reset. The GPU: the current one (`on_device`), or accelerate's."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -98,3 +101,17 @@ def on_device(device: str) -> contextlib.AbstractContextManager[Any]:
     import torch
 
     return torch.cuda.device(torch.device(resolved).index)
+
+
+def on_its_device(function: F) -> F:
+    """Run `function` (a trainer) inside `on_device` of its own `device` argument."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with on_device(bound.arguments["device"]):
+            return function(*args, **kwargs)
+
+    return run  # type: ignore[return-value]

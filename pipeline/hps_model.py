@@ -335,27 +335,12 @@ class HPSModel:
         return self.transform(open_image(image))
 
     def score(
-        self,
-        prompts: str | Sequence[str],
-        images: Sequence[ImageInput],
-        *,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        max_pixels: int | None = None,
+        self, prompts: str | Sequence[str], images: Sequence[ImageInput], **options: Any
     ) -> list[float]:
         """HPS of each image for its prompt: one prompt for all images, or one per image.
-        Each distinct prompt is encoded once. Raises `ImageError` naming a bad image."""
-        return [
-            s
-            for batch in self.iter_scores(
-                prompts,
-                images,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                max_pixels=max_pixels,
-            )
-            for s in batch
-        ]
+        Each distinct prompt is encoded once. Raises `ImageError` naming a bad image.
+        `options`: those of `iter_scores` (batch_size, num_workers, max_pixels)."""
+        return [s for batch in self.iter_scores(prompts, images, **options) for s in batch]
 
     def iter_scores(
         self,

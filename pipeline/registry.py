@@ -11,15 +11,14 @@ model on the same test examples by the configured margin (`PromotionGate`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from db import models, promotion
-from db.connect import Executor, transaction
+from db.connect import Executor
 from db.models import ModelVersion
 from db.promotion import beats
 from hps.files import replacing
@@ -27,7 +26,6 @@ from hps.settings import Settings
 from pipeline.model_files import (
     METADATA_FILE,
     ModelSpec,
-    sha256_file,
 )
 
 if TYPE_CHECKING:
@@ -46,10 +44,11 @@ def configured_spec(settings: Settings) -> ModelSpec:
 
 
 async def serving_model(
-    db: Executor, settings: Settings
+    db: Executor | None, settings: Settings
 ) -> tuple[ModelSpec, str, ModelVersion | None]:
-    """The spec and label of the model that scores now, and its registry version if any."""
-    version = await models.serving(db, KIND)
+    """The spec and label of the model that scores now, and its registry version if any
+    (without a database: the configured model)."""
+    version = await models.serving(db, KIND) if db is not None else None
     if version is None:
         return configured_spec(settings), promotion.configured_label(settings), None
     return ModelSpec(version.artifact), version.name, version
@@ -116,77 +115,6 @@ async def resolve_version(
     return ModelSpec(version.artifact), version.name
 
 
-class Gate(Protocol):
-    """What a new version must pass: a classifier serves if it beats the serving model
-    (`PromotionGate`); an SD adapter enters A/B testing if its offline evaluation passes,
-    else it is retired (`pipeline.adapt.evaluate.OfflineGate`)."""
-
-    async def apply(
-        self, conn: Executor, version: ModelVersion, actor: str | None
-    ) -> tuple[bool, str]:
-        """Decide on a new candidate and act on it, in the transaction that registers it;
-        returns whether it passed and why."""
-        ...
-
-    async def settle(
-        self, db: Executor, version: ModelVersion, actor: str | None
-    ) -> tuple[bool, str]:
-        """Where a version an earlier attempt registered stands now (gated again if its gate
-        depends on what serves now)."""
-        ...
-
-
-async def register_version(
-    db: Executor,
-    settings: Settings,
-    folder: Path,
-    *,
-    kind: str,
-    name: str,
-    weights: str,
-    config: dict[str, Any],
-    metrics: dict[str, Any],
-    parent_id: int | None,
-    actor: str | None,
-    gate: Gate | None,
-) -> tuple[ModelVersion, bool, str]:
-    """Copy a model folder (with its `weights` file) to `models_dir/<name>`, whole or not
-    at all, then register it as a `kind` candidate and apply `gate` (None: it stays a
-    candidate) in one transaction; returns the version, whether it passed and why. A crash
-    leaves nothing registered; a version an earlier attempt registered is settled instead."""
-    existing = await models.get(db, models.check_name(name))
-    if existing is not None:
-        return existing, *(await _settle(gate, db, existing, actor))
-    target = settings.models_dir / name
-    if target.exists():  # left by an attempt that crashed before its transaction
-        shutil.rmtree(target)
-    await asyncio.to_thread(copy_atomically, folder, target, weights)
-    async with transaction(db) as conn:
-        version = await models.register(
-            conn,
-            kind=kind,
-            name=name,
-            artifact=str(target.resolve()),
-            sha256=sha256_file(target / weights),
-            config=config,
-            metrics=metrics,
-            parent_id=parent_id,
-            actor=actor,
-        )
-        passed, reason = await gate.apply(conn, version, actor) if gate else (False, NOT_REQUESTED)
-    log.info("registered %s: %s", name, reason, extra={"model_version_id": version.id})
-    return version, passed, reason
-
-
-NOT_REQUESTED = "promotion not requested"
-
-
-async def _settle(
-    gate: Gate | None, db: Executor, version: ModelVersion, actor: str | None
-) -> tuple[bool, str]:
-    return await gate.settle(db, version, actor) if gate else (False, NOT_REQUESTED)
-
-
 def copy_atomically(source: Path, target: Path, marker: str = METADATA_FILE) -> None:
     """Copy a model folder (one holding `marker`) to `target`, which appears whole or not
     at all, and durably: copied to a temporary folder beside it, its files fsynced, renamed,
@@ -200,38 +128,11 @@ def copy_atomically(source: Path, target: Path, marker: str = METADATA_FILE) -> 
         tmp.chmod(mode)
 
 
-async def promote_if_better(
-    db: Executor,
-    version: ModelVersion,
-    report: dict[str, Any],
-    serving_report: dict[str, Any],
-    *,
-    margin: float,
-    actor: str | None,
-) -> tuple[bool, str]:
-    """Promote `version` if its test report beats the serving model's by `margin`, unless
-    another version began serving since that report was made (then it was not compared)."""
-    better, reason = beats(report, serving_report, margin)
-    if not better:
-        return False, reason
-    compared_with = serving_report.get("model")
-
-    def still_serving(_: ModelVersion, now: ModelVersion | None) -> str:
-        if now is not None and now.name != compared_with:
-            raise models.ModelError(f"{now.name} began serving meanwhile")
-        return reason
-
-    try:
-        await models.promote(db, version.id, actor=actor, gate=still_serving)
-    except models.ModelError as exc:
-        return False, f"not promoted: {exc}; it was compared with {compared_with}"
-    return True, reason
-
-
 @dataclass
 class PromotionGate:
     """A classifier serves if its test report beats the serving model's by `margin`, on
-    the same examples (`db.promotion.beats`)."""
+    the same examples (`db.promotion.beats`), unless another version began serving since
+    that report was made (then it was not compared)."""
 
     settings: Settings
     report: dict[str, Any]
@@ -241,9 +142,7 @@ class PromotionGate:
     async def apply(
         self, conn: Executor, version: ModelVersion, actor: str | None
     ) -> tuple[bool, str]:
-        return await promote_if_better(
-            conn, version, self.report, self.serving_report, margin=self.margin, actor=actor
-        )
+        return await self._promote(conn, version, self.report, self.serving_report, actor)
 
     async def settle(
         self, db: Executor, version: ModelVersion, actor: str | None
@@ -257,11 +156,29 @@ class PromotionGate:
         compared = version.metrics.get("compared", {})
         if serving_label not in compared:
             return False, f"the serving model changed to {serving_label} since its evaluation"
-        return await promote_if_better(
-            db,
-            version,
-            version.metrics.get("test", {}),
-            compared[serving_label],
-            margin=self.margin,
-            actor=actor,
-        )
+        test = version.metrics.get("test", {})
+        return await self._promote(db, version, test, compared[serving_label], actor)
+
+    async def _promote(
+        self,
+        db: Executor,
+        version: ModelVersion,
+        report: dict[str, Any],
+        serving_report: dict[str, Any],
+        actor: str | None,
+    ) -> tuple[bool, str]:
+        better, reason = beats(report, serving_report, self.margin)
+        if not better:
+            return False, reason
+        compared_with = serving_report.get("model")
+
+        def still_serving(_: ModelVersion, now: ModelVersion | None) -> str:
+            if now is not None and now.name != compared_with:
+                raise models.ModelError(f"{now.name} began serving meanwhile")
+            return reason
+
+        try:
+            await models.promote(db, version.id, actor=actor, gate=still_serving)
+        except models.ModelError as exc:
+            return False, f"not promoted: {exc}; it was compared with {compared_with}"
+        return True, reason

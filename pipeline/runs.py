@@ -1,52 +1,50 @@
 """Training pipelines as lists of resumable stages, walked by one driver.
 
 A recipe (`Recipe`: classifier training, the paper's SD adaptation, ...) is a list of
-`Stage`s, each an async function of the run in hand (`RunContext`) that does its work and
-returns its record: counts and artifacts. A run lives in `runs_dir/<name>/`, and its
-`manifest.json` holds the recipe's settings (its settings section, fixed when the run
-starts: a resumed run keeps them, whatever the settings say later), what the run started
-from, and one record per finished stage. `run_recipe` walks the list: it skips the finished
-stages, runs the others in order and records each as it finishes, so a run that crashed, or
-whose job was given up, resumes after its last finished stage (a stage resumes its own
-partial work where it can: samples, checkpoints, evaluated pairs). The manifest is replaced
-atomically, so a crash leaves the old one or the new one, never half of one.
-
-Every recipe ends with a `register` stage: `pipeline.registry.register_version` copies the
-model into `models_dir/<name>` and registers it, applying the recipe's `Gate` in the same
-transaction (a classifier is promoted if it beats the serving one; an SD adapter enters
-A/B testing if its offline evaluation passes). `run_job` is the job handler of any recipe.
+`Stage`s, each an async function of the run in hand (`RunContext`) returning its record
+(counts, artifacts). A run lives in `runs_dir/<name>/`; its `manifest.json` (replaced
+atomically) holds the recipe's settings section as the run started (a resumed run keeps
+it), what the run started from, and the record of each finished stage. `run_recipe` skips
+the finished stages and runs the others in order, recording each as it finishes: a run that
+crashed, or whose job was given up, resumes after its last finished stage. Every recipe
+ends with a `register` stage calling `register`: the model is copied into `models_dir` and
+registered, with the recipe's `Gate` applied in the same transaction. `run_job` is the job
+handler of any recipe.
 
 Under a distributed launch (`accelerate launch`, `torchrun`) every process walks the run:
-the stages marked `every_process` (training) run in all of them, a stage before those must
-be finished already, and a stage after them runs in the main process only, which alone
-writes the manifest.
+the `every_process` stages (training) run in all of them, the stages before those must be
+finished already, and those after them run in the main process, the only one that writes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from db import models
+from db.connect import transaction
 from hps.files import write_json_atomically
 from hps.settings import Settings
-from pipeline import devices
+from pipeline import devices, registry
 from pipeline.handlers import JobContext, PermanentError
+from pipeline.model_files import sha256_file
 
 if TYPE_CHECKING:
     import asyncpg
     from pydantic import BaseModel
 
+    from db.connect import Executor
     from pipeline.generate import Generator
     from pipeline.hps_model import HPSModel
-    from pipeline.registry import Gate
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +197,23 @@ class Outcome:
         raise NotImplementedError
 
 
+class Gate(Protocol):
+    """What a recipe's new version must pass: a classifier serves if it beats the serving
+    model (`pipeline.registry.PromotionGate`); an SD adapter enters A/B testing if its
+    offline evaluation passes, else it is retired (`pipeline.adapt.evaluate.OfflineGate`).
+    `apply` decides on a new candidate and acts on it in the transaction that registers it;
+    `settle` says where a version an earlier attempt registered stands now (gating it again
+    when the verdict depends on what serves now). Both return (passed, reason)."""
+
+    async def apply(
+        self, conn: Executor, version: models.ModelVersion, actor: str | None
+    ) -> tuple[bool, str]: ...
+
+    async def settle(
+        self, db: Executor, version: models.ModelVersion, actor: str | None
+    ) -> tuple[bool, str]: ...
+
+
 @dataclass(frozen=True)
 class Recipe:
     kind: str  # the kind of version it registers
@@ -272,6 +287,44 @@ async def run_recipe(
             verdict = await recipe.gate(rc).settle(pool, outcome.version, actor)
             outcome.passed, outcome.reason = verdict
     return outcome
+
+
+async def register(
+    rc: RunContext,
+    folder: Path,
+    *,
+    weights: str,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    parent_id: int | None,
+) -> dict[str, Any]:
+    """The registration step of every recipe's `register` stage: copy the run's model
+    folder (with its `weights` file) to `models_dir/<run name>`, whole or not at all, then
+    register it as a candidate of the recipe's kind and apply the recipe's gate (unless the
+    run asked for none) in one transaction. A crash leaves nothing registered; a version an
+    earlier attempt registered is settled instead. Returns the stage's record."""
+    assert rc.pool is not None, "registering needs the database"
+    name, gate = rc.run.name, rc.recipe.gate(rc) if rc.gate else None
+    version = await models.get(rc.pool, name)
+    if version is not None:
+        passed, reason = await gate.settle(rc.pool, version, rc.actor) if gate else NOT_ASKED
+    else:
+        target = rc.settings.models_dir / name
+        if target.exists():  # left by an attempt that crashed before its transaction
+            shutil.rmtree(target)
+        await asyncio.to_thread(registry.copy_atomically, folder, target, weights)
+        async with transaction(rc.pool) as conn:
+            version = await models.register(
+                conn, kind=rc.recipe.kind, name=name, artifact=str(target.resolve()),
+                sha256=sha256_file(target / weights), config=config, metrics=metrics,
+                parent_id=parent_id, actor=rc.actor,
+            )  # fmt: skip
+            passed, reason = await gate.apply(conn, version, rc.actor) if gate else NOT_ASKED
+        log.info("registered %s: %s", name, reason, extra={"model_version_id": version.id})
+    return {"version": version.name, "version_id": version.id, "passed": passed, "reason": reason}
+
+
+NOT_ASKED = (False, "promotion not requested")
 
 
 async def run_job(ctx: JobContext, recipe: Recipe) -> dict[str, Any]:

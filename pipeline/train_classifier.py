@@ -8,8 +8,8 @@ A run lives in `runs_dir/<name>/`: `manifest.json` (see `pipeline.runs`), `confi
 example with its split, so that a resumed run tests on the same examples), `metrics.jsonl`
 and `checkpoints/` (see `pipeline.trainer`; a crash mid-training trains again from the
 start) and `eval.json` (the test reports). Under `accelerate launch` every process takes the
-examples and trains; the main one names the run (`agree_run_name`), writes its folder,
-evaluates and registers.
+examples and trains (`hps train` agrees on the run's name first); the main one writes the
+run's folder, evaluates and registers.
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from db import models, promotion
+from db import models
 from db.connect import Executor
 from hps.files import remove, write_atomically, write_json_atomically
 from hps.settings import Settings, TrainSettings
 from hps.store import LocalImageStore
-from pipeline import devices, registry
+from pipeline import registry
 from pipeline.data import (
     SPLITS,
     Example,
@@ -41,7 +40,7 @@ from pipeline.evaluate import evaluate
 from pipeline.handlers import JobContext
 from pipeline.hps_model import HPSModel
 from pipeline.model_files import WEIGHTS_FILE, ModelSpec
-from pipeline.runs import Outcome, Recipe, Run, RunContext, Stage, run_job
+from pipeline.runs import Outcome, Recipe, Run, RunContext, Stage, register, run_job
 from pipeline.trainer import train
 
 KIND = registry.KIND
@@ -50,29 +49,6 @@ EXAMPLES_FILE = "examples.jsonl"
 
 class TooFewExamples(Exception):
     """Not enough training examples; the message says how many and how many are needed."""
-
-
-class RunExists(Exception):
-    """A run of that name exists already; the message says where."""
-
-
-def agree_run_name(runs_dir: Path, name: str | None, device: str = "auto") -> str:
-    """The run's name (`name`, else `classifier-<UTC time>`), the same in every process of
-    `accelerate launch`: the main process picks it and checks that no run has it, the
-    others receive its answer (each would stamp its own time, and a check racing the main
-    process's `mkdir` would find the folder). Raises `RunExists` in every process.
-    `device` is the training's (`models.device`)."""
-    from accelerate.utils import broadcast_object_list
-
-    state = devices.process_state(device)
-    answer: list[str | None] = [name or f"classifier-{datetime.now(UTC):%Y%m%d-%H%M%S}", None]
-    if state.is_main_process and (runs_dir / str(answer[0])).exists():
-        answer[1] = f"a run named {answer[0]} exists in {runs_dir}; choose another --name"
-    if state.num_processes > 1:
-        broadcast_object_list(answer, from_process=0)
-    if answer[1] is not None:
-        raise RunExists(answer[1])
-    return str(answer[0])
 
 
 class TrainOutcome(Outcome):
@@ -184,14 +160,7 @@ async def open_run(
         return run
     if db is not None and await models.get(db, name) is not None:
         raise models.ModelError(f"a model version named {name} exists; choose another name")
-    if db is not None:
-        spec, label, version = await registry.serving_model(db, settings)
-    else:
-        spec, label, version = (
-            registry.configured_spec(settings),
-            promotion.configured_label(settings),
-            None,
-        )
+    spec, label, version = await registry.serving_model(db, settings)
     m = settings.models
     return Run.create(
         settings.runs_dir / name,
@@ -312,14 +281,10 @@ def _gate(rc: RunContext) -> registry.PromotionGate:
 async def register_model(rc: RunContext) -> dict[str, Any]:
     """Register the best checkpoint (its test report, the others compared with it, the
     training figures) and promote it if it beats the serving model."""
-    assert rc.pool is not None, "registering needs the database"
     trained, reports = rc.run.stage("train"), rc.run.stage("eval")["reports"]
-    version, passed, reason = await registry.register_version(
-        rc.pool,
-        rc.settings,
+    return await register(
+        rc,
         Path(trained["best"]),
-        kind=KIND,
-        name=rc.run.name,
         weights=WEIGHTS_FILE,
         config={**rc.run.recipe["train"], "base": rc.run.recipe["base"]},
         metrics={
@@ -331,10 +296,7 @@ async def register_model(rc: RunContext) -> dict[str, Any]:
             },
         },
         parent_id=rc.run.data["serving"]["version_id"],
-        actor=rc.actor,
-        gate=_gate(rc) if rc.gate else None,
     )
-    return {"version": version.name, "version_id": version.id, "passed": passed, "reason": reason}
 
 
 CLASSIFIER = Recipe(

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    run_dir: Path
     best: Path | None  # the best checkpoint folder
     best_epoch: int | None
     best_val_top1: float | None
@@ -114,6 +113,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Any
     return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
+@devices.on_its_device
 def train(
     examples: Sequence[Example],
     read: Reader,
@@ -131,24 +131,6 @@ def train(
     best checkpoint in `out_dir`. Also evaluates the untrained model on `test` (the untuned
     baseline, exactly as it started). `device` "cpu" trains on the CPU where a GPU is
     visible, "cuda:N" on GPU N. Raises `Cancelled` at the next step once `cancelled` is set."""
-    with devices.on_device(device):
-        return _train(
-            examples, read, recipe, base, out_dir, device, progress, context, on_epoch, cancelled
-        )
-
-
-def _train(
-    examples: Sequence[Example],
-    read: Reader,
-    recipe: TrainSettings,
-    base: ModelSpec,
-    run_dir: Path,
-    device: str,
-    progress: bool,
-    context: dict[str, Any] | None,
-    on_epoch: Callable[[dict[str, Any]], None] | None,
-    cancelled: threading.Event | None,
-) -> TrainResult:
     from accelerate.utils import set_seed
 
     accelerator = devices.accelerator(
@@ -168,7 +150,7 @@ def _train(
     if not by_split["train"]:
         raise ValueError("no training examples")
     main = accelerator.is_main_process
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = out_dir / "checkpoints"
     if main:
         checkpoints.mkdir(parents=True, exist_ok=True)
 
@@ -209,7 +191,7 @@ def _train(
     scheduler = accelerator.prepare(_scheduler(raw_optimizer, total, warmup))
     tokenizer = hps.tokenizer
 
-    result = TrainResult(run_dir, None, None, None, 0, 0, False, initial)
+    result = TrainResult(None, None, None, 0, 0, False, initial)
     best_top1 = -1.0
     stale = 0
     for epoch in range(1, recipe.epochs + 1):
@@ -270,7 +252,7 @@ def _train(
         record["best"] = improved
         result.history.append(record)
         if main:
-            with open(run_dir / "metrics.jsonl", "a") as fh:
+            with open(out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if on_epoch is not None:
             on_epoch(record)

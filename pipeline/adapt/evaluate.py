@@ -104,7 +104,7 @@ def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, s
 
 @dataclass
 class OfflineGate:
-    """The gate of an SD adapter (`pipeline.registry.Gate`): its offline report's verdict
+    """The gate of an SD adapter (`pipeline.runs.Gate`): its offline report's verdict
     (`offline_gate`); a candidate that passes enters A/B testing, one that fails is retired."""
 
     report: dict[str, Any]

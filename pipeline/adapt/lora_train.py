@@ -25,13 +25,14 @@ with the identifier as negative prompt, the same seeds each) and `adapter/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ def _check_pipeline(sd_model: str) -> None:
         )
 
 
+@devices.on_its_device
 def train_lora(
     items: Sequence[Item],
     root: Path,
@@ -143,34 +145,6 @@ def train_lora(
     "cpu" trains on the CPU where a GPU is visible, "cuda:N" on GPU N; otherwise the
     process's current GPU (or those `accelerate launch` assigns). Raises `Cancelled` at the
     next batch once `cancelled` is set (the latest checkpoint stays, to resume from)."""
-    with devices.on_device(device):
-        return _train_lora(
-            items,
-            root,
-            recipe,
-            sd_model=sd_model,
-            out_dir=out_dir,
-            validation=validation,
-            device=device,
-            progress=progress,
-            context=context,
-            cancelled=cancelled,
-        )
-
-
-def _train_lora(
-    items: Sequence[Item],
-    root: Path,
-    recipe: AdaptSettings,
-    *,
-    sd_model: str,
-    out_dir: Path,
-    validation: SamplingParams,
-    device: str,
-    progress: bool,
-    context: dict[str, Any] | None,
-    cancelled: threading.Event | None,
-) -> TrainReport:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import (
         AutoencoderKL,
@@ -510,21 +484,17 @@ def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, recipe: AdaptSe
     log.info("saved checkpoint %s", target)
 
 
-class _ema_weights:
+@contextlib.contextmanager
+def _ema_weights(ema: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
     """With EMA, the EMA weights stand in for the trained ones inside the block."""
-
-    def __init__(self, ema: Any, params: list[torch.nn.Parameter]) -> None:
-        self.ema = ema
-        self.params = params
-
-    def __enter__(self) -> None:
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ema is not None:
-            self.ema.restore(self.params)
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        yield
+    finally:
+        if ema is not None:
+            ema.restore(params)
 
 
 def _validate(

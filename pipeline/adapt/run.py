@@ -17,7 +17,7 @@ Resuming (a retried job, or the same `--name` again) skips the finished stages, 
 the samples not recorded yet, fine-tunes on from the latest checkpoint, and evaluates only
 the held-out pairs not recorded yet. Nothing is registered before the end: the adapter
 folder is copied into `models_dir/<name>` and then registered, gated and put into testing
-(or retired) in one transaction (`pipeline.registry.register_version`). So a crash anywhere
+(or retired) in one transaction (`pipeline.runs.register`). So a crash anywhere
 leaves the serving versions untouched and no version registered, and a crash after that
 transaction is recognised on retry by the version's name.
 
@@ -46,13 +46,22 @@ from pipeline.adapt.evaluate import OfflineGate, evaluate_adapter
 from pipeline.adapt.label import label_samples
 from pipeline.adapt.prompts import PromptFileError, PromptSplit, read_prompt_file, sample_prompts
 from pipeline.adapt.samples import SAMPLES_FILE, generate_samples, read_samples
+from pipeline.generate import SAMPLING_KEYS, SamplingParams, adapter_name, load_version
 from pipeline.handlers import JobContext
-from pipeline.runs import Outcome, Recipe, Resources, Run, RunContext, RunError, Stage, run_job
+from pipeline.runs import (
+    Outcome,
+    Recipe,
+    Resources,
+    Run,
+    RunContext,
+    RunError,
+    Stage,
+    register,
+    run_job,
+)
 
 if TYPE_CHECKING:
     import asyncpg
-
-    from pipeline.generate import SamplingParams
 
 KIND = "sd_adapter"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -154,12 +163,7 @@ async def open_run(pool: asyncpg.Pool, settings: Settings, name: str) -> Run:
         recipe={
             "adapt": settings.adapt.model_dump(mode="json"),
             "sd_model": g.sd_model,
-            "sampling": {
-                "steps": g.steps,
-                "guidance_scale": g.guidance_scale,
-                "width": g.width,
-                "height": g.height,
-            },
+            "sampling": {key: getattr(g, key) for key in SAMPLING_KEYS},
         },
         base={"id": base.id, "name": base.name},
         parent={"id": parent.id, "name": parent.name, "kind": parent.kind},
@@ -174,9 +178,7 @@ def sampling_of(run: Run) -> SamplingParams:
 
 
 def sampling_from(values: dict[str, Any]) -> SamplingParams:
-    from pipeline.generate import SamplingParams
-
-    return SamplingParams(**{k: values[k] for k in ("steps", "guidance_scale", "width", "height")})
+    return SamplingParams(**{key: values[key] for key in SAMPLING_KEYS})
 
 
 def _split(rc: RunContext) -> PromptSplit:
@@ -193,8 +195,6 @@ async def _parent(rc: RunContext) -> models.ModelVersion:
 
 def _adapter_of(version: models.ModelVersion) -> str | None:
     """The name of a version's adapter in the generator (None: the base pipeline)."""
-    from pipeline.generate import adapter_name
-
     return adapter_name(version.id) if version.kind == KIND else None
 
 
@@ -218,8 +218,6 @@ async def make_samples(rc: RunContext) -> dict[str, Any]:
     """Images of the training prompts by the parent, scored by the serving classifier. The
     parent's adapter is pinned before it loads: a generate job of the same worker unloads
     the adapters of retired versions, and the parent may be rolled back meanwhile."""
-    from pipeline.generate import load_version
-
     assert rc.resources is not None
     generator, scorer = await rc.resources.generator(), await rc.resources.scorer()
     parent, recipe = await _parent(rc), rc.options
@@ -307,8 +305,6 @@ async def evaluate_offline(
     pinned while it runs (the worker's generate jobs, beside it, keep only the adapters of
     serving and testing versions loaded); the evaluated adapter is unloaded after. Returns
     the report (with the parent's name) and the name of the classifier that scored it."""
-    from pipeline.generate import load_version
-
     generator, scorer = await resources.generator(), await resources.scorer()
     name, folder, identifier = adapter
     parent_adapter = _adapter_of(parent)
@@ -365,16 +361,11 @@ def _gate(rc: RunContext) -> OfflineGate:
 async def register_adapter(rc: RunContext, data_stage: str = "label") -> dict[str, Any]:
     """Register the run's adapter (its data counts: the record of `data_stage`), gated by
     its offline evaluation: into A/B testing, or retired."""
-    assert rc.pool is not None
-    gate, trained = rc.recipe.gate(rc), rc.run.stage("train")
-    assert isinstance(gate, OfflineGate)
+    gate, trained = _gate(rc), rc.run.stage("train")
     figures = ("steps", "loss", "probe_loss", "probe_loss_base", "seconds")
-    version, passed, reason = await registry.register_version(
-        rc.pool,
-        rc.settings,
+    return await register(
+        rc,
         Path(trained["adapter"]),
-        kind=KIND,
-        name=rc.run.name,
         weights=LORA_WEIGHTS,
         config={
             "identifier": rc.options.identifier,
@@ -389,10 +380,7 @@ async def register_adapter(rc: RunContext, data_stage: str = "label") -> dict[st
             "offline": {**gate.report, "gate": gate.reason, "passed": gate.passed},
         },
         parent_id=rc.run.data["parent"]["id"],
-        actor=rc.actor,
-        gate=gate if rc.gate else None,
     )
-    return {"version": version.name, "version_id": version.id, "passed": passed, "reason": reason}
 
 
 EVAL = Stage("eval", evaluate_run)
@@ -440,8 +428,6 @@ async def evaluate_version(
     candidate) and store the report in its metrics (`offline`). A candidate is then gated:
     put into A/B testing, or retired with the reason. Returns (version, report, passed,
     reason)."""
-    from pipeline.generate import adapter_name
-
     if ref is None:
         candidates = [v for v in await models.list_versions(pool, KIND) if v.status == "candidate"]
         if not candidates:

@@ -448,7 +448,7 @@ def test_the_untuned_base_is_evaluated_with_the_preprocessing_it_serves_with(
 
 
 def test_every_process_agrees_on_the_run_name(tmp_path: Path) -> None:
-    from pipeline.train_classifier import RunExists, agree_run_name
+    from cli.train import RunExists, agree_run_name
 
     stamped = agree_run_name(tmp_path, None)
     assert stamped.startswith("classifier-") and len(stamped) == len("classifier-20261201-120000")

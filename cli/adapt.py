@@ -29,27 +29,23 @@ def _actor() -> str:
     return f"cli:{getpass.getuser()}"
 
 
-def _resources(config: Settings) -> Any:
+def _resources(config: Settings, pool: Any) -> Any:
     """The generator and the serving HPS model, loaded on first use."""
-    from pipeline import registry
     from pipeline.devices import resolve_device
     from pipeline.generate import Generator
     from pipeline.runs import Resources
+    from pipeline.score import serving_scorer
 
-    device = resolve_device(config.models.device)
     loaded: dict[str, Any] = {}
 
     async def generator() -> Generator:
         if "generator" not in loaded:
+            device = resolve_device(config.models.device)
             loaded["generator"] = Generator.from_settings(config.generation, device)
         return loaded["generator"]
 
     async def scorer() -> Any:
-        if "scorer" not in loaded:
-            async with database(config) as pool:
-                spec, label, _ = await registry.serving_model(pool, config)
-            loaded["scorer"] = registry.load_spec(spec, config, label)
-        return loaded["scorer"]
+        return (await serving_scorer(pool, config, loaded))[0]
 
     return Resources(generator, scorer)
 
@@ -94,7 +90,7 @@ def _pipeline(until: str, name: str | None, changes: dict[str, Any]) -> None:
                 pool,
                 config,
                 name=name,
-                resources=_resources(config),
+                resources=_resources(config, pool),
                 until=until,
                 actor=_actor(),
                 cancelled=stop,
@@ -168,7 +164,7 @@ def evaluate(
     async def _eval() -> Any:
         async with database(config) as pool:
             return await evaluate_version(
-                pool, config, version, resources=_resources(config), actor=_actor()
+                pool, config, version, resources=_resources(config, pool), actor=_actor()
             )
 
     try:

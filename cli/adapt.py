@@ -8,13 +8,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
 from cli.common import console, database, fail, run, settings
+from cli.options import apply_changes, settings_options
 from hps.settings import Settings
 
 app = typer.Typer(
@@ -29,38 +29,23 @@ def _actor() -> str:
     return f"cli:{getpass.getuser()}"
 
 
-def _settings(**recipe: Any) -> Settings:
-    """The settings with the recipe options given on the command line."""
-    from pydantic import ValidationError
-
-    try:
-        return settings().with_changes("adapt", **recipe)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise fail(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
-
-
-def _resources(config: Settings) -> Any:
+def _resources(config: Settings, pool: Any) -> Any:
     """The generator and the serving HPS model, loaded on first use."""
-    from pipeline import registry
-    from pipeline.adapt.run import Resources
     from pipeline.devices import resolve_device
     from pipeline.generate import Generator
+    from pipeline.runs import Resources
+    from pipeline.score import serving_scorer
 
-    device = resolve_device(config.models.device)
     loaded: dict[str, Any] = {}
 
     async def generator() -> Generator:
         if "generator" not in loaded:
+            device = resolve_device(config.models.device)
             loaded["generator"] = Generator.from_settings(config.generation, device)
         return loaded["generator"]
 
     async def scorer() -> Any:
-        if "scorer" not in loaded:
-            async with database(config) as pool:
-                spec, label, _ = await registry.serving_model(pool, config)
-            loaded["scorer"] = registry.load_spec(spec, config, label)
-        return loaded["scorer"]
+        return (await serving_scorer(pool, config, loaded))[0]
 
     return Resources(generator, scorer)
 
@@ -83,14 +68,15 @@ def _stop_on_ctrl_c() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _pipeline(until: str, name: str | None, recipe: dict[str, Any]) -> None:
-    from pipeline.adapt.run import USER_ERRORS, run_adaptation
+def _pipeline(until: str, name: str | None, changes: dict[str, Any]) -> None:
+    from pipeline.adapt.run import SD_ADAPTATION, USER_ERRORS
     from pipeline.handlers import Cancelled
     from pipeline.hps_model import ModelLoadError
+    from pipeline.runs import run_recipe
 
-    config = _settings(**recipe)
+    config = apply_changes(settings(), "adapt", changes)
     name = name or f"sd_adapter-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    if (config.runs_dir / name).exists() and any(v is not None for v in recipe.values()):
+    if (config.runs_dir / name).exists() and changes:
         console.print(
             f"run {name} exists: it resumes with the recipe it started with; "
             "the recipe options given are ignored",
@@ -99,11 +85,12 @@ def _pipeline(until: str, name: str | None, recipe: dict[str, Any]) -> None:
 
     async def _run(stop: threading.Event) -> Any:
         async with database(config) as pool:
-            return await run_adaptation(
+            return await run_recipe(
+                SD_ADAPTATION,
                 pool,
                 config,
                 name=name,
-                resources=_resources(config),
+                resources=_resources(config, pool),
                 until=until,
                 actor=_actor(),
                 cancelled=stop,
@@ -116,38 +103,18 @@ def _pipeline(until: str, name: str | None, recipe: dict[str, Any]) -> None:
         raise fail(str(exc)) from None
     except Cancelled as exc:
         raise fail(f"{exc}; `hps adapt run --name {name}` resumes the run", 130) from None
-    console.print(f"run folder: {outcome.run.path}", highlight=False)
-    console.print(outcome.summary, highlight=False)
+    if outcome.main:
+        console.print(f"run folder: {outcome.run.path}", highlight=False)
+        console.print(outcome.summary, highlight=False)
 
 
 def _with_recipe(until: str, doc: str) -> Any:
+    @settings_options("adapt")
     def command(
         name: str | None = typer.Option(None, "--name", help=NAME_HELP),
-        max_prompts: int | None = typer.Option(None, "--max-prompts", min=1),
-        prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Extra prompts."),
-        images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", min=4),
-        label_factor: float | None = typer.Option(None, "--label-factor"),
-        regularization_data: Path | None = typer.Option(
-            None,
-            "--regularization-data",
-            help="Folder with metadata.jsonl of {file_name, caption}.",
-        ),
-        max_train_steps: int | None = typer.Option(None, "--steps", min=1),
-        learning_rate: float | None = typer.Option(None, "--lr"),
-        rank: int | None = typer.Option(None, "--rank", min=1),
-        resolution: int | None = typer.Option(None, "--resolution"),
-        batch_size: int | None = typer.Option(None, "--batch-size", min=1),
-        total_batch_size: int | None = typer.Option(None, "--total-batch-size", min=1),
-        mixed_precision: str | None = typer.Option(None, "--mixed-precision"),
-        gradient_checkpointing: bool | None = typer.Option(
-            None, "--gradient-checkpointing/--no-gradient-checkpointing"
-        ),
-        use_ema: bool | None = typer.Option(None, "--ema/--no-ema"),
-        seed: int | None = typer.Option(None, "--seed"),
+        changes: dict[str, Any] | None = None,
     ) -> None:
-        # The options are the recipe (`until` is the closure's, not an option).
-        recipe = {k: v for k, v in locals().items() if k not in ("name", "until")}
-        _pipeline(until, name, recipe)
+        _pipeline(until, name, changes or {})
 
     command.__doc__ = doc
     return command
@@ -197,7 +164,7 @@ def evaluate(
     async def _eval() -> Any:
         async with database(config) as pool:
             return await evaluate_version(
-                pool, config, version, resources=_resources(config), actor=_actor()
+                pool, config, version, resources=_resources(config, pool), actor=_actor()
             )
 
     try:

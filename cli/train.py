@@ -11,9 +11,36 @@ import typer
 from rich.table import Table
 
 from cli.common import console, database, fail, run, settings
+from cli.options import apply_changes, settings_options
 from hps.settings import Settings
 
 
+class RunExists(Exception):
+    """A run of that name exists already; the message says where."""
+
+
+def agree_run_name(runs_dir: Path, name: str | None, device: str = "auto") -> str:
+    """The run's name (`name`, else `classifier-<UTC time>`), the same in every process of
+    `accelerate launch`: the main process picks it and checks that no run has it, the
+    others receive its answer (each would stamp its own time, and a check racing the main
+    process's `mkdir` would find the folder). Raises `RunExists` in every process.
+    `device` is the training's (`models.device`)."""
+    from accelerate.utils import broadcast_object_list
+
+    from pipeline.devices import process_state
+
+    state = process_state(device)
+    answer: list[str | None] = [name or f"classifier-{datetime.now(UTC):%Y%m%d-%H%M%S}", None]
+    if state.is_main_process and (runs_dir / str(answer[0])).exists():
+        answer[1] = f"a run named {answer[0]} exists in {runs_dir}; choose another --name"
+    if state.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    if answer[1] is not None:
+        raise RunExists(answer[1])
+    return str(answer[0])
+
+
+@settings_options("train")
 def train(
     data: Path | None = typer.Option(
         None, "--data", help="An HPD-layout dataset folder (default: the choices database)."
@@ -25,91 +52,46 @@ def train(
     pretrained: str | None = typer.Option(
         None, "--pretrained", help="Its pretrained tag or file (default: models.hps_pretrained)."
     ),
-    epochs: int | None = typer.Option(None, "--epochs", min=1),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
-    learning_rate: float | None = typer.Option(None, "--lr", min=0),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", min=0),
-    grad_accumulation: int | None = typer.Option(None, "--grad-accumulation", min=1),
-    warmup_fraction: float | None = typer.Option(None, "--warmup-fraction", min=0, max=0.99),
-    image_blocks: int | None = typer.Option(None, "--image-blocks", min=0),
-    text_blocks: int | None = typer.Option(None, "--text-blocks", min=0),
-    patience: int | None = typer.Option(None, "--patience", min=1),
-    resize_mode: str | None = typer.Option(None, "--resize-mode"),
-    mixed_precision: str | None = typer.Option(None, "--mixed-precision"),
-    num_workers: int | None = typer.Option(None, "--num-workers", min=0),
-    seed: int | None = typer.Option(None, "--seed"),
-    choosers: str | None = typer.Option(None, "--choosers", help="requester or all."),
-    include_contains_name: bool | None = typer.Option(
-        None, "--include-contains-name/--exclude-contains-name"
-    ),
-    min_examples: int | None = typer.Option(None, "--min-examples", min=1),
     register: bool = typer.Option(True, "--register/--no-register", help="Add to the registry."),
     promote: bool = typer.Option(True, "--promote/--no-promote", help="Promote if better."),
+    changes: dict[str, Any] | None = None,
 ) -> None:
     """Train an HPS classifier on the choices (the paper's recipe; defaults: the train settings),
     evaluate it, register it and promote it if it beats the serving model."""
-    from pydantic import ValidationError
-
     from db.models import ModelError
     from pipeline.data import DatasetError
     from pipeline.hps_model import ModelLoadError, ModelSpec
-    from pipeline.train_classifier import RunExists, TooFewExamples, agree_run_name, run_training
-    from pipeline.trainer import TrainConfig
+    from pipeline.runs import run_recipe
+    from pipeline.train_classifier import CLASSIFIER, TooFewExamples
 
-    try:
-        config = settings().with_changes(
-            "train",
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            grad_accumulation=grad_accumulation,
-            warmup_fraction=warmup_fraction,
-            image_blocks=image_blocks,
-            text_blocks=text_blocks,
-            patience=patience,
-            resize_mode=resize_mode,
-            mixed_precision=mixed_precision,
-            num_workers=num_workers,
-            seed=seed,
-            choosers=choosers,
-            include_contains_name=include_contains_name,
-            min_examples=min_examples,
-        )
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise fail(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
-    train_config = TrainConfig.from_settings(config)
+    config = apply_changes(settings(), "train", changes or {})
+    m = config.models
+    start = None  # the configured base (models.hps_arch, hps_pretrained)
     if base is not None:
-        train_config.base = ModelSpec(base, pretrained or None)
+        start = ModelSpec(base, pretrained or None)
     elif pretrained is not None:
-        train_config.base = ModelSpec(train_config.base.model, pretrained or None)
+        start = ModelSpec(m.hps_arch, pretrained or None)
     try:  # one name for all the processes of `accelerate launch`
-        run_name = agree_run_name(config.runs_dir, name, train_config.device)
+        run_name = agree_run_name(config.runs_dir, name, m.device)
     except RunExists as exc:
         raise fail(str(exc)) from None
-    needs_db = data is None or register
 
     async def _train() -> Any:
-        if not needs_db:
-            return await run_training(
-                None, config, config=train_config, name=run_name, data=data, register=False,
-                actor="cli",
-            )  # fmt: skip
+        options = {"name": run_name, "data": data, "base": start, "actor": "cli",
+                   "until": None if register else "eval", "gate": promote}  # fmt: skip
+        if data is not None and not register:  # no database needed
+            return await run_recipe(CLASSIFIER, None, config, **options)
         async with database(config) as pool:
-            return await run_training(
-                pool, config, config=train_config, name=run_name, data=data, register=register,
-                promote=promote, actor="cli",
-            )  # fmt: skip
+            return await run_recipe(CLASSIFIER, pool, config, **options)
 
     try:
         outcome = run(_train())
     except (TooFewExamples, DatasetError, ModelLoadError, ModelError, ValueError) as exc:
         raise fail(str(exc)) from None
-    if not outcome.reports:  # another process of `accelerate launch`: the main one reports
+    if not outcome.main:  # another process of `accelerate launch`: the main one reports
         return
     print_reports(outcome.reports)
-    console.print(f"run folder: {outcome.run_dir}", highlight=False)
+    console.print(f"run folder: {outcome.run.path}", highlight=False)
     console.print(outcome.summary, highlight=False)
 
 
@@ -183,7 +165,9 @@ async def _evaluate(
                     else "no classifier version is registered yet: give --model"
                 )
             spec, label = ModelSpec(version.artifact), version.name
-        examples, read = await load_examples(None if data else pool, config, data)
+        examples, read = await load_examples(
+            None if data else pool, config.train, data, config.images_dir
+        )
         examples = [e for e in examples if e.split == split]
         if not examples:
             raise models.ModelError(f"the {split} split has no examples")

@@ -2,8 +2,8 @@
 
 A blob's key is derived from the SHA-256 of its bytes: `ab/cd/abcd…ef.png` (two levels of
 two-hex-digit shards keep directories small). Writing the same bytes twice stores them once.
-Files are written to a temporary name in the target folder, flushed and fsynced, then renamed
-into place, so a reader never sees a partial file and a crash leaves at most a stray temp file.
+Files are written through `hps.files.replacing` (a temporary name, fsync, rename), so a
+reader never sees a partial file and a crash leaves at most a stray temp file.
 
 `ImageStore` is the interface; `LocalImageStore` implements it on a filesystem. An
 S3-compatible store would implement the same four methods (`put`, `get`, `exists`,
@@ -13,12 +13,12 @@ S3-compatible store would implement the same four methods (`put`, `get`, `exists
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from hps.files import replacing
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}\.[a-z0-9]{1,5}$")
 _SUFFIX = re.compile(r"^\.[a-z0-9]{1,5}$")
@@ -73,20 +73,10 @@ class LocalImageStore:
         target = self.root / key
         if target.exists():
             return StoredBlob(key, digest, len(data), created=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=suffix)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            # Atomic on POSIX; two writers of the same bytes both succeed with one file.
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        # Atomic; two writers of the same bytes both succeed with one file.
+        with replacing(target) as tmp:
+            tmp.write_bytes(data)
+            tmp.chmod(0o644)
         return StoredBlob(key, digest, len(data), created=True)
 
     def get(self, key: str) -> bytes:
@@ -104,11 +94,3 @@ class LocalImageStore:
         except FileNotFoundError:
             return False
         return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

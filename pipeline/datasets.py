@@ -40,7 +40,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from db import datasets as db_datasets
 from db import prompts as db_prompts
 from db import users as db_users
 from db.images import NewImage
+from hps.files import publish
 from hps.store import ImageStore, StoreError
 from pipeline.data import (
     HPD_FILES,
@@ -329,7 +329,7 @@ async def export_dataset(
     finally:
         bar.close()
     for child in stage.iterdir():
-        os.replace(child, out / child.name)
+        publish(child, out / child.name, durable=False)
     stage.rmdir()
     return ExportReport(fmt, writer.rows, choices, out, splits)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from itertools import accumulate, pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,8 @@ BOOTSTRAP_SAMPLES = 1000
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of successes / n at the normal quantile `z` (95%: `Z95`);
+    (0, 1) when n is 0. Accuracy reports, the live A/B test and the report's plots use it."""
     if n == 0:
         return (0.0, 1.0)
     p = successes / n
@@ -111,26 +114,6 @@ class _Read(Sequence):
         return self.read(self.refs[index])
 
 
-def score_examples(
-    model: HPSModel,
-    examples: Sequence[Example],
-    read: Reader,
-    *,
-    batch_size: int = 32,
-    num_workers: int = 0,
-) -> list[list[float]]:
-    """The model's scores of each example's images (one batched pass; images are read as
-    they are decoded, so memory does not grow with the number of examples)."""
-    prompts = [e.prompt for e in examples for _ in e.images]
-    images = _Read([ref for e in examples for ref in e.images], read)
-    flat = model.score(prompts, images, batch_size=batch_size, num_workers=num_workers)
-    scores, start = [], 0
-    for e in examples:
-        scores.append(flat[start : start + e.k])
-        start += e.k
-    return scores
-
-
 def evaluate(
     model: HPSModel,
     examples: Sequence[Example],
@@ -139,8 +122,14 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """The accuracy report of `model` on `examples`, with what identifies it."""
-    scores = score_examples(model, examples, read, batch_size=batch_size, num_workers=num_workers)
+    """The accuracy report of `model` on `examples`, with what identifies it: training's
+    validation, its test reports and `hps eval` all use it. The images are scored in one
+    batched pass, read as they are decoded (memory does not grow with the examples)."""
+    prompts = [e.prompt for e in examples for _ in e.images]
+    images = _Read([ref for e in examples for ref in e.images], read)
+    flat = model.score(prompts, images, batch_size=batch_size, num_workers=num_workers)
+    bounds = list(accumulate((e.k for e in examples), initial=0))
+    scores = [flat[start:end] for start, end in pairwise(bounds)]
     return {
         "model": model.name,
         "examples": fingerprint(examples),

@@ -48,7 +48,8 @@ from db import jobs, models, rounds
 from db.connect import transaction
 from db.images import NewImage
 from hps.settings import GenerationSettings
-from pipeline.devices import resolve_device, resolve_dtype
+from pipeline.devices import dtype as torch_dtype
+from pipeline.devices import precision, resolve_device
 from pipeline.handlers import JobContext, LeaseLost, PermanentError
 from pipeline.serving import RoundPlan, plan_round
 
@@ -116,7 +117,7 @@ class Generator:
 
         self.model = model
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = torch_dtype(precision(dtype, self.device, auto="fp16"))
         self._lock = threading.Lock()
         self.adapters: dict[str, str] = {}  # adapter name → artifact it was loaded from
         self.identifiers: dict[str, str] = {}  # adapter name → its negative-prompt identifier

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as torchvision_transforms
 
+from hps.files import replacing
+from pipeline import devices
 from pipeline.images import ImageError, ImageInput, open_image
 from pipeline.model_files import (
     METADATA_FILE,
@@ -49,9 +50,6 @@ from pipeline.model_files import (
     SCALE,
     WEIGHTS_FILE,
     ModelSpec,
-    fsync,
-    fsync_tree,
-    make_temp_dir,
     sha256_file,
     write_json,
 )
@@ -75,21 +73,6 @@ __all__ = [
 
 class ModelLoadError(Exception):
     """The model cannot be loaded as specified; the message says why and what to do."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """fp32 on the CPU; bf16 (fp16 where bf16 is missing) on a GPU unless told otherwise."""
-    if precision != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def openai_model_cfg(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -252,8 +235,9 @@ class HPSModel:
         self.name = name
         self.base = base  # the untuned CLIP this one derives from (the paper's baseline)
         self.transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
-        self.device = resolve_device(str(device))
-        self.dtype = inference_dtype(self.device, precision)
+        # Inference: float32 on the CPU, bf16 (fp16 where bf16 is missing) on a GPU.
+        self.device = torch.device(devices.resolve_device(str(device)))
+        self.dtype = devices.dtype(devices.precision(precision, str(self.device)))
         self.clip.to(device=self.device, dtype=self.dtype).eval()
 
     # ---- loading and saving ------------------------------------------------------------
@@ -310,9 +294,7 @@ class HPSModel:
         target = Path(directory)
         if target.exists():
             raise FileExistsError(f"{target} exists")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(target)  # the mode of a plain mkdir (the umask's), not 0700
-        try:
+        with replacing(target, folder=True) as tmp:
             state = {
                 k: v.detach().float().cpu().contiguous() for k, v in self.clip.state_dict().items()
             }
@@ -330,12 +312,6 @@ class HPSModel:
                 **(metadata or {}),
             }
             write_json(tmp / METADATA_FILE, meta)
-            fsync_tree(tmp)
-            os.replace(tmp, target)
-            fsync(target.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return digest
 
     # ---- scoring -----------------------------------------------------------------------
@@ -359,27 +335,12 @@ class HPSModel:
         return self.transform(open_image(image))
 
     def score(
-        self,
-        prompts: str | Sequence[str],
-        images: Sequence[ImageInput],
-        *,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        max_pixels: int | None = None,
+        self, prompts: str | Sequence[str], images: Sequence[ImageInput], **options: Any
     ) -> list[float]:
         """HPS of each image for its prompt: one prompt for all images, or one per image.
-        Each distinct prompt is encoded once. Raises `ImageError` naming a bad image."""
-        return [
-            s
-            for batch in self.iter_scores(
-                prompts,
-                images,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                max_pixels=max_pixels,
-            )
-            for s in batch
-        ]
+        Each distinct prompt is encoded once. Raises `ImageError` naming a bad image.
+        `options`: those of `iter_scores` (batch_size, num_workers, max_pixels)."""
+        return [s for batch in self.iter_scores(prompts, images, **options) for s in batch]
 
     def iter_scores(
         self,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,34 +43,3 @@ def sha256_file(path: Path) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=list) + "\n")
-
-
-def fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under `folder` (and it): before a rename publishes a
-    folder, so that a crash cannot leave it published with empty or partial files."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fsync(Path(root) / name)
-        fsync(Path(root))
-
-
-def make_temp_dir(target: Path) -> Path:
-    """A new, uniquely named folder beside `target` to build it in before renaming it into
-    place. Made by a plain `mkdir`, so it has the mode the umask gives (typically 0755), as
-    the published folder should; `tempfile.mkdtemp` would make it 0700 (owner only)."""
-    while True:
-        tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
-        try:
-            tmp.mkdir()
-        except FileExistsError:
-            continue
-        return tmp

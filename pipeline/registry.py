@@ -1,18 +1,19 @@
-"""Which HPS model serves, and how trained classifiers enter the registry.
+"""Which HPS model serves, and how trained versions enter the registry.
 
 The serving classifier is the `classifier` version with status serving
 (`db.models.serving`); with none, the configured model (`models.hps_arch`,
-`hps_pretrained`, `hps_checkpoint`) serves. A trained classifier is copied into
-`models_dir/<name>/` and registered as a candidate with the sha256 of its weights, its
-parent (the version serving when it was trained) and its metrics. It is promoted only if it
-beats the serving model on the same test examples by the configured margin.
+`hps_pretrained`, `hps_checkpoint`) serves. A trained version (a classifier, an SD adapter)
+is copied into `models_dir/<name>/` and registered with the sha256 of its weights, its
+parent (the version serving when it was trained) and its metrics, and its recipe's `Gate`
+decides in the same transaction: a classifier is promoted only if it beats the serving
+model on the same test examples by the configured margin (`PromotionGate`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,15 +21,11 @@ from db import models, promotion
 from db.connect import Executor
 from db.models import ModelVersion
 from db.promotion import beats
+from hps.files import replacing
 from hps.settings import Settings
 from pipeline.model_files import (
     METADATA_FILE,
-    WEIGHTS_FILE,
     ModelSpec,
-    fsync,
-    fsync_tree,
-    make_temp_dir,
-    sha256_file,
 )
 
 if TYPE_CHECKING:
@@ -47,10 +44,11 @@ def configured_spec(settings: Settings) -> ModelSpec:
 
 
 async def serving_model(
-    db: Executor, settings: Settings
+    db: Executor | None, settings: Settings
 ) -> tuple[ModelSpec, str, ModelVersion | None]:
-    """The spec and label of the model that scores now, and its registry version if any."""
-    version = await models.serving(db, KIND)
+    """The spec and label of the model that scores now, and its registry version if any
+    (without a database: the configured model)."""
+    version = await models.serving(db, KIND) if db is not None else None
     if version is None:
         return configured_spec(settings), promotion.configured_label(settings), None
     return ModelSpec(version.artifact), version.name, version
@@ -117,39 +115,6 @@ async def resolve_version(
     return ModelSpec(version.artifact), version.name
 
 
-async def register_classifier(
-    db: Executor,
-    settings: Settings,
-    checkpoint: Path,
-    *,
-    name: str,
-    metrics: dict[str, Any],
-    config: dict[str, Any],
-    parent_id: int | None,
-    actor: str | None,
-) -> ModelVersion:
-    """Copy a saved checkpoint folder to `models_dir/<name>` and register it as a candidate
-    (a folder left there by a crash before registering is replaced)."""
-    if await models.get(db, models.check_name(name)) is not None:
-        raise models.ModelError(f"a model version named {name} exists; choose another name")
-    target = settings.models_dir / name
-    if target.exists():
-        shutil.rmtree(target)
-    copy_atomically(checkpoint, target)
-    log.info("registering classifier %s from %s", name, checkpoint)
-    return await models.register(
-        db,
-        kind=KIND,
-        name=name,
-        artifact=str(target.resolve()),
-        sha256=sha256_file(target / WEIGHTS_FILE),
-        config=config,
-        metrics=metrics,
-        parent_id=parent_id,
-        actor=actor,
-    )
-
-
 def copy_atomically(source: Path, target: Path, marker: str = METADATA_FILE) -> None:
     """Copy a model folder (one holding `marker`) to `target`, which appears whole or not
     at all, and durably: copied to a temporary folder beside it, its files fsynced, renamed,
@@ -157,43 +122,63 @@ def copy_atomically(source: Path, target: Path, marker: str = METADATA_FILE) -> 
     not `mkdtemp`'s owner-only 0700, so that other users (a worker, a web server) can read it."""
     if not (source / marker).is_file():
         raise FileNotFoundError(f"{source} is not a saved model folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target)
-    mode = tmp.stat().st_mode  # copytree would give it the source's (a 0700 `mkdtemp` one)
-    try:
+    with replacing(target, folder=True) as tmp:
+        mode = tmp.stat().st_mode  # copytree would give it the source's (a 0700 `mkdtemp` one)
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         tmp.chmod(mode)
-        fsync_tree(tmp)
-        os.replace(tmp, target)
-        fsync(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-async def promote_if_better(
-    db: Executor,
-    version: ModelVersion,
-    report: dict[str, Any],
-    serving_report: dict[str, Any],
-    *,
-    margin: float,
-    actor: str | None,
-) -> tuple[bool, str]:
-    """Promote `version` if its test report beats the serving model's by `margin`, unless
-    another version began serving since that report was made (then it was not compared)."""
-    better, reason = beats(report, serving_report, margin)
-    if not better:
-        return False, reason
-    compared_with = serving_report.get("model")
+@dataclass
+class PromotionGate:
+    """A classifier serves if its test report beats the serving model's by `margin`, on
+    the same examples (`db.promotion.beats`), unless another version began serving since
+    that report was made (then it was not compared)."""
 
-    def still_serving(_: ModelVersion, now: ModelVersion | None) -> str:
-        if now is not None and now.name != compared_with:
-            raise models.ModelError(f"{now.name} began serving meanwhile")
-        return reason
+    settings: Settings
+    report: dict[str, Any]
+    serving_report: dict[str, Any]
+    margin: float
 
-    try:
-        await models.promote(db, version.id, actor=actor, gate=still_serving)
-    except models.ModelError as exc:
-        return False, f"not promoted: {exc}; it was compared with {compared_with}"
-    return True, reason
+    async def apply(
+        self, conn: Executor, version: ModelVersion, actor: str | None
+    ) -> tuple[bool, str]:
+        return await self._promote(conn, version, self.report, self.serving_report, actor)
+
+    async def settle(
+        self, db: Executor, version: ModelVersion, actor: str | None
+    ) -> tuple[bool, str]:
+        """A candidate is compared again with what serves now, from its recorded reports."""
+        if version.status == "serving":
+            return True, "promoted by an earlier attempt"
+        if version.status != "candidate":
+            return False, f"it is {version.status}"
+        _, serving_label, _ = await serving_model(db, self.settings)
+        compared = version.metrics.get("compared", {})
+        if serving_label not in compared:
+            return False, f"the serving model changed to {serving_label} since its evaluation"
+        test = version.metrics.get("test", {})
+        return await self._promote(db, version, test, compared[serving_label], actor)
+
+    async def _promote(
+        self,
+        db: Executor,
+        version: ModelVersion,
+        report: dict[str, Any],
+        serving_report: dict[str, Any],
+        actor: str | None,
+    ) -> tuple[bool, str]:
+        better, reason = beats(report, serving_report, self.margin)
+        if not better:
+            return False, reason
+        compared_with = serving_report.get("model")
+
+        def still_serving(_: ModelVersion, now: ModelVersion | None) -> str:
+            if now is not None and now.name != compared_with:
+                raise models.ModelError(f"{now.name} began serving meanwhile")
+            return reason
+
+        try:
+            await models.promote(db, version.id, actor=actor, gate=still_serving)
+        except models.ModelError as exc:
+            return False, f"not promoted: {exc}; it was compared with {compared_with}"
+        return True, reason

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from hps.files import write_atomically
 from pipeline.evaluate import wilson_interval
 
 Rows = list[dict[str, Any]]
@@ -272,13 +272,7 @@ def write_report(data: dict[str, Rows], out: Path, now: datetime | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     plots = build_plots(data)
     for plot in plots:
-        _write(out / f"{plot.name}.png", plot.png)
+        write_atomically(out / f"{plot.name}.png", plot.png)
     page = out / "report.html"
-    _write(page, render_html(plots, now or datetime.now(UTC)).encode())
+    write_atomically(page, render_html(plots, now or datetime.now(UTC)).encode())
     return page
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

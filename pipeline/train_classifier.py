@@ -1,29 +1,30 @@
-"""Training the HPS classifier end to end, as `hps train` and the `train_classifier` job:
-examples → train (`pipeline.trainer`) → evaluate the new model, the untuned CLIP it started
-from and the serving model on the same test examples → register → promote if better.
+"""Training the HPS classifier as a recipe of stages (`pipeline.runs`), run by `hps train`
+and the `train_classifier` job: examples → train (`pipeline.trainer`) → eval (the new model,
+the untuned CLIP it started from and the serving model, on the same test examples) →
+register (promoted if it beats the serving model: `pipeline.registry.PromotionGate`).
 
-A run lives in `runs_dir/<name>/`: `config.json`, `metrics.jsonl`, `checkpoints/` (see
-`pipeline.trainer`) and `eval.json` (the test reports). Under `accelerate launch` every
-process trains; the main one names the run (`agree_run_name`), writes its folder,
-evaluates and registers.
+A run lives in `runs_dir/<name>/`: `manifest.json` (see `pipeline.runs`), `config.json`
+(the recipe, the data, the example counts, the model to beat), `examples.jsonl` (every
+example with its split, so that a resumed run tests on the same examples), `metrics.jsonl`
+and `checkpoints/` (see `pipeline.trainer`; a crash mid-training trains again from the
+start) and `eval.json` (the test reports). Under `accelerate launch` every process takes the
+examples and trains (`hps train` agrees on the run's name first); the main one writes the
+run's folder, evaluates and registers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import shutil
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from db import models, promotion
+from db import models
 from db.connect import Executor
-from hps.settings import Settings
+from hps.files import remove, write_atomically, write_json_atomically
+from hps.settings import Settings, TrainSettings
 from hps.store import LocalImageStore
 from pipeline import registry
 from pipeline.data import (
@@ -36,55 +37,38 @@ from pipeline.data import (
     split_counts,
 )
 from pipeline.evaluate import evaluate
-from pipeline.handlers import JobContext, PermanentError
+from pipeline.handlers import JobContext
 from pipeline.hps_model import HPSModel
-from pipeline.trainer import TrainConfig, TrainResult, process_state, train
+from pipeline.model_files import WEIGHTS_FILE, ModelSpec
+from pipeline.runs import Outcome, Recipe, Run, RunContext, Stage, register, run_job
+from pipeline.trainer import train
 
-log = logging.getLogger(__name__)
+KIND = registry.KIND
+EXAMPLES_FILE = "examples.jsonl"
 
 
 class TooFewExamples(Exception):
     """Not enough training examples; the message says how many and how many are needed."""
 
 
-class RunExists(Exception):
-    """A run of that name exists already; the message says where."""
+class TrainOutcome(Outcome):
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.stages.get("examples", {}).get("counts", dict.fromkeys(SPLITS, 0))
 
+    @property
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """Test reports by label: "new", "untuned", and the serving model's label."""
+        return self.stages.get("eval", {}).get("reports", {})
 
-def agree_run_name(runs_dir: Path, name: str | None, device: str = "auto") -> str:
-    """The run's name (`name`, else `classifier-<UTC time>`), the same in every process of
-    `accelerate launch`: the main process picks it and checks that no run has it, the
-    others receive its answer (each would stamp its own time, and a check racing the main
-    process's `mkdir` would find the folder). Raises `RunExists` in every process.
-    `device` is the training's (`TrainConfig.device`)."""
-    from accelerate.utils import broadcast_object_list
-
-    state = process_state(device)
-    answer: list[str | None] = [name or f"classifier-{datetime.now(UTC):%Y%m%d-%H%M%S}", None]
-    if state.is_main_process and (runs_dir / str(answer[0])).exists():
-        answer[1] = f"a run named {answer[0]} exists in {runs_dir}; choose another --name"
-    if state.num_processes > 1:
-        broadcast_object_list(answer, from_process=0)
-    if answer[1] is not None:
-        raise RunExists(answer[1])
-    return str(answer[0])
-
-
-@dataclass
-class TrainOutcome:
-    name: str
-    run_dir: Path
-    counts: dict[str, int]
-    reports: dict[str, dict[str, Any]]  # label → test report ("new", "untuned", serving)
-    serving_label: str
-    version: Any = None  # the registered ModelVersion
-    promoted: bool = False
-    reason: str = ""
+    @property
+    def serving_label(self) -> str:
+        return str(self.run.data["serving"]["label"])
 
     @property
     def summary(self) -> str:
         new = self.reports.get("new", {})
-        parts = [f"Trained classifier {self.name} on {self.counts['train']} examples."]
+        parts = [f"Trained classifier {self.run.name} on {self.counts['train']} examples."]
         if new.get("n"):
             parts.append(
                 f"Test top-1 {_pct(new)} on {new['n']} choices "
@@ -94,9 +78,7 @@ class TrainOutcome:
             )
         if self.version is not None:
             verb = (
-                "Promoted to serving"
-                if self.promoted
-                else "Registered as a candidate, not promoted"
+                "Promoted to serving" if self.passed else "Registered as a candidate, not promoted"
             )
             parts.append(f"{verb}: {self.reason}.")
         return " ".join(parts)
@@ -105,10 +87,10 @@ class TrainOutcome:
         return {
             "status": "trained",
             "summary": self.summary,
-            "promoted": self.promoted,
+            "promoted": self.passed,
             "reason": self.reason,
             "version": self.version.name if self.version else None,
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.run.path),
             "examples": self.counts,
             "metrics": {label: _brief(r) for label, r in self.reports.items()},
         }
@@ -126,24 +108,23 @@ def _brief(report: dict[str, Any]) -> dict[str, Any]:
 
 
 async def load_examples(
-    db: Executor | None, settings: Settings, data: Path | None
+    db: Executor | None, recipe: TrainSettings, data: Path | None, images_dir: Path
 ) -> tuple[list[Example], Reader]:
     """Examples from a dataset folder, or else from the database; and how to read images."""
-    t = settings.train
-    fractions = {"val_fraction": t.val_fraction, "test_fraction": t.test_fraction}
+    fractions = {"val_fraction": recipe.val_fraction, "test_fraction": recipe.test_fraction}
     if data is not None:
         examples = examples_from_folder(
-            data, include_contains_name=t.include_contains_name, **fractions
+            data, include_contains_name=recipe.include_contains_name, **fractions
         )
         return examples, read_path
     assert db is not None
     examples = await examples_from_db(
         db,
-        all_choosers=t.choosers == "all",
-        include_contains_name=t.include_contains_name,
+        all_choosers=recipe.choosers == "all",
+        include_contains_name=recipe.include_contains_name,
         **fractions,
     )
-    return examples, LocalImageStore(settings.images_dir).get
+    return examples, LocalImageStore(images_dir).get
 
 
 def evaluate_models(
@@ -163,214 +144,180 @@ def evaluate_models(
     }
 
 
-async def run_training(
+async def open_run(
     db: Executor | None,
     settings: Settings,
-    *,
-    config: TrainConfig,
     name: str,
+    *,
     data: Path | None = None,
-    register: bool = True,
-    promote: bool = True,
-    actor: str | None = None,
-    progress: bool = True,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    cancelled: threading.Event | None = None,
-) -> TrainOutcome:
-    """Examples → train → evaluate (new, untuned base, serving) → register → promote.
-    Raises `TooFewExamples` before doing anything when the train split is too small."""
-    models.check_name(name)
-    if register and db is not None and await models.get(db, name) is not None:
+    base: ModelSpec | None = None,
+) -> Run:
+    """The run `name`, or a new one training `base` (default: the configured architecture
+    and pretrained weights) on `data` (default: the database's choices), to beat the model
+    serving now."""
+    run = Run.open(settings.runs_dir / models.check_name(name))
+    if run is not None:
+        return run
+    if db is not None and await models.get(db, name) is not None:
         raise models.ModelError(f"a model version named {name} exists; choose another name")
-    examples, read = await load_examples(db, settings, data)
+    spec, label, version = await registry.serving_model(db, settings)
+    m = settings.models
+    return Run.create(
+        settings.runs_dir / name,
+        name=name,
+        recipe={
+            "train": settings.train.model_dump(mode="json"),
+            "base": (base or ModelSpec(m.hps_arch, m.hps_pretrained or None)).as_dict(),
+            "data": str(data) if data else None,
+        },
+        serving={"spec": spec.as_dict(), "label": label, "version_id": version and version.id},
+    )
+
+
+def _data(rc: RunContext) -> tuple[Path | None, Reader]:
+    data = rc.run.recipe["data"]
+    return (Path(data), read_path) if data else (None, LocalImageStore(rc.settings.images_dir).get)
+
+
+def _examples(rc: RunContext) -> list[Example]:
+    """The run's examples: those the examples stage took in this process, else its file."""
+    if "examples" not in rc.cache:
+        lines = (rc.run.path / EXAMPLES_FILE).read_text().splitlines()
+        rc.cache["examples"] = [
+            Example(**{**record, "images": tuple(record["images"])})
+            for record in map(json.loads, lines)
+        ]
+    return rc.cache["examples"]
+
+
+async def take_examples(rc: RunContext) -> dict[str, Any]:
+    """The examples (the database's choices, or a dataset folder's), split by prompt;
+    `TooFewExamples` if the train split is too small."""
+    data, _ = _data(rc)
+    examples, _ = await load_examples(rc.pool, rc.options, data, rc.settings.images_dir)
     counts = split_counts(examples)
-    needed = settings.train.min_examples
+    needed = rc.options.min_examples
     if counts["train"] < needed:
         raise TooFewExamples(
             f"{counts['train']} training examples, fewer than the {needed} needed "
             f"(val {counts['val']}, test {counts['test']})"
         )
-    if db is not None:
-        serving_spec, serving_label, serving_version = await registry.serving_model(db, settings)
-    else:
-        serving_spec, serving_label, serving_version = (
-            registry.configured_spec(settings),
-            promotion.configured_label(settings),
-            None,
-        )
+    rc.cache["examples"] = examples
+    if rc.main:
+        lines = "".join(json.dumps(asdict(e)) + "\n" for e in examples)
+        write_atomically(rc.run.path / EXAMPLES_FILE, lines)
+        config = {**rc.run.recipe, "name": rc.run.name, "examples": counts}
+        config["serving"] = rc.run.data["serving"]["label"]
+        write_json_atomically(rc.run.path / "config.json", config)
+    return {"counts": counts}
 
-    # Under `accelerate launch` every process trains; the main one writes the run folder
-    # (the others write nothing there), evaluates and registers.
-    main = process_state(config.device).is_main_process
-    run_dir = settings.runs_dir / name
-    if main:
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.json").write_text(
-            json.dumps(
-                {
-                    "name": name,
-                    "config": config.as_dict(),
-                    "data": str(data) if data else "database",
-                    "examples": counts,
-                    "serving": serving_label,
-                    "started_at": datetime.now(UTC).isoformat(),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-    test = [e for e in examples if e.split == "test"]
 
-    def work() -> tuple[TrainResult, dict[str, dict[str, Any]]]:
-        # The serving model loads first: if it cannot, fail before hours of training. When
-        # it is the base the run starts from, the run's own evaluation of it is reused.
-        serving = None
-        if main and serving_spec != config.base:
-            serving = registry.load_spec(serving_spec, settings, serving_label)
-        result = train(
+async def train_model(rc: RunContext) -> dict[str, Any]:
+    """Train from the base (an earlier attempt's checkpoints are dropped: training starts
+    over). The serving model loads first: if it cannot, this fails before hours of
+    training."""
+    serving, base = rc.run.data["serving"], ModelSpec(**rc.run.recipe["base"])
+    if rc.main:
+        remove(rc.run.path / "checkpoints")
+        remove(rc.run.path / "metrics.jsonl")
+    examples, (_, read) = _examples(rc), _data(rc)
+
+    def work() -> Any:
+        spec = ModelSpec(**serving["spec"])
+        if rc.main and spec != base:
+            rc.cache["serving"] = registry.load_spec(spec, rc.settings, serving["label"])
+        return train(
             examples,
-            config,
-            run_dir,
             read,
-            progress=progress,
-            on_epoch=on_epoch,
-            cancelled=cancelled,
+            rc.options,
+            base=base,
+            out_dir=rc.run.path,
+            device=rc.device,
+            progress=rc.progress,
+            context=rc.context,
+            cancelled=rc.cancelled,
         )
-        if not main:
-            return result, {}
-        assert result.best is not None
-        new = HPSModel.load(result.best, device=settings.models.device, name=name)
-        candidates: dict[str, HPSModel | dict[str, Any]] = {"new": new}
-        if result.initial is not None:
-            candidates["untuned"] = result.initial
-        candidates[serving_label] = (
-            serving or result.initial or registry.load_spec(serving_spec, settings, serving_label)
-        )
-        reports = evaluate_models(
-            test,
-            read,
-            candidates,
-            batch_size=config.eval_batch_size,
-            num_workers=config.num_workers,
-        )
-        return result, reports
 
-    result, reports = await asyncio.to_thread(work)
-    outcome = TrainOutcome(name, run_dir, counts, reports, serving_label)
-    if not main:
-        return outcome
-    (run_dir / "eval.json").write_text(json.dumps(reports, indent=2) + "\n")
-    if register and db is not None:
-        metrics = {
+    result = await asyncio.to_thread(work)
+    record = {k: getattr(result, k) for k in TRAINING_FIGURES}
+    best = str(result.best.resolve()) if result.best else None  # the epoch's folder
+    return {**record, "best": best, "initial": result.initial}
+
+
+TRAINING_FIGURES = ("best_epoch", "best_val_top1", "epochs_run", "steps", "stopped_early")
+
+
+async def evaluate_run(rc: RunContext) -> dict[str, Any]:
+    """The new model, the untuned base (its report from before training) and the serving
+    model on the test examples; when the base serves, its report is reused."""
+    trained, serving = rc.run.stage("train"), rc.run.data["serving"]
+    spec, (_, read) = ModelSpec(**serving["spec"]), _data(rc)
+    test = [e for e in _examples(rc) if e.split == "test"]
+
+    def work() -> dict[str, dict[str, Any]]:
+        new = HPSModel.load(trained["best"], device=rc.device, name=rc.run.name)
+        candidates: dict[str, HPSModel | dict[str, Any]] = {"new": new}
+        if trained["initial"] is not None:
+            candidates["untuned"] = trained["initial"]
+        if spec == ModelSpec(**rc.run.recipe["base"]) and trained["initial"] is not None:
+            candidates[serving["label"]] = trained["initial"]
+        else:
+            candidates[serving["label"]] = rc.cache.get("serving") or registry.load_spec(
+                spec, rc.settings, serving["label"]
+            )
+        return evaluate_models(test, read, candidates, num_workers=rc.options.num_workers)
+
+    reports = await asyncio.to_thread(work)
+    write_json_atomically(rc.run.path / "eval.json", reports)
+    return {"reports": reports}
+
+
+def _gate(rc: RunContext) -> registry.PromotionGate:
+    reports = rc.run.stage("eval")["reports"]
+    serving = reports[rc.run.data["serving"]["label"]]
+    return registry.PromotionGate(rc.settings, reports["new"], serving, rc.options.promote_margin)
+
+
+async def register_model(rc: RunContext) -> dict[str, Any]:
+    """Register the best checkpoint (its test report, the others compared with it, the
+    training figures) and promote it if it beats the serving model."""
+    trained, reports = rc.run.stage("train"), rc.run.stage("eval")["reports"]
+    return await register(
+        rc,
+        Path(trained["best"]),
+        weights=WEIGHTS_FILE,
+        config={**rc.run.recipe["train"], "base": rc.run.recipe["base"]},
+        metrics={
             "test": reports["new"],
             "compared": {label: r for label, r in reports.items() if label != "new"},
             "training": {
-                "best_epoch": result.best_epoch,
-                "best_val_top1": result.best_val_top1,
-                "epochs_run": result.epochs_run,
-                "steps": result.steps,
-                "stopped_early": result.stopped_early,
-                "examples": counts,
+                **{k: trained[k] for k in TRAINING_FIGURES},
+                "examples": rc.run.stage("examples")["counts"],
             },
-        }
-        assert result.best is not None
-        outcome.version = await registry.register_classifier(
-            db,
-            settings,
-            result.best.resolve(),
-            name=name,
-            metrics=metrics,
-            config=config.as_dict(),
-            parent_id=serving_version.id if serving_version else None,
-            actor=actor,
-        )
-        if promote:
-            outcome.promoted, outcome.reason = await registry.promote_if_better(
-                db,
-                outcome.version,
-                reports["new"],
-                reports[serving_label],
-                margin=settings.train.promote_margin,
-                actor=actor,
-            )
-        else:
-            outcome.reason = "promotion not requested"
-    return outcome
+        },
+        parent_id=rc.run.data["serving"]["version_id"],
+    )
+
+
+CLASSIFIER = Recipe(
+    kind=KIND,
+    section="train",
+    title="Classifier training",
+    stages=(
+        Stage("examples", take_examples, every_process=True),
+        Stage("train", train_model, every_process=True),
+        Stage("eval", evaluate_run),
+        Stage("register", register_model),
+    ),
+    open=open_run,
+    gate=_gate,
+    outcome=TrainOutcome,
+    passed="promoted",
+    skip=(TooFewExamples,),
+)
 
 
 async def handle_train_classifier(ctx: JobContext) -> dict[str, Any]:
     """The `train_classifier` job: train on the database's choices, evaluate, register, and
-    promote if better. Payload keys named like `train` settings override them (e.g.
-    {"epochs": 2}). Skips, saying why, when there are too few examples."""
-    from pydantic import ValidationError
-
-    payload = ctx.job.payload if isinstance(ctx.job.payload, dict) else {}
-    # Other keys (requested_by, a reason) describe the request, not the training.
-    options = {k: v for k, v in payload.items() if k in type(ctx.settings.train).model_fields}
-    try:
-        settings = ctx.settings.with_changes("train", **options)
-    except ValidationError as exc:
-        raise PermanentError(f"invalid train_classifier options: {exc}") from None
-    config = TrainConfig.from_settings(settings)
-    name = f"classifier-job{ctx.job.id}"
-    actor = f"job:{ctx.job.id}"
-    registered = await models.get(ctx.pool, name)
-    if registered is not None:  # an earlier attempt got as far as registering
-        return (await _finish_registered(ctx.pool, settings, registered, actor)).as_result()
-    # Otherwise a retried attempt starts its run again from scratch.
-    stale_run = settings.runs_dir / name
-    if stale_run.exists():
-        shutil.rmtree(stale_run)
-    try:
-        outcome = await run_training(
-            ctx.pool,
-            settings,
-            config=config,
-            name=name,
-            actor=actor,
-            progress=False,
-            on_epoch=lambda record: ctx.log.info("epoch %(epoch)d done: %(val_top1)s", record),
-            cancelled=ctx.cancelled,
-        )
-    except TooFewExamples as exc:
-        return {
-            "status": "skipped",
-            "summary": f"Classifier training skipped: {exc}.",
-            "promoted": False,
-            "reason": str(exc),
-        }
-    ctx.log.info("%s", outcome.summary)
-    return outcome.as_result()
-
-
-async def _finish_registered(
-    db: Executor, settings: Settings, version: models.ModelVersion, actor: str
-) -> TrainOutcome:
-    """The outcome of a run registered by an earlier attempt of the same job: promote it
-    now if that attempt did not and its recorded evaluation beats the serving model."""
-    _, serving_label, _ = await registry.serving_model(db, settings)
-    compared = version.metrics.get("compared", {})
-    outcome = TrainOutcome(
-        version.name,
-        settings.runs_dir / version.name,
-        version.metrics.get("training", {}).get("examples", dict.fromkeys(SPLITS, 0)),
-        {"new": version.metrics.get("test", {}), **compared},
-        serving_label,
-        version,
-    )
-    if version.status == "serving":
-        outcome.promoted, outcome.reason = True, "promoted by an earlier attempt"
-    elif version.status != "candidate":
-        outcome.reason = f"it is {version.status}"
-    elif serving_label not in compared:
-        outcome.reason = f"the serving model changed to {serving_label} since its evaluation"
-    else:
-        outcome.promoted, outcome.reason = await registry.promote_if_better(
-            db,
-            version,
-            outcome.reports["new"],
-            compared[serving_label],
-            margin=settings.train.promote_margin,
-            actor=actor,
-        )
-    return outcome
+    promote if better (see `pipeline.runs.run_job`)."""
+    return await run_job(ctx, CLASSIFIER)

@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hps.settings import Settings
+from hps.files import replacing
+from hps.settings import TrainSettings
+from pipeline import devices
 from pipeline.batches import ChoiceDataset, collate
 from pipeline.data import Example, Reader
 from pipeline.evaluate import evaluate
@@ -45,48 +46,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    """One training run's settings (defaults: the `train` settings section)."""
-
-    base: ModelSpec
-    image_blocks: int = 10
-    text_blocks: int = 6
-    learning_rate: float = 1.7e-5
-    weight_decay: float = 3.1e-3
-    batch_size: int = 5
-    grad_accumulation: int = 1
-    epochs: int = 1
-    warmup_fraction: float = 0.05
-    grad_clip: float = 1.0
-    patience: int = 2
-    resize_mode: str = "longest"
-    mixed_precision: str = "auto"
-    num_workers: int = 2
-    seed: int = 42
-    eval_batch_size: int = 32
-    device: str = "auto"  # "cpu" trains on the CPU even where a GPU is visible
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> TrainConfig:
-        t = settings.train
-        m = settings.models
-        values: dict[str, Any] = {
-            "base": ModelSpec(m.hps_arch, m.hps_pretrained or None),
-            "device": m.device,
-            **{name: getattr(t, name) for name in cls.__dataclass_fields__ if hasattr(t, name)},
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["base"] = self.base.as_dict()
-        return data
-
-
-@dataclass
 class TrainResult:
-    run_dir: Path
     best: Path | None  # the best checkpoint folder
     best_epoch: int | None
     best_val_top1: float | None
@@ -95,42 +55,6 @@ class TrainResult:
     stopped_early: bool
     initial: dict[str, Any] | None  # the untrained model's test report
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def process_state(device: str) -> Any:
-    """accelerate's view of the processes (`PartialState`): the first call decides whether
-    this is one process of several, and on the CPU only with `cpu=True` does it see the
-    others (a run under `accelerate launch --cpu` or `torchrun`)."""
-    from accelerate import PartialState
-
-    from pipeline.devices import resolve_device
-
-    return PartialState(cpu=resolve_device(device) == "cpu")
-
-
-def _accelerator(config: TrainConfig) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from pipeline.devices import resolve_device
-
-    # A worker process trains one run after another (and SD adapters in between): without
-    # distribution there is no state to keep, and a stale one would pin the first run's
-    # device and precision ("AcceleratorState has already been initialized").
-    if process_state(config.device).num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    # Which GPU: the process's visible one (`hps worker --device cuda:N` narrows
-    # CUDA_VISIBLE_DEVICES to it), or the ones `accelerate launch` assigns.
-    cpu = resolve_device(config.device) == "cpu"
-    precision = config.mixed_precision
-    if precision == "auto":
-        if not cpu and torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "no"
-    return Accelerator(
-        cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation
-    )
 
 
 def freeze_lower_blocks(clip: torch.nn.Module, image_blocks: int, text_blocks: int) -> int:
@@ -189,29 +113,36 @@ def _scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> Any
     return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
+@devices.on_its_device
 def train(
     examples: Sequence[Example],
-    config: TrainConfig,
-    run_dir: Path,
     read: Reader,
+    recipe: TrainSettings,
     *,
+    base: ModelSpec,
+    out_dir: Path,
+    device: str = "auto",
     progress: bool = True,
+    context: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     cancelled: threading.Event | None = None,
 ) -> TrainResult:
-    """Train on the `train` split, early-stop on `val`, keep the best checkpoint. Also
-    evaluates the untrained model on `test` (the untuned baseline, exactly as it started).
-    Raises `Cancelled` at the next step once `cancelled` is set."""
+    """Train `base` on the `train` split with the `recipe`, early-stop on `val`, keep the
+    best checkpoint in `out_dir`. Also evaluates the untrained model on `test` (the untuned
+    baseline, exactly as it started). `device` "cpu" trains on the CPU where a GPU is
+    visible, "cuda:N" on GPU N. Raises `Cancelled` at the next step once `cancelled` is set."""
     from accelerate.utils import set_seed
 
-    accelerator = _accelerator(config)
-    set_seed(config.seed)
+    accelerator = devices.accelerator(
+        device, recipe.mixed_precision, gradient_accumulation_steps=recipe.grad_accumulation
+    )
+    set_seed(recipe.seed)
     # Loaded with its own preprocessing: the untuned baseline (and the serving model, when
     # that is the base) is evaluated as it serves; training then switches to the recipe's.
     hps = HPSModel.load(
-        config.base.model,
-        pretrained=config.base.pretrained,
-        checkpoint=config.base.checkpoint,
+        base.model,
+        pretrained=base.pretrained,
+        checkpoint=base.checkpoint,
         device=str(accelerator.device),
         precision="fp32",
     )
@@ -219,55 +150,55 @@ def train(
     if not by_split["train"]:
         raise ValueError("no training examples")
     main = accelerator.is_main_process
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = out_dir / "checkpoints"
     if main:
         checkpoints.mkdir(parents=True, exist_ok=True)
 
     def evaluate_on(split: str) -> dict[str, Any] | None:
         if not by_split[split]:
             return None
-        report = evaluate(hps, by_split[split], read, batch_size=config.eval_batch_size)
+        report = evaluate(hps, by_split[split], read)
         hps.clip.train()
         return report
 
     initial = evaluate_on("test")
-    hps.set_resize_mode(config.resize_mode)
-    trainable = freeze_lower_blocks(hps.clip, config.image_blocks, config.text_blocks)
-    log.info("training %s: %d trainable parameters", config.base.describe(), trainable)
+    hps.set_resize_mode(recipe.resize_mode)
+    trainable = freeze_lower_blocks(hps.clip, recipe.image_blocks, recipe.text_blocks)
+    log.info("training %s: %d trainable parameters", base.describe(), trainable, extra=context)
     optimizer = torch.optim.AdamW(
-        _param_groups(hps.clip, config.weight_decay), lr=config.learning_rate
+        _param_groups(hps.clip, recipe.weight_decay), lr=recipe.learning_rate
     )
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
     loader = DataLoader(
         ChoiceDataset(by_split["train"], hps.transform, read),
-        batch_size=config.batch_size,
+        batch_size=recipe.batch_size,
         shuffle=True,
         generator=generator,
         collate_fn=collate,
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
+        num_workers=recipe.num_workers,
+        persistent_workers=recipe.num_workers > 0,
     )
     raw_optimizer = optimizer
     clip, optimizer, loader = accelerator.prepare(hps.clip, optimizer, loader)
     # After `prepare`, the loader's length is this process's shard of the batches.
     total, warmup = schedule_lengths(
         len(loader),
-        grad_accumulation=config.grad_accumulation,
-        epochs=config.epochs,
-        warmup_fraction=config.warmup_fraction,
+        grad_accumulation=recipe.grad_accumulation,
+        epochs=recipe.epochs,
+        warmup_fraction=recipe.warmup_fraction,
         ticks_per_step=1 if accelerator.split_batches else accelerator.num_processes,
     )
     scheduler = accelerator.prepare(_scheduler(raw_optimizer, total, warmup))
     tokenizer = hps.tokenizer
 
-    result = TrainResult(run_dir, None, None, None, 0, 0, False, initial)
+    result = TrainResult(None, None, None, 0, 0, False, initial)
     best_top1 = -1.0
     stale = 0
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, recipe.epochs + 1):
         started = time.monotonic()
         clip.train()
         losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not (progress and main))
+        bar = tqdm(loader, desc=f"epoch {epoch}/{recipe.epochs}", disable=not (progress and main))
         for batch in bar:
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled(f"training cancelled at step {result.steps}")
@@ -285,7 +216,7 @@ def train(
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(clip.parameters(), config.grad_clip)
+                    accelerator.clip_grad_norm_(clip.parameters(), recipe.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -314,38 +245,42 @@ def train(
             best_top1 = val_top1 if val_top1 is not None else best_top1
             stale = 0
             if main:
-                result.best = _save_best(hps, checkpoints, epoch, config, record)
+                result.best = _save_best(hps, checkpoints, epoch, recipe, base, record)
             result.best_epoch, result.best_val_top1 = epoch, val_top1
         else:
             stale += 1
         record["best"] = improved
         result.history.append(record)
         if main:
-            with open(run_dir / "metrics.jsonl", "a") as fh:
+            with open(out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if on_epoch is not None:
             on_epoch(record)
-        log.info("epoch %d: %s", epoch, record)
-        if stale >= config.patience:
-            result.stopped_early = epoch < config.epochs
+        log.info("epoch %d: %s", epoch, record, extra=context)
+        if stale >= recipe.patience:
+            result.stopped_early = epoch < recipe.epochs
             break
     accelerator.wait_for_everyone()
     return result
 
 
 def _save_best(
-    hps: HPSModel, checkpoints: Path, epoch: int, config: TrainConfig, record: dict[str, Any]
+    hps: HPSModel,
+    checkpoints: Path,
+    epoch: int,
+    recipe: TrainSettings,
+    base: ModelSpec,
+    record: dict[str, Any],
 ) -> Path:
     """Save this epoch's model and point `best` at it (an atomic symlink swap); the folder
     of the previous best is removed only afterwards."""
     folder = checkpoints / f"epoch-{epoch}"
-    hps.save(folder, {"training": {"epoch": epoch, "config": config.as_dict(), **record}})
+    config = {**recipe.model_dump(mode="json"), "base": base.as_dict()}
+    hps.save(folder, {"training": {"epoch": epoch, "config": config, **record}})
     best = checkpoints / "best"
     previous = best.resolve() if best.is_symlink() else None
-    link = checkpoints / f".best-{epoch}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(folder.name)
-    os.replace(link, best)
+    with replacing(best, durable=False) as link:
+        link.symlink_to(folder.name)
     if previous is not None and previous != folder.resolve():
         shutil.rmtree(previous, ignore_errors=True)
     return best

@@ -97,3 +97,22 @@ def test_embedded_postgres_is_the_default(tmp_path: Path) -> None:
         p for p in psutil.process_iter(["cmdline"]) if pgdata in " ".join(p.info["cmdline"] or [])
     ]
     assert running == []
+
+
+def test_every_training_setting_is_an_option_and_the_old_spellings_still_work() -> None:
+    from hps.settings import AdaptSettings, TrainSettings
+
+    for command, section in ((["train"], TrainSettings), (["adapt", "run"], AdaptSettings)):
+        shown = hps(*command, "--help", env={"COLUMNS": "300"})
+        assert shown.returncode == 0, shown.stderr
+        options = {word for word in shown.stdout.replace(",", " ").split() if word[:2] == "--"}
+        assert {"--" + name.replace("_", "-") for name in section.model_fields} <= options
+    adapt = hps("adapt", "run", "--help", env={"COLUMNS": "300"}).stdout
+    for spelling in ("--steps", "--lr", "--ema", "--no-ema", "--gradient-checkpointing"):
+        assert spelling in adapt
+    train = hps("train", "--help", env={"COLUMNS": "300"}).stdout
+    assert "--exclude-contains-name" in train and "--lr" in train
+    # Values are checked as the settings file's are, naming the option.
+    refused = hps("train", "--epochs", "0", "--data", "/nowhere", "--no-register")
+    assert refused.returncode == 1
+    assert "--epochs: Input should be greater than or equal to 1" in refused.stderr

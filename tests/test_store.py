@@ -56,3 +56,23 @@ def test_bad_keys_are_refused(tmp_path: Path) -> None:
         store.get("ab/cd/" + "ab" * 32 + ".png")
     blob = store.put(b"x", suffix=".jpg")
     assert blob.key.endswith(".jpg") and store.delete(blob.key) and not store.delete(blob.key)
+
+
+def test_replacing_publishes_whole_or_leaves_the_target_as_it_was(tmp_path: Path) -> None:
+    from hps.files import replacing, write_json_atomically
+
+    target = tmp_path / "manifest.json"
+    write_json_atomically(target, {"stage": 1})
+    with pytest.raises(RuntimeError), replacing(target) as tmp:
+        tmp.write_text('{"stage": 2, "half')
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == '{\n  "stage": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+    folder = tmp_path / "adapter"
+    for weights in (b"old", b"new"):  # a folder replaces the one there
+        with replacing(folder, folder=True, unique=False) as tmp:
+            (tmp / "weights").write_bytes(weights)
+    assert [p.name for p in folder.iterdir()] == ["weights"]
+    assert (folder / "weights").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "manifest.json"]

@@ -7,8 +7,8 @@ image positive and the bottom one negative when the softmax of the scores single
 ("Weird image. ") before it, plus regularization images (`dataset`) → LoRA on the UNet
 (`lora_train`) → paired offline evaluation on held-out prompts (`evaluate`) → registered as
 an `sd_adapter` version and, if it passes, served in A/B rounds → promoted or retired by its
-live win rate (`live`). `run` ties the stages together in a run directory whose manifest
-lets a crashed run resume after its last finished stage.
+live win rate (`live`). `run` lists the stages as a recipe (`pipeline.runs`), whose run
+directory's manifest lets a crashed run resume after its last finished stage.
 
 This package is imported by the scheduler (for `live`): modules import torch only where
 they need it, never here.

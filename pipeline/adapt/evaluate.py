@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from db import models
+from db.connect import Executor
 from hps.settings import AdaptSettings
 from pipeline.adapt.progress import Progress
 from pipeline.adapt.samples import decode, generate_in_batches, sample_seed
@@ -98,6 +100,31 @@ def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, s
         passed = report["hps_gain"] > recipe.offline_min_hps_gain
         rule = f"mean gain {'>' if passed else '≤'} {recipe.offline_min_hps_gain:+.3f}"
     return passed, f"offline evaluation {'passed' if passed else 'failed'}: {figures}; {rule}"
+
+
+@dataclass
+class OfflineGate:
+    """The gate of an SD adapter (`pipeline.runs.Gate`): its offline report's verdict
+    (`offline_gate`); a candidate that passes enters A/B testing, one that fails is retired."""
+
+    report: dict[str, Any]
+    recipe: AdaptSettings
+
+    def __post_init__(self) -> None:
+        self.passed, self.reason = offline_gate(self.report, self.recipe)
+
+    async def apply(
+        self, conn: Executor, version: models.ModelVersion, actor: str | None
+    ) -> tuple[bool, str]:
+        act = models.start_testing if self.passed else models.retire
+        await act(conn, version.id, actor=actor, reason=self.reason)
+        return self.passed, self.reason
+
+    async def settle(
+        self, db: Executor, version: models.ModelVersion, actor: str | None
+    ) -> tuple[bool, str]:
+        offline = version.metrics.get("offline", {})
+        return version.status in ("testing", "serving"), offline.get("gate", "")
 
 
 def read_pairs(path: Path, scorer: str) -> list[Pair]:

@@ -38,7 +38,6 @@ here: the scheduler imports this module.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -48,19 +47,11 @@ from typing import Any
 from db import models, stats
 from db.connect import Executor, transaction
 from hps.settings import AdaptSettings
+from pipeline.evaluate import wilson_interval
 
 log = logging.getLogger(__name__)
 
 KIND = "sd_adapter"
-
-
-def wilson(wins: int, n: int, z: float) -> tuple[float, float]:
-    """The Wilson score interval of wins / n at the normal quantile `z`."""
-    p = wins / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass(frozen=True)
@@ -164,7 +155,7 @@ def decide(
             if len(outcomes) < n:
                 break
             wins = sum(outcomes[:n])
-            looks.append(Look(k, n, wins, *wilson(wins, n, design.z)))
+            looks.append(Look(k, n, wins, *wilson_interval(wins, n, design.z)))
         look = looks[k - 1]
         figures = describe_look(look, design, opponent)
         if look.low > 0.5:

@@ -29,20 +29,20 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from hps.files import replacing
 from hps.settings import AdaptSettings
+from pipeline import devices
 from pipeline.adapt.dataset import (
     EpochShuffle,
     FinetuneDataset,
@@ -52,7 +52,6 @@ from pipeline.adapt.dataset import (
     tokenize,
 )
 from pipeline.adapt.progress import Progress
-from pipeline.devices import resolve_device
 from pipeline.generate import SamplingParams
 from pipeline.handlers import Cancelled
 
@@ -86,17 +85,6 @@ class TrainReport:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_precision(setting: str, cpu: bool) -> str:
-    """auto → bf16 on a GPU that has it, else fp16 on a GPU, else no (float32)."""
-    if cpu:
-        return "no"  # half precision on the CPU is slow where it works at all
-    if setting != "auto":
-        return setting
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -138,20 +126,7 @@ def _check_pipeline(sd_model: str) -> None:
         )
 
 
-def on_device(device: str) -> contextlib.AbstractContextManager[Any]:
-    """While training, make GPU N of `device` "cuda:N" this thread's current CUDA device
-    (restored after). A single-process `Accelerator()` places everything on the current
-    device ("cuda" without an index), so without this `models.device = cuda:1` trained on
-    cuda:0. Under `accelerate launch` accelerate gives each process its GPU: left alone."""
-    from accelerate.state import PartialState
-
-    resolved = resolve_device(device)
-    index = torch.device(resolved).index if resolved.startswith("cuda") else None
-    if index is None or PartialState().num_processes > 1:
-        return contextlib.nullcontext()
-    return torch.cuda.device(index)
-
-
+@devices.on_its_device
 def train_lora(
     items: Sequence[Item],
     root: Path,
@@ -170,36 +145,6 @@ def train_lora(
     "cpu" trains on the CPU where a GPU is visible, "cuda:N" on GPU N; otherwise the
     process's current GPU (or those `accelerate launch` assigns). Raises `Cancelled` at the
     next batch once `cancelled` is set (the latest checkpoint stays, to resume from)."""
-    with on_device(device):
-        return _train_lora(
-            items,
-            root,
-            recipe,
-            sd_model=sd_model,
-            out_dir=out_dir,
-            validation=validation,
-            device=device,
-            progress=progress,
-            context=context,
-            cancelled=cancelled,
-        )
-
-
-def _train_lora(
-    items: Sequence[Item],
-    root: Path,
-    recipe: AdaptSettings,
-    *,
-    sd_model: str,
-    out_dir: Path,
-    validation: SamplingParams,
-    device: str,
-    progress: bool,
-    context: dict[str, Any] | None,
-    cancelled: threading.Event | None,
-) -> TrainReport:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import (
         AutoencoderKL,
@@ -219,14 +164,8 @@ def _train_lora(
     started = time.monotonic()
     _check_pipeline(sd_model)
 
-    # 1. The accelerator. A worker process trains one run after another (and the classifier
-    # in between): without distribution there is no state to keep, and a stale one would
-    # pin the first run's precision.
-    processes = PartialState().num_processes
-    if processes == 1:
-        AcceleratorState._reset_state()
-    cpu = resolve_device(device) == "cpu"
-    precision = resolve_precision(recipe.mixed_precision, cpu)
+    # 1. The accelerator (`pipeline.devices`: precision, and a state reset between runs).
+    processes = devices.process_state(device).num_processes
     accumulation = max(1, math.ceil(recipe.total_batch_size / (recipe.batch_size * processes)))
     total_batch = recipe.batch_size * processes * accumulation
     if total_batch != recipe.total_batch_size:
@@ -237,10 +176,10 @@ def _train_lora(
             processes,
             total_batch,
         )
-    accelerator = Accelerator(
-        cpu=cpu,
+    accelerator = devices.accelerator(
+        device,
+        recipe.mixed_precision,
         gradient_accumulation_steps=accumulation,
-        mixed_precision=precision,
         project_config=ProjectConfiguration(project_dir=str(out_dir)),
     )
     main = accelerator.is_main_process
@@ -251,9 +190,7 @@ def _train_lora(
     # 2. Scheduler, tokenizer and models, as a downloaded pipeline's parts; the frozen
     # weights in the mixed-precision dtype (loaded so, which keeps the modules that must
     # stay float32 in float32).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
+    weight_dtype = devices.dtype(accelerator.mixed_precision)
     noise_scheduler = DDPMScheduler.from_pretrained(sd_model, subfolder="scheduler")
     tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(
@@ -391,7 +328,6 @@ def _train_lora(
         initial=step,
         unit="step",
     )
-    prediction = noise_scheduler.config.prediction_type
     loop_started = time.monotonic()
     with bar:
         for epoch in range(first_epoch, epochs):
@@ -407,10 +343,7 @@ def _train_lora(
                 if cancelled is not None and cancelled.is_set():
                     raise Cancelled(f"fine-tuning cancelled at step {step}")
                 with accelerator.accumulate(unet):
-                    latents = vae.encode(
-                        batch["pixel_values"].to(dtype=weight_dtype)
-                    ).latent_dist.sample()
-                    latents = latents * vae.config.scaling_factor
+                    latents = encode_latents(vae, batch["pixel_values"].to(dtype=weight_dtype))
                     noise = torch.randn_like(latents)
                     timesteps = torch.randint(
                         0,
@@ -418,11 +351,9 @@ def _train_lora(
                         (latents.shape[0],),
                         device=latents.device,
                     ).long()
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                     hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
-                    target = _target(noise_scheduler, prediction, latents, noise, timesteps)
-                    predicted = unet(noisy, timesteps, hidden, return_dict=False)[0]
-                    loss = F.mse_loss(predicted.float(), target.float(), reduction="mean")
+                    mse = diffusion_mse(unet, noise_scheduler, latents, noise, timesteps, hidden)
+                    loss = mse.mean()
                     # The mean over every process's batch, for the log.
                     gathered = accelerator.gather(loss.detach().repeat(recipe.batch_size))
                     losses.append(gathered.mean().item())
@@ -508,14 +439,36 @@ def _train_lora(
     return report
 
 
-def _target(
-    scheduler: Any, prediction: str, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+def encode_latents(vae: Any, pixels: torch.Tensor, *, sample: bool = True) -> torch.Tensor:
+    """The scaled VAE latents of `pixels` (in [-1, 1]): drawn from the encoder's
+    distribution, as training does, or its mean (`sample` false, for fixed draws)."""
+    dist = vae.encode(pixels).latent_dist
+    return (dist.sample() if sample else dist.mean) * vae.config.scaling_factor
+
+
+def diffusion_mse(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_states: torch.Tensor,
 ) -> torch.Tensor:
+    """The denoising error of each example (shape [batch], float32): the mean squared error
+    between what `unet` predicts for `latents` noised with `noise` at `timesteps`, given
+    the text encoder's `encoder_states`, and its target, the noise (ε-prediction) or the
+    velocity (v-prediction) as the scheduler's config says. The LoRA fine-tuning's loss is
+    its mean; Diffusion-DPO compares it between the trained and the reference UNet."""
+    prediction = scheduler.config.prediction_type
     if prediction == "epsilon":
-        return noise
-    if prediction == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    raise ValueError(f"unknown prediction type {prediction!r}")
+        target = noise
+    elif prediction == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unknown prediction type {prediction!r}")
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    predicted = unet(noisy, timesteps, encoder_states, return_dict=False)[0]
+    return (predicted.float() - target.float()).pow(2).mean(dim=tuple(range(1, predicted.ndim)))
 
 
 def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, recipe: AdaptSettings) -> None:
@@ -523,32 +476,25 @@ def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, recipe: AdaptSe
     folder = out_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    if target.exists():  # saved by an attempt that crashed before recording later steps
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    # (One there was saved by an attempt that crashed before recording later steps.)
+    with replacing(target, folder=True, unique=False) as tmp:
+        accelerator.save_state(str(tmp))
     for _, old in checkpoints(out_dir)[: -recipe.checkpoints_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("saved checkpoint %s", target)
 
 
-class _ema_weights:
+@contextlib.contextmanager
+def _ema_weights(ema: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
     """With EMA, the EMA weights stand in for the trained ones inside the block."""
-
-    def __init__(self, ema: Any, params: list[torch.nn.Parameter]) -> None:
-        self.ema = ema
-        self.params = params
-
-    def __enter__(self) -> None:
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ema is not None:
-            self.ema.restore(self.params)
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        yield
+    finally:
+        if ema is not None:
+            ema.restore(params)
 
 
 def _validate(
@@ -634,25 +580,20 @@ def _probe_loss(
     unet.eval()
     generator = torch.Generator("cpu").manual_seed(recipe.seed)
     device, dtype = accelerator.device, next(vae.parameters()).dtype
-    total, count = 0.0, 0
+    losses: list[float] = []
     n = batch["pixel_values"].shape[0]
     with accelerator.autocast():
         for start in range(0, n, recipe.batch_size):
             pixels = batch["pixel_values"][start : start + recipe.batch_size]
             ids = batch["input_ids"][start : start + recipe.batch_size]
-            latents = vae.encode(pixels.to(device, dtype)).latent_dist.mean
-            latents = latents * vae.config.scaling_factor
+            latents = encode_latents(vae, pixels.to(device, dtype), sample=False)
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             t = torch.randint(
                 0, scheduler.config.num_train_timesteps, (len(pixels),), generator=generator
             ).to(device)
-            noisy = scheduler.add_noise(latents, noise, t)
             hidden = text_encoder(ids.to(device), return_dict=False)[0]
-            target = _target(scheduler, scheduler.config.prediction_type, latents, noise, t)
-            predicted = unet(noisy, t, hidden, return_dict=False)[0]
-            total += F.mse_loss(predicted.float(), target.float(), reduction="sum").item()
-            count += target.numel()
-    return total / count
+            losses += diffusion_mse(unet, scheduler, latents, noise, t, hidden).tolist()
+    return sum(losses) / len(losses)
 
 
 def _save_adapter(
@@ -662,9 +603,6 @@ def _save_adapter(
     identifier, the negative prompt) beside it; written to a temporary folder, renamed."""
     from diffusers import StableDiffusionPipeline
 
-    tmp = target.parent / f".tmp-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
     info = {
         "format": "diffusers-lora",
         "base_model": sd_model,
@@ -674,7 +612,8 @@ def _save_adapter(
         "steps": steps,
         "usage": "pipe.load_lora_weights(folder); pipe(prompt, negative_prompt=identifier)",
     }
-    (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with replacing(target, folder=True, unique=False) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=layers, safe_serialization=True
+        )
+        (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -13,10 +13,11 @@ import pytest
 from db import models
 from pipeline.adapt import dataset as data
 from pipeline.adapt.evaluate import PAIRS_FILE, evaluate_adapter
-from pipeline.adapt.run import EVAL_DIR, PROMPTS_FILE, Resources, open_run, run_adaptation
+from pipeline.adapt.run import EVAL_DIR, PROMPTS_FILE, SD_ADAPTATION, open_run
 from pipeline.generate import Generator, ImageRequest, SamplingParams
 from pipeline.handlers import Cancelled
 from pipeline.hps_model import HPSModel
+from pipeline.runs import Resources, run_recipe
 from tests.pipeline.conftest import make_settings
 
 PARAMS = SamplingParams(steps=2, guidance_scale=7.5, width=64, height=64)
@@ -149,8 +150,8 @@ async def test_the_eval_stage_keeps_its_adapter_while_generate_jobs_unload_other
         generator=_value(generator),
         scorer=_value(CountingScorer(scorer, generate_job_between_batches)),
     )
-    outcome = await run_adaptation(pool, settings, name="evalrun", resources=resources,
-                                   until="eval", progress=False)  # fmt: skip
+    outcome = await run_recipe(SD_ADAPTATION, pool, settings, name="evalrun",
+                               resources=resources, until="eval", progress=False)  # fmt: skip
     assert outcome.stages["eval"]["report"]["pairs"] == 4
     assert kept == [{"run:evalrun", f"v{parent.id}"}] * 4  # neither was unloaded
     assert generator.adapters == {f"v{parent.id}": str(tiny_lora_dirs[1])}  # the run's own: gone

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import pipeline.adapt.lora_train as lora_train
 from hps.settings import AdaptSettings
+from pipeline import devices
 from pipeline.adapt.dataset import Item
 from pipeline.adapt.lora_train import ADAPTER_INFO, train_lora
 from pipeline.generate import Generator, ImageRequest, SamplingParams
@@ -231,7 +232,7 @@ def test_training_runs_on_the_gpu_the_device_names(
     assert events == ["cuda:1 current", "step 1", "step 2", "restored"]
     # No index, the CPU, or `accelerate launch` (which assigns each process its GPU): as is.
     for device in ("cuda", "cpu", "auto"):
-        assert isinstance(lora_train.on_device(device), contextlib.nullcontext)
+        assert isinstance(devices.on_device(device), contextlib.nullcontext)
 
 
 def test_fetching_an_item_leaves_the_global_generators_alone(

@@ -15,13 +15,13 @@ from PIL import Image
 import pipeline.adapt.lora_train as lora_train
 from db import jobs, models, rounds
 from hps.store import LocalImageStore
-from pipeline.adapt.manifest import Run
 from pipeline.adapt.prompts import is_held_out
-from pipeline.adapt.run import Resources, evaluate_version, handle_adapt_sd
+from pipeline.adapt.run import evaluate_version, handle_adapt_sd
 from pipeline.generate import Generator, load_version
 from pipeline.handlers import JobContext
 from pipeline.hps_model import HPSModel
 from pipeline.model_files import sha256_file
+from pipeline.runs import Resources, Run
 from pipeline.worker import Worker
 from tests.pipeline.conftest import make_settings, running, wait_until
 from tests.tiny_clip import COLOURS, OBJECTS
@@ -127,7 +127,7 @@ async def test_the_job_crashes_mid_fine_tune_changes_nothing_then_resumes_and_re
             assert item["caption"].removeprefix("Weird image. ") in prompts["train"]
 
     # Attempt 2, by a worker: resumes after labelling, fine-tunes on from checkpoint 3.
-    caplog.set_level(logging.INFO, logger="pipeline.adapt.run")
+    caplog.set_level(logging.INFO, logger="pipeline.runs")
     worker = Worker(pool, settings, kinds=["adapt_sd"], worker_id="gpu-1")
     async with running(worker):
         done = await wait_until(lambda: _state(pool, job.id, "done"), within=120)

@@ -179,17 +179,18 @@ def test_saved_and_registered_folders_are_durable_and_readable_by_others(
     import os
     import stat
 
-    from pipeline import model_files, registry
+    from hps import files
+    from pipeline import registry
 
     config, weights = tiny_model
     synced: list[str] = []
-    real_fsync = model_files.fsync
+    real_fsync = files.fsync
 
     def spy(path: Path) -> None:
         synced.append(Path(path).name)
         real_fsync(path)
 
-    monkeypatch.setattr(model_files, "fsync", spy)
+    monkeypatch.setattr(files, "fsync", spy)
     previous = os.umask(0o022)
     try:
         HPSModel.load(config, pretrained=str(weights)).save(tmp_path / "v1")

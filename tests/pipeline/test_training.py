@@ -12,7 +12,7 @@ import torch
 
 from db import jobs, models, prompts, users
 from db.choices import record_choice
-from hps.settings import load_settings
+from hps.settings import TrainSettings, load_settings
 from hps.store import LocalImageStore
 from pipeline.data import (
     Example,
@@ -28,7 +28,7 @@ from pipeline.handlers import JobContext, PermanentError
 from pipeline.hps_model import HPSModel, ModelSpec
 from pipeline.loss import grouped_logits, preference_loss
 from pipeline.train_classifier import handle_train_classifier
-from pipeline.trainer import TrainConfig, freeze_lower_blocks, train
+from pipeline.trainer import freeze_lower_blocks, train
 from tests.factories import ready_round
 from tests.tiny_clip import tiny_clip
 
@@ -127,8 +127,9 @@ def test_tiny_clip_learns_the_choice_rule(colour_hpd: Path, tmp_path: Path) -> N
     config_file = tmp_path / "hps-tiny-clip.json"
     tiny_clip(tmp_path)  # writes the config
     examples = examples_from_folder(colour_hpd)
-    config = TrainConfig(base=ModelSpec(str(config_file)), patience=1, **FAST)
-    result = train(examples, config, tmp_path / "run", read_path, progress=False)
+    recipe = TrainSettings(patience=1, **FAST)
+    result = train(examples, read_path, recipe, base=ModelSpec(str(config_file)),
+                   out_dir=tmp_path / "run", progress=False)  # fmt: skip
 
     assert result.initial is not None and result.initial["n"] == 80
     assert result.initial["top1"] < 0.45  # untrained: near chance (0.25)
@@ -283,11 +284,9 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_group(
 ) -> None:
     _, config_file = tiny_clip(tmp_path)
     examples = [e for e in examples_from_folder(colour_hpd) if e.split == "train"][:40]
-    config = TrainConfig(
-        base=ModelSpec(str(config_file)),
-        **{**FAST, "epochs": 1, "batch_size": 5, "grad_accumulation": 4},
-    )
-    result = train(examples, config, tmp_path / "run", read_path, progress=False)
+    recipe = TrainSettings(**{**FAST, "epochs": 1, "batch_size": 5, "grad_accumulation": 4})
+    result = train(examples, read_path, recipe, base=ModelSpec(str(config_file)),
+                   out_dir=tmp_path / "run", progress=False)  # fmt: skip
     assert result.steps == 2  # 8 batches of 5, one optimizer step per 4 batches
     assert result.history[0]["val_top1"] is None and result.best_epoch == 1
     assert result.initial is None  # no test examples given
@@ -302,20 +301,23 @@ def test_a_cancelled_run_stops_at_its_next_step(colour_hpd: Path, tmp_path: Path
 
     _, config_file = tiny_clip(tmp_path)
     examples = [e for e in examples_from_folder(colour_hpd) if e.split != "test"][:60]
-    config = TrainConfig(base=ModelSpec(str(config_file)), **{**FAST, "epochs": 3})
+    recipe = TrainSettings(**{**FAST, "epochs": 3})
     cancelled = threading.Event()
     with pytest.raises(Cancelled, match="training cancelled at step"):
-        train(examples, config, tmp_path / "run", read_path, progress=False,
-              on_epoch=lambda record: cancelled.set(), cancelled=cancelled)  # fmt: skip
+        train(examples, read_path, recipe, base=ModelSpec(str(config_file)),
+              out_dir=tmp_path / "run", progress=False, on_epoch=lambda record: cancelled.set(),
+              cancelled=cancelled)  # fmt: skip
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 1  # epoch 1 ran; epoch 2 stopped at its first step
 
 
 def test_training_follows_the_configured_device(tmp_path: Path) -> None:
     from hps.settings import load_settings
+    from pipeline.runs import Run, RunContext
+    from pipeline.train_classifier import CLASSIFIER
 
     settings = load_settings(models={"device": "cpu"})
-    assert TrainConfig.from_settings(settings).device == "cpu"
+    assert RunContext(CLASSIFIER, Run(tmp_path, {}), settings).device == "cpu"
 
 
 def test_accuracy_report_counts_top1_pairs_ties_and_intervals() -> None:
@@ -411,11 +413,10 @@ def test_two_trainings_in_one_process_with_other_precisions(tmp_path: Path) -> N
     _, config_file = tiny_clip(tmp_path)
     examples = [e for e in _tiny_examples(tmp_path, 20) if e.split == "train"]
     for precision in ("bf16", "no"):
-        config = TrainConfig(
-            base=ModelSpec(str(config_file)), device="cpu", mixed_precision=precision,
-            **{**FAST, "epochs": 1, "batch_size": 5},
-        )  # fmt: skip
-        result = train(examples, config, tmp_path / f"run-{precision}", read_path, progress=False)
+        recipe = TrainSettings(mixed_precision=precision, **{**FAST, "epochs": 1, "batch_size": 5})
+        result = train(examples, read_path, recipe, base=ModelSpec(str(config_file)),
+                       out_dir=tmp_path / f"run-{precision}", device="cpu",
+                       progress=False)  # fmt: skip
         assert result.steps == 2
 
 
@@ -428,11 +429,12 @@ def test_the_untuned_base_is_evaluated_with_the_preprocessing_it_serves_with(
     _, config_file = tiny_clip(tmp_path)
     examples = _tiny_examples(tmp_path, 40, size=(48, 24))  # wide: cropping ≠ padding
     test = [e for e in examples if e.split == "test"]
-    config = TrainConfig(base=ModelSpec(str(config_file)), **{**FAST, "epochs": 1})
-    result = train(examples, config, tmp_path / "run", read_path, progress=False)
+    recipe = TrainSettings(**{**FAST, "epochs": 1})
+    result = train(examples, read_path, recipe, base=ModelSpec(str(config_file)),
+                   out_dir=tmp_path / "run", progress=False)  # fmt: skip
 
     def report(resize_mode: str | None) -> dict[str, Any]:
-        torch.manual_seed(config.seed)  # the base's random initialisation, as train() made it
+        torch.manual_seed(recipe.seed)  # the base's random initialisation, as train() made it
         model = HPSModel.load(config_file, resize_mode=resize_mode, device="cpu")
         return evaluate(model, test, read_path)
 
@@ -446,7 +448,7 @@ def test_the_untuned_base_is_evaluated_with_the_preprocessing_it_serves_with(
 
 
 def test_every_process_agrees_on_the_run_name(tmp_path: Path) -> None:
-    from pipeline.train_classifier import RunExists, agree_run_name
+    from cli.train import RunExists, agree_run_name
 
     stamped = agree_run_name(tmp_path, None)
     assert stamped.startswith("classifier-") and len(stamped) == len("classifier-20261201-120000")

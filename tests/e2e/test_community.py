@@ -13,9 +13,9 @@ import zlib
 import asyncpg
 from PIL import Image
 
+from bot.fake_discord import EPHEMERAL, FakeDiscord, FakeInteraction, FakeUser, button_ids
 from db import jobs
 from hps.store import LocalImageStore
-from tests.discord_fake import EPHEMERAL, FakeDiscord, FakeInteraction, FakeUser, button_ids
 from tests.e2e.conftest import ALICE, BOB, CHANNEL_ID, dream, eventually, wait_buttons, wait_db
 from tests.e2e.worker import TestWorker, fake_score, png
 

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import asyncpg
 
+from bot.fake_discord import EPHEMERAL, MANAGE_GUILD, FakeDiscord, FakeUser
 from db import jobs, users
 from db import models as registry
-from tests.discord_fake import EPHEMERAL, MANAGE_GUILD, FakeDiscord, FakeUser
 from tests.e2e.conftest import (
     ALICE,
     BOB,

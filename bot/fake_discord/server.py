@@ -1,5 +1,5 @@
 """A local Discord-compatible server: the REST routes and the gateway the bot uses, on
-loopback, for end-to-end tests and the ingest benchmark.
+loopback, for end-to-end tests, the ingest benchmark and `hps demo`.
 
 The unmodified discord.py client is pointed at it by the bot's settings
 (`discord.api_base_url` = `FakeDiscord.api_base_url`, `discord.gateway_url` =

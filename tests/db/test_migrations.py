@@ -30,6 +30,9 @@ TABLES = {
     "model_events",
     "jobs",
     "workers",
+    "services",
+    "round_messages",
+    "message_deletions",
 }
 
 TABLES_SQL = """

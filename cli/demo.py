@@ -1,0 +1,5 @@
+"""`hps demo` (placeholder, written below)."""
+
+
+def demo() -> None:
+    """Try the platform in a browser."""

@@ -227,3 +227,45 @@ def tiny_openai_checkpoint(directory: Path, seed: int = 0) -> Path:
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "epoch": 1}, path)
     return path
+
+
+# -- a tiny standalone safety checker --------------------------------------------------
+
+
+def build_tiny_safety_checker(folder: Path, *, flag_all: bool) -> Path:
+    """A tiny `StableDiffusionSafetyChecker` (and its preprocessor) saved like
+    CompVis/stable-diffusion-safety-checker, whose thresholds flag every image
+    (`flag_all`) or none: cosine similarities lie in [-1, 1]."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+        },
+        vision_config={
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=8,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0 if flag_all else 2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    checker.save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder

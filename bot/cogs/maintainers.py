@@ -65,7 +65,7 @@ class Maintainers(commands.Cog):
         for job, created in enqueued:
             log.info(
                 "training requested",
-                extra={"job_id": job.id, "job_kind": job.kind, "created": created},
+                extra={"job_id": job.id, "job_kind": job.kind, "job_created": created},
             )
         await reply(interaction, formats.retrain(enqueued))
 

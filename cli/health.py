@@ -7,7 +7,8 @@ last heartbeat is younger than `health.stale_seconds` (workers: `worker.lease_se
 age at which their jobs are taken over) and, for the bot, its shards are connected to
 Discord's gateway. The exit code is 0 when every kind asked for has a healthy process, 1
 otherwise (and when the database cannot be reached), so container health checks use it:
-`hps health bot --here` in the bot's container checks that container's bot.
+`hps health bot --here` in the bot's container checks that container's bot, and
+`hps health --here` whatever runs there (the Dockerfile's HEALTHCHECK).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def health(
     ),
 ) -> None:
     """Whether the bot (connected to Discord's gateway), the workers and the scheduler are
-    alive, from their heartbeats in the database; exit 1 if a kind has none."""
+    alive, from their heartbeats in the database; exit 1 if a kind has none. With --here
+    and no KIND: the kinds that run on this machine."""
     asked = list(dict.fromkeys(kinds or KINDS))
     unknown = [k for k in asked if k not in KINDS]
     if unknown:
@@ -94,6 +96,11 @@ def health(
     host = socket.gethostname()
     if here:
         seen = [s for s in seen if s.hostname == host]
+        if not kinds:  # the kinds that run on this machine (a container runs one)
+            asked = [k for k in KINDS if any(s.kind == k for s in seen)]
+            if not asked:
+                console.print(f"[red]down[/red] nothing of ours has run on this machine ({host})")
+                raise typer.Exit(1)
     missing = []
     for kind in asked:
         mine = [s for s in seen if s.kind == kind]

@@ -32,8 +32,12 @@ async def test_health_says_which_process_is_down_and_exits_1(
     assert healthy.returncode == 0, healthy.stdout
     assert "(connected to the gateway, 2 guild(s))" in healthy.stdout
     assert "ok   worker    gpu-1:7: last heartbeat" in healthy.stdout
-    # --here: only this machine's processes (the worker was registered from this host too).
+    # --here: only this machine's processes (the worker was registered from this host too);
+    # with no kind, the kinds that run here.
     assert hps("health", "scheduler", "--here", env=env).returncode == 0
+    await pool.execute("UPDATE services SET hostname = 'elsewhere' WHERE kind = 'bot'")
+    mine = hps("health", "--here", env=env)
+    assert mine.returncode == 0 and " bot " not in mine.stdout and "ok   scheduler" in mine.stdout
     await pool.execute("UPDATE workers SET hostname = 'elsewhere'")
     here = hps("health", "worker", "--here", env=env)
     assert here.returncode == 1 and "none healthy on this machine" in here.stdout

@@ -150,7 +150,7 @@ async def _demo(
         connected.result()
         await page.start(host, port)
         _say(f"open {page.url} (Ctrl-C stops the demo)")
-        if open_browser:
+        if open_browser and _has_desktop():
             with contextlib.suppress(Exception):
                 webbrowser.open(page.url)
         while not stop.is_set():
@@ -175,6 +175,13 @@ def _start(name: str, env: dict[str, str], log_file: Path) -> subprocess.Popen[b
         return subprocess.Popen(
             [sys.executable, "-m", "cli", name], env=env, stdout=out, stderr=subprocess.STDOUT
         )
+
+
+def _has_desktop() -> bool:
+    """Whether a graphical browser can open (without a display, Python's webbrowser would
+    start a text browser in this terminal)."""
+    graphical = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    return sys.platform in ("darwin", "win32") or bool(graphical)
 
 
 def _died(children: dict[str, subprocess.Popen[bytes]]) -> str | None:

@@ -169,7 +169,7 @@ class HPSBot(commands.AutoShardedBot):
             }
             try:
                 await services.heartbeat(self.pool, "bot", state)
-            except (*UNAVAILABLE, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # the next beat tries again; `hps health` sees the gap
                 log.warning("bot heartbeat failed: %s", exc)
             await asyncio.sleep(self.settings.health.heartbeat_seconds)
 

@@ -264,7 +264,10 @@ class Community(ButtonCog):
 
     @tasks.loop(seconds=DELETION_RETRY_SECONDS)
     async def _retry_deletions(self) -> None:
-        await self.delete_queued_messages()
+        try:
+            await self.delete_queued_messages()
+        except Exception:  # an error must not end the loop (tasks.loop stops on one)
+            log.exception("deleting forgotten rounds' messages failed; trying again later")
 
     async def delete_queued_messages(self) -> tuple[int, int]:
         """Delete the queued messages of forgotten rounds on Discord: (deleted, still

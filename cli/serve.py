@@ -37,8 +37,9 @@ def serve() -> None:
     services = ["scheduler", "worker"]
     if config.discord.token is None:
         err_console.print(
-            f"{log_prefix} [yellow]no Discord bot token[/yellow] (set HPS_DISCORD__TOKEN or "
-            "\\[discord] token in hps.toml): running the scheduler and a worker without the bot",
+            f"{log_prefix} [yellow]no Discord bot token[/yellow] (set HPS_DISCORD__TOKEN in the "
+            "environment or .env, or \\[discord] token in hps.toml): running the scheduler and a "
+            "worker without the bot (`hps demo` shows the bot without Discord)",
             highlight=False,
         )
     else:

@@ -9,7 +9,9 @@ Forgetting a user (our documented choice: deletion, not pseudonymisation), in on
 - every choice and choice event the user made is deleted;
 - every round the user requested is deleted with its images' rows and the votes others cast
   on it (the prompt text is the user's content); prompts no other round uses are deleted;
-  queued generate jobs of those rounds are cancelled;
+  queued generate jobs of those rounds are cancelled; the bot's Discord messages of those
+  rounds (they show the images and mention the user) are queued for the bot to delete
+  (`db.messages`);
 - their Discord id is scrubbed from jobs they asked for (and a /score prompt with it) and
   from the actor of bans and model events they made;
 - the user row stays as a tombstone (so user counts stay right) with a fresh pseudonym,
@@ -31,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from db import images
+from db import images, messages
 from db.connect import Executor, transaction
 
 
@@ -163,6 +165,7 @@ class ForgetResult:
     events_deleted: int
     rounds_deleted: int
     orphaned_image_keys: list[str]
+    messages_queued: int = 0  # the bot's Discord messages of those rounds, to be deleted
 
 
 LOCK_USER_SQL = """
@@ -243,15 +246,26 @@ async def forget_user(db: Executor, discord_id: int) -> ForgetResult | None:
         round_ids = [r["id"] for r in rounds]
         keys = [k for r in rounds for k in r["keys"]]
         await conn.execute(CANCEL_ROUND_JOBS_SQL, round_ids)
+        queued = await messages.queue_round_messages(conn, round_ids, messages.FORGOTTEN)
         await conn.execute(DELETE_ROUNDS_SQL, round_ids)
         await conn.execute(DELETE_ORPHAN_PROMPTS_SQL, list({r["prompt_id"] for r in rounds}))
         await conn.execute(SCRUB_JOBS_SQL, discord_id)
         await conn.execute(SCRUB_ACTORS_SQL, discord_id)
         orphaned = await images.unreferenced_keys(conn, keys)
         await conn.execute(TOMBSTONE_SQL, user_id)
-        return ForgetResult(user_id, choices, events, len(round_ids), orphaned)
+        return ForgetResult(user_id, choices, events, len(round_ids), orphaned, queued)
 
 
 def _count(status: str) -> int:
     """The row count of an asyncpg command status such as `DELETE 3`."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+BANNED_SQL = """
+SELECT * FROM users WHERE banned OR shadow_banned ORDER BY banned_at DESC NULLS LAST, id
+"""
+
+
+async def banned_users(db: Executor) -> list[User]:
+    """Every banned or shadow-banned user, the latest ban first."""
+    return [User(**dict(r)) for r in await db.fetch(BANNED_SQL)]

@@ -195,15 +195,17 @@ async def test_a_model_without_a_safety_checker_is_refused_while_the_check_is_on
 ) -> None:  # type: ignore[no-untyped-def]
     """Its images would go out unchecked: the job dies at once (retrying cannot help) and
     the requester is told, rather than seeing unchecked images."""
-    settings = _settings(tiny_sd_dir, safety_checker=True)  # tiny_sd_dir has no checker
+    # tiny_sd_dir has no checker, and no standalone one is configured.
+    settings = _settings(tiny_sd_dir, safety_checker=True, safety_checker_model=None)
     async with running(_worker(pool, settings)):
         created = await rounds.create_round(pool, requester_discord_id=1, prompt=PROMPT, k=4)
         dead = await wait_until(lambda: _state(pool, created.job.id, "dead"), within=60)
     assert dead.attempts == 1
     assert dead.error == (
-        f"{tiny_sd_dir} has no safety checker, so its images could not be checked: give it "
-        "one, or set generation.safety_checker = false (HPS_GENERATION__SAFETY_CHECKER=false) "
-        "to post its images unchecked"
+        f"{tiny_sd_dir} has no safety checker, so its images could not be checked: set "
+        "generation.safety_checker_model (HPS_GENERATION__SAFETY_CHECKER_MODEL) to check them "
+        "with the standalone one, or generation.safety_checker = false "
+        "(HPS_GENERATION__SAFETY_CHECKER=false) to post them unchecked"
     )
     failed = await rounds.get_round(pool, created.round.id)
     assert failed.status == "failed"
@@ -300,3 +302,31 @@ def test_an_adapters_identifier_leads_the_negative_prompt(
     assert base.png != generator.generate([ImageRequest(PROMPT, "", 3, "tagged")], params)[0].png
     generator.keep_adapters({"plain"})
     assert generator.identifiers == {"plain": ""}
+
+
+def test_a_model_without_a_checker_is_checked_by_the_standalone_one(
+    tiny_sd_dir: Path, tmp_path: Path
+) -> None:
+    """SDXL and SD 2.x ship no checker: the one SD 1.x ships runs on their images instead,
+    loaded through `from_pretrained` from `generation.safety_checker_model`."""
+    from pipeline.generate import Generator, ImageRequest, SamplingParams
+    from pipeline.tiny_models import build_tiny_safety_checker
+
+    params = SamplingParams(steps=2, guidance_scale=7.5, width=64, height=64)
+    requests = [ImageRequest(PROMPT, "", seed) for seed in (1, 2)]
+    unchecked = Generator(str(tiny_sd_dir), device="cpu", safety_checker=False)
+    assert unchecked.checker is None
+    plain = unchecked.generate(requests, params)
+    for flag_all, expected in ((False, [False, False]), (True, [True, True])):
+        folder = build_tiny_safety_checker(tmp_path / f"checker-{flag_all}", flag_all=flag_all)
+        generator = Generator(
+            str(tiny_sd_dir), device="cpu", safety_checker=True, safety_checker_model=str(folder)
+        )
+        made = generator.generate(requests, params)
+        assert [image.nsfw for image in made] == expected
+        for image, same in zip(made, plain, strict=True):
+            pixels = PILImage.open(io.BytesIO(image.png)).getextrema()
+            if image.nsfw:  # blacked out, as the pipeline's own checker does
+                assert pixels == ((0, 0), (0, 0), (0, 0))
+            else:
+                assert image.png == same.png

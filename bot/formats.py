@@ -169,6 +169,12 @@ FORGET_PROMPT = (
 )
 
 
+FORGET_BUSY = (
+    "Nothing was deleted: your data is in use right now (an image is being made or stored). "
+    "Please try /forget-me again in a minute."
+)
+
+
 def forgotten(choices: int, rounds: int, files: int) -> str:
     return (
         f"Done: deleted {rounds} round(s), {choices} choice(s) and {files} image file(s). "

@@ -279,3 +279,26 @@ async def test_a_migration_gives_up_on_a_table_held_too_long_with_nothing_applie
         await holder.close()
     await asyncio.to_thread(migrate.upgrade, database_url)
     assert (await migrate.status(pool)).up_to_date
+
+
+async def test_hps_db_analysts_applies_the_configured_limits_or_says_what_it_cannot(
+    pool: asyncpg.Pool, database_url: str, analyst: str
+) -> None:
+    from tests.test_cli import hps
+
+    login = urlsplit(analyst).username
+    done = await asyncio.to_thread(hps, "db", "analysts", env={"HPS_DATABASE_URL": database_url})
+    assert done.returncode == 0, done.stderr
+    assert f"{login}: 4 connection(s); statement_timeout=120s, " in done.stdout
+    # Run by a role that may change nothing (the analyst itself): each part is named.
+    refused = await asyncio.to_thread(hps, "db", "analysts", env={"HPS_DATABASE_URL": analyst})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    for what in (
+        "analysts' policy not applied: TEMPORARY on the database: only its owner or a "
+        "superuser may revoke it",
+        "analysts' policy not applied: the advisory lock and large object functions: only a "
+        "superuser may revoke them (run `hps db analysts` as one)",
+        f"analysts' policy not applied: the limits of login {login}: only a superuser or a "
+        "role administrator may set them",
+    ):
+        assert what in " ".join(refused.stderr.split()), what

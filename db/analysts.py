@@ -10,10 +10,11 @@ settings are lost by a clone or a restore, and need a superuser or a role admini
   temporary tables and functions in this database (`TEMPORARY`), to create objects in the
   schema `public`, and to create large objects (`lo_creat`, `lo_create`, `lo_from_bytea`,
   `lo_import`); the platform uses none of them. The database owner keeps them.
-- **No platform locks.** The advisory lock functions are the platform's: a session that
-  takes the migration lock, a training kind's queue lock or an image key's lock holds the
-  platform up. PUBLIC loses them, and the database owner and the role applying the policy
-  (the platform's) get them.
+- **No platform locks.** Taking an advisory lock is the platform's: a session that takes
+  the migration lock, a training kind's queue lock or an image key's lock holds the
+  platform up. PUBLIC loses the functions that take one, and the database owner and the
+  role applying the policy (the platform's) get them. Releasing stays open to all (one can
+  only release one's own, and connection pools release them all on every reset).
 - **Limits.** Every login that is a member of `hps_analyst` gets, in this database, a
   statement timeout, an idle-in-transaction timeout and a lock timeout, and a connection
   limit (`AnalystSettings`). Role settings are not inherited from a group role, so each login
@@ -62,6 +63,7 @@ SELECT p.oid::regprocedure::text AS function
 FROM pg_proc p
 WHERE p.pronamespace = 'pg_catalog'::regnamespace
   AND (p.proname LIKE 'pg\\_advisory\\_%' OR p.proname LIKE 'pg\\_try\\_advisory\\_%')
+  AND p.proname NOT LIKE '%unlock%'
 ORDER BY 1
 """
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import asyncpg
+
 from db.connect import Executor, transaction
 from hps.settings import AnalystSettings
 
@@ -171,13 +173,20 @@ async def secure(db: Executor, limits: AnalystSettings) -> list[str]:
                     "administrator may set them (run `hps db analysts` as one)"
                 )
                 continue
-            for name, value in login_settings(limits).items():
-                await tx.execute(
-                    LOGIN_SETTING_DDL.format(
-                        login=login["ident"], database=me["database"], name=name, value=value
+            try:
+                async with tx.transaction():  # a login dropped meanwhile is skipped
+                    for name, value in login_settings(limits).items():
+                        await tx.execute(
+                            LOGIN_SETTING_DDL.format(
+                                login=login["ident"], database=me["database"], name=name,
+                                value=value,
+                            )
+                        )  # fmt: skip
+                    await tx.execute(
+                        LOGIN_CONNECTIONS_DDL.format(
+                            login=login["ident"], limit=limits.connection_limit
+                        )
                     )
-                )
-            await tx.execute(
-                LOGIN_CONNECTIONS_DDL.format(login=login["ident"], limit=limits.connection_limit)
-            )
+            except asyncpg.UndefinedObjectError:
+                continue
     return skipped

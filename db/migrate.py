@@ -15,8 +15,9 @@ code call them through `asyncio.to_thread`.
   has passed; then `MigrationLockTimeout`, with nothing applied. (The analysts' logins have
   statement and idle-in-transaction timeouts, `db.analysts`, shorter than `LOCK_WAIT`.)
 
-After upgrading, `upgrade` applies the analysts' policy (`db.analysts.secure`): the privileges
-and limits that are not part of the schema (and that a restore or a clone loses).
+After upgrading, `hps db upgrade` (and `hps serve`) apply the analysts' policy
+(`db.analysts.secure`): the privileges and limits that are not part of the schema (and that a
+restore or a clone loses).
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def upgrade(
     lock_wait: timedelta = LOCK_WAIT,
     analysts: AnalystSettings | None = None,
 ) -> list[str]:
-    """Apply the migrations up to `revision`, then the analysts' policy; returns what of
-    the policy could not be applied (see `db.analysts.secure`)."""
+    """Apply the migrations up to `revision`, then, given the analysts' limits (`hps db
+    upgrade` gives the configured ones), the analysts' policy; returns what of the policy
+    could not be applied (see `db.analysts.secure`)."""
     _with_lock_timeouts(command.upgrade, url, revision, lock_wait)
-    return asyncio.run(_secure(url, analysts))
+    return [] if analysts is None else asyncio.run(_secure(url, analysts))
 
 
 def downgrade(url: str, revision: str, *, lock_wait: timedelta = LOCK_WAIT) -> None:
@@ -99,13 +101,12 @@ def _with_lock_timeouts(run, url: str, revision: str, lock_wait: timedelta) -> N
             time.sleep(RETRY_PAUSE.total_seconds())
 
 
-async def _secure(url: str, analysts: AnalystSettings | None) -> list[str]:
+async def _secure(url: str, analysts: AnalystSettings) -> list[str]:
     from db import analysts as policy
-    from hps.settings import AnalystSettings
 
     conn = await connect(url)
     try:
-        return await policy.secure(conn, analysts or AnalystSettings())
+        return await policy.secure(conn, analysts)
     finally:
         await conn.close()
 

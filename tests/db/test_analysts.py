@@ -302,3 +302,24 @@ async def test_hps_db_analysts_applies_the_configured_limits_or_says_what_it_can
         "role administrator may set them",
     ):
         assert what in " ".join(refused.stderr.split()), what
+
+
+async def test_revoking_connect_as_docs_deploy_says_keeps_the_analyst_out(analyst: str) -> None:
+    """docs/deploy.md (Analysts): the cluster's other databases refuse the analysts' role
+    once CONNECT is revoked from PUBLIC."""
+    from tests.conftest import url_for
+
+    other = unique_name("other_app")
+    admin = await asyncpg.connect(admin_url())
+    try:
+        await admin.execute(f'CREATE DATABASE "{other}"')
+        login = urlsplit(analyst).username
+        elsewhere = _as(url_for(other), login)
+        conn = await asyncpg.connect(elsewhere)  # by default, every database lets it in
+        await conn.close()
+        await admin.execute(f'REVOKE CONNECT ON DATABASE "{other}" FROM PUBLIC')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await asyncpg.connect(elsewhere)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
+        await admin.close()

@@ -171,6 +171,12 @@ FORGET_PROMPT = (
 )
 
 
+FORGET_BUSY = (
+    "Nothing was deleted: your data is in use right now (an image is being made or stored). "
+    "Please try /forget-me again in a minute."
+)
+
+
 def forgotten(choices: int, rounds: int, files: int, messages: int, all_deleted: bool) -> str:
     """What forgetting did, and only that: `messages` of the bot's were queued for deletion,
     and `all_deleted` says whether they are gone already."""

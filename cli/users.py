@@ -86,7 +86,8 @@ def forget(
     as /forget-me does. The bot deletes its Discord messages of those rounds (queued here;
     done at once while a bot runs, else when one starts). Not reached: exported datasets,
     backups, and the prompt lists of training runs (data_dir/runs)."""
-    from db import images, users
+    from db import users
+    from db.locks import LockTimeout
     from hps.store import LocalImageStore
 
     if not yes:
@@ -97,22 +98,21 @@ def forget(
         )
     config = settings()
 
-    async def _forget() -> tuple[users.ForgetResult | None, int]:
+    async def _forget() -> users.ForgetResult | None:
+        store = LocalImageStore(config.images_dir)
         async with database(config) as pool:
-            result = await users.forget_user(pool, discord_id)
-            if result is None:
-                return None, 0
-            store = LocalImageStore(config.images_dir)
-            files = await images.delete_unreferenced(pool, result.orphaned_image_keys, store.delete)
-            return result, files
+            return await users.forget_user(pool, discord_id, delete=store.delete)
 
-    result, files = run(_forget())
+    try:
+        result = run(_forget())
+    except LockTimeout as exc:
+        raise fail(f"{exc}; nothing was deleted, try again") from None
     if result is None:
         raise fail(f"no data about {discord_id}; nothing changed")
     console.print(
         f"Forgot {discord_id}: deleted {result.rounds_deleted} round(s), "
         f"{result.choices_deleted} choice(s), {result.events_deleted} click event(s) and "
-        f"{files} image file(s).",
+        f"{result.files_deleted} image file(s).",
         highlight=False,
     )
     if result.messages_queued:

@@ -466,6 +466,26 @@ class HealthSettings(Section):
         return self
 
 
+class AnalystSettings(Section):
+    """Limits of the analysts' logins (members of `hps_analyst`), applied by `hps db upgrade`
+    and `hps db analysts` (`db.analysts`). The timeouts are each login's defaults in this
+    database: they stop a forgotten transaction or a runaway query, not a login that sets
+    them off itself; the connection limit holds whatever the login does."""
+
+    statement_timeout_seconds: int = Field(
+        120, ge=1, description="An analyst's statement is cancelled after this long."
+    )
+    idle_in_transaction_seconds: int = Field(
+        60, ge=1, description="An analyst's session idle inside a transaction this long ends."
+    )
+    lock_timeout_seconds: int = Field(
+        5, ge=1, description="An analyst's statement waits this long for a lock at most."
+    )
+    connection_limit: int = Field(
+        4, ge=1, le=1000, description="Connections one analyst login may hold at once."
+    )
+
+
 def _toml_path() -> Path | None:
     configured = os.environ.get(f"{ENV_PREFIX}CONFIG")
     if configured:
@@ -506,6 +526,8 @@ class Settings(BaseSettings):
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+
+    analysts: AnalystSettings = Field(default_factory=AnalystSettings)
 
     @field_validator("database_url", mode="before")
     @classmethod

@@ -46,10 +46,13 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from db import images as image_rows
 from db import jobs, models, rounds
 from db.connect import transaction
 from db.images import NewImage
+from db.locks import LockTimeout
 from hps.settings import GenerationSettings
+from hps.store import StoredBlob
 from pipeline.devices import dtype as torch_dtype
 from pipeline.devices import precision, resolve_device
 from pipeline.handlers import JobContext, LeaseLost, PermanentError
@@ -514,9 +517,11 @@ async def _finish_round(
             f"The safety filter held back {flagged} of the {len(rows)} images, leaving too few "
             "to choose from. Try another prompt."
         )
-        return await _commit(ctx, item.job, round_id, result=result, failure=failure)
+        return await _commit(ctx, item.job, round_id, result=result, failure=failure, stored=stored)
     files = [image.png for image in images]
-    return await _commit(ctx, item.job, round_id, result=result, images=rows, files=files)
+    return await _commit(
+        ctx, item.job, round_id, result=result, images=rows, files=files, stored=stored
+    )
 
 
 async def _commit(
@@ -528,12 +533,38 @@ async def _commit(
     images: list[NewImage] | None = None,
     files: Sequence[bytes] = (),
     failure: str | None = None,
+    stored: Sequence[StoredBlob] = (),
 ) -> bool:
     """The round's outcome and the job's completion, in one transaction; with neither
     `images` nor `failure` the job completes as a no-op. A failed round keeps no image
     rows, so that retrying it starts clean. False (and nothing written) if another worker
-    took the job over."""
+    took the job over. Files `stored` for the round that no row names in the end (the round
+    failed or was forgotten meanwhile, the job was taken over) are deleted, unless
+    something else uses them."""
     result = dict(result or {"round_id": round_id})
+    try:
+        return await _complete(ctx, job, round_id, result, images, files, failure)
+    finally:
+        if stored and result.get("status") != "ready":
+            await _delete_strays(ctx, [blob.key for blob in stored])
+
+
+async def _delete_strays(ctx: JobContext, keys: list[str]) -> None:
+    try:
+        await image_rows.delete_unreferenced(ctx.pool, keys, ctx.store.delete)
+    except LockTimeout as exc:  # unreferenced files are harmless, if wasteful
+        ctx.log.warning("could not delete the images of an unfinished round: %s", exc)
+
+
+async def _complete(
+    ctx: JobContext,
+    job: jobs.Job,
+    round_id: int,
+    result: dict[str, Any],
+    images: list[NewImage] | None,
+    files: Sequence[bytes],
+    failure: str | None,
+) -> bool:
     try:
         async with transaction(ctx.pool) as conn:
             if failure is not None:
@@ -550,5 +581,6 @@ async def _commit(
                 raise LeaseLost(f"job {job.id} was taken over by another worker")
     except LeaseLost:
         ctx.log.warning("lost the lease of job %s: its round's outcome was rolled back", job.id)
+        result["status"] = "lost"
         return False
     return True

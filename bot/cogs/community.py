@@ -19,6 +19,7 @@ from bot.client import HPSBot
 from bot.replies import reply
 from db import images, jobs, messages, stats, users
 from db.connect import UNAVAILABLE, transaction
+from db.locks import LockTimeout
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,10 @@ class Community(ButtonCog):
 
     async def _delete_uploads(self, keys: list[str]) -> None:
         """Scored uploads are not kept, unless a round's image has the same bytes."""
-        await images.delete_unreferenced(self.bot.pool, keys, self.bot.store.delete)
+        try:
+            await images.delete_unreferenced(self.bot.pool, keys, self.bot.store.delete)
+        except LockTimeout as exc:  # the files stay; nothing references them
+            log.warning("could not delete scored uploads: %s", exc)
 
     # -- /stats ----------------------------------------------------------------------------
 
@@ -218,25 +222,31 @@ class Community(ButtonCog):
             await interaction.response.edit_message(content="Nothing was deleted.", view=None)
             return
         await interaction.response.defer()  # forgetting a prolific user may take a while
-        result = await users.forget_user(self.bot.pool, user_id)
+        try:
+            result = await users.forget_user(self.bot.pool, user_id, delete=self.bot.store.delete)
+        except LockTimeout as exc:
+            log.warning("could not forget a user: %s", exc)
+            await interaction.edit_original_response(content=formats.FORGET_BUSY, view=None)
+            return
         if result is None:
             await interaction.edit_original_response(
                 content="We hold no data about you.", view=None
             )
             return
-        deleted = await images.delete_unreferenced(
-            self.bot.pool, result.orphaned_image_keys, self.bot.store.delete
-        )
         _, left = await self.delete_queued_messages()
         log.info(
             "user forgotten",
-            extra={"user_id": result.user_id, "rounds": result.rounds_deleted, "files": deleted},
+            extra={
+                "user_id": result.user_id,
+                "rounds": result.rounds_deleted,
+                "files": result.files_deleted,
+            },
         )
         await interaction.edit_original_response(
             content=formats.forgotten(
                 result.choices_deleted,
                 result.rounds_deleted,
-                deleted,
+                result.files_deleted,
                 result.messages_queued,
                 all_deleted=left == 0,
             ),

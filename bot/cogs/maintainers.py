@@ -22,6 +22,7 @@ from bot.replies import reply
 from db import jobs, services, stats, users
 from db import models as registry
 from db.connect import UNAVAILABLE
+from db.locks import LockTimeout
 from db.promotion import check_promotable, configured_label
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,15 @@ class Maintainers(commands.Cog):
         target: Literal["classifier", "sd", "both"] = "both",
     ) -> None:
         targets = ["classifier", "sd"] if target == "both" else [target]
-        enqueued = [
-            await jobs.enqueue_training(self.bot.pool, t, requested_by=_actor(interaction))
-            for t in targets
-        ]
+        try:
+            enqueued = [
+                await jobs.enqueue_training(self.bot.pool, t, requested_by=_actor(interaction))
+                for t in targets
+            ]
+        except LockTimeout as exc:  # another session holds the queue's lock: say who
+            log.warning("/retrain: %s", exc)
+            await reply(interaction, f"Could not queue the training: {exc}")
+            return
         for job, created in enqueued:
             log.info(
                 "training requested",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from datetime import timedelta
@@ -23,7 +24,7 @@ from pipeline.generate import (
     SamplingParams,
     handle_generate,
 )
-from pipeline.handlers import JobContext
+from pipeline.handlers import JobContext, LeaseLost
 from pipeline.worker import Worker
 from tests.db.test_rounds import Listener
 from tests.pipeline.conftest import make_settings, running, stored_pngs, wait_until
@@ -188,6 +189,9 @@ async def test_flagged_images_are_recorded_never_shown_and_too_many_fail_the_rou
     assert await images_of_round(pool, two.round.id, include_nsfw=True) == []
     assert failed_job.result["status"] == "failed" and failed_job.result["error"] == reason
     assert [i["nsfw"] for i in failed_job.result["images"]] == [True, False]
+    # The failed round's files went with it (its blacked image has the bytes, and so the
+    # file, of the ready round's, which stays).
+    assert stored_pngs(settings.images_dir) == sorted(f"{i.sha256}.png" for i in recorded)
 
 
 async def test_a_model_without_a_safety_checker_is_refused_while_the_check_is_on(
@@ -246,18 +250,36 @@ async def test_rounds_that_cannot_be_generated_end_their_job_without_images(
     pool, tiny_sd_dir: Path
 ) -> None:  # type: ignore[no-untyped-def]
     settings = _settings(tiny_sd_dir)
-    # The requester of a round is forgotten while its job runs: the round is deleted.
+    # The requester of a round is forgotten while its job runs: the round and its job are
+    # deleted, and the worker lets go of the job, writing nothing.
     gone = await rounds.create_round(pool, requester_discord_id=2, prompt=PROMPT, k=2)
     [claimed] = await jobs.claim(pool, ["generate"], "w", timedelta(minutes=1))
     await users.forget_user(pool, 2)
     ctx = JobContext(claimed, settings, pool, LocalImageStore(settings.images_dir), "w", "cpu", {})
-    await handle_generate(ctx)
-    done = await jobs.get(pool, gone.job.id)
-    assert done.state == "done" and done.result == {
-        "round_id": gone.round.id,
-        "status": "skipped",
-        "reason": "the round no longer waits for images",
-    }
+    with pytest.raises(LeaseLost):
+        await handle_generate(ctx)
+    assert await jobs.get(pool, gone.job.id) is None
+    # Forgotten once the images are made, as they are stored: the files go too.
+    loop = asyncio.get_running_loop()
+
+    class ForgettingStore(LocalImageStore):
+        forgot = False
+
+        def put(self, data: bytes, suffix: str = ".png"):  # type: ignore[no-untyped-def]
+            if not self.forgot:  # in the worker's thread, while its loop waits for it
+                self.forgot = True
+                asyncio.run_coroutine_threadsafe(users.forget_user(pool, 3), loop).result()
+            return super().put(data, suffix)
+
+    late = await rounds.create_round(pool, requester_discord_id=3, prompt=PROMPT, k=2)
+    [claimed] = await jobs.claim(pool, ["generate"], "w", timedelta(minutes=1))
+    store = ForgettingStore(settings.images_dir)
+    ctx = JobContext(claimed, settings, pool, store, "w", "cpu", {})
+    with pytest.raises(LeaseLost):
+        await handle_generate(ctx)
+    assert store.forgot and await jobs.get(pool, late.job.id) is None
+    assert await rounds.get_round(pool, late.round.id) is None
+    assert stored_pngs(settings.images_dir) == []  # stored, then deleted: no row names them
 
     bad = await rounds.create_round(
         pool, requester_discord_id=1, prompt=PROMPT, k=2, params={"steps": 0}

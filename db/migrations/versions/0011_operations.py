@@ -6,7 +6,8 @@
   which shows the image and mentions them), deleted with the round's row.
 - `message_deletions`: Discord messages of forgotten users' rounds for the bot to delete
   (`db.messages`), queued in the forgetting transaction, NOTIFY `hps_messages`.
-`hps_analyst` reads `services` and the columns of the other two that hold no Discord id.
+`hps_analyst` reads `services` and the columns of `round_messages` that hold no Discord id;
+not `message_deletions`, whose times are those of forgetting.
 
 Revision ID: 0011
 Revises: 0010
@@ -102,10 +103,7 @@ def upgrade() -> None:
     )
     op.execute(f"GRANT SELECT ON services TO {ROLE}")
     op.execute(f"GRANT SELECT (round_id, kind, created_at) ON round_messages TO {ROLE}")
-    op.execute(
-        f"GRANT SELECT (id, reason, requested_at, claimed_at, attempts) ON message_deletions "
-        f"TO {ROLE}"
-    )
+    # Not message_deletions: its times are forgetting's, which nothing analysts see may join.
 
 
 def downgrade() -> None:

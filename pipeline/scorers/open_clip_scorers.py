@@ -111,7 +111,18 @@ AESTHETIC_LINEARS = (0, 2, 4, 6, 7)
 AESTHETIC_DROPOUTS = {1: 0.2, 3: 0.2, 5: 0.1}
 
 
-def aesthetic_mlp(state_dict: dict[str, torch.Tensor], source: str) -> torch.nn.Sequential:
+class AestheticMLP(torch.nn.Module):
+    """The predictor's module: its `layers`, as the released state dict names them."""
+
+    def __init__(self, layers: torch.nn.Sequential) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.layers(embedding)
+
+
+def aesthetic_mlp(state_dict: dict[str, torch.Tensor], source: str) -> AestheticMLP:
     """The predictor's MLP with `state_dict` loaded (its dimensions read from the shapes:
     768 → 1024 → 128 → 64 → 16 → 1 in the released file)."""
     expected = {f"layers.{i}.{p}" for i in AESTHETIC_LINEARS for p in ("weight", "bias")}
@@ -127,7 +138,7 @@ def aesthetic_mlp(state_dict: dict[str, torch.Tensor], source: str) -> torch.nn.
             modules.append(torch.nn.Linear(in_features, out_features))
         else:
             modules.append(torch.nn.Dropout(AESTHETIC_DROPOUTS[i]))
-    mlp = torch.nn.Sequential(*modules)
+    mlp = AestheticMLP(torch.nn.Sequential(*modules))
     mlp.load_state_dict(state_dict)
     return mlp.eval()
 
@@ -138,7 +149,7 @@ class AestheticScorer:
     name = "aesthetic"
     scale = AESTHETIC_SCALE
 
-    def __init__(self, clip: HPSModel, mlp: torch.nn.Sequential, label: str) -> None:
+    def __init__(self, clip: HPSModel, mlp: AestheticMLP, label: str) -> None:
         self.clip, self.label = clip, label
         self.mlp = mlp.to(clip.device, torch.float32).eval()
         self.preprocess = _BatchPreprocess(clip.transform)
@@ -170,9 +181,10 @@ def load_aesthetic(
     mlp = aesthetic_mlp(state_dict, str(path))
     model = HPSModel.load(clip, pretrained=pretrained, device=device, precision=precision)
     width = int(model.model_cfg["embed_dim"])
-    if mlp[0].in_features != width:
+    if mlp.layers[0].in_features != width:
+        wanted = mlp.layers[0].in_features
         raise ModelLoadError(
-            f"the aesthetic predictor {path} reads {mlp[0].in_features}-wide embeddings, but "
+            f"the aesthetic predictor {path} reads {wanted}-wide embeddings, but "
             f"{model.name} makes {width}-wide ones: set scorers.aesthetic_clip to the CLIP it "
             "was trained on (ViT-L-14 with OpenAI's weights)"
         )

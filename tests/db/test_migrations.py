@@ -31,6 +31,7 @@ TABLES = {
     "jobs",
     "workers",
     "retired_pseudonyms",
+    "scorer_agreement",
 }
 
 TABLES_SQL = """

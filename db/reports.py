@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from db.connect import Executor
+from db.scorers import LATEST_AGREEMENT_SQL
 
 CHOICES_PER_DAY_SQL = """
 SELECT day, choices, picks, ties, nones, flagged FROM choices_daily ORDER BY day
@@ -93,6 +94,7 @@ async def report_data(db: Executor, bins: int = 30) -> dict[str, list[dict[str, 
         "ab_win_rate_over_time": (AB_WIN_RATE_OVER_TIME_SQL, ()),
         "score_histograms": (SCORE_HISTOGRAMS_SQL, (bins, scorer)),
         "score_summary": (SCORE_SUMMARY_SQL, (scorer,)),
+        "scorer_agreement": (LATEST_AGREEMENT_SQL, ()),
     }
     data = {
         name: [dict(r) for r in await db.fetch(sql, *args)] for name, (sql, args) in queries.items()

@@ -4,7 +4,8 @@ no server. The data comes from the analysts' views (`db.reports`).
 
 Plots: choices per day, rounds by status, classifier top-1 accuracy by version against the
 untuned CLIP baseline, each SD adapter's cumulative live win rate over time with its 95 %
-Wilson band, and the HPS distribution of the images each model version served, as scored by
+Wilson band, each reward model's agreement with the choices (the latest `hps eval
+--scorers`), and the HPS distribution of the images each model version served, as scored by
 one classifier (the serving one, else the latest that scored images; its name is in the
 caption), since scores of different classifiers are on different scales.
 """
@@ -167,6 +168,63 @@ def score_histograms(rows: Rows, summary: Rows) -> bytes:
     return _png(fig)
 
 
+def scorer_agreement_plot(rows: Rows) -> bytes:
+    """Each reward model's top-1 and pairwise agreement with people's choices (the latest
+    `hps eval --scorers`), with 95 % intervals, against chance."""
+    fig, ax = _figure()
+    if not rows:
+        _empty(ax, "reward model comparisons")
+        return _png(fig)
+    x = list(range(len(rows)))
+    for offset, key, label, marker in ((-0.12, "top1", "top-1", "o"),
+                                       (0.12, "pairwise", "pairwise", "s")):  # fmt: skip
+        points = [(i + offset, r) for i, r in zip(x, rows, strict=True) if r[key] is not None]
+        if not points:
+            continue
+        values = [r[key] for _, r in points]
+        errors = [[v - (r[f"{key}_low"] if r[f"{key}_low"] is not None else v)
+                   for v, (_, r) in zip(values, points, strict=True)],
+                  [(r[f"{key}_high"] if r[f"{key}_high"] is not None else v) - v
+                   for v, (_, r) in zip(values, points, strict=True)]]  # fmt: skip
+        ax.errorbar([p for p, _ in points], values, yerr=errors, fmt=marker, capsize=4,
+                    label=f"{label} (95 % CI)")  # fmt: skip
+    chance = [r["chance"] for r in rows if r["chance"]]
+    if chance:
+        ax.axhline(sum(chance) / len(chance), color="gray", linestyle=":", label="top-1 chance")
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=0.8, label="pairwise chance")
+    ax.set_xticks(x, [r["scorer"] for r in rows])
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("agreement with people")
+    ax.legend(frameon=False, fontsize="small", loc="lower right")
+    return _png(fig)
+
+
+def scorer_agreement_section(rows: Rows) -> tuple[str, str, str, Callable[[], bytes], Rows]:
+    """The report's "scorer agreement" section: which public reward model agrees most with
+    this community's choices (rows: `db.scorers.LATEST_AGREEMENT_SQL`'s)."""
+    if rows:
+        first = rows[0]
+        where = (
+            f"on the {first['split']} split of "
+            + ("the choices" if first["source"] == "choices" else first["source"])
+            + f", evaluated {first['evaluated_at']:%Y-%m-%d %H:%M} UTC"
+        )
+    else:
+        where = "not evaluated yet (hps eval --scorers hps,hpsv2,pickscore,aesthetic,clip)"
+    columns = ("scorer", "model", "choices", "top1", "top1_low", "top1_high", "chance",
+               "pairwise", "pairwise_low", "pairwise_high", "pairs")  # fmt: skip
+    return (
+        "scorer_agreement",
+        "Reward models' agreement with the choices",
+        "How often each reward model's highest-scored image is the one the person chose "
+        "(top-1) and prefers the chosen image in each pair (pairwise), with 95 % intervals "
+        f"(Wilson; bootstrap over choices for pairs), {where}.",
+        lambda: scorer_agreement_plot(rows),
+        [{c: r[c] for c in columns} for r in rows],
+    )
+
+
 def scorer_words(classifier: Rows) -> str:
     """Which classifier's scores the HPS plot shows, in words."""
     if not classifier:
@@ -202,6 +260,7 @@ def build_plots(data: dict[str, Rows]) -> list[Plot]:
          "other scales and left out (as are safety-flagged images).",
          lambda: score_histograms(data["score_histograms"], data["score_summary"]),
          data["score_summary"]),
+        scorer_agreement_section(data.get("scorer_agreement", [])),
     ]  # fmt: skip
     return [
         Plot(name, title, caption, draw(), table) for name, title, caption, draw, table in specs

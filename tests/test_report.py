@@ -19,7 +19,8 @@ from pipeline.report import build_plots, write_report
 from tests.seed import DAY1, seed
 
 ROOT = Path(__file__).resolve().parents[1]
-PLOTS = ["choices_per_day", "rounds_by_status", "classifier_accuracy", "ab_win_rates", "hps_scores"]
+PLOTS = ["choices_per_day", "rounds_by_status", "classifier_accuracy", "ab_win_rates", "hps_scores",
+         "scorer_agreement"]  # fmt: skip
 
 
 def _chromium() -> str | None:
@@ -93,6 +94,28 @@ async def test_report_files_are_self_contained(pool, tmp_path: Path) -> None:  #
     assert "Generated 2026-11-01 12:00 UTC" in text
     assert "<td>sd_adapter-ab</td>" in text and "<td>0.714</td>" in text  # 5 of 7
     assert "all scored by classifier classifier-b (serving); other classifiers" in text
+
+
+async def test_the_report_shows_the_latest_scorer_agreement(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from db.scorers import record_agreement
+
+    def report(top1: float, model: str) -> dict:
+        return {"model": model, "scale": "s", "examples": "f", "n": 80, "ties": 3, "top1": top1,
+                "top1_ci": [top1 - 0.1, top1 + 0.1], "chance": 0.25, "pairwise": 0.6,
+                "pairwise_ci": [0.55, 0.65], "pairwise_n": 240}  # fmt: skip
+
+    await record_agreement(pool, source="choices", split="test", reports={"hps": report(0.2, "a")})
+    await record_agreement(pool, source="/data/hpd", split="test",
+                           reports={"pickscore": report(0.412, "PickScore (p)"),
+                                    "aesthetic": report(0.301, "LAION (x)")})  # fmt: skip
+    data = await report_data(pool)
+    assert [(r["scorer"], r["top1"]) for r in data["scorer_agreement"]] == [
+        ("pickscore", 0.412), ("aesthetic", 0.301)
+    ]  # fmt: skip
+    text = write_report(data, tmp_path / "report", DAY1).read_text()
+    section = text[text.index("<section id='scorer_agreement'>") :]
+    assert "on the test split of /data/hpd, evaluated " in section
+    assert "<td>pickscore</td><td>PickScore (p)</td><td>80</td><td>0.412</td>" in section
 
 
 def test_an_empty_database_still_makes_a_report(tmp_path: Path) -> None:

@@ -17,8 +17,10 @@ ImageReward is not among them: its package cannot be installed beside our pins (
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hps.settings import SCORER_NAMES, Settings
 from pipeline.scorers.base import Scorer, score_all, score_with
@@ -26,8 +28,11 @@ from pipeline.scorers.base import Scorer, score_all, score_with
 if TYPE_CHECKING:
     from pipeline.hps_model import HPSModel
 
-__all__ = ["SCORER_NAMES", "Scorer", "load_scorer", "load_scorers", "parse_names", "score_all",
-           "score_with"]  # fmt: skip
+__all__ = ["SCORER_NAMES", "Scorer", "cached_scorers", "load_scorer", "load_scorers",
+           "parse_names", "score_all", "score_with"]  # fmt: skip
+
+
+log = logging.getLogger(__name__)
 
 
 class UnknownScorer(ValueError):
@@ -98,3 +103,21 @@ def load_scorers(
 ) -> list[Scorer]:
     """The scorers `names`, in order (see `load_scorer`)."""
     return [load_scorer(name, settings, hps=hps, **options) for name in names]
+
+
+async def cached_scorers(
+    names: Sequence[str], settings: Settings, cache: dict[str, Any]
+) -> list[Scorer]:
+    """The scorers `names` (not `hps`: the serving classifier has its own cache), loaded once
+    per worker (in `cache`) while their settings stay the same."""
+    identity = settings.scorers.model_dump_json() + settings.models.device
+    loaded = []
+    for name in names:
+        key = f"scorer:{name}"
+        cached = cache.get(key)
+        if cached is None or cached[0] != identity:
+            log.info("loading the %s scorer", name)
+            scorer = await asyncio.to_thread(load_scorer, name, settings)
+            cache[key] = cached = (identity, scorer)
+        loaded.append(cached[1])
+    return loaded

@@ -274,6 +274,9 @@ def adapter_figures(version: ModelVersion, live: Mapping[str, Any] | None) -> st
             f"offline win {_rate(offline['win_rate'], offline['win_rate_ci'])}, "
             f"HPS {offline['hps_gain']:+.3f} ({offline['pairs']} pairs)"
         )
+        for name, judged in (offline.get("judges") or {}).items():  # the other reward models
+            if judged.get("pairs"):
+                figures += f"; {name} win {_rate(judged['win_rate'], judged['win_rate_ci'])}"
     else:
         figures = "offline: not evaluated"
     if live is not None:

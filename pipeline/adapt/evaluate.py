@@ -128,10 +128,11 @@ def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, s
     else:
         passed = report["hps_gain"] > recipe.offline_min_hps_gain
         rule = f"mean gain {'>' if passed else '≤'} {recipe.offline_min_hps_gain:+.3f}"
+    # The independent judge's verdict comes before the classifier's rule, which ends it.
     judge = gate_scorer(recipe)
     if judge == "hps":
-        rule += (
-            "; no independent judge (adapt.offline_scorers names no scorer but hps): the HPS "
+        verdict = (
+            "no independent judge (adapt.offline_scorers names no scorer but hps): the HPS "
             "classifier that labelled its training data judged alone"
         )
     else:
@@ -144,12 +145,12 @@ def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, s
             passed = passed and agrees
             says = "agrees" if agrees else "does not agree"
             verdict = (
-                f"{judge}, which played no part in training, {says}: "
-                f"win rate {judged['win_rate']:.1%} (95% CI {j_low:.1%}–{j_high:.1%}), lower bound "
+                f"{judge}, which played no part in training, {says}: win rate "
+                f"{judged['win_rate']:.1%} (95% CI {j_low:.1%}–{j_high:.1%}), lower bound "
                 f"{'>' if agrees else '≤'} {recipe.offline_min_win_rate:.0%}"
             )
-        rule += f"; {verdict}"
-    return passed, f"offline evaluation {'passed' if passed else 'failed'}: {figures}; {rule}"
+    state = "passed" if passed else "failed"
+    return passed, f"offline evaluation {state}: {figures}; {verdict}; {rule}"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pipeline.generate import Generator, ImageRequest, SamplingParams
 from pipeline.handlers import Cancelled
 from pipeline.hps_model import HPSModel
 from pipeline.runs import Resources, run_recipe
+from pipeline.scorers import cached_scorers
 from tests.pipeline.conftest import make_settings
 
 PARAMS = SamplingParams(steps=2, guidance_scale=7.5, width=64, height=64)
@@ -116,6 +117,7 @@ async def test_the_eval_stage_keeps_its_adapter_while_generate_jobs_unload_other
     tiny_sd_dir: Path,
     tiny_lora_dirs: list[Path],
     tiny_model,
+    tiny_scorers: dict[str, dict[str, str]],
     tmp_path: Path,
 ) -> None:  # type: ignore[no-untyped-def]
     config, weights = tiny_model
@@ -124,7 +126,9 @@ async def test_the_eval_stage_keeps_its_adapter_while_generate_jobs_unload_other
         generation={"sd_model": str(tiny_sd_dir), "steps": 2, "width": 64, "height": 64,
                     "safety_checker": False},
         models={"hps_arch": str(config), "hps_pretrained": str(weights), "device": "cpu"},
-        adapt={"min_prompts": 1, "eval_seeds": 2, "sample_batch": 2, "offline_gate": "none"},
+        adapt={"min_prompts": 1, "eval_seeds": 2, "sample_batch": 2, "offline_gate": "none",
+               "offline_scorers": ["aesthetic"]},
+        scorers=tiny_scorers["scorers"],
     )  # fmt: skip
     base = await models.ensure_base(pool, kind="sd_base", artifact=str(tiny_sd_dir))
     parent = await models.register(pool, kind="sd_adapter", artifact=str(tiny_lora_dirs[1]),
@@ -146,13 +150,21 @@ async def test_the_eval_stage_keeps_its_adapter_while_generate_jobs_unload_other
         generator.keep_adapters(set())
         kept.append(set(generator.adapters))
 
+    cache: dict[str, Any] = {}
+
+    async def judges(names: Any) -> Any:
+        return await cached_scorers(names, settings, cache)
+
     resources = Resources(
         generator=_value(generator),
         scorer=_value(CountingScorer(scorer, generate_job_between_batches)),
+        judges=judges,
     )
     outcome = await run_recipe(SD_ADAPTATION, pool, settings, name="evalrun",
                                resources=resources, until="eval", progress=False)  # fmt: skip
-    assert outcome.stages["eval"]["report"]["pairs"] == 4
+    report = outcome.stages["eval"]["report"]
+    assert report["pairs"] == 4 and report["judges"]["aesthetic"]["pairs"] == 4
+    assert list(cache) == ["scorer:aesthetic"]  # the worker keeps it for the next run
     assert kept == [{"run:evalrun", f"v{parent.id}"}] * 4  # neither was unloaded
     assert generator.adapters == {f"v{parent.id}": str(tiny_lora_dirs[1])}  # the run's own: gone
     assert (run.path / EVAL_DIR / PAIRS_FILE).is_file()

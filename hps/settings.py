@@ -423,7 +423,6 @@ class ScorerSettings(Section):
         description="CLIP score's model (transformers CLIPModel + CLIPProcessor; torchmetrics' "
         "default).",
     )
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per batch when scoring.")
 
 
 class ScheduleSettings(Section):

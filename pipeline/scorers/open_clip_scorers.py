@@ -72,13 +72,17 @@ class ResizeLongestAndPad:
         return F.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], 0)
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
 def hpsv2_transform(size: int) -> Compose:
     """hpsv2's inference preprocessing (`image_transform(..., is_train=False,
     resize_longest_max=True)` with ViT-H-14's OpenAI mean and std): to a tensor first, then
     resize the longest side and zero-pad, then normalise."""
     return Compose(
         [
-            lambda image: image.convert("RGB"),
+            _rgb,  # a module-level function: DataLoader workers pickle the transform
             ToTensor(),
             ResizeLongestAndPad(size),
             Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),

@@ -28,7 +28,7 @@ from discord.ext import commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot import formats, views
+from bot import committed, formats, views
 from db.connect import UNAVAILABLE, create_pool, database_url
 from db.jobs import JOB_DONE_CHANNEL
 from db.listen import NotificationListener
@@ -181,10 +181,10 @@ class HPSBot(commands.AutoShardedBot):
             error.original, UNAVAILABLE
         ):
             log.warning("database unavailable during /%s: %s", _name(interaction), error.original)
-            message = formats.DB_DOWN
+            message = committed.failure_reply(interaction, database_down=True)
         else:
             log.error("/%s failed", _name(interaction), exc_info=error)
-            message = formats.FAILED_COMMAND
+            message = committed.failure_reply(interaction)
         if isinstance(error, app_commands.CheckFailure):
             log.info(
                 "refused /%s: %s",

@@ -17,7 +17,7 @@ import discord
 from discord import ButtonStyle
 from discord.ui import Button, DynamicItem, View
 
-from bot import formats
+from bot import committed, formats
 from db.connect import UNAVAILABLE
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ async def _guarded(interaction: discord.Interaction, handling: Awaitable[Any]) -
         await handling
     except UNAVAILABLE as exc:
         log.warning("database unavailable handling a click: %s", exc)
-        await reply(interaction, formats.DB_DOWN)
+        await reply(interaction, committed.failure_reply(interaction, database_down=True))
     except Exception as exc:
         if too_late(exc):
             # No answer can reach the user now (what was recorded stays recorded); an
@@ -62,7 +62,7 @@ async def _guarded(interaction: discord.Interaction, handling: Awaitable[Any]) -
             return
         custom_id = (interaction.data or {}).get("custom_id")
         log.exception("handling a click failed", extra={"custom_id": custom_id})
-        await reply(interaction, formats.FAILED_COMMAND)
+        await reply(interaction, committed.failure_reply(interaction))
 
 
 # Discord's answer to a response after its 3 s deadline (or to an unknown interaction).

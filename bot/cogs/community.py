@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import checks, formats, imaging, views
+from bot import checks, committed, formats, imaging, views
 from bot.client import HPSBot
 from db import images, jobs, stats, users
 from db.connect import transaction
@@ -104,12 +104,15 @@ class Community(commands.Cog):
                 requested_by=f"discord:{interaction.user.id}",
                 priority=1,  # someone is waiting for it
             )
+        committed.record(interaction, formats.score_queued(job.id))
         log.info("score job enqueued", extra={"job_id": job.id, "user_id": interaction.user.id})
         finished = await self.wait_for_job(job.id, self.bot.settings.bot.score_timeout_seconds)
         cancelled = False
         if finished is None:
             cancelled = bool(await jobs.cancel(self.bot.pool, [job.id]))
             text = formats.score_timeout(job.id, cancelled)
+            if cancelled:
+                committed.record(interaction, text)
         elif finished.state == "done":
             text = formats.score_result(prompt, [u.filename for u in uploads], finished.result)
         else:
@@ -183,6 +186,9 @@ class Community(commands.Cog):
                 content="We hold no data about you.", view=None
             )
             return
+        committed.record(
+            interaction, formats.forgotten_rows(result.choices_deleted, result.rounds_deleted)
+        )
         deleted = await images.delete_unreferenced(
             self.bot.pool, result.orphaned_image_keys, self.bot.store.delete
         )

@@ -27,7 +27,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import checks, formats, imaging, views
+from bot import checks, committed, formats, imaging, views
 from bot.client import HPSBot
 from db import jobs, rounds
 from db.choices import ChoiceRefused, record_choice, requester_choice
@@ -171,6 +171,7 @@ class Dream(commands.Cog):
             await interaction.edit_original_response(content=formats.round_refused(exc))
             return
         round_id = created.round.id
+        committed.record(interaction, formats.ROUND_QUEUED)
         try:
             async with self._lock(round_id):
                 self._remember(round_id, interaction)
@@ -359,6 +360,7 @@ class Dream(commands.Cog):
             await interaction.response.send_message(formats.CLICK_NOT_RECORDED, ephemeral=True)
             return
         text = formats.choice_confirmation(result, label)
+        committed.record(interaction, text)
         if not result.choice.is_requester or result.outcome in ("unchanged", "stale"):
             await interaction.response.send_message(text, ephemeral=True)
             return
@@ -424,6 +426,7 @@ class Dream(commands.Cog):
                     interaction, "This round is not failed (any more): nothing to retry."
                 )
                 return
+            committed.record(interaction, formats.ROUND_QUEUED_AGAIN)
             position = await jobs.queue_position(pool, job)
             await interaction.edit_original_response(
                 content=formats.queued(view.prompt, view.negative_prompt, position, again=True),

@@ -16,11 +16,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import checks, formats, views
+from bot import checks, committed, formats, views
 from bot.client import HPSBot
 from db import jobs, stats, users
 from db import models as registry
-from db.connect import UNAVAILABLE
+from db.connect import UNAVAILABLE, transaction
 from db.promotion import check_promotable, configured_label
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,17 @@ class Maintainers(commands.Cog):
         target: Literal["classifier", "sd", "both"] = "both",
     ) -> None:
         targets = ["classifier", "sd"] if target == "both" else [target]
-        enqueued = [
-            await jobs.enqueue_training(self.bot.pool, t, requested_by=_actor(interaction))
-            for t in targets
-        ]
+        # Both or neither: the reply then tells what is queued, whatever fails after.
+        async with transaction(self.bot.pool) as conn:
+            enqueued = [
+                await jobs.enqueue_training(conn, t, requested_by=_actor(interaction))
+                for t in targets
+            ]
+        committed.record(interaction, formats.training_jobs(enqueued))
         for job, created in enqueued:
             log.info(
                 "training requested",
-                extra={"job_id": job.id, "job_kind": job.kind, "created": created},
+                extra={"job_id": job.id, "job_kind": job.kind, "new_job": created},
             )
         await views.reply(interaction, formats.retrain(enqueued))
 
@@ -198,6 +201,7 @@ class Maintainers(commands.Cog):
         assert done.promoted is not None
         text = f"`{done.promoted.name}` is now serving"
         text += f"; `{done.retired.name}` was retired." if done.retired else "."
+        committed.record(interaction, text)
         log.info("promoted %s", done.promoted.name, extra={"model_version_id": done.promoted.id})
         await views.reply(interaction, text)
 
@@ -219,8 +223,10 @@ class Maintainers(commands.Cog):
             return
         assert done.retired is not None
         restored = f"`{done.promoted.name}` serves again" if done.promoted else "none serves now"
+        text = f"Rolled back `{done.retired.name}`; {restored}."
+        committed.record(interaction, text)
         log.info("rolled back %s", done.retired.name, extra={"model_version_id": done.retired.id})
-        await views.reply(interaction, f"Rolled back `{done.retired.name}`; {restored}.")
+        await views.reply(interaction, text)
 
     @app_commands.command(
         description="Ban a user from /dream and voting (shadow: votes kept but flagged)."
@@ -235,12 +241,14 @@ class Maintainers(commands.Cog):
         shadow: bool = False,
         reason: str | None = None,
     ) -> None:
-        await users.ban(
+        banned = await users.ban(
             self.bot.pool, user.id, shadow=shadow, reason=reason, actor=_actor(interaction)
         )
-        kind = "Shadow-banned" if shadow else "Banned"
+        kind = "Shadow-banned" if banned.shadow_banned else "Banned"
+        text = f"{kind} {user.mention}."
+        committed.record(interaction, text)
         log.info("%s user", kind.lower(), extra={"user_id": user.id})
-        await views.reply(interaction, f"{kind} {user.mention}.")
+        await views.reply(interaction, text)
 
     @app_commands.command(description="Lift a user's ban.")
     @app_commands.default_permissions(manage_guild=True)
@@ -252,6 +260,8 @@ class Maintainers(commands.Cog):
             if lifted
             else f"{user.mention} is unknown here."
         )
+        if lifted:
+            committed.record(interaction, text)
         log.info("unbanned user", extra={"user_id": user.id})
         await views.reply(interaction, text)
 

@@ -25,8 +25,9 @@ from db.connect import create_pool
 from hps.settings import get_settings
 from tests.log_check import LogCheck
 
-# The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...), built on demand.
-pytest_plugins = ["tests.tiny_sd"]
+# The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...), built on demand,
+# and the whole loop's models (loop_models).
+pytest_plugins = ["tests.tiny_sd", "tests.whole_loop"]
 
 LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 _admin_url: str | None = None

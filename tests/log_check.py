@@ -91,17 +91,21 @@ class LogCheck:
 
 
 def parse_json_lines(text: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """(the JSON log records, the other lines) of a process's output."""
+    """(the JSON log records, the rest) of a process's output. A record may follow other
+    output on its line (a progress bar drawn with carriage returns, no newline)."""
+    decoder = json.JSONDecoder()
     records, others = [], []
     for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("{"):
+        start = line.find('{"')
+        if start >= 0:
             try:
-                records.append(json.loads(stripped))
-                continue
+                record, end = decoder.raw_decode(line, start)
             except json.JSONDecodeError:
                 pass
-        if stripped:
+            else:
+                records.append(record)
+                line = line[:start] + line[end:]
+        if line.strip():
             others.append(line)
     return records, others
 

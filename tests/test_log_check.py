@@ -45,13 +45,19 @@ def test_process_logs_show_errors_and_broken_log_calls() -> None:
             '{"ts": "t", "level": "ERROR", "logger": "bot.client", "msg": "/retrain failed"}',
             '{"ts": "t", "level": "ERROR", "logger": "db.listen", "msg": "expected outage"}',
             "hps serve: started bot (pid 12)",
+            'Loading: 40%|####  | 2/5{"level": "ERROR", "logger": "x", "msg": "after a bar"}',
             "--- Logging error ---",
         ]
     )
     records, others = parse_json_lines(output)
-    assert [r["level"] for r in records] == ["INFO", "ERROR", "ERROR"]
-    assert others == ["hps serve: started bot (pid 12)", "--- Logging error ---"]
+    assert [r["level"] for r in records] == ["INFO", "ERROR", "ERROR", "ERROR"]
+    assert others == [
+        "hps serve: started bot (pid 12)",
+        "Loading: 40%|####  | 2/5",
+        "--- Logging error ---",
+    ]
     assert problems(records, others, allowed=["expected outage"]) == [
         '{"ts": "t", "level": "ERROR", "logger": "bot.client", "msg": "/retrain failed"}',
+        '{"level": "ERROR", "logger": "x", "msg": "after a bar"}',
         "--- Logging error ---",
     ]

@@ -29,6 +29,7 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot import committed, formats, views
+from bot.admission import Admission
 from db.connect import UNAVAILABLE, create_pool, database_url
 from db.jobs import JOB_DONE_CHANNEL
 from db.listen import NotificationListener
@@ -63,6 +64,7 @@ class HPSBot(commands.AutoShardedBot):
     store: LocalImageStore
     listener: NotificationListener | None
     failed_extensions: list[str]
+    admission: Admission  # the bound on clicks in flight (bot.views' click guard)
 
     def __init__(
         self, settings: Settings, *, extensions: tuple[str, ...] = INITIAL_EXTENSIONS
@@ -85,6 +87,7 @@ class HPSBot(commands.AutoShardedBot):
         self.store = LocalImageStore(settings.images_dir)
         self.listener = None
         self.failed_extensions = []
+        self.admission = Admission(settings.bot.clicks_in_flight)
         self._extensions_to_load = extensions
         self.tree.on_error = self.on_app_command_error
         if settings.discord.gateway_url:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import ButtonStyle
 from discord.ui import Button, DynamicItem, View
 
-from bot import committed, formats
+from bot import admission, committed, formats
 from db.connect import UNAVAILABLE
 
 if TYPE_CHECKING:
@@ -46,9 +46,14 @@ async def reply(interaction: discord.Interaction, content: str) -> None:
         await interaction.followup.send(content, ephemeral=True)
 
 
-async def _guarded(interaction: discord.Interaction, handling: Awaitable[Any]) -> None:
+async def _guarded(interaction: discord.Interaction, handling: Coroutine[Any, Any, Any]) -> None:
     """Run a button's handler; an error still gets the clicker an answer (discord.py would
-    only log it, and Discord would show "This interaction failed")."""
+    only log it, and Discord would show "This interaction failed"). Beyond the bound on
+    clicks in flight, the click is answered "busy" at once and not handled (`admission`)."""
+    gate = interaction.client.admission  # type: ignore[attr-defined]
+    if not gate.admit():
+        await admission.refuse(interaction, handling)
+        return
     try:
         await handling
     except UNAVAILABLE as exc:
@@ -63,6 +68,8 @@ async def _guarded(interaction: discord.Interaction, handling: Awaitable[Any]) -
         custom_id = (interaction.data or {}).get("custom_id")
         log.exception("handling a click failed", extra={"custom_id": custom_id})
         await reply(interaction, committed.failure_reply(interaction))
+    finally:
+        gate.release()
 
 
 # Discord's answer to a response after its 3 s deadline (or to an unknown interaction).

@@ -81,6 +81,13 @@ class BotSettings(Section):
         le=3,
         description="Longest a click waits for the database (Discord wants an answer in 3 s).",
     )
+    clicks_in_flight: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Clicks one bot process handles at once; beyond, a click is answered "
+        '"busy, please click again" at once and nothing is written (admission control).',
+    )
     score_timeout_seconds: float = Field(
         120, gt=0, le=840, description="Longest /score waits for a worker before giving up."
     )

@@ -63,16 +63,21 @@ from tests.discord_fake import FakeDiscord, FakeGuild, FakeUser, button_ids  # n
 from tests.e2e.worker import TestWorker  # noqa: E402
 
 ADMIN_URL = os.environ.get("HPS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+_private: Any = None  # --private-postgres: the server this run started
 GUILD_ID, CHANNEL_ID = 820000000000000001, 820000000000000011
 RESULTS = ROOT / "bench" / "results" / "choice_ingest.json"
 
 
+def _admin_url() -> str:
+    return _private.url if _private is not None else ADMIN_URL
+
+
 def _url(database: str) -> str:
-    return urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{database}"))
+    return urlunsplit(urlsplit(_admin_url())._replace(path=f"/{database}"))
 
 
 async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
+    conn = await asyncpg.connect(_admin_url())
     try:
         await conn.execute(sql)
     finally:
@@ -200,7 +205,8 @@ async def _stage(
 ) -> dict[str, Any]:
     with CpuUse(bot_pid) as cpu:
         stage = await _clicks(fake, pool, message_id, users, rate, seconds, rng)
-    return {**stage, "cores_used": cpu.cores}
+    per_click = {k: round(v * 1000 / stage["clicks"], 3) for k, v in cpu.seconds.items()}
+    return {**stage, "cores_used": cpu.cores, "cpu_ms_per_click": per_click}
 
 
 async def _clicks(
@@ -270,7 +276,7 @@ def _print_stage(name: str, stage: dict[str, Any]) -> None:
         f"{name} {stage['offered_per_s']:6.0f}/s (sent {stage['sent_per_s']}/s): recorded "
         f"{stage['achieved_per_s']:7.1f}/s, p50 {stage['latency_ms_p50']:7.2f} ms, "
         f"p99 {stage['latency_ms_p99']:7.2f} ms, answers {stage['answers']}, "
-        f"cores {stage['cores_used']}",
+        f"cores {stage['cores_used']}, CPU ms per click {stage['cpu_ms_per_click']}",
         flush=True,
     )
 
@@ -307,9 +313,14 @@ class CpuUse:
     def __exit__(self, *exc: object) -> None:
         end = self._now()
         wall = end[0] - self.start[0]
-        used = [(b - a) / wall for a, b in zip(self.start[1:], end[1:], strict=True)]
-        self.cores = dict(zip(("bot", "bench", "postgres", "machine"), used, strict=True))
-        self.cores = {k: round(v, 2) for k, v in self.cores.items()}
+        self.seconds = dict(
+            zip(
+                ("bot", "bench", "postgres", "machine"),
+                (b - a for a, b in zip(self.start[1:], end[1:], strict=True)),
+                strict=True,
+            )
+        )
+        self.cores = {k: round(v / wall, 2) for k, v in self.seconds.items()}
 
 
 def _bot_process_facts(pid: int) -> dict[str, Any]:
@@ -368,14 +379,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 default=0.0,
             )
             overload = None
-            if args.overload and sustainable:
+            reference = args.sustainable or sustainable
+            if args.overload and reference:
                 await asyncio.sleep(2)  # the queue drains
                 overload = await _stage(
-                    fake, pool, message_id, users, 2 * sustainable, args.seconds, rng, process.pid
+                    fake, pool, message_id, users, 2 * reference, args.seconds, rng, process.pid
                 )
-                overload["sustainable_per_s"] = sustainable
+                overload["sustainable_per_s"] = reference
                 overload["recorded_share_of_sustainable"] = round(
-                    overload["achieved_per_s"] / sustainable, 3
+                    overload["achieved_per_s"] / reference, 3
                 )
                 overload["meets_targets"] = {
                     "every_click_answered_within_deadline": overload["answered_within_deadline"]
@@ -480,13 +492,35 @@ if __name__ == "__main__":
         help="Then offer twice the sustainable rate (the highest with every click recorded).",
     )
     parser.add_argument(
+        "--sustainable",
+        type=float,
+        help="The sustainable rate the overload stage doubles (default: the measured one).",
+    )
+    parser.add_argument(
         "--clicks-in-flight", type=int, help="The bot's bound (bot.clicks_in_flight)."
+    )
+    parser.add_argument(
+        "--private-postgres",
+        action="store_true",
+        help="Run on a PostgreSQL server of its own (pgserver's binaries, fsync on), not the "
+        "machine's shared one, which other work may be loading.",
     )
     parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
     parser.add_argument("--profile", type=Path, help="Run the bot under cProfile, stats here.")
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args()
-    outcome = asyncio.run(main(arguments))
+    if arguments.private_postgres:
+        from tests.e2e.private_pg import PrivatePostgres
+
+        _private = PrivatePostgres()
+        _private.init()
+        _private.start(fsync=True)
+    try:
+        outcome = asyncio.run(main(arguments))
+    finally:
+        if _private is not None:
+            _private.cleanup()
+    outcome["database"] = "private (pgserver, fsync on)" if _private else "the machine's server"
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
     arguments.out.write_text(json.dumps(outcome, indent=2) + "\n")
     print(f"wrote {arguments.out}")

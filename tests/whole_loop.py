@@ -507,17 +507,18 @@ async def run_scenario(loop: Loop) -> None:
     # 5. Later rounds mix base and adapter half and half, each image with its version; the
     # requesters pick the adapter's images twice and tie once: the live record counts 2 of 2.
     ab = [await loop.dream(user, prompt) for user, prompt in AB]
-    for round_ in ab:
-        user = round_.requester
+    versions = {}
+    for round_ in ab:  # all generated before any click can end the test
         await loop.shown(round_)
-        versions = await loop.versions(round_)
-        assert sorted(versions) == sorted([base.id, base.id, adapter.id, adapter.id])
-        if user is CAROL:
-            answer = await loop.click(user, round_, _button(round_, "tie"))
+        versions[round_.id] = await loop.versions(round_)
+        assert sorted(versions[round_.id]) == sorted([base.id, base.id, adapter.id, adapter.id])
+    for round_ in ab:
+        if round_.requester is CAROL:
+            answer = await loop.click(CAROL, round_, _button(round_, "tie"))
             assert answer == "Recorded: you chose “Can't decide”. Thank you!"
             continue
-        position = versions.index(adapter.id) + 1
-        answer = await loop.click(user, round_, _button(round_, f"pick:{position}"))
+        position = versions[round_.id].index(adapter.id) + 1
+        answer = await loop.click(round_.requester, round_, _button(round_, f"pick:{position}"))
         assert answer == f"Recorded: you chose image {position}. Thank you!"
     decided = await pool.fetch(
         "SELECT round_id, won FROM ab_decisions WHERE version_id = $1 ORDER BY round_id",

@@ -18,10 +18,13 @@ On a fresh database of the test server (`HPS_TEST_DATABASE_URL`, default the loc
    written), uncertain (the database too slow), late (after Discord's 3 s: the server
    refuses it, as Discord does) or unanswered; an acknowledged click that is not in the
    database, or a refused one that is, is counted as a violation;
-6. the sustainable rate is the highest offered rate whose clicks were all recorded within
-   the deadline; an overload stage then offers twice that (`--overload`), where every
-   click must still be answered within the deadline, at least 90 % of the sustainable rate
-   recorded, and no click acknowledged without being committed;
+6. the sustainable rate is the highest offered rate whose clicks were all recorded with p99
+   under the target (50 ms); an overload stage then offers twice that (`--overload`), where
+   every click must still be answered within the deadline, at least 90 % of the sustainable
+   rate recorded, and no click acknowledged without being committed; and one at twice the
+   highest rate all recorded within the deadline whatever their latency; the same overloads
+   are then offered to a bot without the bounds (`--baseline`: no admission control,
+   unbounded HTTP connections, as before them) for comparison;
 7. the bot's resident memory and whether it mapped any torch library are read from /proc.
 
     python bench/choice_ingest.py
@@ -92,7 +95,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _start_bot(
-    fake: FakeDiscord, url: str, data_dir: Path, profile: Path | None, in_flight: int | None
+    fake: FakeDiscord,
+    url: str,
+    data_dir: Path,
+    profile: Path | None,
+    in_flight: int | None,
+    bot_settings: dict[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
     env.update(
@@ -107,11 +115,13 @@ async def _start_bot(
     )
     if in_flight is not None:
         env["HPS_BOT__CLICKS_IN_FLIGHT"] = str(in_flight)
+    env.update(bot_settings or {})
+    identified = fake.identifies
     command = [sys.executable, "-m", "cli", "bot"]
     if profile is not None:  # cProfile writes its statistics when the bot exits cleanly
         command[1:1] = ["-m", "cProfile", "-o", str(profile)]
     process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=env)
-    await fake.wait_connected(within=60)
+    await fake.wait_for(lambda: fake.identifies > identified, within=60)
     await asyncio.sleep(0.5)  # READY, GUILD_CREATE and the LISTEN connection settle
     return process
 
@@ -271,6 +281,31 @@ async def _clicks(
     }
 
 
+def _meets_target(stage: dict[str, Any], p99_target_ms: float) -> bool:
+    """Every click recorded, at the offered rate, with p99 under the target."""
+    return (
+        stage["lost"] == 0
+        and stage["latency_ms_p99"] < p99_target_ms
+        and stage["achieved_per_s"] >= 0.95 * stage["offered_per_s"]
+    )
+
+
+def _overload_verdict(stage: dict[str, Any], reference: float) -> dict[str, Any]:
+    """How an overload stage at twice `reference` fared against the targets."""
+    share = round(stage["achieved_per_s"] / reference, 3)
+    return {
+        "sustainable_per_s": reference,
+        "recorded_share_of_sustainable": share,
+        "meets_targets": {
+            "every_click_answered_within_deadline": stage["answered_within_deadline"]
+            == stage["clicks"],
+            "recorded_at_least_90_percent_of_sustainable": share >= 0.9,
+            "no_click_acknowledged_without_commit": stage["acknowledged_not_committed"] == 0
+            and stage["refused_but_written"] == 0,
+        },
+    }
+
+
 def _print_stage(name: str, stage: dict[str, Any]) -> None:
     print(
         f"{name} {stage['offered_per_s']:6.0f}/s (sent {stage['sent_per_s']}/s): recorded "
@@ -323,6 +358,16 @@ class CpuUse:
         self.cores = {k: round(v / wall, 2) for k, v in self.seconds.items()}
 
 
+def _scheduling() -> dict[str, Any]:
+    """This run's scheduling priority: on a machine shared with other work, the run may be
+    given a larger share (`nice`, and Linux's per-session autogroup)."""
+    autogroup = Path("/proc/self/autogroup")
+    return {
+        "nice": os.nice(0),
+        "autogroup": autogroup.read_text().strip() if autogroup.exists() else None,
+    }
+
+
 def _bot_process_facts(pid: int) -> dict[str, Any]:
     process = psutil.Process(pid)
     torch_maps = sorted({m.path for m in process.memory_maps() if "torch" in m.path})
@@ -336,6 +381,8 @@ def _bot_process_facts(pid: int) -> dict[str, Any]:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     database = f"hps_bench_{uuid.uuid4().hex[:10]}"
     await _admin(f'CREATE DATABASE "{database}"')
+    if args.no_commit_wait:
+        await _admin(f'ALTER DATABASE "{database}" SET synchronous_commit = off')
     url = _url(database)
     data_dir = Path(f"/tmp/{database}")
     fake = FakeDiscord(guilds=[FakeGuild(GUILD_ID, "bench", [CHANNEL_ID])])
@@ -343,7 +390,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await asyncio.to_thread(migrate.upgrade, url)
         await fake.start()
-        process = await _start_bot(fake, url, data_dir, args.profile, args.clicks_in_flight)
+        process = await _start_bot(
+            fake, url, data_dir, args.profile, args.clicks_in_flight, dict(args.env or [])
+        )
         pool = await create_pool(url)
         worker = TestWorker(pool, LocalImageStore(data_dir / "images"))
         requester = FakeUser(760000000000000000, "requester")
@@ -369,8 +418,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 stages.append(stage)
                 _print_stage("offered", stage)
-            # Sustainable: every click recorded (none refused, none late) within the deadline.
+            # Sustainable: every click recorded, p99 within the target. The highest rate all
+            # recorded within Discord's deadline, whatever the latency, is doubled too.
             sustainable = max(
+                (s["offered_per_s"] for s in stages if _meets_target(s, args.p99_target_ms)),
+                default=0.0,
+            )
+            all_recorded = max(
                 (
                     s["offered_per_s"]
                     for s in stages
@@ -378,28 +432,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 default=0.0,
             )
-            overload = None
-            reference = args.sustainable or sustainable
-            if args.overload and reference:
+            references = sorted({args.sustainable or sustainable, all_recorded} - {0.0})
+            rates = args.overload_rates or [2 * r for r in references]
+            overloads = []
+            for rate in rates if args.overload else []:
                 await asyncio.sleep(2)  # the queue drains
                 overload = await _stage(
-                    fake, pool, message_id, users, 2 * reference, args.seconds, rng, process.pid
+                    fake, pool, message_id, users, rate, args.seconds, rng, process.pid
                 )
-                overload["sustainable_per_s"] = reference
-                overload["recorded_share_of_sustainable"] = round(
-                    overload["achieved_per_s"] / reference, 3
-                )
-                overload["meets_targets"] = {
-                    "every_click_answered_within_deadline": overload["answered_within_deadline"]
-                    == overload["clicks"],
-                    "recorded_at_least_90_percent_of_sustainable": overload[
-                        "recorded_share_of_sustainable"
-                    ]
-                    >= 0.9,
-                    "no_click_acknowledged_without_commit": overload["acknowledged_not_committed"]
-                    == 0
-                    and overload["refused_but_written"] == 0,
-                }
+                overload.update(_overload_verdict(overload, rate / 2))
+                overloads.append(overload)
                 _print_stage("overload", overload)
                 print(f"overload targets: {overload['meets_targets']}", flush=True)
             requester_path = await _requester_clicks(fake, message_id, requester, 20)
@@ -411,23 +453,39 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         facts = _bot_process_facts(process.pid)
         facts["peak_rss_mb"] = round(memory.peak / 2**20, 1)
         sent = sum(s["clicks"] for s in stages) + warmup_clicks + requester_path["clicks"]
-        sent += overload["clicks"] if overload else 0
-        refused = sum(s["answers"].get("busy", 0) for s in [*stages, overload or {"answers": {}}])
+        sent += sum(o["clicks"] for o in overloads)
+        refused = sum(s["answers"].get("busy", 0) for s in [*stages, *overloads])
         refused += warmup["answers"].get("busy", 0)
         round_id = await pool.fetchval("SELECT id FROM rounds")
         events = await pool.fetchval(
             "SELECT count(*) FROM choice_events WHERE round_id = $1", round_id
         )
         choices = await pool.fetchval("SELECT count(*) FROM choices WHERE round_id = $1", round_id)
+        baselines = []
+        if args.baseline and overloads:
+            # The same overloads offered to a bot without the bounds (no admission control,
+            # discord.py's unbounded connections): what the bounds change.
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 30)
+            process = await _start_bot(
+                fake,
+                url,
+                data_dir,
+                None,
+                100_000,
+                {"HPS_BOT__HTTP_CONNECTIONS": "0"},
+            )
+            for overload in overloads:
+                await asyncio.sleep(2)
+                baseline = await _stage(
+                    fake, pool, message_id, users, overload["offered_per_s"], args.seconds, rng,
+                    process.pid,
+                )  # fmt: skip
+                baseline.update(_overload_verdict(baseline, overload["sustainable_per_s"]))
+                baselines.append(baseline)
+                _print_stage("without bounds", baseline)
         await pool.close()
-        meeting = [
-            s
-            for s in stages
-            if s["lost"] == 0
-            and s["latency_ms_p99"] < args.p99_target_ms
-            and s["achieved_per_s"] >= 0.95 * s["offered_per_s"]
-        ]
-        sustained = max((s["offered_per_s"] for s in meeting), default=0)
+        sustained = sustainable
         result = {
             "benchmark": "choice_ingest",
             "machine": {
@@ -438,16 +496,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "load_avg_after": [round(x, 2) for x in os.getloadavg()],
                 "note": "this process (fake Discord + click generator), the bot process and "
                 "PostgreSQL share the machine's cores",
+                "scheduling": _scheduling(),
             },
             "config": {
                 "clicks_in_flight": args.clicks_in_flight or "the default",
+                "bot_settings": dict(args.env or []),
+                "synchronous_commit": "off" if args.no_commit_wait else "on",
                 "users": args.users,
                 "seconds_per_stage": args.seconds,
                 "warmup_seconds": args.warmup_seconds,
             },
             "stages": stages,
             "sustainable_per_s": sustainable,
-            "overload": overload,
+            "all_recorded_per_s": all_recorded,
+            "overload": overloads,
+            "overload_without_bounds": baselines,
             "requester_clicks": requester_path,
             "sustained_choices_per_s": sustained,
             "p99_target_ms": args.p99_target_ms,
@@ -480,7 +543,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rates", type=float, nargs="+", default=[250, 500, 750, 1000, 1250, 1500])
+    parser.add_argument("--rates", type=float, nargs="+", default=[250, 500, 750, 1000])
     parser.add_argument("--seconds", type=float, default=8.0, help="Length of each stage.")
     parser.add_argument("--warmup-seconds", type=float, default=2.0)
     parser.add_argument("--users", type=int, default=2000, help="Distinct clicking users.")
@@ -489,7 +552,21 @@ if __name__ == "__main__":
         "--overload",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Then offer twice the sustainable rate (the highest with every click recorded).",
+        help="Then offer twice the sustainable rate, and twice the highest rate all recorded.",
+    )
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Then offer the overload again to a bot without admission control or bounded "
+        "connections, for comparison.",
+    )
+    parser.add_argument(
+        "--overload-rates",
+        type=float,
+        nargs="+",
+        help="The overload stages' rates (default: twice the sustainable rate and twice the "
+        "highest rate all recorded); each is judged against half its rate.",
     )
     parser.add_argument(
         "--sustainable",
@@ -500,10 +577,23 @@ if __name__ == "__main__":
         "--clicks-in-flight", type=int, help="The bot's bound (bot.clicks_in_flight)."
     )
     parser.add_argument(
+        "--env",
+        type=lambda text: tuple(text.split("=", 1)),
+        action="append",
+        metavar="HPS_X=VALUE",
+        help="A setting of the bot (repeatable), e.g. HPS_BOT__HTTP_CONNECTIONS=0.",
+    )
+    parser.add_argument(
         "--private-postgres",
         action="store_true",
         help="Run on a PostgreSQL server of its own (pgserver's binaries, fsync on), not the "
         "machine's shared one, which other work may be loading.",
+    )
+    parser.add_argument(
+        "--no-commit-wait",
+        action="store_true",
+        help="synchronous_commit = off for the benchmark's database: commits do not wait for "
+        "the disk (to tell the disk's share from the rest; not how production runs).",
     )
     parser.add_argument("--keep", action="store_true", help="Keep the database afterwards.")
     parser.add_argument("--profile", type=Path, help="Run the bot under cProfile, stats here.")

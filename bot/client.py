@@ -20,6 +20,7 @@ import logging
 import signal
 from typing import Any
 
+import aiohttp
 import asyncpg
 import discord
 import yarl
@@ -82,6 +83,9 @@ class HPSBot(commands.AutoShardedBot):
             max_messages=None,  # nothing reads the message cache
             guild_ready_timeout=settings.bot.guild_ready_timeout,
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            # Bounded: a burst of clicks queues its answers on these connections instead of
+            # opening (and handshaking) one per answer (discord.py's default is unbounded).
+            connector=aiohttp.TCPConnector(limit=settings.bot.http_connections),
         )
         self.settings = settings
         self.store = LocalImageStore(settings.images_dir)
@@ -202,6 +206,7 @@ class HPSBot(commands.AutoShardedBot):
             await self.listener.stop()
             self.listener = None
         await super().close()
+        await self.admission.close()
         if hasattr(self, "pool"):
             await self.pool.close()
 

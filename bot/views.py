@@ -17,7 +17,7 @@ import discord
 from discord import ButtonStyle
 from discord.ui import Button, DynamicItem, View
 
-from bot import admission, committed, formats
+from bot import committed, formats
 from db.connect import UNAVAILABLE
 
 if TYPE_CHECKING:
@@ -49,10 +49,10 @@ async def reply(interaction: discord.Interaction, content: str) -> None:
 async def _guarded(interaction: discord.Interaction, handling: Coroutine[Any, Any, Any]) -> None:
     """Run a button's handler; an error still gets the clicker an answer (discord.py would
     only log it, and Discord would show "This interaction failed"). Beyond the bound on
-    clicks in flight, the click is answered "busy" at once and not handled (`admission`)."""
+    clicks in flight, the click is answered "busy" at once and not handled (`bot.admission`)."""
     gate = interaction.client.admission  # type: ignore[attr-defined]
     if not gate.admit():
-        await admission.refuse(interaction, handling)
+        await gate.refuse(interaction, handling)
         return
     try:
         await handling

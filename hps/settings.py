@@ -82,11 +82,16 @@ class BotSettings(Section):
         description="Longest a click waits for the database (Discord wants an answer in 3 s).",
     )
     clicks_in_flight: int = Field(
-        64,
+        128,
         ge=1,
-        le=10_000,
+        le=100_000,
         description="Clicks one bot process handles at once; beyond, a click is answered "
         '"busy, please click again" at once and nothing is written (admission control).',
+    )
+    http_connections: int = Field(
+        100,
+        ge=0,
+        description="HTTP connections to Discord at most (0 = no bound); more requests queue.",
     )
     score_timeout_seconds: float = Field(
         120, gt=0, le=840, description="Longest /score waits for a worker before giving up."

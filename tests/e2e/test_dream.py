@@ -483,8 +483,9 @@ async def test_a_click_answered_after_discords_deadline_is_logged_briefly_and_st
 async def test_a_click_failing_after_its_choice_committed_says_it_was_recorded(
     bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    import bot.cogs.dream as dream_cog
+    import sys
 
+    dream_cog = sys.modules["bot.cogs.dream"]  # the module the bot loaded as its extension
     _, queued = await dream(fake, ALICE, "a cube that fails to upscale")
     message_id = int(queued["id"])
     await worker.run_once()

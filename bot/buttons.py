@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import discord
@@ -80,7 +80,7 @@ class CogButton(DynamicItem[Button], Generic[CogT], template=r"(?!)"):
             return
         await replies.guarded(interaction, self.handle(cog, interaction))  # type: ignore[arg-type]
 
-    def handle(self, cog: CogT, interaction: discord.Interaction) -> Awaitable[None]:
+    def handle(self, cog: CogT, interaction: discord.Interaction) -> Coroutine[Any, Any, None]:
         """The cog's handling of this click."""
         raise NotImplementedError
 

@@ -24,6 +24,7 @@ import logging
 import signal
 from typing import Any
 
+import aiohttp
 import asyncpg
 import discord
 import yarl
@@ -32,7 +33,8 @@ from discord.ext import commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot import buttons, formats, replies
+from bot import buttons, committed, formats, replies
+from bot.admission import Admission
 from bot.invite import invite_url
 from db import services
 from db.connect import UNAVAILABLE, create_pool, database_url
@@ -71,6 +73,7 @@ class HPSBot(commands.AutoShardedBot):
     listener: NotificationListener | None
     failed_extensions: list[str]
     heartbeat_task: asyncio.Task[None] | None
+    admission: Admission  # the bound on clicks in flight (the click guard, bot.replies)
 
     def __init__(
         self, settings: Settings, *, extensions: tuple[str, ...] = INITIAL_EXTENSIONS
@@ -88,12 +91,16 @@ class HPSBot(commands.AutoShardedBot):
             max_messages=None,  # nothing reads the message cache
             guild_ready_timeout=settings.bot.guild_ready_timeout,
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            # Bounded: a burst of clicks queues its answers on these connections instead of
+            # opening (and handshaking) one per answer (discord.py's default is unbounded).
+            connector=aiohttp.TCPConnector(limit=settings.bot.http_connections),
         )
         self.settings = settings
         self.store = LocalImageStore(settings.images_dir)
         self.listener = None
         self.heartbeat_task = None
         self.failed_extensions = []
+        self.admission = Admission(settings.bot.clicks_in_flight)
         self._extensions_to_load = extensions
         self.tree.on_error = self.on_app_command_error
         if settings.discord.gateway_url:
@@ -236,10 +243,10 @@ class HPSBot(commands.AutoShardedBot):
             error.original, UNAVAILABLE
         ):
             log.warning("database unavailable during /%s: %s", _name(interaction), error.original)
-            message = formats.DB_DOWN
+            message = committed.failure_reply(interaction, database_down=True)
         else:
             log.error("/%s failed", _name(interaction), exc_info=error)
-            message = formats.FAILED_COMMAND
+            message = committed.failure_reply(interaction)
         if isinstance(error, app_commands.CheckFailure):
             log.info(
                 "refused /%s: %s",
@@ -261,6 +268,7 @@ class HPSBot(commands.AutoShardedBot):
             with contextlib.suppress(*UNAVAILABLE, asyncpg.InterfaceError):
                 await services.stopped(self.pool, "bot")
         await super().close()
+        await self.admission.close()
         if hasattr(self, "pool"):
             await self.pool.close()
 

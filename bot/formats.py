@@ -26,6 +26,18 @@ CLICK_UNCERTAIN = (
 )
 FAILED_COMMAND = "Something went wrong on our side; it has been logged. Nothing was changed."
 NOT_YOURS = "This button is not for you."
+BUSY = "Too many clicks at once: yours was **not recorded**. Please click again in a moment."
+
+
+def failed_after(committed: Sequence[str], *, database_down: bool = False) -> str:
+    """A failure after part of a command committed: what was done, then what went wrong."""
+    what = (
+        "the database became unavailable"
+        if database_down
+        else "something went wrong on our side (it has been logged)"
+    )
+    return "\n".join(committed) + f"\nThat much is done; after it, {what}."
+
 
 VERDICT_LABELS = {"tie": "Can't decide", "none": "None of these"}
 
@@ -73,6 +85,10 @@ def round_refused(exc: RoundRefused) -> str:
     if exc.retry_after is not None:
         text += f" You can start another in {duration(exc.retry_after)}."
     return text
+
+
+ROUND_QUEUED = "Your round is queued: its images will be posted here when they are ready."
+ROUND_QUEUED_AGAIN = "The round is queued again: its images will be posted when they are ready."
 
 
 def queued(prompt: str, negative_prompt: str, position: int, *, again: bool = False) -> str:
@@ -146,6 +162,10 @@ def score_failed(job: Job) -> str:
     return f"Scoring failed: {quote(error, 500)}"
 
 
+def score_queued(job_id: int) -> str:
+    return f"Your images are queued for scoring (job {job_id})."
+
+
 def score_timeout(job_id: int, cancelled: bool) -> str:
     tail = (
         "It was cancelled; please try again later."
@@ -178,6 +198,10 @@ FORGET_BUSY = (
 )
 
 
+def forgotten_rows(choices: int, rounds: int) -> str:
+    return f"Deleted {rounds} round(s) and {choices} choice(s) of yours."
+
+
 def forgotten(choices: int, rounds: int, files: int, messages: int, all_deleted: bool) -> str:
     """What forgetting did, and only that: `messages` of the bot's were queued for deletion,
     and `all_deleted` says whether they are gone already."""
@@ -195,14 +219,19 @@ def forgotten(choices: int, rounds: int, files: int, messages: int, all_deleted:
 # -- maintainers ------------------------------------------------------------------------
 
 
-def retrain(jobs_: list[tuple[Job, bool]]) -> str:
+def training_jobs(jobs_: list[tuple[Job, bool]]) -> str:
+    """What /retrain did: each job queued, or the one of its kind already queued or running."""
     lines = []
     for job, created in jobs_:
         if created:
             lines.append(f"Queued `{job.kind}` as job {job.id}.")
         else:
             lines.append(f"A `{job.kind}` job is already {job.state}: job {job.id}.")
-    return "\n".join(lines) + "\nThe outcome will be posted in the log channel."
+    return "\n".join(lines)
+
+
+def retrain(jobs_: list[tuple[Job, bool]]) -> str:
+    return training_jobs(jobs_) + "\nThe outcome will be posted in the log channel."
 
 
 def training_outcome(job: Job) -> str:

@@ -1,17 +1,17 @@
 """Answering an interaction: privately in whatever state it is, and an answer for every
 click whose handler failed. A leaf: the client, the cogs and the buttons use it; it uses
-only the texts in `bot.formats`.
+only the texts in `bot.formats` and what `bot.committed` recorded.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any
 
 import discord
 
-from bot import formats
+from bot import committed
 from db.connect import UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,20 @@ async def unavailable(interaction: discord.Interaction) -> None:
     )
 
 
-async def guarded(interaction: discord.Interaction, handling: Awaitable[Any]) -> None:
+async def guarded(interaction: discord.Interaction, handling: Coroutine[Any, Any, Any]) -> None:
     """Run a button's handler; an error still gets the clicker an answer (discord.py would
-    only log it, and Discord would show "This interaction failed")."""
+    only log it, and Discord would show "This interaction failed"), saying what was
+    committed before it (`bot.committed`). Beyond the bound on clicks in flight, the click
+    is answered "busy" at once and not handled (`bot.admission`)."""
+    gate = interaction.client.admission  # type: ignore[attr-defined]
+    if not gate.admit():
+        await gate.refuse(interaction, handling)
+        return
     try:
         await handling
     except UNAVAILABLE as exc:
         log.warning("database unavailable handling a click: %s", exc)
-        await reply(interaction, formats.DB_DOWN)
+        await reply(interaction, committed.failure_reply(interaction, database_down=True))
     except Exception as exc:
         if too_late(exc):
             # No answer can reach the user now (what was recorded stays recorded); an
@@ -58,4 +64,6 @@ async def guarded(interaction: discord.Interaction, handling: Awaitable[Any]) ->
             return
         custom_id = (interaction.data or {}).get("custom_id")
         log.exception("handling a click failed", extra={"custom_id": custom_id})
-        await reply(interaction, formats.FAILED_COMMAND)
+        await reply(interaction, committed.failure_reply(interaction))
+    finally:
+        gate.release()

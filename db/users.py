@@ -285,18 +285,22 @@ async def forget_user(
     discord_id: int,
     *,
     delete: Callable[[str], bool] | None = None,
+    on_commit: Callable[[ForgetResult], None] | None = None,
     lock_timeout: timedelta = FORGET_LOCK_TIMEOUT,
 ) -> ForgetResult | None:
     """Delete the user's data as described in the module docstring; None if unknown. With
     `delete` (the image store's), the files no row references any more are deleted too
     (then call it outside a transaction: the files go once the forget has committed);
-    without, their keys are returned for `images.delete_unreferenced`."""
+    without, their keys are returned for `images.delete_unreferenced`. `on_commit` is told
+    what was deleted as soon as the rows are, before the files (which may still fail)."""
     async with _session(db) as conn:
         keys: list[str] = []
         try:
             result = await _forget(
                 conn, discord_id, keys, lock_files=delete is not None, lock_timeout=lock_timeout
             )
+            if result is not None and on_commit is not None:
+                on_commit(result)
             if result is None or delete is None:
                 return result
             deleted = 0

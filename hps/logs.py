@@ -62,7 +62,12 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A filter runs outside the handler's error handling: raising here would crash
+            # the code that logged. The formatter meets the same error and reports it.
+            return True
         scrubbed = self._scrub(message)
         if scrubbed != message:
             record.msg, record.args = scrubbed, None
@@ -77,8 +82,14 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+# The project's own loggers: `log_level` applies to them; third parties log at INFO at most
+# (discord.py's gateway events, filelock, matplotlib's font scan, ... are DEBUG chatter).
+OWN_LOGGERS = ("hps", "bot", "pipeline", "db", "cli")
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[str] = ()) -> None:
-    """Install one stderr handler on the root logger (idempotent)."""
+    """Install one stderr handler on the root logger (idempotent): the project's loggers
+    at `level`, everyone else's at `level` or INFO, whichever is quieter."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_hps", False):
@@ -88,9 +99,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter(secrets))
     root.addHandler(handler)
-    root.setLevel(level)
-    # discord.py logs every gateway event at DEBUG; keep third parties quieter than us.
-    for noisy in ("discord", "asyncio", "apscheduler", "PIL", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.INFO))
+    own = logging.getLevelName(level)
+    root.setLevel(max(own, logging.INFO))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(own)
     # pgserver logs each pg_ctl command's whole output at INFO.
     logging.getLogger("pgserver").setLevel(logging.WARNING)

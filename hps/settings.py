@@ -96,6 +96,18 @@ class BotSettings(Section):
         le=3,
         description="Longest a click waits for the database (Discord wants an answer in 3 s).",
     )
+    clicks_in_flight: int = Field(
+        128,
+        ge=1,
+        le=100_000,
+        description="Clicks one bot process handles at once; beyond, a click is answered "
+        '"busy, please click again" at once and nothing is written (admission control).',
+    )
+    http_connections: int = Field(
+        100,
+        ge=0,
+        description="HTTP connections to Discord at most (0 = no bound); more requests queue.",
+    )
     score_timeout_seconds: float = Field(
         120, gt=0, le=840, description="Longest /score waits for a worker before giving up."
     )

@@ -23,10 +23,11 @@ import pytest
 from db import migrate
 from db.connect import create_pool
 from hps.settings import get_settings
+from tests.log_check import LogCheck
 
-# The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...) and the tiny
-# reward models' (tiny_scorers), built on demand.
-pytest_plugins = ["tests.tiny_sd", "tests.tiny_scorers"]
+# The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...), the tiny
+# reward models' (tiny_scorers), built on demand, and the whole loop's models (loop_models).
+pytest_plugins = ["tests.tiny_sd", "tests.tiny_scorers", "tests.whole_loop"]
 
 LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 _admin_url: str | None = None
@@ -137,8 +138,24 @@ def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
         if key.startswith("HPS_") and key != "HPS_TEST_DATABASE_URL":
             monkeypatch.delenv(key)
     monkeypatch.setenv("HPS_DATA_DIR", str(tmp_path / "data"))
+    # The CLI, run in-process, configures logging from the settings: keep DEBUG then too.
+    monkeypatch.setenv("HPS_LOG_LEVEL", "DEBUG")
     monkeypatch.setattr("hps.settings.DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
     monkeypatch.setattr("hps.settings.DEFAULT_ENV_FILE", tmp_path / "absent.env")
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def log_calls_are_built(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogCheck]:
+    """Every logger at DEBUG through the project's logging set-up, every record formatted
+    as text and as JSON: a log call that cannot be built fails the test that made it
+    (`tests/log_check.py`)."""
+    check = LogCheck(monkeypatch)
+    check.start()
+    try:
+        yield check
+    finally:
+        check.stop()
+    check.check()

@@ -23,6 +23,7 @@ FAST = {
     "HPS_WORKER__HEARTBEAT_SECONDS": "1",
     "HPS_WORKER__POLL_SECONDS": "0.2",
     "HPS_MODELS__DEVICE": "cpu",
+    "HPS_LOG_LEVEL": "DEBUG",  # every log call of the processes built
 }
 
 

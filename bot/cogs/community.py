@@ -13,7 +13,7 @@ from discord import ButtonStyle, app_commands
 from discord.ext import commands, tasks
 from discord.ui import View
 
-from bot import checks, formats, imaging
+from bot import checks, committed, formats, imaging
 from bot.buttons import ButtonCog, CogButton
 from bot.client import HPSBot
 from bot.replies import reply
@@ -146,12 +146,15 @@ class Community(ButtonCog):
                 requested_by=f"discord:{interaction.user.id}",
                 priority=1,  # someone is waiting for it
             )
+        committed.record(interaction, formats.score_queued(job.id))
         log.info("score job enqueued", extra={"job_id": job.id, "user_id": interaction.user.id})
         finished = await self.wait_for_job(job.id, self.bot.settings.bot.score_timeout_seconds)
         cancelled = False
         if finished is None:
             cancelled = bool(await jobs.cancel(self.bot.pool, [job.id]))
             text = formats.score_timeout(job.id, cancelled)
+            if cancelled:
+                committed.record(interaction, text)
         elif finished.state == "done":
             text = formats.score_result(prompt, [u.filename for u in uploads], finished.result)
         else:
@@ -223,7 +226,14 @@ class Community(ButtonCog):
             return
         await interaction.response.defer()  # forgetting a prolific user may take a while
         try:
-            result = await users.forget_user(self.bot.pool, user_id, delete=self.bot.store.delete)
+            result = await users.forget_user(
+                self.bot.pool,
+                user_id,
+                delete=self.bot.store.delete,
+                on_commit=lambda done: committed.record(
+                    interaction, formats.forgotten_rows(done.choices_deleted, done.rounds_deleted)
+                ),
+            )
         except LockTimeout as exc:
             log.warning("could not forget a user: %s", exc)
             await interaction.edit_original_response(content=formats.FORGET_BUSY, view=None)

@@ -34,7 +34,7 @@ from discord import ButtonStyle, app_commands
 from discord.ext import commands
 from discord.ui import View
 
-from bot import checks, formats, imaging
+from bot import checks, committed, formats, imaging
 from bot.buttons import ButtonCog, CogButton
 from bot.client import HPSBot
 from bot.replies import reply
@@ -303,6 +303,7 @@ class Dream(ButtonCog):
             await interaction.edit_original_response(content=formats.round_refused(exc))
             return
         round_id = created.round.id
+        committed.record(interaction, formats.ROUND_QUEUED)
         try:
             async with self._lock(round_id):
                 self._remember(round_id, interaction)
@@ -491,6 +492,7 @@ class Dream(ButtonCog):
             await interaction.response.send_message(formats.CLICK_NOT_RECORDED, ephemeral=True)
             return
         text = formats.choice_confirmation(result, label)
+        committed.record(interaction, text)
         if not result.choice.is_requester or result.outcome in ("unchanged", "stale"):
             await interaction.response.send_message(text, ephemeral=True)
             return
@@ -560,6 +562,7 @@ class Dream(ButtonCog):
             if job is None:
                 await reply(interaction, "This round is not failed (any more): nothing to retry.")
                 return
+            committed.record(interaction, formats.ROUND_QUEUED_AGAIN)
             position = await jobs.queue_position(pool, job)
             await interaction.edit_original_response(
                 content=formats.queued(view.prompt, view.negative_prompt, position, again=True),

@@ -16,12 +16,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import checks, formats
+from bot import checks, committed, formats
 from bot.client import HPSBot
 from bot.replies import reply
 from db import jobs, services, stats, users
 from db import models as registry
-from db.connect import UNAVAILABLE
+from db.connect import UNAVAILABLE, transaction
 from db.locks import LockTimeout
 from db.promotion import check_promotable, configured_label
 from db.scorers import latest_agreement
@@ -61,18 +61,21 @@ class Maintainers(commands.Cog):
     ) -> None:
         targets = ["classifier", "sd"] if target == "both" else [target]
         try:
-            enqueued = [
-                await jobs.enqueue_training(self.bot.pool, t, requested_by=_actor(interaction))
-                for t in targets
-            ]
+            # Both or neither: the reply then tells what is queued, whatever fails after.
+            async with transaction(self.bot.pool) as conn:
+                enqueued = [
+                    await jobs.enqueue_training(conn, t, requested_by=_actor(interaction))
+                    for t in targets
+                ]
         except LockTimeout as exc:  # another session holds the queue's lock: say who
             log.warning("/retrain: %s", exc)
             await reply(interaction, f"Could not queue the training: {exc}")
             return
+        committed.record(interaction, formats.training_jobs(enqueued))
         for job, created in enqueued:
             log.info(
                 "training requested",
-                extra={"job_id": job.id, "job_kind": job.kind, "job_created": created},
+                extra={"job_id": job.id, "job_kind": job.kind, "new_job": created},
             )
         await reply(interaction, formats.retrain(enqueued))
 
@@ -227,6 +230,7 @@ class Maintainers(commands.Cog):
         assert done.promoted is not None
         text = f"`{done.promoted.name}` is now serving"
         text += f"; `{done.retired.name}` was retired." if done.retired else "."
+        committed.record(interaction, text)
         log.info("promoted %s", done.promoted.name, extra={"model_version_id": done.promoted.id})
         await reply(interaction, text)
 
@@ -248,8 +252,10 @@ class Maintainers(commands.Cog):
             return
         assert done.retired is not None
         restored = f"`{done.promoted.name}` serves again" if done.promoted else "none serves now"
+        text = f"Rolled back `{done.retired.name}`; {restored}."
+        committed.record(interaction, text)
         log.info("rolled back %s", done.retired.name, extra={"model_version_id": done.retired.id})
-        await reply(interaction, f"Rolled back `{done.retired.name}`; {restored}.")
+        await reply(interaction, text)
 
     @app_commands.command(
         description="Ban a user from /dream and voting (shadow: votes kept but flagged)."
@@ -264,12 +270,14 @@ class Maintainers(commands.Cog):
         shadow: bool = False,
         reason: str | None = None,
     ) -> None:
-        await users.ban(
+        banned = await users.ban(
             self.bot.pool, user.id, shadow=shadow, reason=reason, actor=_actor(interaction)
         )
-        kind = "Shadow-banned" if shadow else "Banned"
+        kind = "Shadow-banned" if banned.shadow_banned else "Banned"
+        text = f"{kind} {user.mention}."
+        committed.record(interaction, text)
         log.info("%s user", kind.lower(), extra={"user_id": user.id})
-        await reply(interaction, f"{kind} {user.mention}.")
+        await reply(interaction, text)
 
     @app_commands.command(description="Lift a user's ban.")
     @app_commands.default_permissions(manage_guild=True)
@@ -281,6 +289,8 @@ class Maintainers(commands.Cog):
             if lifted
             else f"{user.mention} is unknown here."
         )
+        if lifted:
+            committed.record(interaction, text)
         log.info("unbanned user", extra={"user_id": user.id})
         await reply(interaction, text)
 

@@ -97,6 +97,7 @@ def bot_env(settings: Settings) -> dict[str, str]:
         HPS_DISCORD__GATEWAY_URL=d.gateway_url or "",
         HPS_BOT__GUILD_READY_TIMEOUT=str(settings.bot.guild_ready_timeout),
         HPS_LOG_FORMAT="json",
+        HPS_LOG_LEVEL="DEBUG",  # every log call of the process built
     )
     return env
 

@@ -60,8 +60,10 @@ class PrivatePostgres:
             shutil.chown(self.pgdata, self.user, self.user)
         self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "--no-sync")
 
-    def start(self) -> None:
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.pgdata} -F"
+    def start(self, *, fsync: bool = False) -> None:
+        """Start the server: without fsync unless asked (tests need no durability; a
+        benchmark measures with it, as in production)."""
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.pgdata}" + ("" if fsync else " -F")
         log = str(self.pgdata / "server.log")
         self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-l", log, "-o", options, "start")
         self.running = True

@@ -237,3 +237,27 @@ async def test_forget_me_asks_first_then_removes_the_users_data_and_files(
     assert await pool.fetchval("SELECT count(*) FROM users WHERE discord_id = $1", ALICE.id) == 0
     assert not any(store.exists(k) for k in alice_keys)
     assert await pool.fetchval("SELECT count(*) FROM images") == 4
+
+
+async def test_forget_me_failing_after_the_deletion_says_what_was_deleted(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    _, queued = await dream(fake, ALICE, "a round to forget")
+    await worker.run_once()
+    [first, *_] = await wait_buttons(fake, int(queued["id"]), 6)
+    await (await fake.click(ALICE, int(queued["id"]), first["custom_id"])).wait_response()
+
+    def broken(key: str) -> bool:
+        raise RuntimeError("the image store refused")
+
+    monkeypatch.setattr(bot.store, "delete", broken)
+    ask = await fake.slash(ALICE, "forget-me", {}, channel_id=CHANNEL_ID)
+    await ask.wait_response()
+    yes = await fake.click(ALICE, ask.original_message_id, f"hps:forget:yes:{ALICE.id}")
+    answer = await yes.followup()
+    assert answer["flags"] & EPHEMERAL and answer["content"] == (
+        "Deleted 1 round(s) and 1 choice(s) of yours.\n"
+        "That much is done; after it, something went wrong on our side (it has been logged)."
+    )
+    assert await pool.fetchval("SELECT count(*) FROM rounds") == 0
+    assert await pool.fetchval("SELECT count(*) FROM choices") == 0

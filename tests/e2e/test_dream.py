@@ -472,5 +472,36 @@ async def test_a_click_answered_after_discords_deadline_is_logged_briefly_and_st
         await eventually(lambda: late.late)
         await asyncio.sleep(0.2)
     assert late.response is None
-    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("bot")]
+    messages = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name.startswith("bot") and r.levelno >= logging.WARNING
+    ]
     assert messages == [("WARNING", "a click was answered too late (after Discord's 3 s deadline)")]
+
+
+async def test_a_click_failing_after_its_choice_committed_says_it_was_recorded(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    dream_cog = sys.modules["bot.cogs.dream"]  # the module the bot loaded as its extension
+    _, queued = await dream(fake, ALICE, "a cube that fails to upscale")
+    message_id = int(queued["id"])
+    await worker.run_once()
+    [first, *_] = await wait_buttons(fake, message_id, 6)
+
+    async def broken(*args: object, **kwargs: object) -> list:
+        raise RuntimeError("reading the round's images failed")
+
+    monkeypatch.setattr(dream_cog, "images_of_round", broken)  # the full-size image's step
+    click = await fake.click(ALICE, message_id, first["custom_id"])
+    await fake.wait_for(lambda: len(click.followup_ids) == 2)
+    confirmation, failure = (fake.messages[i] for i in click.followup_ids)
+    assert confirmation["content"] == "Recorded: you chose image 1. Thank you!"
+    assert failure["flags"] & EPHEMERAL and failure["content"] == (
+        "Recorded: you chose image 1. Thank you!\n"
+        "That much is done; after it, something went wrong on our side (it has been logged)."
+    )
+    [choice] = await choices_of_round(pool, await pool.fetchval("SELECT id FROM rounds"))
+    assert (choice.verdict, choice.chosen_position) == ("pick", 1)

@@ -6,7 +6,9 @@ import asyncio
 from datetime import timedelta
 
 import asyncpg
+import pytest
 
+from bot import formats
 from bot.fake_discord import EPHEMERAL, MANAGE_GUILD, FakeDiscord, FakeUser
 from db import jobs, scorers, services, users
 from db import models as registry
@@ -269,3 +271,37 @@ async def test_bans_stop_dreams_and_shadow_bans_flag_votes(
     assert await _answer(fake, MAINTAINER, "unban", {"user": stranger}) == (
         f"<@{stranger.id}> is unknown here."
     )
+
+
+async def test_a_retrain_that_fails_after_queueing_says_what_it_queued(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The jobs are committed when the reply fails to be made: the maintainer is told what
+    is queued, not that nothing changed."""
+
+    def broken(enqueued: object) -> str:
+        raise RuntimeError("the reply could not be formatted")
+
+    monkeypatch.setattr(formats, "retrain", broken)
+    text = await _answer(fake, MAINTAINER, "retrain", {"target": "both"})
+    classifier, adapt = sorted(await jobs.list_jobs(pool), key=lambda j: j.id)
+    assert (classifier.kind, adapt.kind) == ("train_classifier", "adapt_sd")
+    assert text == (
+        f"Queued `train_classifier` as job {classifier.id}.\n"
+        f"Queued `adapt_sd` as job {adapt.id}.\n"
+        "That much is done; after it, something went wrong on our side (it has been logged)."
+    )
+
+    # Both or neither: a failure while queueing leaves nothing queued, and says so.
+    await jobs.cancel(pool, [classifier.id, adapt.id])
+    real_enqueue = jobs.enqueue_training
+
+    async def fails_for_sd(db, target, **options):  # type: ignore[no-untyped-def]
+        if target == "sd":
+            raise RuntimeError("the second enqueue failed")
+        return await real_enqueue(db, target, **options)
+
+    monkeypatch.setattr(jobs, "enqueue_training", fails_for_sd)
+    text = await _answer(fake, MAINTAINER, "retrain", {"target": "both"})
+    assert text == "Something went wrong on our side; it has been logged. Nothing was changed."
+    assert [j.state for j in await jobs.list_jobs(pool)] == ["cancelled", "cancelled"]

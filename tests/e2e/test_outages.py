@@ -36,6 +36,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.private_pg import PrivatePostgres
 from tests.e2e.worker import TestWorker
+from tests.log_check import parse_json_lines, problems
 
 
 @pytest.fixture
@@ -125,6 +126,7 @@ async def test_clicks_count_after_the_bot_process_restarts_and_missed_rounds_are
 
     code, output = await asyncio.to_thread(first.stop)
     assert code == 0, output
+    assert problems(*parse_json_lines(output)) == []  # at DEBUG: every log call built
     messages = _log_messages(output)
     assert "stopping the bot" in messages and messages[-1] == "bot stopped"
     assert fake.token not in output

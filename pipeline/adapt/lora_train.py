@@ -298,7 +298,7 @@ class LoraTraining:
         self.unet = unet  # prepared (wrapped) by `fit`
         self.steps = 0
         self.resumed_from: int | None = None
-        self.recent: list[float] = []  # step losses, the last 100
+        self.recent: list[dict[str, float]] = []  # the last 100 steps' logged means
 
     def fit(
         self,
@@ -425,7 +425,7 @@ class LoraTraining:
                     # Means over the batches accumulated (fewer at an epoch's end).
                     means = {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}
                     figures = []
-                    self.recent = [*self.recent[-99:], means["loss"]]
+                    self.recent = [*self.recent[-99:], means]
                     lr = lr_scheduler.get_last_lr()[0]
                     if self.main:
                         elapsed = round(time.monotonic() - loop_started, 4)
@@ -525,9 +525,10 @@ class LoraTraining:
                 (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
         return target
 
-    @property
-    def mean_loss(self) -> float | None:
-        return sum(self.recent) / len(self.recent) if self.recent else None
+    def recent_mean(self, name: str = "loss") -> float | None:
+        """The mean of a logged figure over the last (up to) 100 steps of this attempt."""
+        values = [step[name] for step in self.recent]
+        return sum(values) / len(values) if values else None
 
     def validate(
         self,
@@ -710,7 +711,7 @@ def train_lora(
         grad_accumulation=training.accumulation,
         processes=training.processes,
         mixed_precision=training.accelerator.mixed_precision,
-        loss=training.mean_loss,
+        loss=training.recent_mean(),
         probe_loss_base=base_loss,
         probe_loss=trained_loss,
         adapter=str(adapter),

@@ -144,6 +144,42 @@ def ab_win_rates(rows: Rows) -> bytes:
     return _png(fig)
 
 
+# -- Live win rate by adaptation recipe (issue 14): a separate plot, not yet among
+# `build_plots`' (the report is being reworked); `db.stats.live_by_recipe` gives its rows.
+
+
+def live_by_recipe(rows: Rows) -> Plot:
+    """The live win rate of each adaptation recipe's adapters (hps, dpo) against their
+    incumbents, with its Wilson 95% interval, as a plot with its table. `rows`: those of
+    `db.stats.live_by_recipe` (recipe, versions, rounds, wins)."""
+    table = []
+    for r in rows:
+        low, high = wilson_interval(r["wins"], r["rounds"])
+        table.append({**r, "win_rate": r["wins"] / r["rounds"], "low": low, "high": high})
+    fig, ax = _figure()
+    if not table:
+        _empty(ax, "decided A/B rounds")
+    else:
+        x = range(len(table))
+        rates = [r["win_rate"] for r in table]
+        errors = [
+            [r["win_rate"] - r["low"] for r in table],
+            [r["high"] - r["win_rate"] for r in table],
+        ]
+        ax.bar(x, rates, yerr=errors, capsize=6, color="tab:blue", alpha=0.7)
+        labels = [f"{r['recipe']}\n{r['versions']} adapters, {r['rounds']} rounds" for r in table]
+        ax.set_xticks(list(x), labels)
+        ax.axhline(0.5, color="gray", linestyle=":")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("live win rate")
+    caption = (
+        "Share of decided A/B rounds (the requester picked an image) won by the adapters each "
+        "recipe made, against the incumbent each was tested against, with its 95 % Wilson "
+        "interval; 0.5 is a draw."
+    )
+    return Plot("live_by_recipe", "Live win rate by recipe", caption, _png(fig), table)
+
+
 def score_histograms(rows: Rows, summary: Rows) -> bytes:
     fig, ax = _figure()
     if not rows:

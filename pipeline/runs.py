@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from db.connect import Executor
+    from hps.store import ImageStore
     from pipeline.generate import Generator
     from pipeline.hps_model import HPSModel
 
@@ -123,17 +124,18 @@ class Resources:
 
     generator: Callable[[], Awaitable[Generator]]
     scorer: Callable[[], Awaitable[HPSModel]]  # the serving HPS classifier
+    store: ImageStore | None = None  # the image store (the choices' images)
 
     @classmethod
     def of_job(cls, ctx: JobContext, settings: Settings) -> Resources:
-        """The worker's resident generator and serving classifier."""
+        """The worker's resident generator and serving classifier, and its image store."""
         from pipeline.generate import get_generator
         from pipeline.score import serving_scorer
 
         async def scorer() -> HPSModel:
             return (await serving_scorer(ctx.pool, settings, ctx.cache))[0]
 
-        return cls(generator=lambda: get_generator(ctx), scorer=scorer)
+        return cls(generator=lambda: get_generator(ctx), scorer=scorer, store=ctx.store)
 
 
 @dataclass

@@ -112,15 +112,13 @@ def sample_sides(pairs: Sequence[Pair], recipe: AdaptSettings) -> list[Pair]:
 
 async def pairs_from_db(
     db: Executor,
-    store: ImageStore,
     recipe: AdaptSettings,
     *,
     held_out: Callable[[str], bool],
     val_fraction: float,
     test_fraction: float,
 ) -> PairSet:
-    """The database's pairs (module docstring); pairs whose images are missing from the
-    store are left out (counted)."""
+    """The database's pairs (module docstring); their images are image-store keys."""
     examples = await examples_from_db(
         db,
         all_choosers=recipe.dpo_choosers == "all",
@@ -129,11 +127,16 @@ async def pairs_from_db(
         test_fraction=test_fraction,
     )
     pairs, counts = pairs_of_examples(examples, held_out)
-    pairs = sample_sides(pairs, recipe)
-    present = {key: store.exists(key) for key in {k for p in pairs for k in (p.winner, p.loser)}}
-    kept = [p for p in pairs if present[p.winner] and present[p.loser]]
-    counts["missing_images"] = len(pairs) - len(kept)
-    return PairSet(kept, {"source": "database", **counts})
+    return PairSet(sample_sides(pairs, recipe), {"source": "database", **counts})
+
+
+def drop_missing(found: PairSet, store: ImageStore) -> PairSet:
+    """The pairs whose two images are in `store` (the others counted as
+    `missing_images`), each image asked for once."""
+    keys = {k for p in found.pairs for k in (p.winner, p.loser)}
+    present = {key: store.exists(key) for key in keys}
+    kept = [p for p in found.pairs if present[p.winner] and present[p.loser]]
+    return PairSet(kept, {**found.counts, "missing_images": len(found.pairs) - len(kept)})
 
 
 def data_format(folder: Path) -> str:

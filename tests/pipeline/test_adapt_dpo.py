@@ -243,3 +243,232 @@ def test_sdxl_trains_with_its_added_conditioning_from_cached_latents_and_resumes
         "step-000002",
         "step-000004",
     ]
+
+
+# -- pairs ---------------------------------------------------------------------------------
+
+
+def _width(store: LocalImageStore, key: str) -> int:
+    """A stored round's image p is 8p pixels wide (`tests.factories.stored_round`)."""
+    with Image.open(io.BytesIO(store.get(key))) as image:
+        return image.width
+
+
+async def test_pairs_from_the_database_are_counted_picks_against_each_other_image(
+    pool, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from db import users
+    from pipeline.adapt.pairs import drop_missing, pairs_from_db
+    from tests.pipeline.test_export_readers import _choices
+
+    store = LocalImageStore(tmp_path / "store")
+    made = await _choices(pool, store)  # prompts a, b in train, c in val, d in test
+    prompts = made["prompts"]
+    fractions = {"val_fraction": 0.1, "test_fraction": 0.1}
+
+    async def pairs(held_out=lambda text: False, **recipe):  # type: ignore[no-untyped-def]
+        found = await pairs_from_db(pool, AdaptSettings(**recipe), held_out=held_out, **fractions)
+        return drop_missing(found, store)
+
+    found = await pairs()
+    # The requesters' picks: a among 3 (position 2) → 2 pairs, a among 4 (position 4) → 3;
+    # c among 2 and among 3 (validation split) → 1 + 2 held out. The tie on b, the "none"
+    # on a, the banned user's pick and the test prompt d give none.
+    assert [(p.caption, p.side) for p in found.pairs] == [(prompts["a"], "train")] * 5 + [
+        (prompts["c"], "heldout")
+    ] * 3
+    assert found.counts == {"source": "database", "picks": 4, "ties": 1, "test_picks": 1,
+                            "missing_images": 0}  # fmt: skip
+    # The winner is the image picked, against each other image of its round.
+    widths = [(_width(store, p.winner), _width(store, p.loser)) for p in found.pairs]
+    assert widths == [(16, 8), (16, 24), (32, 8), (32, 16), (32, 24), (8, 16), (24, 8), (24, 16)]
+    # The prompts the offline evaluation holds out are never trained on.
+    held = await pairs(held_out=lambda text: text == prompts["a"])
+    assert {p.side for p in held.pairs} == {"heldout"}
+    # Everyone's picks (adapt.dpo_choosers = all): the other voter's on a among 3 too.
+    assert len((await pairs(dpo_choosers="all")).side("train")) == 7
+    # At most dpo_max_pairs training pairs and dpo_heldout_pairs held-out ones, seeded.
+    capped = await pairs(dpo_max_pairs=2, dpo_heldout_pairs=1)
+    assert len(capped.side("train")) == 2 and len(capped.side("heldout")) == 1
+    assert capped.pairs == (await pairs(dpo_max_pairs=2, dpo_heldout_pairs=1)).pairs
+    # A shadow-banned or forgotten chooser's picks leave; so does a pair whose image is gone.
+    await users.ban(pool, 2, shadow=True, reason="spam", actor="mod")
+    await users.forget_user(pool, 4)
+    store.delete(found.pairs[-1].loser)
+    left = await pairs()
+    assert [(_width(store, p.winner), p.side) for p in left.pairs] == [(16, "train")] * 2 + [
+        (24, "heldout")
+    ]
+    assert left.counts["missing_images"] == 1
+
+
+async def test_a_pick_a_pic_folder_gives_the_pairs_diffusion_dpo_trains_on(
+    pool, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Our export with ties kept (0.5/0.5 rows), read as Diffusion-DPO's train.py reads a
+    folder named "pickapic" (`peer_readers`): the same pairs, winner first, ties dropped."""
+    from pipeline.adapt.pairs import pairs_from_folder
+    from tests.pipeline import peer_readers
+    from tests.pipeline.test_export_readers import RESOLUTION, _choices, _dpo_transform, _export
+
+    store = LocalImageStore(tmp_path / "store")
+    made = await _choices(pool, store)
+    out = tmp_path / "pickapic_export"
+    await _export(pool, out, "pickapic", tmp_path / "store", ties="half")
+    images = LocalImageStore(tmp_path / "run_images")
+    found = pairs_from_folder(out, images, AdaptSettings(), held_out=lambda text: False,
+                              val_fraction=0.1, test_fraction=0.1)  # fmt: skip
+    assert found.counts["ties"] == 3 and found.counts["source"] == f"pickapic:{out}"
+    train = found.side("train")
+    batches = peer_readers.diffusion_dpo_batches(str(out), resolution=RESOLUTION,
+                                                 cache_dir=str(tmp_path / "hf"))  # fmt: skip
+    assert len(train) == len(batches) == 5
+    for pair, batch in zip(train, batches, strict=True):
+        assert pair.caption == batch["caption"][0] == made["prompts"]["a"]
+        assert torch.equal(batch["pixel_values"][0, :3], _dpo_transform(images.get(pair.winner)))
+        assert torch.equal(batch["pixel_values"][0, 3:], _dpo_transform(images.get(pair.loser)))
+    # Its validation split is held out; its test splits are not read.
+    assert [p.caption for p in found.side("heldout")] == [made["prompts"]["c"]] * 3
+
+
+def test_an_hpd_folder_gives_each_records_pick_against_its_other_images(tmp_path: Path) -> None:
+    from pipeline.adapt.pairs import data_format, pairs_from_folder
+    from pipeline.data import DatasetError, examples_from_folder
+    from tests.tiny_clip import write_colour_hpd
+
+    folder = write_colour_hpd(tmp_path / "hpd", n_train=6, n_test=2, k=3)
+    assert data_format(folder) == "hpd"
+    images = LocalImageStore(tmp_path / "run_images")
+    found = pairs_from_folder(folder, images, AdaptSettings(), held_out=lambda text: False,
+                              val_fraction=0.1, test_fraction=0.1)  # fmt: skip
+    examples = examples_from_folder(folder)
+    kept = [e for e in examples if e.split != "test"]
+    assert len(found.pairs) == 2 * len(kept) and found.counts["test_picks"] == 2
+    first = kept[0]
+    winner = Path(first.images[first.chosen]).read_bytes()
+    assert images.get(found.pairs[0].winner) == winner
+    with pytest.raises(DatasetError, match="holds no Parquet files"):
+        data_format(tmp_path)
+
+
+# -- the recipe ----------------------------------------------------------------------------
+
+PROMPTS = [f"a {colour} {thing}" for colour in ("red", "green", "blue", "yellow")
+           for thing in ("cube", "ball", "house", "tree")]  # fmt: skip
+
+
+def _settings(tiny_sd_dir: Path, tiny_model: tuple[Path, Path], **adapt):  # type: ignore[no-untyped-def]
+    from tests.pipeline.conftest import make_settings
+
+    config, weights = tiny_model
+    return make_settings(
+        generation={"sd_model": str(tiny_sd_dir), "steps": 2, "width": 64, "height": 64,
+                    "safety_checker": False},
+        models={"hps_arch": str(config), "hps_pretrained": str(weights), "device": "cpu"},
+        adapt={
+            "recipe": "dpo", "dpo_min_pairs": 4, "heldout_fraction": 0.25, "eval_prompts": 4,
+            "eval_seeds": 1, "sample_batch": 8, "resolution": 32, "batch_size": 4,
+            "total_batch_size": 4, "learning_rate": 1e-3, "max_train_steps": 3,
+            "checkpointing_steps": 2, "num_workers": 0, "validation_images": 0,
+            "offline_gate": "none", "center_crop": True, "dpo_latent_cache": True, **adapt,
+        },
+    )  # fmt: skip
+
+
+async def _job(pool, settings, store):  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from db import jobs
+    from pipeline.handlers import JobContext
+
+    job, _ = await jobs.enqueue_training(pool, "sd", requested_by="test")
+    [claimed] = await jobs.claim(pool, ["adapt_sd"], "gpu-1", timedelta(minutes=5))
+    return job, JobContext(claimed, settings, pool, store, "gpu-1", "cpu", {})
+
+
+async def test_the_adapt_sd_job_runs_dpo_on_peoples_pairs_and_registers_it_by_recipe(
+    pool, tiny_sd_dir: Path, tiny_model, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from db import models, stats
+    from db.choices import record_choice
+    from db.prompts import prompt_hash
+    from pipeline.adapt.prompts import is_held_out
+    from pipeline.adapt.recipes import handle_adapt_sd
+    from pipeline.data import assign_split
+    from pipeline.report import live_by_recipe
+    from pipeline.runs import Run
+    from tests.factories import stored_round
+
+    settings = _settings(tiny_sd_dir, tiny_model)
+    store = LocalImageStore(settings.images_dir)
+    for i, prompt in enumerate(PROMPTS):  # one round of 3 each, the requester's pick
+        round_id = await stored_round(pool, store, requester=100 + i, prompt=prompt, k=3)
+        await record_choice(pool, round_id=round_id, discord_user_id=100 + i, verdict="pick",
+                            position=1 + i % 3)  # fmt: skip
+    job, ctx = await _job(pool, settings, store)
+    result = await handle_adapt_sd(ctx)
+
+    name = f"sd_adapter-job{job.id}"
+    assert result["status"] == "registered" and result["recipe"] == "dpo", result
+    run = Run.open(settings.runs_dir / name)
+    assert list(run.data["stages"]) == ["pairs", "latents", "train", "eval", "register"]
+    split = {p: assign_split(prompt_hash(p), None, val_fraction=0.1, test_fraction=0.1)
+             for p in PROMPTS}  # fmt: skip
+    trained = [p for p in PROMPTS if split[p] == "train" and not is_held_out(p, 0.25)]
+    pairs = run.stage("pairs")
+    assert pairs["train"] == 2 * len(trained) and pairs["images"] == "store"
+    assert pairs["test_picks"] == sum(s == "test" for s in split.values())
+    shown = 3 * (len(PROMPTS) - pairs["test_picks"])  # every image of a round with pairs
+    latents = run.stage("latents")
+    assert (latents["cached"], latents["images"], latents["encoded"]) == (True, shown, shown)
+    prompts = json.loads((run.path / "prompts.json").read_text())
+    assert sorted(prompts["train"]) == sorted(trained)
+    # The held-out prompts of the offline evaluation: by hash, as the paper's recipe's.
+    assert sorted(prompts["heldout"]) == ["a blue ball", "a red house", "a yellow tree"]
+    assert all(is_held_out(p, 0.25) for p in prompts["heldout"])
+    assert not set(prompts["heldout"]) & set(prompts["train"])
+
+    version = await models.get(pool, name)
+    assert version.status == "testing" and models.recipe_of(version) == "dpo"
+    assert version.config["identifier"] == "" and version.config["recipe"]["data"] is None
+    assert version.config["recipe"]["adapt"]["dpo_beta"] == 5000
+    training = version.metrics["training"]
+    assert training["steps"] == 3 and training["beta"] == 5000 and "heldout_accuracy" in training
+    assert version.metrics["data"]["train"] == pairs["train"]
+    assert version.metrics["offline"]["pairs"] == 3 and version.metrics["offline"]["passed"]
+    assert result["summary"].startswith(
+        f"Diffusion-DPO run {name}: {pairs['train']} training pairs, {pairs['heldout']} held "
+        "out, from database. LoRA r4, β 5000, 3 steps (batch 4): held-out implicit accuracy"
+    )
+    assert result["metrics"]["pairs"] == pairs["train"]
+
+    # Live: the adapter's A/B rounds count for its recipe.
+    from tests.factories import ready_round
+
+    base = await models.get(pool, run.data["parent"]["id"])
+    for user in range(4):
+        round_id = await ready_round(pool, requester=500 + user, prompt=f"live {user}",
+                                     model_version_ids={1: base.id, 2: version.id})  # fmt: skip
+        await record_choice(pool, round_id=round_id, discord_user_id=500 + user,
+                            verdict="pick", position=2 if user else 1)  # fmt: skip
+    rows = await stats.live_by_recipe(pool)
+    assert rows == [{"recipe": "dpo", "versions": 1, "rounds": 4, "wins": 3}]
+    plot = live_by_recipe(rows)
+    assert plot.table[0]["win_rate"] == 0.75 and plot.png.startswith(b"\x89PNG")
+
+
+async def test_too_few_pairs_skip_the_job_and_a_run_keeps_its_recipe(
+    pool, tiny_sd_dir: Path, tiny_model, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.adapt.recipes import handle_adapt_sd, recipe_name
+
+    settings = _settings(tiny_sd_dir, tiny_model, dpo_min_pairs=5)
+    store = LocalImageStore(settings.images_dir)
+    job, ctx = await _job(pool, settings, store)
+    result = await handle_adapt_sd(ctx)
+    assert result["status"] == "skipped"
+    assert result["reason"] == "0 training pairs, fewer than the 5 needed (adapt.dpo_min_pairs)"
+    # The run started as dpo stays dpo, whatever adapt.recipe says now.
+    name = f"sd_adapter-job{job.id}"
+    assert recipe_name(settings.with_changes("adapt", recipe="hps"), name) == "dpo"
+    assert recipe_name(settings.with_changes("adapt", recipe="hps"), "another") == "hps"

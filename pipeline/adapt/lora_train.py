@@ -140,6 +140,17 @@ def pipeline_kind(sd_model: str, *, sdxl: bool = True) -> bool:
     return PIPELINES[name]
 
 
+@dataclass(frozen=True)
+class CaptionTokens:
+    """Captions → their token ids for each text encoder: `input_ids`, SDXL's `input_ids_2`."""
+
+    tokenizers: tuple[Any, ...]
+
+    def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        names = ("input_ids", "input_ids_2")[: len(self.tokenizers)]
+        return {name: tokenize(t, captions) for name, t in zip(names, self.tokenizers, strict=True)}
+
+
 @dataclass
 class DiffusionParts:
     """The parts of a base pipeline that training uses, loaded as a downloaded pipeline's
@@ -187,11 +198,11 @@ class DiffusionParts:
     def frozen(self) -> list[Any]:
         return [self.vae, *self.text_encoders, self.unet]
 
-    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Token ids of `captions` for each text encoder (`input_ids`, SDXL's
-        `input_ids_2`), as a batch holds them."""
-        names = ("input_ids", "input_ids_2")[: len(self.tokenizers)]
-        return {name: tokenize(t, captions) for name, t in zip(names, self.tokenizers, strict=True)}
+    @property
+    def tokenize(self) -> CaptionTokens:
+        """Token ids of captions for each text encoder, as a batch holds them (a function
+        that data-loader workers can take: no model in it)."""
+        return CaptionTokens(tuple(self.tokenizers))
 
     def conditioning(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any] | None]:
         """What the UNet is conditioned on for a batch: the text encoder's last hidden

@@ -132,6 +132,7 @@ def _redness(png: bytes) -> float:
     return float(pixels[..., 0].mean() - pixels[..., 2].mean())
 
 
+@pytest.mark.slow
 def test_a_preference_for_red_is_learnt_and_the_adapters_images_turn_redder(
     tiny_sd_colours_dir: Path, tmp_path: Path
 ) -> None:
@@ -175,6 +176,7 @@ def test_a_preference_for_red_is_learnt_and_the_adapters_images_turn_redder(
     assert sum(a > b for a, b in zip(after, before, strict=True)) >= 14
 
 
+@pytest.mark.slow
 def test_sdxl_trains_with_its_added_conditioning_from_cached_latents_and_resumes(
     tiny_sdxl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -472,3 +474,23 @@ async def test_too_few_pairs_skip_the_job_and_a_run_keeps_its_recipe(
     name = f"sd_adapter-job{job.id}"
     assert recipe_name(settings.with_changes("adapt", recipe="hps"), name) == "dpo"
     assert recipe_name(settings.with_changes("adapt", recipe="hps"), "another") == "hps"
+
+
+@pytest.mark.slow
+def test_hps_adapt_run_takes_data_for_dpo_only_and_refuses_a_folder_it_cannot_read(
+    database_url: str, tmp_path: Path
+) -> None:
+    from tests.test_cli import hps
+
+    env = {"HPS_DATABASE_URL": database_url, "HPS_DATA_DIR": str(tmp_path / "data")}
+    wrong = hps("adapt", "run", "--recipe", "hps", "--data", str(tmp_path), env=env)
+    assert wrong.returncode == 1 and "--data applies to --recipe dpo" in wrong.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = hps("adapt", "run", "--recipe", "dpo", "--data", str(empty), "--name", "d1",
+                  env=env)  # fmt: skip
+    assert refused.returncode == 1, refused.stderr
+    assert f"{empty} holds no Parquet files (a Pick-a-Pic-format folder): --data takes" in (
+        refused.stderr
+    )
+    assert "Traceback" not in refused.stderr and not (tmp_path / "data" / "runs").exists()

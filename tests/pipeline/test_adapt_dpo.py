@@ -494,3 +494,46 @@ def test_hps_adapt_run_takes_data_for_dpo_only_and_refuses_a_folder_it_cannot_re
         refused.stderr
     )
     assert "Traceback" not in refused.stderr and not (tmp_path / "data" / "runs").exists()
+
+
+def test_pick_a_pics_own_parquet_files_are_read_with_their_hub_names(tmp_path: Path) -> None:
+    """Pick-a-Pic as published: `data/<split>-NNNNN-of-NNNNN-<hash>.parquet`, integer-like
+    float labels, several files per split; the image labelled 1 wins, ties are dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.adapt.pairs import pairs_from_folder
+
+    def png(colour: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = {  # file → (caption, jpg_0, jpg_1, label_0)
+        "train-00000-of-00002-1a2b.parquet": [("a cat", "red", "blue", 1.0),
+                                              ("a dog", "green", "white", 0.5)],
+        "train-00001-of-00002-3c4d.parquet": [("a cow", "black", "yellow", 0.0)],
+        "test-00000-of-00001-5e6f.parquet": [("a fox", "red", "green", 1.0)],
+    }  # fmt: skip
+    (tmp_path / "data").mkdir()
+    for name, items in rows.items():
+        table = pa.table({
+            "caption": [c for c, *_ in items],
+            "jpg_0": [png(a) for _, a, _, _ in items],
+            "jpg_1": [png(b) for _, _, b, _ in items],
+            "label_0": [label for *_, label in items],
+            "label_1": [1 - label for *_, label in items],
+        })  # fmt: skip
+        pq.write_table(table, tmp_path / "data" / name)
+    images = LocalImageStore(tmp_path / "run_images")
+    found = pairs_from_folder(tmp_path, images, AdaptSettings(),
+                              held_out=lambda text: text == "a cow", val_fraction=0.1,
+                              test_fraction=0.1)  # fmt: skip
+    assert [(p.caption, p.side) for p in found.pairs] == [("a cat", "train"), ("a cow", "heldout")]
+    assert found.counts["ties"] == 1
+    colours = [
+        tuple(Image.open(io.BytesIO(images.get(k))).getpixel((0, 0)))
+        for p in found.pairs
+        for k in (p.winner, p.loser)
+    ]
+    assert colours == [(255, 0, 0), (0, 0, 255), (255, 255, 0), (0, 0, 0)]

@@ -4,7 +4,7 @@ the diffusers LoRA recipe, checkpoints off during timing): the paper's LoRA fine
 train_dpo`: per step, the adapted UNet's forward and backward and the reference's forward
 with the adapter disabled, on both images of each pair).
 
-- CPU, always: the tiny test pipelines (tests/tiny_sd.py: SD, and SDXL for DPO; built into
+- CPU, always: the tiny test pipelines (pipeline/tiny_models.py: SD, and SDXL for DPO; built into
   a temporary folder and loaded with `from_pretrained` like real ones), batch 4 (pairs, for
   DPO), one thread per run (the machine's cores are shared; see `machine`).
 - GPU, when CUDA is available: real-size architectures (SD 1.5: UNet 860M, VAE, CLIP
@@ -171,7 +171,7 @@ def timed_dpo_run(
 
 
 def cpu_lora(steps: int, warmup: int) -> dict[str, Any]:
-    from tests.tiny_sd import build_tiny_sd
+    from pipeline.tiny_models import build_tiny_sd
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -179,12 +179,12 @@ def cpu_lora(steps: int, warmup: int) -> dict[str, Any]:
         items = synthetic_items(folder, 32, 72)
         figures = timed_run(str(sd), folder, items, steps, warmup, resolution=64,
                             batch_size=4, total_batch_size=4, mixed_precision="no")  # fmt: skip
-    return {"model": "tests/tiny_sd.py (tiny UNet/VAE/CLIP)", "size": 64, **figures}
+    return {"model": "pipeline/tiny_models.py (tiny UNet/VAE/CLIP)", "size": 64, **figures}
 
 
 def cpu_dpo(steps: int, warmup: int, sdxl: bool) -> dict[str, Any]:
     from hps.store import LocalImageStore
-    from tests.tiny_sd import build_tiny_sd, build_tiny_sdxl
+    from pipeline.tiny_models import build_tiny_sd, build_tiny_sdxl
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -195,9 +195,9 @@ def cpu_dpo(steps: int, warmup: int, sdxl: bool) -> dict[str, Any]:
                                 batch_size=4, total_batch_size=4, mixed_precision="no",
                                 center_crop=True)  # fmt: skip
     model = (
-        "tests/tiny_sd.py build_tiny_sdxl (two text encoders, text_time)"
+        "pipeline/tiny_models.py build_tiny_sdxl (two text encoders, text_time)"
         if sdxl
-        else ("tests/tiny_sd.py (tiny UNet/VAE/CLIP)")
+        else ("pipeline/tiny_models.py (tiny UNet/VAE/CLIP)")
     )
     return {"model": model, "size": 64, **figures}
 
@@ -234,7 +234,7 @@ def build_sd15_architecture(folder: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tests.tiny_sd import write_clip_tokenizer_files
+    from pipeline.tiny_models import write_clip_tokenizer_files
 
     tokenizer = CLIPTokenizer.from_pretrained(
         write_clip_tokenizer_files(folder / "bpe"), model_max_length=77

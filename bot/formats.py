@@ -12,6 +12,7 @@ from db.choices import ChoiceResult
 from db.jobs import Job, Worker
 from db.models import ModelVersion
 from db.rounds import RoundRefused, RoundView
+from db.scorers import Agreement
 from db.stats import Totals, UserStats
 
 DB_DOWN = "The database is unavailable right now, so nothing was changed. Please try again soon."
@@ -164,15 +165,30 @@ def user_stats(stats: UserStats, totals: Totals) -> str:
 
 
 FORGET_PROMPT = (
-    "This deletes every round you asked for (with its images and the votes on it) and every "
-    "choice you made. It cannot be undone. Are you sure?"
+    "This deletes every round you asked for (with its images, the votes on it and the bot's "
+    "messages showing it) and every choice you made. It cannot be undone. Copies made "
+    "before now are not reached: exported datasets, backups, and the prompt lists of "
+    "training runs. Are you sure?"
 )
 
 
-def forgotten(choices: int, rounds: int, files: int) -> str:
+FORGET_BUSY = (
+    "Nothing was deleted: your data is in use right now (an image is being made or stored). "
+    "Please try /forget-me again in a minute."
+)
+
+
+def forgotten(choices: int, rounds: int, files: int, messages: int, all_deleted: bool) -> str:
+    """What forgetting did, and only that: `messages` of the bot's were queued for deletion,
+    and `all_deleted` says whether they are gone already."""
+    text = f"Done: deleted {rounds} round(s), {choices} choice(s), {files} image file(s)"
+    if not messages:
+        return text + "."
+    if all_deleted:
+        return text + f" and the bot's {messages} message(s) showing your rounds."
     return (
-        f"Done: deleted {rounds} round(s), {choices} choice(s) and {files} image file(s). "
-        "We no longer know who you were."
+        text + f". The bot's {messages} message(s) showing your rounds could not all be "
+        "deleted yet; it keeps trying."
     )
 
 
@@ -227,6 +243,29 @@ def _metrics_text(metrics: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def liveness_warnings(
+    generate_workers: int, schedulers: int, fresh: timedelta, queued_round_minutes: int
+) -> list[str]:
+    """What `/status` must say first when the processes the channel needs are not alive."""
+    warnings = []
+    if not generate_workers:
+        wait = (
+            f"and fail after {queued_round_minutes} minutes"
+            if queued_round_minutes
+            else "until one starts"
+        )
+        warnings.append(
+            f"**No worker is alive** that generates images (no heartbeat within "
+            f"{duration(fresh)}): /dream rounds wait {wait}."
+        )
+    if not schedulers:
+        warnings.append(
+            "**No scheduler is alive**: rounds are not closed or given up on time, and no "
+            "training is scheduled."
+        )
+    return warnings
+
+
 def _ago(when: datetime | None, now: datetime) -> str:
     return "never" if when is None else f"{duration(now - when)} ago"
 
@@ -234,6 +273,35 @@ def _ago(when: datetime | None, now: datetime) -> str:
 def _rate(rate: float, interval: Any) -> str:
     low, high = interval
     return f"{rate:.1%} [{low:.1%}–{high:.1%}]"
+
+
+def _interval(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1%} [{low:.1%}–{high:.1%}]" if low is not None else f"{value:.1%}"
+
+
+def scorer_agreement(rows: Sequence[Agreement]) -> str:
+    """The latest `hps eval --scorers`: each reward model's agreement with the choices."""
+    if not rows:
+        return (
+            "No reward model has been compared with the choices yet: run "
+            "`hps eval --scorers hps,hpsv2,pickscore,aesthetic,clip`."
+        )
+    first = rows[0]
+    source = "the choices" if first.source == "choices" else f"`{first.source}`"
+    lines = [
+        f"**Agreement with people's choices** ({source}, {first.split} split, "
+        f"{first.evaluated_at:%Y-%m-%d %H:%M} UTC; 95% intervals)"
+    ]
+    for r in rows:
+        chance = f", chance {r.chance:.1%}" if r.chance is not None else ""
+        lines.append(
+            f"- **{r.scorer}** (`{clip(r.model, 120)}`): top-1 "
+            f"{_interval(r.top1, r.top1_low, r.top1_high)} of {r.choices}{chance}; pairwise "
+            f"{_interval(r.pairwise, r.pairwise_low, r.pairwise_high)} of {r.pairs} pairs"
+        )
+    return clip("\n".join(lines), 1950)
 
 
 def adapter_figures(version: ModelVersion, live: Mapping[str, Any] | None) -> str:
@@ -244,6 +312,9 @@ def adapter_figures(version: ModelVersion, live: Mapping[str, Any] | None) -> st
             f"offline win {_rate(offline['win_rate'], offline['win_rate_ci'])}, "
             f"HPS {offline['hps_gain']:+.3f} ({offline['pairs']} pairs)"
         )
+        for name, judged in (offline.get("judges") or {}).items():  # the other reward models
+            if judged.get("pairs"):
+                figures += f"; {name} win {_rate(judged['win_rate'], judged['win_rate_ci'])}"
     else:
         figures = "offline: not evaluated"
     if live is not None:
@@ -284,8 +355,10 @@ def status(
     choices_24h: int,
     now: datetime,
     adapters: Sequence[tuple[ModelVersion, Mapping[str, Any] | None]] = (),
+    warnings: Sequence[str] = (),
 ) -> str:
-    lines = ["**Queue**"]
+    lines = [f"⚠️ {warning}" for warning in warnings]
+    lines.append("**Queue**")
     if depth:
         for kind, states in sorted(depth.items()):
             counts = ", ".join(f"{state} {n}" for state, n in sorted(states.items()))

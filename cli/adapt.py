@@ -33,7 +33,8 @@ def _actor() -> str:
 
 
 def _resources(config: Settings, pool: Any) -> Any:
-    """The generator and the serving HPS model, loaded on first use, and the image store."""
+    """The generator, the serving HPS model and other reward models, loaded on first use,
+    and the image store."""
     from hps.store import LocalImageStore
     from pipeline.devices import resolve_device
     from pipeline.generate import Generator
@@ -51,7 +52,12 @@ def _resources(config: Settings, pool: Any) -> Any:
     async def scorer() -> Any:
         return (await serving_scorer(pool, config, loaded))[0]
 
-    return Resources(generator, scorer, LocalImageStore(config.images_dir))
+    async def judges(names: Any) -> Any:
+        from pipeline.scorers import cached_scorers
+
+        return await cached_scorers(names, config, loaded)
+
+    return Resources(generator, scorer, judges, LocalImageStore(config.images_dir))
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Identity,
@@ -365,4 +366,82 @@ workers = Table(
     _now("last_seen_at"),
     _at("stopped_at"),
     Column("current_job_id", BigInteger, nullable=True),
+)
+
+SERVICE_KINDS = ("bot", "scheduler")
+
+# The bot's and the scheduler's liveness (workers have their own table): each process
+# heartbeats its row; `hps health` and `/status` read them.
+services = Table(
+    "services",
+    metadata,
+    Column("id", Text, primary_key=True),  # kind:hostname:pid
+    Column("kind", Text, nullable=False),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    _now("started_at"),
+    _now("last_seen_at"),
+    _at("stopped_at"),
+    # What the process reports about itself, e.g. the bot's gateway connection.
+    Column("state", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    CheckConstraint(_in("kind", SERVICE_KINDS), name="kind"),
+    Index("ix_services_kind_last_seen_at", "kind", "last_seen_at"),
+)
+
+# Messages the bot posted about a round besides its main message (`rounds.message_id`),
+# such as the requester's chosen image: forgetting the requester deletes them too.
+round_messages = Table(
+    "round_messages",
+    metadata,
+    Column("message_id", BigInteger, primary_key=True),
+    Column("round_id", BigInteger, ForeignKey("rounds.id", ondelete="CASCADE"), nullable=False),
+    Column("channel_id", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),
+    _now("created_at"),
+    CheckConstraint(_in("kind", ("chosen",)), name="kind"),
+    Index("ix_round_messages_round_id", "round_id"),
+)
+
+# Discord messages the bot must delete (those of forgotten users' rounds), queued in the
+# transaction that forgets, whoever forgets (/forget-me or `hps users forget`): the bot
+# deletes them and the rows.
+message_deletions = Table(
+    "message_deletions",
+    metadata,
+    _id(),
+    Column("guild_id", BigInteger, nullable=True),
+    Column("channel_id", BigInteger, nullable=False),
+    Column("message_id", BigInteger, nullable=False, unique=True),
+    Column("reason", Text, nullable=False),
+    _now("requested_at"),
+    _at("claimed_at"),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("error", Text, nullable=True),
+)
+
+# `hps eval --scorers`: how often each reward model agrees with people's choices. The rows
+# of one evaluation share `evaluated_at` (its transaction's time).
+scorer_agreement = Table(
+    "scorer_agreement",
+    metadata,
+    _id(),
+    _now("evaluated_at"),
+    Column("source", Text, nullable=False),  # "choices" (the database) or a dataset folder
+    Column("split", Text, nullable=False),
+    Column("examples", Text, nullable=False),  # the examples' fingerprint
+    Column("scorer", Text, nullable=False),  # its name: hps, hpsv2, pickscore, ...
+    Column("model", Text, nullable=False),  # the weights it loaded, in words
+    Column("scale", Text, nullable=False),
+    Column("choices", Integer, nullable=False),  # picks scored (ties are counted apart)
+    Column("ties", Integer, nullable=False),
+    Column("top1", Float, nullable=True),
+    Column("top1_low", Float, nullable=True),
+    Column("top1_high", Float, nullable=True),
+    Column("chance", Float, nullable=True),
+    Column("pairwise", Float, nullable=True),
+    Column("pairwise_low", Float, nullable=True),
+    Column("pairwise_high", Float, nullable=True),
+    Column("pairs", Integer, nullable=False),
+    Column("report", JSONB, nullable=False),  # the whole report (per K, ...)
+    Index("ix_scorer_agreement_evaluated_at", "evaluated_at"),
 )

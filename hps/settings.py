@@ -1,9 +1,11 @@
-"""The one settings object: `HPS_*` environment variables over an optional TOML file.
+"""The one settings object: `HPS_*` environment variables, a `.env` file and a TOML file.
 
 Sections are nested models; in the environment a section and its key are joined by a double
 underscore (`HPS_DISCORD__TOKEN`, `HPS_LIMITS__ROUNDS_PER_HOUR`); in TOML they are tables
 (`[discord] token = "..."`). The TOML file is `HPS_CONFIG` if set, else `./hps.toml` if present.
-Environment variables win over the file, the file over the defaults.
+`./.env` (the file Docker Compose reads too) holds `HPS_*` variables in the environment's
+spelling; its other variables (e.g. Compose's `POSTGRES_PASSWORD`) are left alone.
+Environment variables win over `.env`, `.env` over the TOML file, the file over the defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -33,6 +36,13 @@ from pydantic_settings import (
 ENV_PREFIX = "HPS_"
 NESTED_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = Path("hps.toml")
+DEFAULT_ENV_FILE = Path(".env")
+
+
+# The reward models `hps eval --scorers` and the adaptation's offline evaluation can use
+# (`pipeline.scorers` implements one for each name).
+SCORER_NAMES = ("hps", "hpsv2", "pickscore", "aesthetic", "clip")
+ScorerName = Literal["hps", "hpsv2", "pickscore", "aesthetic", "clip"]
 
 
 class ConfigError(Exception):
@@ -63,6 +73,11 @@ class DiscordSettings(Section):
     )
     gateway_url: str | None = Field(None, description="Gateway websocket URL override.")
     shard_count: int | None = Field(None, ge=1, description="Shards; empty = Discord's advice.")
+    dream_in_dms: bool = Field(
+        False,
+        description="Allow /dream, /score and /stats in direct messages with the bot, outside "
+        "every server's moderation (off: servers only).",
+    )
 
 
 class BotSettings(Section):
@@ -99,6 +114,12 @@ class LimitSettings(Section):
         24 * 60, ge=1, description="Minutes after which a ready round closes to new clicks."
     )
     others_may_vote: bool = Field(True, description="Users other than the requester may vote.")
+    queued_round_minutes: int = Field(
+        60,
+        ge=0,
+        description="A round no worker started within this many minutes fails, saying so, and "
+        "frees its requester's in-flight slot (0 = rounds wait forever).",
+    )
     score_max_images: int = Field(4, ge=1, le=10, description="Images per /score.")
     score_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Bytes per scored image.")
     score_max_pixels: int = Field(
@@ -116,7 +137,16 @@ class GenerationSettings(Section):
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     width: int = Field(512, ge=64, le=2048, multiple_of=8, description="Image width (square).")
     height: int = Field(512, ge=64, le=2048, multiple_of=8, description="Image height (square).")
-    safety_checker: bool = Field(True, description="Run the pipeline's safety checker.")
+    safety_checker: bool = Field(
+        True,
+        description="Check every image for NSFW content: flagged images are never posted.",
+    )
+    safety_checker_model: str | None = Field(
+        "CompVis/stable-diffusion-safety-checker",
+        description="The checker run on the images of a model that ships none (SD 2.x, SDXL): "
+        "a hub id or local folder of a StableDiffusionSafetyChecker and its preprocessor "
+        "(the one SD 1.x ships); empty = such models are refused while safety_checker is on.",
+    )
     post_grid: bool = Field(False, description="Also post a grid of the round's images.")
     ab_share: float = Field(
         0.5,
@@ -361,6 +391,17 @@ class AdaptSettings(Section):
     )
     offline_min_win_rate: float = Field(0.5, ge=0, lt=1, description="See offline_gate.")
     offline_min_hps_gain: float = Field(0.0, description="See offline_gate (HPS points).")
+    offline_scorers: list[ScorerName] = Field(
+        default_factory=list,
+        description="Reward models that also judge the held-out pairs, beside the serving HPS "
+        "classifier (hps): hpsv2, pickscore, aesthetic, clip (weights: the scorers settings).",
+    )
+    offline_gate_scorer: Literal["auto", "hps", "hpsv2", "pickscore", "aesthetic", "clip"] = Field(
+        "auto",
+        description="A scorer that must agree (its paired win rate's 95% lower bound above "
+        "offline_min_win_rate) besides the offline_gate: one of offline_scorers, or hps "
+        "(no other judge); auto = the first of offline_scorers other than hps, else hps.",
+    )
     # Live A/B measurement: a group-sequential test (`pipeline.adapt.live`).
     min_live_rounds: int = Field(
         200,
@@ -397,6 +438,16 @@ class AdaptSettings(Section):
         return self
 
     @model_validator(mode="after")
+    def _gate_scorer_judges(self) -> AdaptSettings:
+        gate = self.offline_gate_scorer
+        if gate not in ("auto", "hps") and gate not in self.offline_scorers:
+            raise ValueError(
+                f"adapt.offline_gate_scorer (HPS_ADAPT__OFFLINE_GATE_SCORER) is {gate}, which "
+                "adapt.offline_scorers (HPS_ADAPT__OFFLINE_SCORERS) does not list: add it there"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _looks_fit(self) -> AdaptSettings:
         if 0 < self.max_live_rounds < self.min_live_rounds:
             raise ValueError(
@@ -404,6 +455,44 @@ class AdaptSettings(Section):
                 "adapt.min_live_rounds (HPS_ADAPT__MIN_LIVE_ROUNDS), the first look"
             )
         return self
+
+
+class ScorerSettings(Section):
+    """Where each reward model's weights come from (`hps eval --scorers`, the adaptation's
+    `offline_scorers`): a local file or folder, or a Hugging Face hub id (a file on the hub:
+    `owner/repo/file`), fetched into the hub cache the first time a scorer is used."""
+
+    hpsv2_arch: str = Field(
+        "ViT-H-14", description="open_clip architecture (or model-config JSON) of HPS v2."
+    )
+    hpsv2_checkpoint: str = Field(
+        "xswu/HPSv2/HPS_v2.1_compressed.pt",
+        description="HPS v2 weights ({'state_dict': ...}): HPS_v2.1_compressed.pt (v2.1) or "
+        "HPS_v2_compressed.pt (v2.0), a local file or hub file.",
+    )
+    pickscore_model: str = Field(
+        "yuvalkirstain/PickScore_v1", description="PickScore: a transformers CLIPModel."
+    )
+    pickscore_processor: str = Field(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        description="PickScore's processor (tokenizer and image preprocessing), as its README.",
+    )
+    aesthetic_checkpoint: str = Field(
+        "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth",
+        description="LAION aesthetic predictor v2 MLP (improved-aesthetic-predictor's "
+        "sac+logos+ava1-l14-linearMSE.pth; the default is its hub mirror).",
+    )
+    aesthetic_clip: str = Field(
+        "ViT-L-14", description="The aesthetic predictor's CLIP: an open_clip architecture."
+    )
+    aesthetic_clip_pretrained: str = Field(
+        "openai", description="Its pretrained tag or weights file (OpenAI's ViT-L/14)."
+    )
+    clip_model: str = Field(
+        "openai/clip-vit-large-patch14",
+        description="CLIP score's model (transformers CLIPModel + CLIPProcessor; torchmetrics' "
+        "default).",
+    )
 
 
 class ScheduleSettings(Section):
@@ -414,9 +503,15 @@ class ScheduleSettings(Section):
     retrain_min_new_choices: int = Field(
         500, ge=0, description="Retrain only when this many new choices arrived since last time."
     )
-    adapt_sd: str | None = Field("0 4 * * 0", description="Cron of SD re-adaptation; empty = off.")
+    adapt_sd: str | None = Field(
+        None,
+        description="Cron of SD re-adaptation (hours of GPU time per run), e.g. 0 4 * * 0 for "
+        "Sundays at 04:00; empty (the default) = off: run it with /retrain sd or hps adapt run.",
+    )
     close_stale_rounds: str | None = Field(
-        "*/5 * * * *", description="Cron of closing rounds past their TTL; empty = off."
+        "*/5 * * * *",
+        description="Cron of closing rounds past their TTL and failing rounds no worker "
+        "started in time (limits.queued_round_minutes); empty = off.",
     )
     review_adapters: str | None = Field(
         "*/10 * * * *",
@@ -464,6 +559,44 @@ class WorkerSettings(Section):
         return self
 
 
+class HealthSettings(Section):
+    """Liveness of the bot and the scheduler (workers: `worker.heartbeat_seconds` and
+    `worker.lease_seconds`), read by `hps health` and `/status`."""
+
+    heartbeat_seconds: float = Field(
+        15, gt=0, description="Seconds between the bot's and the scheduler's heartbeats."
+    )
+    stale_seconds: float = Field(
+        60, gt=0, description="A bot or scheduler whose last heartbeat is older is not alive."
+    )
+
+    @model_validator(mode="after")
+    def _beats_within_staleness(self) -> HealthSettings:
+        if self.heartbeat_seconds * 2 > self.stale_seconds:
+            raise ValueError("heartbeat_seconds must be at most half of stale_seconds")
+        return self
+
+
+class AnalystSettings(Section):
+    """Limits of the analysts' logins (members of `hps_analyst`), applied by `hps db upgrade`
+    and `hps db analysts` (`db.analysts`). The timeouts are each login's defaults in this
+    database: they stop a forgotten transaction or a runaway query, not a login that sets
+    them off itself; the connection limit holds whatever the login does."""
+
+    statement_timeout_seconds: int = Field(
+        120, ge=1, description="An analyst's statement is cancelled after this long."
+    )
+    idle_in_transaction_seconds: int = Field(
+        60, ge=1, description="An analyst's session idle inside a transaction this long ends."
+    )
+    lock_timeout_seconds: int = Field(
+        5, ge=1, description="An analyst's statement waits this long for a lock at most."
+    )
+    connection_limit: int = Field(
+        4, ge=1, le=1000, description="Connections one analyst login may hold at once."
+    )
+
+
 def _toml_path() -> Path | None:
     configured = os.environ.get(f"{ENV_PREFIX}CONFIG")
     if configured:
@@ -501,8 +634,12 @@ class Settings(BaseSettings):
     models: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     adapt: AdaptSettings = Field(default_factory=AdaptSettings)
+    scorers: ScorerSettings = Field(default_factory=ScorerSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+
+    analysts: AnalystSettings = Field(default_factory=AnalystSettings)
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -545,6 +682,13 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if DEFAULT_ENV_FILE.is_file():
+            # Its HPS_* names only (unknown ones are refused by `load_settings`).
+            sources.append(
+                DotEnvSettingsSource(
+                    settings_cls, env_file=DEFAULT_ENV_FILE, dotenv_filtering="only_existing"
+                )
+            )
         path = _toml_path()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
@@ -646,8 +790,15 @@ def known_env_vars() -> set[str]:
 
 def _unknown_env_vars() -> list[str]:
     known = known_env_vars()
+    names = list(os.environ)
+    if DEFAULT_ENV_FILE.is_file():
+        from dotenv import dotenv_values
+
+        names += [f"{name} (in {DEFAULT_ENV_FILE})" for name in dotenv_values(DEFAULT_ENV_FILE)]
     return sorted(
-        k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+        k
+        for k in names
+        if k.upper().startswith(ENV_PREFIX) and k.split(" ")[0].upper() not in known
     )
 
 

@@ -31,6 +31,10 @@ TABLES = {
     "jobs",
     "workers",
     "retired_pseudonyms",
+    "services",
+    "round_messages",
+    "message_deletions",
+    "scorer_agreement",
 }
 
 TABLES_SQL = """

@@ -336,7 +336,7 @@ async def test_a_pick_a_pic_folder_gives_the_pairs_diffusion_dpo_trains_on(
 def test_an_hpd_folder_gives_each_records_pick_against_its_other_images(tmp_path: Path) -> None:
     from pipeline.adapt.pairs import data_format, pairs_from_folder
     from pipeline.data import DatasetError, examples_from_folder
-    from tests.tiny_clip import write_colour_hpd
+    from tests.colour_task import write_colour_hpd
 
     folder = write_colour_hpd(tmp_path / "hpd", n_train=6, n_test=2, k=3)
     assert data_format(folder) == "hpd"
@@ -397,7 +397,7 @@ async def test_the_adapt_sd_job_runs_dpo_on_peoples_pairs_and_registers_it_by_re
     from pipeline.adapt.prompts import is_held_out
     from pipeline.adapt.recipes import handle_adapt_sd
     from pipeline.data import assign_split
-    from pipeline.report import live_by_recipe
+    from pipeline.report import live_by_recipe_section
     from pipeline.runs import Run
     from tests.factories import stored_round
 
@@ -455,8 +455,9 @@ async def test_the_adapt_sd_job_runs_dpo_on_peoples_pairs_and_registers_it_by_re
                             verdict="pick", position=2 if user else 1)  # fmt: skip
     rows = await stats.live_by_recipe(pool)
     assert rows == [{"recipe": "dpo", "versions": 1, "rounds": 4, "wins": 3}]
-    plot = live_by_recipe(rows)
-    assert plot.table[0]["win_rate"] == 0.75 and plot.png.startswith(b"\x89PNG")
+    name, _, _, draw, table = live_by_recipe_section(rows)
+    assert name == "live_by_recipe" and table[0]["win_rate"] == 0.75
+    assert draw().startswith(b"\x89PNG")
 
 
 async def test_too_few_pairs_skip_the_job_and_a_run_keeps_its_recipe(

@@ -59,15 +59,17 @@ class ModelVersion:
 # The adaptation recipe that made an sd_adapter version: the one its run recorded in the
 # version's config (`recipe.adapt.recipe`: hps or dpo; versions of the paper's recipe
 # registered before there was a choice record none, so hps); an adapter registered without a
-# run's recipe: other. `recipe_of` and `RECIPE_SQL` (over `model_versions v`) agree.
-RECIPE_SQL = """
+# run's recipe: other. `recipe_of` and the SQL expression `RECIPE_OF_VERSION` (over
+# `model_versions v`) agree.
+RECIPE_OF_VERSION = """
 CASE WHEN v.config ? 'recipe' THEN coalesce(v.config #>> '{recipe,adapt,recipe}', 'hps')
      ELSE 'other' END
 """
 
 
 def recipe_of(version: ModelVersion) -> str | None:
-    """The recipe that made an sd_adapter version (see `RECIPE_SQL`); None for other kinds."""
+    """The recipe that made an sd_adapter version (see `RECIPE_OF_VERSION`); None for any
+    other kind."""
     if version.kind != "sd_adapter":
         return None
     recipe = version.config.get("recipe")

@@ -218,7 +218,7 @@ async def live_records(
 # tested against: the incumbent, which was registered before it (the rows of the
 # incumbent's side of the same rounds are left out, or a round would count for both).
 LIVE_BY_RECIPE_SQL = f"""
-SELECT {models.RECIPE_SQL} AS recipe,
+SELECT {models.RECIPE_OF_VERSION} AS recipe,
        count(DISTINCT d.version_id) AS versions,
        count(*) AS rounds,
        count(*) FILTER (WHERE d.won) AS wins

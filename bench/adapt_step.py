@@ -1,22 +1,28 @@
-"""LoRA fine-tuning steps/s of the SD adaptation (`pipeline.adapt.lora_train.train_lora`,
-the production loop: accelerate, the diffusers LoRA recipe, checkpoints off during timing).
+"""Training steps/s of the SD adaptation's two recipes, the production loops (accelerate,
+the diffusers LoRA recipe, checkpoints off during timing): the paper's LoRA fine-tuning
+(`pipeline.adapt.lora_train.train_lora`) and Diffusion-DPO (`pipeline.adapt.dpo_train.
+train_dpo`: per step, the adapted UNet's forward and backward and the reference's forward
+with the adapter disabled, on both images of each pair).
 
-- CPU, always: the tiny test pipeline (pipeline/tiny_models.py, built into a temporary folder and
-  loaded with `from_pretrained` like a real one), 64 px, batch 4.
-- GPU, when CUDA is available: a real-size SD 1.5 architecture (UNet 860M, VAE, CLIP
-  ViT-L/14 text encoder, built from their configs with random weights, since a machine
+- CPU, always: the tiny test pipelines (pipeline/tiny_models.py: SD, and SDXL for DPO; built into
+  a temporary folder and loaded with `from_pretrained` like real ones), batch 4 (pairs, for
+  DPO), one thread per run (the machine's cores are shared; see `machine`).
+- GPU, when CUDA is available: real-size architectures (SD 1.5: UNet 860M, VAE, CLIP
+  ViT-L/14 text encoder; built from their configs with random weights, since a machine
   without internet cannot download the weights; speed and memory do not depend on them)
-  at 512 px, bf16 mixed precision, 8 images per forward pass accumulated to the reference's
-  total batch of 40, with and without gradient checkpointing: optimizer steps/s, images/s
-  and peak GPU memory.
+  at 512 px, bf16 mixed precision: the paper's fine-tuning at 8 images per forward pass
+  accumulated to its total batch of 40, with and without gradient checkpointing; DPO at
+  the diffusers reference's batch (16 pairs × 2 accumulated) with gradient checkpointing.
+  SDXL's DPO reference (8 pairs × 2, 1024 px) needs `--gpu-sdxl-model` (a local SDXL
+  folder): its architecture is not built here. Optimizer steps/s, images/s and peak GPU
+  memory.
 
 Steps/s is read from the loop's own per-step timestamps (`metrics.jsonl`), after warm-up
 steps, so model loading and the final save are not counted.
 
-Memory: the peak resident set of this process (`getrusage` high-water mark, so it includes
-loading the models; the CPU run comes first, so its figure is its own) and of the largest
-data-loader worker process; on a GPU also the peak memory torch allocated and reserved
-during the run.
+Memory: each run is measured in its own child process: its peak resident set
+(`getrusage` high-water mark, which includes loading the models); on a GPU also the peak
+memory torch allocated and reserved during the run.
 
     python bench/adapt_step.py
 
@@ -26,6 +32,7 @@ Results: bench/results/adapt_step.json.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -109,17 +116,111 @@ def memory_peaks() -> dict[str, float]:
     return peaks
 
 
-def cpu(args: argparse.Namespace) -> dict[str, Any]:
+def synthetic_pairs(store: Any, n: int, size: int) -> list[Any]:
+    """`n` pairs of noise images (the winner first) with captions, in `store`."""
+    from pipeline.adapt.pairs import Pair
+
+    rng = random.Random(0)
+    pairs = []
+    for i in range(n):
+        keys = []
+        for _ in range(2):
+            pixels = bytes(rng.randrange(256) for _ in range(3 * 16 * 16))
+            image = Image.frombytes("RGB", (16, 16), pixels).resize((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            keys.append(store.put(buffer.getvalue(), ".jpg").key)
+        pairs.append(Pair(f"a photo of thing number {i}", keys[0], keys[1], "train", f"{i}"))
+    return pairs
+
+
+def timed_dpo_run(
+    sd_model: str,
+    folder: Path,
+    pairs: list[Any],
+    store: Any,
+    steps: int,
+    warmup: int,
+    **recipe: Any,
+) -> dict[str, Any]:
+    """Train `steps` DPO steps; steps/s over those after `warmup`."""
+    from pipeline.adapt.dpo_train import train_dpo
+
+    settings = AdaptSettings(max_train_steps=steps, checkpointing_steps=10**9,
+                             validation_images=0, num_workers=2, **recipe)  # fmt: skip
+    out = folder / f"dpo-{len(list(folder.glob('dpo-*')))}"
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    report = train_dpo(pairs, store.get, settings, sd_model=sd_model, out_dir=out,
+                       validation=SamplingParams(1, 7.5, 64, 64), progress=False)  # fmt: skip
+    lines = [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
+    start, end = lines[warmup - 1]["elapsed"], lines[-1]["elapsed"]
+    rate = (len(lines) - warmup) / (end - start)
+    return {
+        "steps_timed": len(lines) - warmup,
+        "steps_per_s": round(rate, 3),
+        "pairs_per_s": round(rate * report.total_batch_size, 2),
+        "batch_pairs": settings.batch_size,
+        "total_batch_pairs": report.total_batch_size,
+        "grad_accumulation": report.grad_accumulation,
+        "mixed_precision": report.mixed_precision,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "rank": settings.rank,
+        **memory_peaks(),
+    }
+
+
+def cpu_lora(steps: int, warmup: int) -> dict[str, Any]:
     from pipeline.tiny_models import build_tiny_sd
 
-    torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sd = build_tiny_sd(folder / "tiny_sd")
         items = synthetic_items(folder, 32, 72)
-        figures = timed_run(str(sd), folder, items, args.steps, args.warmup, resolution=64,
+        figures = timed_run(str(sd), folder, items, steps, warmup, resolution=64,
                             batch_size=4, total_batch_size=4, mixed_precision="no")  # fmt: skip
     return {"model": "pipeline/tiny_models.py (tiny UNet/VAE/CLIP)", "size": 64, **figures}
+
+
+def cpu_dpo(steps: int, warmup: int, sdxl: bool) -> dict[str, Any]:
+    from hps.store import LocalImageStore
+    from pipeline.tiny_models import build_tiny_sd, build_tiny_sdxl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        sd = (build_tiny_sdxl if sdxl else build_tiny_sd)(folder / "tiny")
+        store = LocalImageStore(folder / "store")
+        pairs = synthetic_pairs(store, 32, 72)
+        figures = timed_dpo_run(str(sd), folder, pairs, store, steps, warmup, resolution=64,
+                                batch_size=4, total_batch_size=4, mixed_precision="no",
+                                center_crop=True)  # fmt: skip
+    model = (
+        "pipeline/tiny_models.py build_tiny_sdxl (two text encoders, text_time)"
+        if sdxl
+        else ("pipeline/tiny_models.py (tiny UNet/VAE/CLIP)")
+    )
+    return {"model": model, "size": 64, **figures}
+
+
+def _in_child(function: Any, *args: Any) -> dict[str, Any]:
+    """`function(*args)` in a fresh process (one torch thread), so that its peak memory is
+    its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # (Not a multiprocessing.Pool: its daemonic workers may not start data-loader workers.)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=_one_thread) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _one_thread() -> None:
+    import multiprocessing
+
+    torch.set_num_threads(1)
+    # Data-loader workers forked, as in a worker process (a spawned child would spawn them,
+    # re-importing torch at every epoch).
+    multiprocessing.set_start_method("fork", force=True)
 
 
 def build_sd15_architecture(folder: Path) -> Path:
@@ -178,12 +279,14 @@ def build_sd15_architecture(folder: Path) -> Path:
 
 def gpu(args: argparse.Namespace) -> dict[str, Any]:
     if not torch.cuda.is_available():
-        return {"measured": False, "reason": "not measured: no GPU lent"}
+        return {"measured": False, "reason": "not measured (no GPU lent)"}
+    from hps.store import LocalImageStore
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sd = args.gpu_model or str(build_sd15_architecture(folder))
         items = synthetic_items(folder, 256, 576)
-        runs = {
+        runs: dict[str, Any] = {
             name: timed_run(
                 sd,
                 folder,
@@ -198,6 +301,22 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
             )
             for name, checkpointing in (("plain", False), ("gradient_checkpointing", True))
         }
+        store = LocalImageStore(folder / "store")
+        pairs = synthetic_pairs(store, 128, 576)
+        runs["dpo_sd15"] = timed_dpo_run(
+            sd, folder, pairs, store, args.gpu_steps, args.warmup, resolution=512,
+            batch_size=16, total_batch_size=32, mixed_precision="bf16",
+            gradient_checkpointing=True, center_crop=True, rank=8,
+        )  # fmt: skip
+        if args.gpu_sdxl_model:
+            big = synthetic_pairs(store, 64, 1088)
+            runs["dpo_sdxl"] = timed_dpo_run(
+                args.gpu_sdxl_model, folder, big, store, args.gpu_steps, args.warmup,
+                resolution=1024, batch_size=8, total_batch_size=16, mixed_precision="bf16",
+                gradient_checkpointing=True, center_crop=True, rank=8,
+            )  # fmt: skip
+        else:
+            runs["dpo_sdxl"] = {"measured": False, "reason": "needs --gpu-sdxl-model"}
     return {
         "measured": True,
         "model": args.gpu_model or "SD 1.5 architecture, random weights",
@@ -209,10 +328,11 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="steps on the tiny pipeline")
+    parser.add_argument("--steps", type=int, default=60, help="steps on the tiny pipelines")
     parser.add_argument("--warmup", type=int, default=10, help="steps not timed")
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--gpu-model", default=None, help="a local SD 1.x folder instead")
+    parser.add_argument("--gpu-sdxl-model", default=None, help="a local SDXL folder (DPO)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/adapt_step.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -222,9 +342,12 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "threads_per_run": 1,
             "loadavg_before": [round(x, 2) for x in load_before],
         },
-        "cpu_tiny": cpu(args),
+        "cpu_tiny": _in_child(cpu_lora, args.steps, args.warmup),
+        "cpu_tiny_dpo_sd": _in_child(cpu_dpo, args.steps, args.warmup, False),
+        "cpu_tiny_dpo_sdxl": _in_child(cpu_dpo, args.steps, args.warmup, True),
         "gpu_sd15": gpu(args),
     }
     report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -1,4 +1,5 @@
-"""`hps adapt run|label|train|eval|review`: adapting Stable Diffusion with HPS."""
+"""`hps adapt run|label|train|eval|review`: adapting Stable Diffusion (the paper's HPS recipe
+or Diffusion-DPO) and measuring adapters live."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -18,7 +20,8 @@ from cli.options import apply_changes, settings_options
 from hps.settings import Settings
 
 app = typer.Typer(
-    help="Adapt Stable Diffusion with HPS (the paper's LoRA recipe) and measure adapters live.",
+    help="Adapt Stable Diffusion (the paper's HPS recipe, or Diffusion-DPO on people's pairs) "
+    "and measure adapters live.",
     no_args_is_help=True,
 )
 
@@ -30,7 +33,9 @@ def _actor() -> str:
 
 
 def _resources(config: Settings, pool: Any) -> Any:
-    """The generator, the serving HPS model and other reward models, loaded on first use."""
+    """The generator, the serving HPS model and other reward models, loaded on first use,
+    and the image store."""
+    from hps.store import LocalImageStore
     from pipeline.devices import resolve_device
     from pipeline.generate import Generator
     from pipeline.runs import Resources
@@ -52,7 +57,7 @@ def _resources(config: Settings, pool: Any) -> Any:
 
         return await cached_scorers(names, config, loaded)
 
-    return Resources(generator, scorer, judges)
+    return Resources(generator, scorer, judges, LocalImageStore(config.images_dir))
 
 
 @contextmanager
@@ -73,25 +78,33 @@ def _stop_on_ctrl_c() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _pipeline(until: str, name: str | None, changes: dict[str, Any]) -> None:
-    from pipeline.adapt.run import SD_ADAPTATION, USER_ERRORS
+def _pipeline(until: str, name: str | None, changes: dict[str, Any], data: Path | None) -> None:
+    from pipeline.adapt.recipes import RECIPES, USER_ERRORS, recipe_name
     from pipeline.handlers import Cancelled
     from pipeline.hps_model import ModelLoadError
     from pipeline.runs import run_recipe
 
     config = apply_changes(settings(), "adapt", changes)
     name = name or f"sd_adapter-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    if (config.runs_dir / name).exists() and changes:
+    exists = (config.runs_dir / name).exists()
+    if exists and changes:
         console.print(
             f"run {name} exists: it resumes with the recipe it started with; "
             "the recipe options given are ignored",
             highlight=False,
         )
+    recipe = RECIPES[recipe_name(config, name)]
+    if data is not None and recipe is not RECIPES["dpo"]:
+        raise fail("--data applies to --recipe dpo (pairs from a folder)")
+    options = {"data": data} if data is not None and not exists else {}
+    if until == "label":  # the stages before training, whichever the recipe
+        names = [stage.name for stage in recipe.stages]
+        until = names[names.index("train") - 1]
 
     async def _run(stop: threading.Event) -> Any:
         async with database(config) as pool:
             return await run_recipe(
-                SD_ADAPTATION,
+                recipe,
                 pool,
                 config,
                 name=name,
@@ -99,6 +112,7 @@ def _pipeline(until: str, name: str | None, changes: dict[str, Any]) -> None:
                 until=until,
                 actor=_actor(),
                 cancelled=stop,
+                **options,
             )
 
     try:
@@ -113,13 +127,21 @@ def _pipeline(until: str, name: str | None, changes: dict[str, Any]) -> None:
         console.print(outcome.summary, highlight=False)
 
 
+DATA_HELP = (
+    "With --recipe dpo: pairs from this folder instead of the database: an HPD-layout "
+    "folder, or a Pick-a-Pic-format one (`hps export --format pickapic`, Pick-a-Pic's "
+    "Parquet: caption, jpg_0, jpg_1, label_0, label_1)."
+)
+
+
 def _with_recipe(until: str, doc: str) -> Any:
     @settings_options("adapt")
     def command(
         name: str | None = typer.Option(None, "--name", help=NAME_HELP),
+        data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
         changes: dict[str, Any] | None = None,
     ) -> None:
-        _pipeline(until, name, changes or {})
+        _pipeline(until, name, changes or {}, data)
 
     command.__doc__ = doc
     return command
@@ -128,22 +150,25 @@ def _with_recipe(until: str, doc: str) -> Any:
 app.command("run")(
     _with_recipe(
         "register",
-        "The whole loop: sample prompts, generate, score, label, fine-tune, evaluate offline, "
+        "The whole loop of the recipe (--recipe, adapt.recipe): hps = sample prompts, "
+        "generate, score, label, fine-tune; dpo = take people's pairs (or --data's), "
+        "optionally cache their latents, train with Diffusion-DPO. Then evaluate offline, "
         "register, start A/B testing. Resumes a run of the same --name after its last "
-        "finished stage (fine-tuning from its latest checkpoint).",
+        "finished stage (training from its latest checkpoint), with its own recipe.",
     )
 )
 app.command("label")(
     _with_recipe(
         "label",
-        "Sample prompts, generate and score their images, label them and write the "
-        "fine-tuning set (the stages before fine-tuning).",
+        "The stages before training: hps = sample prompts, generate and score their images, "
+        "label them and write the fine-tuning set; dpo = take the pairs (and cache their "
+        "latents).",
     )
 )
 app.command("train")(
     _with_recipe(
         "train",
-        "Fine-tune the LoRA (after the earlier stages, run first if needed). Under "
+        "Train the LoRA (after the earlier stages, run first if needed). Under "
         "`accelerate launch -m cli adapt train --name N` on several GPUs, after `hps adapt "
         "label --name N`; then `hps adapt run --name N` evaluates and registers.",
     )

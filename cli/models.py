@@ -28,21 +28,25 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Every version with its status and offline numbers (a classifier's test accuracy, an
-    adapter's paired win rate and HPS gain over its parent) beside an adapter's live A/B
-    numbers (fresh for those in testing, as of their last review for the others)."""
+    adapter's paired win rate and HPS gain over its parent) beside an adapter's recipe
+    (hps, dpo) and live A/B numbers (fresh for those in testing, as of their last review
+    for the others); then the live win rate of each recipe's adapters together."""
     from db import models, stats
 
-    async def _list() -> tuple[list[models.ModelVersion], dict[int, dict[str, Any]]]:
+    async def _list() -> Any:
         async with database(settings()) as pool:
             versions = await models.list_versions(pool, kind)
-            return versions, await stats.live_records(pool, versions)
+            live = await stats.live_records(pool, versions)
+            return versions, live, await stats.live_by_recipe(pool)
 
-    versions, live = run(_list())
+    versions, live, by_recipe = run(_list())
+    recipes = [_recipe_row(r) for r in by_recipe] if kind in (None, "sd_adapter") else []
     if as_json:
         rows = [
             {
                 "name": v.name,
                 "kind": v.kind,
+                "recipe": models.recipe_of(v),
                 "status": v.status,
                 "parent_id": v.parent_id,
                 "artifact": v.artifact,
@@ -57,7 +61,8 @@ def list_(
         return
     names = {v.id: v.name for v in versions}
     table = Table(title="Model versions")
-    columns = ("name", "kind", "status", "created", "parent", "test top-1", "pairwise", "n")
+    columns = ("name", "kind", "recipe", "status", "created", "parent", "test top-1",
+               "pairwise", "n")  # fmt: skip
     for column in (*columns, "offline win (HPS gain)", "live rounds", "live win"):
         table.add_column(column)
     for v in versions:
@@ -67,6 +72,7 @@ def list_(
         table.add_row(
             v.name,
             v.kind,
+            models.recipe_of(v) or "-",
             v.status,
             f"{v.created_at:%Y-%m-%d %H:%M}",
             names.get(v.parent_id, "-") if v.parent_id else "-",
@@ -79,6 +85,22 @@ def list_(
             _with_ci(record.get("win_rate"), record.get("win_rate_ci")),
         )
     console.print(table)
+    if recipes:
+        by = Table(title="Live win rate by recipe (adapters against their incumbents)")
+        for column in ("recipe", "adapters tested", "rounds", "wins", "win rate (95% CI)"):
+            by.add_column(column)
+        for r in recipes:
+            by.add_row(r["recipe"], str(r["versions"]), str(r["rounds"]), str(r["wins"]),
+                       _with_ci(r["win_rate"], r["win_rate_ci"]))  # fmt: skip
+        console.print(by)
+
+
+def _recipe_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's live record with its win rate and Wilson 95% interval."""
+    from pipeline.evaluate import wilson_interval
+
+    rounds, wins = row["rounds"], row["wins"]
+    return {**row, "win_rate": wins / rounds, "win_rate_ci": list(wilson_interval(wins, rounds))}
 
 
 def _with_ci(value: Any, interval: Any) -> str:

@@ -56,6 +56,28 @@ class ModelVersion:
     retired_at: datetime | None
 
 
+# The adaptation recipe that made an sd_adapter version: the one its run recorded in the
+# version's config (`recipe.adapt.recipe`: hps or dpo; versions of the paper's recipe
+# registered before there was a choice record none, so hps); an adapter registered without a
+# run's recipe: other. `recipe_of` and the SQL expression `RECIPE_OF_VERSION` (over
+# `model_versions v`) agree.
+RECIPE_OF_VERSION = """
+CASE WHEN v.config ? 'recipe' THEN coalesce(v.config #>> '{recipe,adapt,recipe}', 'hps')
+     ELSE 'other' END
+"""
+
+
+def recipe_of(version: ModelVersion) -> str | None:
+    """The recipe that made an sd_adapter version (see `RECIPE_OF_VERSION`); None for any
+    other kind."""
+    if version.kind != "sd_adapter":
+        return None
+    recipe = version.config.get("recipe")
+    if not isinstance(recipe, dict):
+        return "other"
+    return str((recipe.get("adapt") or {}).get("recipe", "hps"))
+
+
 def _version(record: Any) -> ModelVersion:
     return ModelVersion(**dict(record))
 

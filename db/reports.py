@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+from db import stats
 from db.connect import Executor
 from db.scorers import LATEST_AGREEMENT_SQL
 
@@ -398,13 +399,14 @@ async def round_facts(db: Executor, span: Span, bins: int = 30) -> dict[str, Row
 
 
 async def breakdowns(db: Executor, span: Span) -> dict[str, Rows]:
-    """Rounds by status (over the span), the classifiers' offline accuracy, and how active
-    people are."""
+    """Rounds by status (over the span), the classifiers' offline accuracy, how active
+    people are, the reward models' agreement, and each adaptation recipe's live record."""
     return {
         "rounds_by_status": _rows(await db.fetch(ROUNDS_BY_STATUS_SQL, span.since, span.until)),
         "classifier_accuracy": _rows(await db.fetch(CLASSIFIER_ACCURACY_SQL)),
         "user_activity": _rows(await db.fetch(USER_ACTIVITY_SQL)),
         "scorer_agreement": _rows(await db.fetch(LATEST_AGREEMENT_SQL)),
+        "live_by_recipe": await stats.live_by_recipe(db),
     }
 
 

@@ -212,3 +212,26 @@ async def live_records(
             record = live.as_json() if live else {"rounds": 0, "wins": 0}
             records[version_id] = {**record, "opponent": opponent.name}
     return records
+
+
+# Per recipe, the A/B rounds its adapters were decided in against the version each was
+# tested against: the incumbent, which was registered before it (the rows of the
+# incumbent's side of the same rounds are left out, or a round would count for both).
+LIVE_BY_RECIPE_SQL = f"""
+SELECT {models.RECIPE_OF_VERSION} AS recipe,
+       count(DISTINCT d.version_id) AS versions,
+       count(*) AS rounds,
+       count(*) FILTER (WHERE d.won) AS wins
+FROM ab_decisions d
+JOIN model_versions v ON v.id = d.version_id
+WHERE v.kind = 'sd_adapter' AND d.version_id > d.opponent_id
+GROUP BY 1
+ORDER BY 1
+"""
+
+
+async def live_by_recipe(db: Executor) -> list[dict[str, Any]]:
+    """The live record of each adaptation recipe (`db.models.recipe_of`): how many of its
+    adapters were tested, and the decided A/B rounds and wins of all of them together
+    against their incumbents."""
+    return [dict(r) for r in await db.fetch(LIVE_BY_RECIPE_SQL)]

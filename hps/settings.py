@@ -259,9 +259,18 @@ class TrainSettings(Section):
 
 
 class AdaptSettings(Section):
-    """The SD adaptation (`hps adapt`, the adapt_sd job): the paper's align_sd recipe.
-    Training defaults are the reference run (tgxs002/align_sd, scripts/train_lora.sh)."""
+    """The SD adaptation (`hps adapt`, the adapt_sd job): the paper's align_sd recipe, or
+    Diffusion-DPO on the community's pairs (`recipe`). Training defaults are the paper's
+    reference run (tgxs002/align_sd, scripts/train_lora.sh); the `dpo_*` fields are
+    Diffusion-DPO's own, the others (LoRA, optimizer, batch, precision, evaluation) serve
+    both recipes."""
 
+    recipe: Literal["hps", "dpo"] = Field(
+        "hps",
+        description="What `hps adapt run`, /retrain sd and the schedule run: hps = the paper's "
+        "recipe (generate, score with HPS, label, fine-tune); dpo = Diffusion-DPO on people's "
+        "pairs (pick vs each other image of its round).",
+    )
     # Prompts.
     max_prompts: int = Field(
         5000, ge=1, description="Training prompts sampled from those people used (+ prompt_file)."
@@ -356,6 +365,34 @@ class AdaptSettings(Section):
     )
     validation_images: int = Field(2, ge=0, description="Images per validation prompt and variant.")
     num_workers: int = Field(2, ge=0, description="Image-decoding worker processes.")
+    # Diffusion-DPO (`recipe = dpo`).
+    dpo_beta: float = Field(
+        5000.0,
+        gt=0,
+        description="Diffusion-DPO's beta (train.py's --beta_dpo): how far the adapter may move "
+        "from its parent; the loss is -log sigmoid(-beta/2 * (winner's and loser's MSE gain)).",
+    )
+    dpo_choosers: Literal["requester", "all"] = Field(
+        "requester",
+        description="Whose picks make pairs: the requester's only (as HPD), or everyone's.",
+    )
+    dpo_max_pairs: int = Field(
+        0, ge=0, description="Training pairs used at most (0 = all): a seeded sample."
+    )
+    dpo_min_pairs: int = Field(
+        100, ge=1, description="The adapt_sd job skips (saying why) below this many training pairs."
+    )
+    dpo_heldout_pairs: int = Field(
+        256,
+        ge=0,
+        description="Pairs of validation-split prompts (never trained on) whose implicit accuracy "
+        "is measured before and after training.",
+    )
+    dpo_latent_cache: bool = Field(
+        False,
+        description="Encode each image with the VAE once (centre-cropped; both orientations "
+        "with random_flip) and train on the cached latents; needs center_crop.",
+    )
     # Offline evaluation: the gate to live testing.
     eval_prompts: int = Field(200, ge=1, description="Held-out prompts used at most.")
     eval_seeds: int = Field(2, ge=1, description="Paired images per held-out prompt.")
@@ -402,6 +439,15 @@ class AdaptSettings(Section):
         ge=0,
         description="Retire as inconclusive after this many days in testing (0 = no limit).",
     )
+
+    @model_validator(mode="after")
+    def _latent_cache_needs_a_fixed_crop(self) -> AdaptSettings:
+        if self.dpo_latent_cache and not self.center_crop:
+            raise ValueError(
+                "adapt.dpo_latent_cache (HPS_ADAPT__DPO_LATENT_CACHE) needs adapt.center_crop "
+                "(HPS_ADAPT__CENTER_CROP): cached latents are of one crop of each image"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gate_scorer_judges(self) -> AdaptSettings:

@@ -150,3 +150,45 @@ class DatasetFolder:
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+# ---- reading Pick-a-Pic pairs ----------------------------------------------------------------
+
+PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
+class PairFolderError(ValueError):
+    """A folder that holds no Pick-a-Pic pairs as `parquet_splits` reads them; says why."""
+
+
+def parquet_splits(folder: Path) -> dict[str, list[Path]]:
+    """The Parquet files of each split of a `datasets` folder, by the names the hub and
+    `DatasetFolder` give them (`data/<split>-NNNNN-of-NNNNN[-<hash>].parquet`), in order:
+    what `hps export --format pickapic` writes and Pick-a-Pic as published
+    (`yuvalkirstain/pickapic_v1`, `_v2`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PairFolderError(f"{folder} is not a folder")
+    splits: dict[str, list[Path]] = {}
+    for path in sorted(folder.rglob("*.parquet")):
+        splits.setdefault(path.name.split("-")[0], []).append(path)
+    if not splits:
+        raise PairFolderError(f"{folder} holds no Parquet files (a Pick-a-Pic-format folder)")
+    return splits
+
+
+def read_pairs(files: Sequence[Path], batch_rows: int = 64) -> Any:
+    """The rows of Pick-a-Pic pair files, one dict at a time (`caption`, `jpg_0` and
+    `jpg_1` as bytes, `label_0`), streamed a few rows at a time: the images stay on disk
+    until read. Raises `PairFolderError` for a file without those columns."""
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        missing = [c for c in PAIR_COLUMNS if c not in parquet.schema_arrow.names]
+        if missing:
+            raise PairFolderError(f"{path.name} has no column {', '.join(missing)}")
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(PAIR_COLUMNS)):
+            for row in batch.to_pylist():
+                for column in ("jpg_0", "jpg_1"):  # an `Image` feature: {bytes, path}
+                    if isinstance(row[column], dict):
+                        row[column] = row[column]["bytes"]
+                yield row

@@ -50,7 +50,7 @@ HANDLERS: dict[str, str] = {
     "score": "pipeline.score:handle_score",
     "score_images": "pipeline.score:handle_score_images",
     "train_classifier": "pipeline.train_classifier:handle_train_classifier",
-    "adapt_sd": "pipeline.adapt.run:handle_adapt_sd",
+    "adapt_sd": "pipeline.adapt.recipes:handle_adapt_sd",
 }
 
 OnDead = Callable[[asyncpg.Connection, jobs.Job], Awaitable[object]]

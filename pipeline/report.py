@@ -553,6 +553,47 @@ def scorer_agreement_section(rows: Rows) -> tuple[str, str, str, Callable[[], by
     )
 
 
+def live_by_recipe_plot(rows: Rows) -> bytes:
+    """The live win rate of each adaptation recipe's adapters (rows: `live_by_recipe_table`)."""
+    if not rows:
+        return _empty("decided A/B rounds")
+    fig, [ax] = _figure()
+    x = list(range(len(rows)))
+    rates = [r["win_rate"] for r in rows]
+    errors = [[r["win_rate"] - r["low"] for r in rows], [r["high"] - r["win_rate"] for r in rows]]
+    ax.bar(x, rates, yerr=errors, capsize=6, color="tab:blue", alpha=0.7)
+    ax.set_xticks(x, [f"{r['recipe']}\n{r['versions']} adapters, {r['rounds']} rounds"
+                      for r in rows])  # fmt: skip
+    ax.axhline(0.5, color="gray", linestyle=":")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("live win rate")
+    return _png(fig)
+
+
+def live_by_recipe_table(rows: Rows) -> Rows:
+    """`db.stats.live_by_recipe`'s rows with each win rate and its Wilson 95% interval."""
+    table = []
+    for r in rows:
+        low, high = wilson_interval(r["wins"], r["rounds"])
+        table.append({**r, "win_rate": r["wins"] / r["rounds"], "low": low, "high": high})
+    return table
+
+
+def live_by_recipe_section(rows: Rows) -> tuple[str, str, str, Callable[[], bytes], Rows]:
+    """The report's "live win rate by recipe" section: which adaptation recipe (the paper's
+    hps, or Diffusion-DPO) makes the adapters people prefer (rows: `db.stats.live_by_recipe`)."""
+    table = live_by_recipe_table(rows)
+    return (
+        "live_by_recipe",
+        "Live win rate by adaptation recipe",
+        "Share of decided A/B rounds (balanced rounds the requester decided by picking) won by "
+        "the adapters each recipe made, against the incumbent each was tested against, all "
+        "its adapters together, with its 95 % Wilson interval; 0.5 is a draw.",
+        lambda: live_by_recipe_plot(table),
+        table,
+    )
+
+
 def scorer_words(classifier: Rows) -> str:
     """Which classifier's scores the HPS plot shows, in words."""
     if not classifier:
@@ -714,6 +755,7 @@ def build_plots(data: Data) -> list[Plot]:
          lambda: top_hps_picked(data["top_hps_picked"]),
          _with_rate(data["top_hps_picked"], "top_picked", "picks", "share")),
         scorer_agreement_section(data.get("scorer_agreement", [])),
+        live_by_recipe_section(data.get("live_by_recipe", [])),
     ]  # fmt: skip
     return [
         Plot(name, title, caption, draw(), table) for name, title, caption, draw, table in specs

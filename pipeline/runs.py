@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from db.connect import Executor
+    from hps.store import ImageStore
     from pipeline.generate import Generator
     from pipeline.hps_model import HPSModel
     from pipeline.scorers import Scorer
@@ -126,6 +127,7 @@ class Resources:
     scorer: Callable[[], Awaitable[HPSModel]]  # the serving HPS classifier
     # Other reward models by name (`pipeline.scorers`; the offline evaluation's judges).
     judges: Callable[[Sequence[str]], Awaitable[list[Scorer]]] | None = None
+    store: ImageStore | None = None  # the image store (the choices' images)
 
     async def load_judges(self, names: Sequence[str]) -> list[Scorer]:
         """The reward models `names` (none: nothing loaded)."""
@@ -137,7 +139,8 @@ class Resources:
 
     @classmethod
     def of_job(cls, ctx: JobContext, settings: Settings) -> Resources:
-        """The worker's resident generator, serving classifier and reward models."""
+        """The worker's resident generator, serving classifier and reward models, and its
+        image store."""
         from pipeline.generate import get_generator
         from pipeline.score import serving_scorer
         from pipeline.scorers import cached_scorers
@@ -148,7 +151,8 @@ class Resources:
         async def judges(names: Sequence[str]) -> list[Scorer]:
             return await cached_scorers(names, settings, ctx.cache)
 
-        return cls(generator=lambda: get_generator(ctx), scorer=scorer, judges=judges)
+        return cls(generator=lambda: get_generator(ctx), scorer=scorer, judges=judges,
+                   store=ctx.store)  # fmt: skip
 
 
 @dataclass

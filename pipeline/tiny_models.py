@@ -9,6 +9,8 @@ scoring and training code on a CPU in seconds.
   diffusers' own tests: a 2-block UNet, a 2-block VAE, a 2-layer CLIP text encoder) with the
   real CLIP BPE vocabulary taken from open_clip's bundled file, so prompts tokenize as in
   production; optionally with `pipeline.tiny_safety.FlagEveryNth` as its safety checker.
+- `build_tiny_sdxl`: a tiny SDXL pipeline the same way (two text encoders, the second with
+  a projection, and a UNet with SDXL's added text and size conditioning).
 - `build_tiny_lora`: a LoRA adapter for it, in the diffusers format.
 - `build_tiny_safety_checker`: a tiny `StableDiffusionSafetyChecker` folder (the standalone
   checker of `pipeline.safety`) that flags every image or none.
@@ -140,6 +142,94 @@ def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = Non
         safety_checker=safety,
         feature_extractor=CLIPImageProcessor(crop_size=SIZE, size=SIZE) if safety else None,
         requires_safety_checker=safety is not None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _text_config(tokenizer, **extra):  # type: ignore[no-untyped-def]
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_size=CROSS_DIM,
+        intermediate_size=16,
+        layer_norm_eps=1e-05,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        **extra,
+    )
+
+
+TIME_EMBED_DIM = 4  # SDXL's addition_time_embed_dim, tiny
+
+
+def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
+    """Build a tiny SDXL pipeline from configs (diffusers' SDXL tests, smaller) and save it
+    in the diffusers layout: two text encoders (the second with a projection, whose output
+    is the pooled embedding) whose hidden states side by side are the cross-attention
+    input, and a UNet with SDXL's added conditioning (`addition_embed_type="text_time"`:
+    the pooled embedding and the six size ids)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * CROSS_DIM,
+        norm_num_groups=2,
+        attention_head_dim=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + CROSS_DIM,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=SIZE,
+    )
+    with tempfile.TemporaryDirectory() as bpe:
+        tokenizer = CLIPTokenizer.from_pretrained(
+            write_clip_tokenizer_files(Path(bpe)), model_max_length=77
+        )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _text_config(tokenizer, projection_dim=CROSS_DIM)
+        ),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

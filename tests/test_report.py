@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLOTS = [
     "choices_over_time", "choosers_over_time", "rounds_by_status", "time_to_ready",
     "failure_rate", "classifier_accuracy", "live_test", "hps_scores", "position_bias",
-    "agreement", "user_activity", "top_hps_picked", "scorer_agreement",
+    "agreement", "user_activity", "top_hps_picked", "scorer_agreement", "live_by_recipe",
 ]  # fmt: skip
 ADAPT = AdaptSettings()
 BASE = "sd_base:CompVis/stable-diffusion-v1-4"

@@ -109,16 +109,34 @@ class TrainTransform:
     random_flip: bool
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        size = self.resolution
-        image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR)
-        width, height = image.size
+        image = self.resize(image)
+        return self.apply(image, *self.draw(image.size, generator))
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """Resized (bilinear) to the resolution on the short side."""
+        return TF.resize(image, self.resolution, interpolation=InterpolationMode.BILINEAR)
+
+    def draw(self, size: tuple[int, int], generator: torch.Generator) -> tuple[int, int, bool]:
+        """The crop's top and left and the flip of a resized image of `size` (width,
+        height), drawn in torchvision's order (a centre crop draws nothing)."""
+        width, height = size
+        resolution = self.resolution
         if self.center_crop:
-            image = TF.center_crop(image, [size, size])
-        elif (width, height) != (size, size):
-            top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
-            image = TF.crop(image, top, left, size, size)
-        if self.random_flip and torch.rand(1, generator=generator) < 0.5:
+            # torchvision's centre crop rounds this way
+            top = round((height - resolution) / 2.0)
+            left = round((width - resolution) / 2.0)
+        elif (width, height) != (resolution, resolution):
+            top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        else:
+            top = left = 0
+        flip = bool(self.random_flip and torch.rand(1, generator=generator) < 0.5)
+        return top, left, flip
+
+    def apply(self, image: Image.Image, top: int, left: int, flip: bool) -> torch.Tensor:
+        """A resized image cropped at (top, left), flipped if `flip`, in [-1, 1]."""
+        image = TF.crop(image, top, left, self.resolution, self.resolution)
+        if flip:
             image = TF.hflip(image)
         return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
 

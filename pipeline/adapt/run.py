@@ -1,5 +1,5 @@
 """The paper's SD adaptation as a recipe of stages (`pipeline.runs`), run by `hps adapt
-run|label|train` and the `adapt_sd` job:
+run|label|train` and the `adapt_sd` job when `adapt.recipe = hps` (`pipeline.adapt.recipes`):
 
 prompts → samples (generate + score) → label (+ the fine-tuning set) → train → eval →
 register (+ the gate: A/B testing or retired). A run lives in `runs_dir/<name>/`:
@@ -47,7 +47,6 @@ from pipeline.adapt.label import label_samples
 from pipeline.adapt.prompts import PromptFileError, PromptSplit, read_prompt_file, sample_prompts
 from pipeline.adapt.samples import SAMPLES_FILE, generate_samples, read_samples
 from pipeline.generate import SAMPLING_KEYS, SamplingParams, adapter_name, load_version
-from pipeline.handlers import JobContext
 from pipeline.runs import (
     Outcome,
     Recipe,
@@ -57,7 +56,6 @@ from pipeline.runs import (
     RunError,
     Stage,
     register,
-    run_job,
 )
 
 if TYPE_CHECKING:
@@ -80,13 +78,17 @@ USER_ERRORS = (NothingToDo, PromptFileError, data.DatasetError, RunError, models
 
 
 class AdaptOutcome(Outcome):
+    """What an adaptation run came to. Each recipe says what its stages did (`figures`,
+    `metrics`); the verdict and the job result are the same for all."""
+
+    title = "SD adaptation"
+
     @property
     def status(self) -> str:
         return "registered" if self.version is not None else "stopped"
 
-    @property
-    def summary(self) -> str:
-        parts = [f"SD adaptation run {self.run.name}:"]
+    def figures(self) -> list[str]:
+        parts = []
         samples = self.stages.get("samples", {})
         label = self.stages.get("label", {})
         if label:
@@ -104,6 +106,15 @@ class AdaptOutcome(Outcome):
                 f"{train['total_batch_size']}): probe loss {train['probe_loss']:.4f} "
                 f"(base {train['probe_loss_base']:.4f})."
             )
+        return parts
+
+    def metrics(self) -> dict[str, Any]:
+        label = self.stages.get("label", {})
+        return {"positives": label.get("positives"), "negatives": label.get("negatives")}
+
+    @property
+    def summary(self) -> str:
+        parts = [f"{self.title} run {self.run.name}:", *self.figures()]
         if self.version is not None:
             verdict = "In A/B testing" if self.passed else "Retired"
             parts.append(f"Registered {self.version.name}. {verdict}: {self.reason}.")
@@ -112,12 +123,10 @@ class AdaptOutcome(Outcome):
         return " ".join(parts)
 
     def as_result(self) -> dict[str, Any]:
-        label = self.stages.get("label", {})
         train = self.stages.get("train", {})
         offline = self.stages.get("eval", {}).get("report", {})
         metrics = {
-            "positives": label.get("positives"),
-            "negatives": label.get("negatives"),
+            **self.metrics(),
             "steps": train.get("steps"),
             "offline_win_rate": offline.get("win_rate"),
             "offline_hps_gain": offline.get("hps_gain"),
@@ -129,6 +138,7 @@ class AdaptOutcome(Outcome):
         return {
             "status": self.status,
             "summary": self.summary,
+            "recipe": self.run.recipe["adapt"].get("recipe", "hps"),
             "version": self.version.name if self.version else None,
             "testing": self.passed,
             "reason": self.reason,
@@ -148,13 +158,22 @@ def check_inputs(recipe: AdaptSettings) -> None:
 
 async def open_run(pool: asyncpg.Pool, settings: Settings, name: str) -> Run:
     """The run `name`, created (recipe and starting versions fixed) if it does not exist."""
-    run_dir = settings.runs_dir / models.check_name(name)
-    run = Run.open(run_dir)
+    run = Run.open(settings.runs_dir / models.check_name(name))
     if run is not None:
         if not run.done("label"):
             check_inputs(AdaptSettings.model_validate(run.recipe["adapt"]))
         return run
     check_inputs(settings.adapt)
+    return await create_adapter_run(pool, settings, name, recipe="hps")
+
+
+async def create_adapter_run(
+    pool: asyncpg.Pool, settings: Settings, name: str, *, recipe: str, **extra: Any
+) -> Run:
+    """A new run of an `sd_adapter` recipe (`recipe`, recorded as `adapt.recipe`), its
+    recipe fixed (the adapt settings, the base model, the sampling parameters, and the
+    `extra` inputs) with the versions it starts from: the base pipeline, the parent (the
+    serving adapter, or the base) and the serving classifier that scores its evaluation."""
     if await models.get(pool, name) is not None:
         raise models.ModelError(f"a model version named {name} exists; choose another name")
     base = await models.ensure_base(pool, kind="sd_base", artifact=settings.generation.sd_model)
@@ -162,12 +181,13 @@ async def open_run(pool: asyncpg.Pool, settings: Settings, name: str) -> Run:
     _, classifier, _ = await registry.serving_model(pool, settings)
     g = settings.generation
     run = Run.create(
-        run_dir,
+        settings.runs_dir / name,
         name=name,
         recipe={
-            "adapt": settings.adapt.model_dump(mode="json"),
+            "adapt": {**settings.adapt.model_dump(mode="json"), "recipe": recipe},
             "sd_model": g.sd_model,
             "sampling": {key: getattr(g, key) for key in SAMPLING_KEYS},
+            **extra,
         },
         base={"id": base.id, "name": base.name},
         parent={"id": parent.id, "name": parent.name, "kind": parent.kind},
@@ -345,7 +365,7 @@ async def evaluate_run(rc: RunContext) -> dict[str, Any]:
     """The run's adapter against its parent on the held-out prompts (resumes the pairs
     recorded in eval/pairs.jsonl)."""
     assert rc.resources is not None
-    adapter = (f"run:{rc.run.name}", rc.run.stage("train")["adapter"], rc.options.identifier)
+    adapter = (f"run:{rc.run.name}", rc.run.stage("train")["adapter"], identifier_of(rc))
     report, scorer = await evaluate_offline(
         rc.resources,
         adapter,
@@ -361,21 +381,33 @@ async def evaluate_run(rc: RunContext) -> dict[str, Any]:
     return {"report": report, "scorer": scorer}
 
 
-def _gate(rc: RunContext) -> OfflineGate:
+def identifier_of(rc: RunContext) -> str:
+    """The run's adapter's negative-prompt identifier: the one its train stage recorded
+    (none for a Diffusion-DPO adapter), else the recipe's."""
+    return str(rc.run.stage("train").get("identifier", rc.options.identifier))
+
+
+def gate_of(rc: RunContext) -> OfflineGate:
     return OfflineGate(rc.run.stage("eval")["report"], rc.options)
 
 
-async def register_adapter(rc: RunContext, data_stage: str = "label") -> dict[str, Any]:
-    """Register the run's adapter (its data counts: the record of `data_stage`), gated by
-    its offline evaluation: into A/B testing, or retired."""
-    gate, trained = _gate(rc), rc.run.stage("train")
-    figures = ("steps", "loss", "probe_loss", "probe_loss_base", "seconds")
+TRAINING_FIGURES = ("steps", "loss", "probe_loss", "probe_loss_base", "seconds")
+
+
+async def register_adapter(
+    rc: RunContext, data_stage: str = "label", figures: tuple[str, ...] = TRAINING_FIGURES
+) -> dict[str, Any]:
+    """Register the run's adapter (its data counts: the record of `data_stage`; its
+    training's `figures` from the train stage's record), gated by its offline evaluation:
+    into A/B testing, or retired. Its config holds the run's recipe (`recipe.adapt.recipe`
+    names it: hps or dpo)."""
+    gate, trained = gate_of(rc), rc.run.stage("train")
     return await register(
         rc,
         Path(trained["adapter"]),
         weights=LORA_WEIGHTS,
         config={
-            "identifier": rc.options.identifier,
+            "identifier": identifier_of(rc),
             "base_model": rc.run.recipe["sd_model"],
             "recipe": rc.run.recipe,
             "run_dir": str(rc.run.path),
@@ -405,18 +437,12 @@ SD_ADAPTATION = Recipe(
         Stage("register", partial(register_adapter, data_stage="label")),
     ),
     open=open_run,
-    gate=_gate,
+    gate=gate_of,
     outcome=AdaptOutcome,
     passed="testing",
     skip=(NothingToDo,),
     user_errors=USER_ERRORS,
 )
-
-
-async def handle_adapt_sd(ctx: JobContext) -> dict[str, Any]:
-    """The `adapt_sd` job: the whole loop on the database's prompts (see
-    `pipeline.runs.run_job`)."""
-    return await run_job(ctx, SD_ADAPTATION)
 
 
 # -- `hps adapt eval`: a registered adapter on its own ------------------------------------

@@ -16,7 +16,8 @@ import pipeline.adapt.lora_train as lora_train
 from db import jobs, models, rounds
 from hps.store import LocalImageStore
 from pipeline.adapt.prompts import is_held_out
-from pipeline.adapt.run import evaluate_version, handle_adapt_sd
+from pipeline.adapt.recipes import handle_adapt_sd
+from pipeline.adapt.run import evaluate_version
 from pipeline.generate import Generator, load_version
 from pipeline.handlers import JobContext
 from pipeline.hps_model import HPSModel

@@ -112,6 +112,7 @@ async def test_adapt_review_and_models_list_show_live_and_offline_numbers(
     base = await models.ensure_base(pool, kind="sd_base", artifact="tiny-sd")
     offline = {"pairs": 40, "win_rate": 0.6, "win_rate_ci": [0.45, 0.74], "hps_gain": 0.1}
     adapter = await models.register(pool, kind="sd_adapter", artifact="/m/a",
+                                    config={"recipe": {"adapt": {"recipe": "dpo"}}},
                                     metrics={"offline": offline})  # fmt: skip
     await models.start_testing(pool, adapter.id, actor="test")
     for user in range(3):
@@ -126,8 +127,15 @@ async def test_adapt_review_and_models_list_show_live_and_offline_numbers(
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if adapter.name in line)
     assert "60.0% [45.0%, 74.0%] (+0.100)" in row and "2/3" in row and "66.7% [20.8%, 93.9%]" in row
+    assert " dpo " in row
+    # The recipe's adapters together, against their incumbents (the base's side of the
+    # same rounds is not counted again).
+    by_recipe = listed.stdout[listed.stdout.index("Live win rate by recipe") :]
+    [dpo] = [line for line in by_recipe.splitlines() if " dpo " in line]
+    assert [cell.strip() for cell in dpo.split("│")[2:6]] == ["1", "3", "2", "66.7% [20.8%, 93.9%]"]
     as_json = json.loads(hps("models", "list", "--kind", "sd_adapter", "--json", env=env).stdout)
     assert as_json[0]["live"]["rounds"] == 3 and as_json[0]["live"]["opponent"] == base.name
+    assert as_json[0]["recipe"] == "dpo"
 
     dry = hps("adapt", "review", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr

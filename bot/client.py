@@ -36,7 +36,8 @@ from db.listen import NotificationListener
 from db.models import MODELS_CHANNEL
 from db.rounds import ROUNDS_CHANNEL
 from hps.settings import DiscordSettings, Settings
-from hps.store import LocalImageStore
+from hps.storage import storage
+from hps.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def configure_endpoints(config: DiscordSettings) -> None:
 class HPSBot(commands.AutoShardedBot):
     pool: asyncpg.Pool
     settings: Settings
-    store: LocalImageStore
+    store: ImageStore
     listener: NotificationListener | None
     failed_extensions: list[str]
 
@@ -83,7 +84,7 @@ class HPSBot(commands.AutoShardedBot):
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
         )
         self.settings = settings
-        self.store = LocalImageStore(settings.images_dir)
+        self.store = storage(settings).images
         self.listener = None
         self.failed_extensions = []
         self._extensions_to_load = extensions
@@ -101,6 +102,9 @@ class HPSBot(commands.AutoShardedBot):
         self.http.get_bot_gateway = get_bot_gateway  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
+        # An object store with bad credentials or no bucket: one line at start, not a
+        # failure at the first round.
+        await storage(self.settings).check_async()
         # The embedded server (no database_url) is started by a blocking call.
         url = await asyncio.to_thread(database_url, self.settings)
         # Every bot query is a plain statement or a transaction: no session state to reset.

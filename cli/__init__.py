@@ -12,6 +12,7 @@ from cli import datasets as datasets_cli
 from cli import db as db_cli
 from cli import models as models_cli
 from cli import score as score_cli
+from cli import store as store_cli
 from cli import train as train_cli
 from cli.bot import bot
 from cli.common import err_console
@@ -31,6 +32,7 @@ app.add_typer(db_cli.app, name="db")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")
 app.add_typer(adapt_cli.app, name="adapt")
+app.add_typer(store_cli.app, name="store")
 app.command("serve")(serve)
 app.command("worker")(worker)
 app.command("scheduler")(scheduler)
@@ -45,9 +47,10 @@ app.command("bot")(bot)
 
 def main() -> None:
     from db.connect import DatabaseUnreachable
+    from hps.store import StoreUnavailable
 
     try:
         app()
-    except DatabaseUnreachable as exc:  # not our bug: say what to check, no traceback
+    except (DatabaseUnreachable, StoreUnavailable) as exc:  # say what to check, no traceback
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise SystemExit(1) from None

@@ -31,11 +31,15 @@ def _url() -> str:
 @app.command("upgrade")
 def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Apply migrations up to REVISION (default: the newest)."""
+    from cli.store import adopt_local_models
     from db import migrate
 
     url = _url()
     _alembic(migrate.upgrade, url, revision)
     console.print(f"{redact_url(url)}: upgraded to {revision}", highlight=False)
+    if revision == "head":
+        # Model folders registered before the store (0013 named them by key): into its layout.
+        adopt_local_models(settings())
 
 
 # `-1` (one revision down) must reach the argument rather than be taken for an option.

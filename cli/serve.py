@@ -26,13 +26,18 @@ def serve() -> None:
     """Run the platform on this machine: migrate the database, then run the bot, the
     scheduler and a local worker until SIGTERM or Ctrl-C."""
     import typer
+    from pydantic import SecretStr
 
+    from cli.store import adopt_local_models
     from db import migrate
     from db.connect import database_url
+    from hps.storage import storage
 
     config = settings()
+    storage(config).check()  # one clear line for a wrong bucket or credentials
     url = database_url(config)
     migrate.upgrade(url)
+    adopt_local_models(config.model_copy(update={"database_url": SecretStr(url)}))
     console.print(f"{log_prefix} database is up to date", highlight=False)
     services = ["scheduler", "worker"]
     if config.discord.token is None:

@@ -165,9 +165,7 @@ async def _evaluate(
                     else "no classifier version is registered yet: give --model"
                 )
             spec, label = ModelSpec(version.artifact), version.name
-        examples, read = await load_examples(
-            None if data else pool, config.train, data, config.images_dir
-        )
+        examples, read = await load_examples(None if data else pool, config.train, data, config)
         examples = [e for e in examples if e.split == split]
         if not examples:
             raise models.ModelError(f"the {split} split has no examples")

@@ -123,13 +123,16 @@ class Community(ButtonCog):
             )
             return
 
-        def store_uploads() -> list[str]:
-            return [self.bot.store.put(c.data, c.suffix).key for c in checked]
+        async def store_uploads() -> list[str]:
+            blobs = await asyncio.gather(
+                *(self.bot.store.put_async(c.data, c.suffix) for c in checked)
+            )
+            return [blob.key for blob in blobs]
 
-        keys = await asyncio.to_thread(store_uploads)
+        keys = await store_uploads()
         async with transaction(self.bot.pool) as conn:
             await images.hold_keys(conn, keys)
-            await asyncio.to_thread(store_uploads)  # in case equal bytes were deleted meanwhile
+            await store_uploads()  # in case equal bytes were deleted meanwhile
             job, _ = await jobs.enqueue(
                 conn,
                 SCORE_KIND,

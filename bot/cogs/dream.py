@@ -399,20 +399,20 @@ class Dream(ButtonCog):
             content = formats.ready(view, len(positions), others_may_vote=others)
         files = None
         if r.shown_status not in ("ready", "closed"):
-            files = await asyncio.to_thread(self._image_files, view)
+            files = await self._image_files(view)
         return content, ui, files
 
-    def _image_files(self, view: rounds.RoundView) -> list[tuple[str, bytes]]:
+    async def _image_files(self, view: rounds.RoundView) -> list[tuple[str, bytes]]:
+        # Through the store (a folder or a bucket), all of a round's images at once.
+        data = await asyncio.gather(*(self.bot.store.get_async(i.storage_key) for i in view.images))
         # Neutral names in the shown order: nothing tells which model made which image.
         files = [
-            (
-                f"{i + 1}{PurePosixPath(image.storage_key).suffix}",
-                self.bot.store.get(image.storage_key),
-            )
-            for i, image in enumerate(view.images)
+            (f"{i + 1}{PurePosixPath(image.storage_key).suffix}", blob)
+            for i, (image, blob) in enumerate(zip(view.images, data, strict=True))
         ]
         if self.bot.settings.generation.post_grid and len(files) > 1:
-            files.append(("grid.png", imaging.make_grid([data for _, data in files])))
+            grid = await asyncio.to_thread(imaging.make_grid, [blob for _, blob in files])
+            files.append(("grid.png", grid))
         return files
 
     async def _deliver(
@@ -514,7 +514,7 @@ class Dream(ButtonCog):
         image = next((i for i in shown if i.position == position), None)
         if image is None:
             return
-        data = await asyncio.to_thread(self.bot.store.get, image.storage_key)
+        data = await self.bot.store.get_async(image.storage_key)
         name = f"chosen{PurePosixPath(image.storage_key).suffix}"
         await interaction.followup.send(
             formats.full_size(interaction.user.id, label), file=discord.File(io.BytesIO(data), name)

@@ -279,7 +279,10 @@ class S3Objects:
 
         try:
             # A file larger than one part goes up in parts, read as they are sent.
-            obstore.put(self.store, check_object_key(key), Path(path), chunk_size=CHUNK)
+            # At most 4 parts in flight: memory stays under 4 × CHUNK whatever the size.
+            obstore.put(
+                self.store, check_object_key(key), Path(path), chunk_size=CHUNK, max_concurrency=4
+            )
         except Exception as exc:
             raise self._failed(exc, key) from None
 

@@ -39,6 +39,14 @@ def _env(
     return env
 
 
+def _start_worker(env: dict[str, str]) -> subprocess.Popen[str]:
+    """`hps worker` on the GPU node (taking generate jobs only)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", "worker", "--kinds", "generate", "--device", "cpu"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 async def test_dream_with_the_bot_and_a_gpu_node_sharing_only_the_database_and_bucket(
     fake: FakeDiscord,
@@ -65,10 +73,7 @@ async def test_dream_with_the_bot_and_a_gpu_node_sharing_only_the_database_and_b
         HPS_GENERATION__SD_MODEL=str(tiny_sd_dir),
         HPS_WORKER__POLL_SECONDS="0.2",
     )
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker", "--kinds", "generate", "--device", "cpu"],
-        cwd=ROOT, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    worker = _start_worker(worker_env)
     try:
         await fake.wait_for(lambda: fake.identifies > 0, within=60)
         interaction, _ = await dream(fake, ALICE, "a red cube on a beach")

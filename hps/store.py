@@ -225,6 +225,7 @@ class S3Objects:
         where = f" at {config.endpoint_url}" if config.endpoint_url else ""
         self.description = f"s3://{'/'.join(p for p in (bucket, self.prefix) if p)}{where}"
         self.store = self._client()
+        self._checked: Any = None  # the client of `put_file`, made on first use
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (S3Objects, (self.config, self.prefix_below_url))
@@ -234,7 +235,7 @@ class S3Objects:
         base = self.config.url.removeprefix("s3://").partition("/")[2].strip("/")
         return self.prefix.removeprefix(base).strip("/")
 
-    def _client(self) -> Any:
+    def _client(self, checksum: bool = False) -> Any:
         from obstore.store import S3Store
 
         c = self.config
@@ -249,14 +250,15 @@ class S3Objects:
             kwargs["secret_access_key"] = c.secret_access_key.get_secret_value()
         if c.session_token is not None:
             kwargs["token"] = c.session_token.get_secret_value()
+        if checksum:
+            # The server checks every upload (each part of a multipart one) against the
+            # SHA-256 the client computed: a corrupted transfer is refused, never stored.
+            kwargs["checksum_algorithm"] = "sha256"
         return S3Store(
             self.bucket,
             prefix=self.prefix or None,
             client_options=options,
             retry_config=RETRIES,
-            # The server checks every upload (each part of a multipart one) against the
-            # SHA-256 the client computed: a corrupted transfer is refused, never stored.
-            checksum_algorithm="sha256",
             **kwargs,
         )
 
@@ -279,10 +281,13 @@ class S3Objects:
 
         try:
             # A file larger than one part goes up in parts, read as they are sent.
+            if self._checked is None:
+                self._checked = self._client(checksum=True)
             # At most 4 parts in flight: memory stays under 4 × CHUNK whatever the size.
             obstore.put(
-                self.store, check_object_key(key), Path(path), chunk_size=CHUNK, max_concurrency=4
-            )
+                self._checked, check_object_key(key), Path(path), chunk_size=CHUNK,
+                max_concurrency=4,
+            )  # fmt: skip
         except Exception as exc:
             raise self._failed(exc, key) from None
 
@@ -442,7 +447,8 @@ def _reason(text: str, first: str) -> str:
 class ImageStore:
     """Content-addressed images: a blob's key is derived from the SHA-256 of its bytes,
     `ab/cd/abcd…ef.png` (two levels of two-hex-digit shards keep folders small). Writing
-    the same bytes twice stores them once."""
+    the same bytes twice stores them once, and what is read is checked against its key (a
+    corrupt file or a damaged transfer is a `StoreError`, never an image shown)."""
 
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
@@ -466,9 +472,9 @@ class ImageStore:
     def get(self, key: str) -> bytes:
         check_key(key)
         try:
-            return self.objects.get(key)
-        except StoreError:
-            raise StoreError(f"no blob {key!r} in the store") from None
+            return _verified(key, self.objects.get(key))
+        except StoreError as exc:
+            raise _absent(key, exc) from None
 
     def exists(self, key: str) -> bool:
         return self.objects.exists(check_key(key))
@@ -486,15 +492,25 @@ class ImageStore:
     async def get_async(self, key: str) -> bytes:
         check_key(key)
         try:
-            return await self.objects.get_async(key)
-        except StoreError:
-            raise StoreError(f"no blob {key!r} in the store") from None
+            return _verified(key, await self.objects.get_async(key))
+        except StoreError as exc:
+            raise _absent(key, exc) from None
 
     async def exists_async(self, key: str) -> bool:
         return await self.objects.exists_async(check_key(key))
 
     async def delete_async(self, key: str) -> bool:
         return await self.objects.delete_async(check_key(key))
+
+
+def _verified(key: str, data: bytes) -> bytes:
+    if hashlib.sha256(data).hexdigest() != key.rsplit("/", 1)[-1].partition(".")[0]:
+        raise StoreError(f"blob {key!r} is corrupt: its bytes do not match its key")
+    return data
+
+
+def _absent(key: str, exc: StoreError) -> StoreError:
+    return exc if "corrupt" in str(exc) else StoreError(f"no blob {key!r} in the store")
 
 
 class LocalImageStore(ImageStore):
@@ -529,9 +545,7 @@ class ImageCache:
 
         async def fetch(key: str) -> None:
             async with limit:
-                data = await self.store.get_async(key)
-            if hashlib.sha256(data).hexdigest() != Path(key).stem:
-                raise StoreError(f"the store's copy of {key} does not match its hash")
+                data = await self.store.get_async(key)  # checked against its key
             await asyncio.to_thread(self.local.put, data, Path(key).suffix)
 
         await asyncio.gather(*(fetch(k) for k in missing))

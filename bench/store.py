@@ -5,9 +5,9 @@ platform does), and what S3 adds to a round's images on their way to Discord.
 - put / get: `--n` images of `--size` bytes (a 512 px PNG is about 400 kB), one at a time
   through the async API (latency p50/p99), then `--concurrency` at once (images/s, MB/s).
 - round path: the store's part of a round's way from the GPU worker to the channel, as
-  `pipeline.generate` and the bot do it: the worker puts the round's K images (at once),
-  puts them again under the key locks before its commit (a no-op that checks they are
-  there), and the bot gets the K images to post them. Per round, p50/p99 on each backend
+  `pipeline.generate` and the bot do it: the worker puts the round's K images (at once: a
+  conditional PUT each), makes sure again under the key locks before its commit that they
+  are there (a HEAD each), and the bot gets the K images to post them. Per round, p50/p99 on each backend
   and the difference: the target is that S3 on loopback adds < 20 ms at p99.
 
     python bench/store.py [--n 200] [--rounds 200]
@@ -138,7 +138,7 @@ async def round_path(store: ImageStore, rounds: int, k: int, size: int) -> dict[
         images = _images(k, size)
         started = time.perf_counter()
         blobs = await asyncio.gather(*(store.put_async(data) for data in images))
-        await asyncio.gather(*(store.put_async(data) for data in images))  # under the locks
+        await asyncio.gather(*(store.ensure_async(data) for data in images))  # under the locks
         posted = await asyncio.gather(*(store.get_async(b.key) for b in blobs))
         totals.append(time.perf_counter() - started)
         assert posted == images

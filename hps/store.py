@@ -97,6 +97,7 @@ class ObjectStore(Protocol):
 
     def within(self, prefix: str) -> ObjectStore: ...
     def put(self, key: str, data: bytes) -> None: ...
+    def create(self, key: str, data: bytes) -> bool: ...  # False (nothing written): it exists
     def put_file(self, key: str, path: Path) -> None: ...  # streamed (multipart on S3)
     def get(self, key: str) -> bytes: ...
     def chunks(self, key: str) -> Iterator[bytes]: ...  # streamed read
@@ -105,6 +106,7 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> bool: ...
     def listing(self, prefix: str = "") -> Iterator[tuple[str, int]]: ...  # (key, size)
     async def put_async(self, key: str, data: bytes) -> None: ...
+    async def create_async(self, key: str, data: bytes) -> bool: ...
     async def get_async(self, key: str) -> bytes: ...
     async def exists_async(self, key: str) -> bool: ...
     async def delete_async(self, key: str) -> bool: ...
@@ -134,6 +136,12 @@ class LocalObjects:
         with replacing(self.path(key)) as tmp:
             tmp.write_bytes(data)
             tmp.chmod(0o644)
+
+    def create(self, key: str, data: bytes) -> bool:
+        if self.exists(key):
+            return False
+        self.put(key, data)  # two writers of the same key both succeed with one file
+        return True
 
     def put_file(self, key: str, path: Path) -> None:
         with replacing(self.path(key)) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
@@ -183,6 +191,9 @@ class LocalObjects:
 
     async def put_async(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(self.put, key, data)
+
+    async def create_async(self, key: str, data: bytes) -> bool:
+        return await asyncio.to_thread(self.create, key, data)
 
     async def get_async(self, key: str) -> bytes:
         return await asyncio.to_thread(self.get, key)
@@ -276,6 +287,19 @@ class S3Objects:
         except Exception as exc:
             raise self._failed(exc, key) from None
 
+    def create(self, key: str, data: bytes) -> bool:
+        import obstore
+        import obstore.exceptions as oe
+
+        try:
+            # One conditional request (If-None-Match: *): written unless the key exists.
+            obstore.put(self.store, check_object_key(key), data, mode="create")
+        except (oe.AlreadyExistsError, oe.PreconditionError):
+            return False
+        except Exception as exc:
+            raise self._failed(exc, key) from None
+        return True
+
     def put_file(self, key: str, path: Path) -> None:
         import obstore
 
@@ -352,6 +376,18 @@ class S3Objects:
             await obstore.put_async(self.store, check_object_key(key), data)
         except Exception as exc:
             raise self._failed(exc, key) from None
+
+    async def create_async(self, key: str, data: bytes) -> bool:
+        import obstore
+        import obstore.exceptions as oe
+
+        try:
+            await obstore.put_async(self.store, check_object_key(key), data, mode="create")
+        except (oe.AlreadyExistsError, oe.PreconditionError):
+            return False
+        except Exception as exc:
+            raise self._failed(exc, key) from None
+        return True
 
     async def get_async(self, key: str) -> bytes:
         import obstore
@@ -463,11 +499,8 @@ class ImageStore:
 
     def put(self, data: bytes, suffix: str = ".png") -> StoredBlob:
         key, digest = self._key(data, suffix)
-        if self.objects.exists(key):
-            return StoredBlob(key, digest, len(data), created=False)
         # Atomic; two writers of the same bytes both succeed with one object.
-        self.objects.put(key, data)
-        return StoredBlob(key, digest, len(data), created=True)
+        return StoredBlob(key, digest, len(data), created=self.objects.create(key, data))
 
     def get(self, key: str) -> bytes:
         check_key(key)
@@ -483,6 +516,14 @@ class ImageStore:
         return self.objects.delete(check_key(key))
 
     async def put_async(self, data: bytes, suffix: str = ".png") -> StoredBlob:
+        key, digest = self._key(data, suffix)
+        created = await self.objects.create_async(key, data)
+        return StoredBlob(key, digest, len(data), created=created)
+
+    async def ensure_async(self, data: bytes, suffix: str = ".png") -> StoredBlob:
+        """`put_async` that asks first: one small request when the bytes are stored, as
+        they are when a transaction puts its images again under their key locks (in case
+        a deletion of equal bytes came in between) before it commits."""
         key, digest = self._key(data, suffix)
         if await self.objects.exists_async(key):
             return StoredBlob(key, digest, len(data), created=False)

@@ -542,7 +542,7 @@ async def _commit(
             elif images is not None and await rounds.finish_round(conn, round_id, images):
                 # The rows hold their keys now: store the files again (a no-op unless a
                 # deletion of equal bytes, say a forgotten user's, came in between).
-                await asyncio.gather(*(ctx.store.put_async(data) for data in files))
+                await asyncio.gather(*(ctx.store.ensure_async(data) for data in files))
                 result["status"] = "ready"
             else:
                 result.update(status="skipped", reason="the round no longer waits for images")

@@ -34,7 +34,7 @@ def _legacy_version(data_dir: Path, name: str) -> tuple[Path, str]:
     folder.mkdir(parents=True)
     weights = name.encode() * 1000
     (folder / "model.safetensors").write_bytes(weights)
-    (folder / "hps.json").write_text('{"name": "%s"}' % name)
+    (folder / "hps.json").write_text(f'{{"name": "{name}"}}')
     return folder, hashlib.sha256(weights).hexdigest()
 
 

@@ -42,6 +42,7 @@ from db import jobs, rounds
 from db.choices import ChoiceRefused, record_choice, requester_choice
 from db.connect import UNAVAILABLE
 from db.images import images_of_round
+from hps.store import StoreUnavailable
 
 if TYPE_CHECKING:
     from hps.settings import GenerationSettings, LimitSettings
@@ -57,6 +58,9 @@ CATCH_UP_WINDOW = timedelta(days=7)
 # posted instead.
 REGISTRATION_GRACE = timedelta(minutes=2)
 SHOWN_STATUSES = ("ready", "failed", "closed")
+# A round whose images the store could not give (unreachable for a moment) is shown again
+# after these many seconds, one after the other; then at the next catch-up.
+STORE_RETRY_SECONDS = (1, 2, 5, 10, 30, 60, 120)
 PER_ROW = 5  # Discord's limit of buttons in an action row
 PICK = re.compile(r"hps:pick:(?P<round_id>\d+):(?P<position>\d+)")
 
@@ -216,6 +220,12 @@ class Dream(ButtonCog):
         self._originals: dict[int, _Original] = {}
         # One lock per round serialises the edits of its message.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._retries: set[asyncio.Task[None]] = set()
+
+    async def cog_unload(self) -> None:
+        for task in self._retries:
+            task.cancel()
+        await super().cog_unload()
 
     def _remember(self, round_id: int, interaction: discord.Interaction) -> None:
         """Keep the interaction that shows a round (forgetting those whose token expired:
@@ -342,13 +352,31 @@ class Dream(ButtonCog):
         for round_id in pending:
             await self._show_safely(round_id)
 
-    async def _show_safely(self, round_id: int) -> None:
+    async def _show_safely(self, round_id: int, attempt: int = 0) -> None:
         try:
             await self.show_round(round_id)
+        except StoreUnavailable as exc:
+            if attempt >= len(STORE_RETRY_SECONDS):
+                log.error("could not show the round: %s", exc, extra={"round_id": round_id})
+                return
+            delay = STORE_RETRY_SECONDS[attempt]
+            log.warning(
+                "could not show the round: %s; trying again in %d s",
+                exc,
+                delay,
+                extra={"round_id": round_id},
+            )
+            task = asyncio.create_task(self._show_later(round_id, attempt + 1, delay))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
         except UNAVAILABLE as exc:
             log.warning("could not show the round: %s", exc, extra={"round_id": round_id})
         except Exception:
             log.exception("could not show the round", extra={"round_id": round_id})
+
+    async def _show_later(self, round_id: int, attempt: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._show_safely(round_id, attempt)
 
     async def show_round(self, round_id: int) -> None:
         """Bring the round's message up to date with its status (ready, failed or closed)."""

@@ -7,8 +7,9 @@ platform does), and what S3 adds to a round's images on their way to Discord.
 - round path: the store's part of a round's way from the GPU worker to the channel, as
   `pipeline.generate` and the bot do it: the worker puts the round's K images (at once: a
   conditional PUT each), makes sure again under the key locks before its commit that they
-  are there (a HEAD each), and the bot gets the K images to post them. Per round, p50/p99 on each backend
-  and the difference: the target is that S3 on loopback adds < 20 ms at p99.
+  are there (a HEAD each), and the bot gets the K images to post them. Per round,
+  p50/p99 on each backend and the difference: the target is that S3 on loopback adds
+  < 20 ms at p99.
 
     python bench/store.py [--n 200] [--rounds 200]
 

@@ -20,7 +20,9 @@ COPY pipeline ./pipeline
 FROM base AS bot
 RUN pip install -c constraints.txt .
 USER hps
-HEALTHCHECK --interval=30s --timeout=10s CMD ["hps", "db", "status"]
+# Healthy while what runs in this container heartbeats (the bot: connected to Discord's
+# gateway too): `hps health --here` reads the heartbeats in the database.
+HEALTHCHECK --interval=30s --timeout=15s --start-period=90s CMD ["hps", "health", "--here"]
 ENTRYPOINT ["hps"]
 CMD ["bot"]
 
@@ -30,5 +32,6 @@ FROM base AS worker
 RUN pip install -c constraints.txt ".[worker]"
 ENV HF_HOME=/data/hf-cache
 USER hps
+HEALTHCHECK --interval=30s --timeout=15s --start-period=120s CMD ["hps", "health", "worker", "--here"]
 ENTRYPOINT ["hps"]
 CMD ["worker"]

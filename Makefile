@@ -1,4 +1,4 @@
-# Two commands on a fresh clone:  `make test`  and  `make serve`.
+# On a fresh clone:  `make demo`, `make test`  and  `make serve`.
 # Both create the virtual environment (.venv) first if it is missing or out of date.
 
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test serve lint format install clean bench
+.PHONY: test serve demo lint format install clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -27,6 +27,10 @@ test: $(STAMP)
 ## Run the platform (bot + scheduler + a local worker) on this machine.
 serve: $(STAMP)
 	$(BIN)/hps serve
+
+## Try the whole loop in a browser: tiny models, a local stand-in for Discord (hps demo).
+demo: $(STAMP)
+	$(BIN)/hps demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

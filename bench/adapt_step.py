@@ -1,7 +1,7 @@
 """LoRA fine-tuning steps/s of the SD adaptation (`pipeline.adapt.lora_train.train_lora`,
 the production loop: accelerate, the diffusers LoRA recipe, checkpoints off during timing).
 
-- CPU, always: the tiny test pipeline (tests/tiny_sd.py, built into a temporary folder and
+- CPU, always: the tiny test pipeline (pipeline/tiny_models.py, built into a temporary folder and
   loaded with `from_pretrained` like a real one), 64 px, batch 4.
 - GPU, when CUDA is available: a real-size SD 1.5 architecture (UNet 860M, VAE, CLIP
   ViT-L/14 text encoder, built from their configs with random weights, since a machine
@@ -110,7 +110,7 @@ def memory_peaks() -> dict[str, float]:
 
 
 def cpu(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.tiny_sd import build_tiny_sd
+    from pipeline.tiny_models import build_tiny_sd
 
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +119,7 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
         items = synthetic_items(folder, 32, 72)
         figures = timed_run(str(sd), folder, items, args.steps, args.warmup, resolution=64,
                             batch_size=4, total_batch_size=4, mixed_precision="no")  # fmt: skip
-    return {"model": "tests/tiny_sd.py (tiny UNet/VAE/CLIP)", "size": 64, **figures}
+    return {"model": "pipeline/tiny_models.py (tiny UNet/VAE/CLIP)", "size": 64, **figures}
 
 
 def build_sd15_architecture(folder: Path) -> Path:
@@ -133,7 +133,7 @@ def build_sd15_architecture(folder: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tests.tiny_sd import write_clip_tokenizer_files
+    from pipeline.tiny_models import write_clip_tokenizer_files
 
     tokenizer = CLIPTokenizer.from_pretrained(
         write_clip_tokenizer_files(folder / "bpe"), model_max_length=77

@@ -2,7 +2,7 @@
 
 On a fresh database of the test server (`HPS_TEST_DATABASE_URL`, default the local one):
 
-1. the local Discord-compatible server (`tests/discord_fake`) starts in this process, and
+1. the local Discord-compatible server (`bot/fake_discord`) starts in this process, and
    the real bot as a subprocess, `python -m cli bot`, pointed at it through
    `HPS_DISCORD__API_BASE_URL` / `HPS_DISCORD__GATEWAY_URL`;
 2. a requester runs /dream; the test worker (`tests/e2e/worker.py`) makes the round's
@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 import psutil  # noqa: E402
 
+from bot.fake_discord import FakeDiscord, FakeGuild, FakeUser, button_ids  # noqa: E402
 from db import migrate  # noqa: E402
 from db.connect import create_pool  # noqa: E402
 from hps.store import LocalImageStore  # noqa: E402
-from tests.discord_fake import FakeDiscord, FakeGuild, FakeUser, button_ids  # noqa: E402
 from tests.e2e.worker import TestWorker  # noqa: E402
 
 ADMIN_URL = os.environ.get("HPS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -1,6 +1,6 @@
 """Images/s of the generator: a round of K images in one batched call vs K single calls.
 
-- CPU, always: the tiny test pipeline (tests/tiny_sd.py, built into a temporary folder and
+- CPU, always: the tiny test pipeline (pipeline/tiny_models.py, built into a temporary folder and
   loaded with `from_pretrained` like a real one), 64 px, `--steps` steps.
 - GPU, when CUDA is available: a real-size pipeline (`--gpu-model`, default SD 1.5) at
   512 px, 25 steps, float16, with the production optimisations (SDPA, channels-last,
@@ -66,7 +66,7 @@ def measure(generator: Generator, params: SamplingParams, k: int, rounds: int) -
 
 
 def cpu(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.tiny_sd import build_tiny_sd
+    from pipeline.tiny_models import build_tiny_sd
 
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as folder:
@@ -76,7 +76,7 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
         params = SamplingParams(steps=args.steps, guidance_scale=7.5, width=64, height=64)
         figures = measure(generator, params, args.k, args.rounds)
     return {
-        "model": "tests/tiny_sd.py (tiny UNet/VAE/CLIP)",
+        "model": "pipeline/tiny_models.py (tiny UNet/VAE/CLIP)",
         "size": 64,
         "steps": args.steps,
         **figures,

@@ -63,3 +63,20 @@ def is_maintainer(interaction: discord.Interaction) -> bool:
         return False
     role_ids = interaction.client.settings.discord.maintainer_role_ids  # type: ignore[attr-defined]
     return any(role.id in role_ids for role in user.roles)
+
+
+def servers_only(command: app_commands.Command, allow_dms: bool) -> None:  # type: ignore[type-arg]
+    """Register `command` for servers only, so that Discord offers it nowhere else (a DM
+    with the bot is outside every server's moderation), unless `allow_dms`. Discord's
+    contexts are a registration: the command's handler checks `in_server` too."""
+    if not allow_dms:
+        command.guild_only = True
+        command.allowed_contexts = app_commands.AppCommandContext(guild=True)
+
+
+def in_server(interaction: discord.Interaction, allow_dms: bool) -> bool:
+    """Whether a server-only command may run here."""
+    return allow_dms or interaction.guild_id is not None
+
+
+SERVERS_ONLY = "This command works in servers only, not in direct messages."

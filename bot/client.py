@@ -1,9 +1,11 @@
 """The bot: one `AutoShardedBot` subclass that everything hangs off (pool, settings, store).
 
-Start-up (`setup_hook`, after login and before the gateway): open the database pool, load
-the cogs (one failing is logged and the rest go on; each registers its own persistent
-buttons), start LISTENing for round, job and model-registry notifications, and sync the
-slash commands.
+Start-up (`setup_hook`, after login and before the gateway): log the invite URL (and warn
+when the application is public: anyone could add the bot to their server), open the
+database pool, load the cogs (one failing is logged and the rest go on; each registers its
+own persistent buttons), start LISTENing for round, job, model-registry and message-deletion
+notifications, start heartbeating (`services`: whether the gateway is connected, read by
+`hps health bot`), and sync the slash commands.
 
 Pointing the unmodified discord.py client elsewhere (an API proxy, or the tests' local
 server): `discord.api_base_url` replaces `discord.http.Route.BASE`, through which every REST
@@ -16,6 +18,7 @@ an invalidated session). A resumed session goes wherever READY's `resume_gateway
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -30,9 +33,12 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot import buttons, formats, replies
+from bot.invite import invite_url
+from db import services
 from db.connect import UNAVAILABLE, create_pool, database_url
 from db.jobs import JOB_DONE_CHANNEL
 from db.listen import NotificationListener
+from db.messages import MESSAGES_CHANNEL
 from db.models import MODELS_CHANNEL
 from db.rounds import ROUNDS_CHANNEL
 from hps.settings import DiscordSettings, Settings
@@ -65,6 +71,7 @@ class HPSBot(commands.AutoShardedBot):
     store: ImageStore
     listener: NotificationListener | None
     failed_extensions: list[str]
+    heartbeat_task: asyncio.Task[None] | None
 
     def __init__(
         self, settings: Settings, *, extensions: tuple[str, ...] = INITIAL_EXTENSIONS
@@ -86,6 +93,7 @@ class HPSBot(commands.AutoShardedBot):
         self.settings = settings
         self.store = storage(settings).images
         self.listener = None
+        self.heartbeat_task = None
         self.failed_extensions = []
         self._extensions_to_load = extensions
         self.tree.on_error = self.on_app_command_error
@@ -105,6 +113,7 @@ class HPSBot(commands.AutoShardedBot):
         # An object store with bad credentials or no bucket: one line at start, not a
         # failure at the first round.
         await storage(self.settings).check_async()
+        self._log_invite()
         # The embedded server (no database_url) is started by a blocking call.
         url = await asyncio.to_thread(database_url, self.settings)
         # Every bot query is a plain statement or a transaction: no session state to reset.
@@ -124,13 +133,49 @@ class HPSBot(commands.AutoShardedBot):
             )
         self.listener = NotificationListener(
             url,
-            [ROUNDS_CHANNEL, JOB_DONE_CHANNEL, MODELS_CHANNEL],
+            [ROUNDS_CHANNEL, JOB_DONE_CHANNEL, MODELS_CHANNEL, MESSAGES_CHANNEL],
             self._on_notification,
             on_connect=self._on_listening,
         )
         self.listener.start()
+        self.heartbeat_task = asyncio.create_task(self._heartbeat())
         if self.settings.bot.sync_commands:
             await self.sync_commands()
+
+    def _log_invite(self) -> None:
+        """The URL that adds this bot to a server, with the permissions it needs."""
+        if self.application_id is None:
+            return
+        log.info("invite the bot to a server: %s", invite_url(self.application_id))
+        # Login read the application's settings just before this hook.
+        if self.application is not None and self.application.bot_public:
+            log.warning(
+                "the application is public: anyone can add this bot to their server; turn "
+                "Public Bot off under Bot in the Discord Developer Portal"
+            )
+
+    def gateway_connected(self) -> bool:
+        """Whether every shard of this process is connected to the gateway."""
+        shards = self.shards
+        return (
+            bool(shards)
+            and not self.is_closed()
+            and all(not s.is_closed() for s in shards.values())
+        )
+
+    async def _heartbeat(self) -> None:
+        """Write this process's liveness row every `health.heartbeat_seconds`."""
+        while True:
+            state = {
+                "gateway": self.gateway_connected(),
+                "guilds": len(self.guilds),
+                "shards": sorted(self.shards),
+            }
+            try:
+                await services.heartbeat(self.pool, "bot", state)
+            except Exception as exc:  # the next beat tries again; `hps health` sees the gap
+                log.warning("bot heartbeat failed: %s", exc)
+            await asyncio.sleep(self.settings.health.heartbeat_seconds)
 
     async def sync_commands(self) -> None:
         """Register the slash commands: per configured guild (at once), else globally (Discord
@@ -152,13 +197,15 @@ class HPSBot(commands.AutoShardedBot):
         log.info("ready: %d guild(s)", len(self.guilds))
 
     def _on_notification(self, channel: str, payload: str) -> None:
-        data = json.loads(payload)
+        data = json.loads(payload) if payload else {}
         if channel == ROUNDS_CHANNEL:
             self.dispatch("hps_round", int(data["round_id"]), data["status"])
         elif channel == JOB_DONE_CHANNEL:
             self.dispatch("hps_job_done", int(data["id"]), data["kind"], data["state"])
         elif channel == MODELS_CHANNEL:
             self.dispatch("hps_model_event", data)
+        elif channel == MESSAGES_CHANNEL:
+            self.dispatch("hps_messages")
 
     async def _on_listening(self) -> None:
         # Notifications sent while nobody listened are gone: cogs look at the tables instead.
@@ -210,6 +257,13 @@ class HPSBot(commands.AutoShardedBot):
         if self.listener is not None:
             await self.listener.stop()
             self.listener = None
+        if self.heartbeat_task is not None:
+            self.heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.heartbeat_task
+            self.heartbeat_task = None
+            with contextlib.suppress(*UNAVAILABLE, asyncpg.InterfaceError):
+                await services.stopped(self.pool, "bot")
         await super().close()
         if hasattr(self, "pool"):
             await self.pool.close()

@@ -164,15 +164,30 @@ def user_stats(stats: UserStats, totals: Totals) -> str:
 
 
 FORGET_PROMPT = (
-    "This deletes every round you asked for (with its images and the votes on it) and every "
-    "choice you made. It cannot be undone. Are you sure?"
+    "This deletes every round you asked for (with its images, the votes on it and the bot's "
+    "messages showing it) and every choice you made. It cannot be undone. Copies made "
+    "before now are not reached: exported datasets, backups, and the prompt lists of "
+    "training runs. Are you sure?"
 )
 
 
-def forgotten(choices: int, rounds: int, files: int) -> str:
+FORGET_BUSY = (
+    "Nothing was deleted: your data is in use right now (an image is being made or stored). "
+    "Please try /forget-me again in a minute."
+)
+
+
+def forgotten(choices: int, rounds: int, files: int, messages: int, all_deleted: bool) -> str:
+    """What forgetting did, and only that: `messages` of the bot's were queued for deletion,
+    and `all_deleted` says whether they are gone already."""
+    text = f"Done: deleted {rounds} round(s), {choices} choice(s), {files} image file(s)"
+    if not messages:
+        return text + "."
+    if all_deleted:
+        return text + f" and the bot's {messages} message(s) showing your rounds."
     return (
-        f"Done: deleted {rounds} round(s), {choices} choice(s) and {files} image file(s). "
-        "We no longer know who you were."
+        text + f". The bot's {messages} message(s) showing your rounds could not all be "
+        "deleted yet; it keeps trying."
     )
 
 
@@ -225,6 +240,29 @@ def _metrics_text(metrics: Mapping[str, Any]) -> str:
         elif value is not None:
             parts.append(f"{key}={_number(value)}")
     return ", ".join(parts)
+
+
+def liveness_warnings(
+    generate_workers: int, schedulers: int, fresh: timedelta, queued_round_minutes: int
+) -> list[str]:
+    """What `/status` must say first when the processes the channel needs are not alive."""
+    warnings = []
+    if not generate_workers:
+        wait = (
+            f"and fail after {queued_round_minutes} minutes"
+            if queued_round_minutes
+            else "until one starts"
+        )
+        warnings.append(
+            f"**No worker is alive** that generates images (no heartbeat within "
+            f"{duration(fresh)}): /dream rounds wait {wait}."
+        )
+    if not schedulers:
+        warnings.append(
+            "**No scheduler is alive**: rounds are not closed or given up on time, and no "
+            "training is scheduled."
+        )
+    return warnings
 
 
 def _ago(when: datetime | None, now: datetime) -> str:
@@ -284,8 +322,10 @@ def status(
     choices_24h: int,
     now: datetime,
     adapters: Sequence[tuple[ModelVersion, Mapping[str, Any] | None]] = (),
+    warnings: Sequence[str] = (),
 ) -> str:
-    lines = ["**Queue**"]
+    lines = [f"⚠️ {warning}" for warning in warnings]
+    lines.append("**Queue**")
     if depth:
         for kind, states in sorted(depth.items()):
             counts = ", ".join(f"{state} {n}" for state, n in sorted(states.items()))

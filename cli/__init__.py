@@ -10,12 +10,16 @@ from cli import adapt as adapt_cli
 from cli import config as config_cli
 from cli import datasets as datasets_cli
 from cli import db as db_cli
+from cli import jobs as jobs_cli
 from cli import models as models_cli
 from cli import score as score_cli
 from cli import store as store_cli
 from cli import train as train_cli
+from cli import users as users_cli
 from cli.bot import bot
 from cli.common import err_console
+from cli.demo import demo
+from cli.health import health
 from cli.report import report
 from cli.scheduler import scheduler
 from cli.serve import serve
@@ -33,6 +37,8 @@ app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")
 app.add_typer(adapt_cli.app, name="adapt")
 app.add_typer(store_cli.app, name="store")
+app.add_typer(jobs_cli.app, name="jobs")
+app.add_typer(users_cli.app, name="users")
 app.command("serve")(serve)
 app.command("worker")(worker)
 app.command("scheduler")(scheduler)
@@ -43,6 +49,8 @@ app.command("import")(datasets_cli.import_)
 app.command("export")(datasets_cli.export)
 app.command("report")(report)
 app.command("bot")(bot)
+app.command("health")(health)
+app.command("demo")(demo)
 
 
 def main() -> None:

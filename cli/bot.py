@@ -14,7 +14,8 @@ def bot() -> None:
     config = settings()
     if config.discord.token is None:
         raise fail(
-            "no Discord bot token: set HPS_DISCORD__TOKEN (or [discord] token in hps.toml); "
+            "no Discord bot token: set HPS_DISCORD__TOKEN (in the environment or .env, or "
+            "[discord] token in hps.toml); "
             "see README.md, section Configuration"
         )
     import discord

@@ -17,7 +17,7 @@ import sys
 import time
 from types import FrameType
 
-from cli.common import console, err_console, settings
+from cli.common import console, err_console, fail, settings
 
 log_prefix = "[bold]hps serve:[/bold]"
 
@@ -36,14 +36,20 @@ def serve() -> None:
     config = settings()
     storage(config).check()  # one clear line for a wrong bucket or credentials
     url = database_url(config)
-    migrate.upgrade(url)
+    try:
+        skipped = migrate.upgrade(url, analysts=config.analysts)
+    except migrate.MigrationLockTimeout as exc:
+        raise fail(str(exc)) from None
+    for what in skipped:
+        err_console.print(f"{log_prefix} [yellow]analysts' policy not applied:[/yellow] {what}")
     adopt_local_models(config.model_copy(update={"database_url": SecretStr(url)}))
     console.print(f"{log_prefix} database is up to date", highlight=False)
     services = ["scheduler", "worker"]
     if config.discord.token is None:
         err_console.print(
-            f"{log_prefix} [yellow]no Discord bot token[/yellow] (set HPS_DISCORD__TOKEN or "
-            "\\[discord] token in hps.toml): running the scheduler and a worker without the bot",
+            f"{log_prefix} [yellow]no Discord bot token[/yellow] (set HPS_DISCORD__TOKEN in the "
+            "environment or .env, or \\[discord] token in hps.toml): running the scheduler and a "
+            "worker without the bot (`hps demo` shows the bot without Discord)",
             highlight=False,
         )
     else:

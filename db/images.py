@@ -7,6 +7,9 @@ hold an advisory lock on the key until their transaction ends: writers a shared 
 (`insert_images`, `hold_keys`), the deleter an exclusive one (`delete_unreferenced`). So a
 deletion either sees the writer's committed row and keeps the file, or happens before the
 writer's check that the file is there, and the writer stores it again.
+
+A deleter waits at most `DELETE_LOCK_TIMEOUT` for the keys (a writer holds them for one
+transaction); then it stops with `db.locks.LockTimeout`, having deleted nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
+import asyncpg
+
+from db import locks
 from db.connect import Executor, transaction
+
+DELETE_LOCK_TIMEOUT = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,29 @@ LOCK_KEYS_SQL = """
 SELECT pg_advisory_xact_lock(hashtextextended('hps_image:' || k, 0))
 FROM unnest($1::text[]) AS k
 """
+
+# The same exclusive locks held by the session, across a commit, until `UNLOCK_ALL_SQL`:
+# forgetting a user deletes rows, commits, then deletes the files under the same locks.
+LOCK_KEYS_FOR_SESSION_SQL = """
+SELECT pg_advisory_lock(hashtextextended('hps_image:' || k, 0))
+FROM unnest($1::text[]) AS k
+"""
+
+UNLOCK_ALL_SQL = """
+SELECT pg_advisory_unlock_all()
+"""
+
+LOCK_KEYS_OF_SQL = """
+SELECT coalesce(array_agg(hashtextextended('hps_image:' || k, 0)), '{}')
+FROM unnest($1::text[]) AS k
+"""
+
+
+async def key_lock_timed_out(db: Executor, keys: list[str], limit: timedelta) -> locks.LockTimeout:
+    """The error for image keys not locked within `limit`, naming who holds them."""
+    found = await locks.holders(db, await db.fetchval(LOCK_KEYS_OF_SQL, keys))
+    what = f"{len(keys)} image file(s)" if len(keys) != 1 else "an image file"
+    return locks.timed_out(what, limit, found)
 
 
 async def hold_keys(conn: Executor, keys: list[str]) -> None:
@@ -173,16 +204,27 @@ async def unreferenced_keys(db: Executor, keys: list[str]) -> list[str]:
     return sorted(r["k"] for r in await db.fetch(UNREFERENCED_KEYS_SQL, keys))
 
 
-async def delete_unreferenced(db: Executor, keys: list[str], delete: Callable[[str], bool]) -> int:
+async def delete_unreferenced(
+    db: Executor,
+    keys: list[str],
+    delete: Callable[[str], bool],
+    *,
+    lock_timeout: timedelta = DELETE_LOCK_TIMEOUT,
+) -> int:
     """Delete (with `delete`, e.g. `ImageStore.delete`) the files among `keys` that nothing
     uses, each under its exclusive key lock, so that no writer adds a row naming one of
-    them meanwhile; returns how many files were deleted."""
+    them meanwhile; returns how many files were deleted. `locks.LockTimeout` (nothing
+    deleted) if the keys stay locked for `lock_timeout`."""
     keys = sorted(set(keys))
     if not keys:
         return 0
-    async with transaction(db) as conn:
-        await conn.execute(LOCK_KEYS_SQL, keys)
-        deleted = 0
-        for key in await unreferenced_keys(conn, keys):
-            deleted += await asyncio.to_thread(delete, key)
-        return deleted
+    try:
+        async with transaction(db) as conn:
+            async with locks.waiting_at_most(conn, lock_timeout):
+                await conn.execute(LOCK_KEYS_SQL, keys)
+            deleted = 0
+            for key in await unreferenced_keys(conn, keys):
+                deleted += await asyncio.to_thread(delete, key)
+            return deleted
+    except asyncpg.LockNotAvailableError:
+        raise await key_lock_timed_out(db, keys, lock_timeout) from None

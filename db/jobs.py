@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
+
+from db import locks
 from db.connect import Executor, transaction
 
 JOBS_CHANNEL = "hps_jobs"
@@ -508,6 +511,14 @@ LOCK_KIND_SQL = """
 SELECT pg_advisory_xact_lock(hashtext('hps_jobs:' || $1))
 """
 
+KIND_LOCK_KEY_SQL = """
+SELECT hashtext('hps_jobs:' || $1)::bigint
+"""
+
+# How long enqueueing a training run waits for its kind's lock (another enqueue holds it
+# for milliseconds; anything longer is a foreign holder, see `db.locks`).
+TRAINING_LOCK_TIMEOUT = timedelta(seconds=5)
+
 ACTIVE_OF_KIND_SQL = """
 SELECT * FROM jobs WHERE kind = $1 AND state IN ('queued', 'running') ORDER BY id LIMIT 1
 """
@@ -526,18 +537,37 @@ async def enqueue_training(
     requested_by: str,
     dedupe_key: str | None = None,
     payload: dict[str, Any] | None = None,
+    lock_timeout: timedelta = TRAINING_LOCK_TIMEOUT,
 ) -> tuple[Job, bool]:
     """Enqueue a training run of `target` ("classifier" or "sd") unless one is already
     queued or running, in which case that one is returned with `created=False`.
 
     The scheduler passes a `dedupe_key` per schedule and period, so that a restart or a
-    second scheduler never enqueues the same period twice; /retrain passes none.
+    second scheduler never enqueues the same period twice; /retrain passes none. Raises
+    `locks.LockTimeout` (nothing enqueued) when the kind's lock stays held for `lock_timeout`.
     """
     kind = TRAINING_KINDS.get(target)
     if kind is None:
         raise ValueError(f"unknown training target {target!r}: use one of {sorted(TRAINING_KINDS)}")
+    try:
+        return await _enqueue_training(db, kind, requested_by, dedupe_key, payload, lock_timeout)
+    except asyncpg.LockNotAvailableError:
+        key = await db.fetchval(KIND_LOCK_KEY_SQL, kind)
+        found = await locks.holders(db, [key])
+        raise locks.timed_out(f"the {kind} queue", lock_timeout, found) from None
+
+
+async def _enqueue_training(
+    db: Executor,
+    kind: str,
+    requested_by: str,
+    dedupe_key: str | None,
+    payload: dict[str, Any] | None,
+    lock_timeout: timedelta,
+) -> tuple[Job, bool]:
     async with transaction(db) as conn:
-        await conn.execute(LOCK_KIND_SQL, kind)
+        async with locks.waiting_at_most(conn, lock_timeout):
+            await conn.execute(LOCK_KIND_SQL, kind)
         if dedupe_key is not None:
             existing = await get_by_dedupe_key(conn, dedupe_key)
             if existing is not None:

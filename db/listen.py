@@ -5,6 +5,10 @@ keeps one connection of its own. When the database restarts that connection dies
 listener reconnects with backoff and calls `on_connect` each time it is listening again,
 so the owner can catch up on what it missed meanwhile (notifications are not queued for
 absent listeners).
+
+Notifications are wake-ups, never facts: any role that can connect may NOTIFY any channel
+(PostgreSQL has no privilege to refuse it, e.g. to the analysts' role), so a handler reads
+what happened from the tables and treats the payload as a hint of where to look.
 """
 
 from __future__ import annotations
@@ -71,6 +75,14 @@ class NotificationListener:
     def _notify(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         try:
             self.handler(channel, payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Any role may NOTIFY any channel (PostgreSQL has no privilege for it): a payload
+            # that is not ours is one line in the log, not a traceback per notification.
+            log.warning(
+                "ignored a notification the handler could not read: %r",
+                exc,
+                extra={"channel": channel},
+            )
         except Exception:
             log.exception("notification handler failed", extra={"channel": channel})
 

@@ -186,10 +186,13 @@ async def sd_incumbent(db: Executor) -> ModelVersion | None:
 
 
 # A version's decided A/B rounds against one opponent, in the order they were decided (the
-# live test's looks are at fixed counts of these: `pipeline.adapt.live`).
+# live test's looks are at fixed counts of these: `pipeline.adapt.live`). Such a round shows
+# an image of the version: saying so lets the view look at those rounds only (by the index
+# on images' versions) instead of every round.
 LIVE_OUTCOMES_SQL = """
 SELECT won FROM ab_decisions
 WHERE version_id = $1 AND opponent_id = $2
+  AND round_id IN (SELECT round_id FROM images WHERE model_version_id = $1)
 ORDER BY decided_at, round_id
 LIMIT $3
 """

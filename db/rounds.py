@@ -371,6 +371,38 @@ async def close_stale_rounds(db: Executor, ttl: timedelta) -> list[int]:
         return ids
 
 
+# A queued round's waiting starts when its generate job was (re)queued: a retried round
+# or job waits anew (`jobs.retry` and the backoff set `run_after`).
+FAIL_UNSTARTED_SQL = """
+WITH stale AS (
+    SELECT r.id AS round_id, j.id AS job_id
+    FROM rounds r
+    JOIN jobs j ON j.kind = 'generate' AND j.state = 'queued'
+               AND (j.payload->>'round_id')::bigint = r.id
+    WHERE r.status = 'queued' AND greatest(j.created_at, j.run_after) < now() - $1::interval
+    FOR UPDATE OF r, j SKIP LOCKED
+), cancelled AS (
+    UPDATE jobs SET state = 'cancelled', finished_at = now(), error = $2
+    WHERE id IN (SELECT job_id FROM stale)
+)
+UPDATE rounds SET status = 'failed', error = $2
+WHERE id IN (SELECT round_id FROM stale)
+RETURNING id
+"""
+
+
+async def fail_unstarted_rounds(db: Executor, deadline: timedelta, error: str) -> list[int]:
+    """Fail the rounds whose generate job has waited in the queue longer than `deadline`
+    (no worker took it: none runs, or all are busy), cancelling those jobs, so that their
+    requesters hear why and are no longer held at their in-flight limit; returns the ids.
+    Rounds or jobs being taken just now are skipped (the next sweep sees them again)."""
+    async with transaction(db) as conn:
+        ids = [r["id"] for r in await conn.fetch(FAIL_UNSTARTED_SQL, deadline, error[:1000])]
+        for round_id in ids:
+            await _notify(conn, round_id, "failed")
+        return ids
+
+
 CLOSE_ROUND_SQL = """
 UPDATE rounds SET status = 'closed', closed_at = now()
 WHERE id = $1 AND status = 'ready'

@@ -368,3 +368,54 @@ workers = Table(
     _at("stopped_at"),
     Column("current_job_id", BigInteger, nullable=True),
 )
+
+SERVICE_KINDS = ("bot", "scheduler")
+
+# The bot's and the scheduler's liveness (workers have their own table): each process
+# heartbeats its row; `hps health` and `/status` read them.
+services = Table(
+    "services",
+    metadata,
+    Column("id", Text, primary_key=True),  # kind:hostname:pid
+    Column("kind", Text, nullable=False),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    _now("started_at"),
+    _now("last_seen_at"),
+    _at("stopped_at"),
+    # What the process reports about itself, e.g. the bot's gateway connection.
+    Column("state", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    CheckConstraint(_in("kind", SERVICE_KINDS), name="kind"),
+    Index("ix_services_kind_last_seen_at", "kind", "last_seen_at"),
+)
+
+# Messages the bot posted about a round besides its main message (`rounds.message_id`),
+# such as the requester's chosen image: forgetting the requester deletes them too.
+round_messages = Table(
+    "round_messages",
+    metadata,
+    Column("message_id", BigInteger, primary_key=True),
+    Column("round_id", BigInteger, ForeignKey("rounds.id", ondelete="CASCADE"), nullable=False),
+    Column("channel_id", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),
+    _now("created_at"),
+    CheckConstraint(_in("kind", ("chosen",)), name="kind"),
+    Index("ix_round_messages_round_id", "round_id"),
+)
+
+# Discord messages the bot must delete (those of forgotten users' rounds), queued in the
+# transaction that forgets, whoever forgets (/forget-me or `hps users forget`): the bot
+# deletes them and the rows.
+message_deletions = Table(
+    "message_deletions",
+    metadata,
+    _id(),
+    Column("guild_id", BigInteger, nullable=True),
+    Column("channel_id", BigInteger, nullable=False),
+    Column("message_id", BigInteger, nullable=False, unique=True),
+    Column("reason", Text, nullable=False),
+    _now("requested_at"),
+    _at("claimed_at"),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("error", Text, nullable=True),
+)

@@ -1,9 +1,11 @@
-"""The one settings object: `HPS_*` environment variables over an optional TOML file.
+"""The one settings object: `HPS_*` environment variables, a `.env` file and a TOML file.
 
 Sections are nested models; in the environment a section and its key are joined by a double
 underscore (`HPS_DISCORD__TOKEN`, `HPS_LIMITS__ROUNDS_PER_HOUR`); in TOML they are tables
 (`[discord] token = "..."`). The TOML file is `HPS_CONFIG` if set, else `./hps.toml` if present.
-Environment variables win over the file, the file over the defaults.
+`./.env` (the file Docker Compose reads too) holds `HPS_*` variables in the environment's
+spelling; its other variables (e.g. Compose's `POSTGRES_PASSWORD`) are left alone.
+Environment variables win over `.env`, `.env` over the TOML file, the file over the defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -33,6 +36,7 @@ from pydantic_settings import (
 ENV_PREFIX = "HPS_"
 NESTED_DELIMITER = "__"
 DEFAULT_CONFIG_FILE = Path("hps.toml")
+DEFAULT_ENV_FILE = Path(".env")
 
 
 class ConfigError(Exception):
@@ -63,6 +67,11 @@ class DiscordSettings(Section):
     )
     gateway_url: str | None = Field(None, description="Gateway websocket URL override.")
     shard_count: int | None = Field(None, ge=1, description="Shards; empty = Discord's advice.")
+    dream_in_dms: bool = Field(
+        False,
+        description="Allow /dream, /score and /stats in direct messages with the bot, outside "
+        "every server's moderation (off: servers only).",
+    )
 
 
 class BotSettings(Section):
@@ -99,6 +108,12 @@ class LimitSettings(Section):
         24 * 60, ge=1, description="Minutes after which a ready round closes to new clicks."
     )
     others_may_vote: bool = Field(True, description="Users other than the requester may vote.")
+    queued_round_minutes: int = Field(
+        60,
+        ge=0,
+        description="A round no worker started within this many minutes fails, saying so, and "
+        "frees its requester's in-flight slot (0 = rounds wait forever).",
+    )
     score_max_images: int = Field(4, ge=1, le=10, description="Images per /score.")
     score_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Bytes per scored image.")
     score_max_pixels: int = Field(
@@ -116,7 +131,16 @@ class GenerationSettings(Section):
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     width: int = Field(512, ge=64, le=2048, multiple_of=8, description="Image width (square).")
     height: int = Field(512, ge=64, le=2048, multiple_of=8, description="Image height (square).")
-    safety_checker: bool = Field(True, description="Run the pipeline's safety checker.")
+    safety_checker: bool = Field(
+        True,
+        description="Check every image for NSFW content: flagged images are never posted.",
+    )
+    safety_checker_model: str | None = Field(
+        "CompVis/stable-diffusion-safety-checker",
+        description="The checker run on the images of a model that ships none (SD 2.x, SDXL): "
+        "a hub id or local folder of a StableDiffusionSafetyChecker and its preprocessor "
+        "(the one SD 1.x ships); empty = such models are refused while safety_checker is on.",
+    )
     post_grid: bool = Field(False, description="Also post a grid of the round's images.")
     ab_share: float = Field(
         0.5,
@@ -368,9 +392,15 @@ class ScheduleSettings(Section):
     retrain_min_new_choices: int = Field(
         500, ge=0, description="Retrain only when this many new choices arrived since last time."
     )
-    adapt_sd: str | None = Field("0 4 * * 0", description="Cron of SD re-adaptation; empty = off.")
+    adapt_sd: str | None = Field(
+        None,
+        description="Cron of SD re-adaptation (hours of GPU time per run), e.g. 0 4 * * 0 for "
+        "Sundays at 04:00; empty (the default) = off: run it with /retrain sd or hps adapt run.",
+    )
     close_stale_rounds: str | None = Field(
-        "*/5 * * * *", description="Cron of closing rounds past their TTL; empty = off."
+        "*/5 * * * *",
+        description="Cron of closing rounds past their TTL and failing rounds no worker "
+        "started in time (limits.queued_round_minutes); empty = off.",
     )
     review_adapters: str | None = Field(
         "*/10 * * * *",
@@ -471,6 +501,42 @@ class StoreSettings(Section):
     @property
     def is_s3(self) -> bool:
         return self.url.startswith("s3://")
+class HealthSettings(Section):
+    """Liveness of the bot and the scheduler (workers: `worker.heartbeat_seconds` and
+    `worker.lease_seconds`), read by `hps health` and `/status`."""
+
+    heartbeat_seconds: float = Field(
+        15, gt=0, description="Seconds between the bot's and the scheduler's heartbeats."
+    )
+    stale_seconds: float = Field(
+        60, gt=0, description="A bot or scheduler whose last heartbeat is older is not alive."
+    )
+
+    @model_validator(mode="after")
+    def _beats_within_staleness(self) -> HealthSettings:
+        if self.heartbeat_seconds * 2 > self.stale_seconds:
+            raise ValueError("heartbeat_seconds must be at most half of stale_seconds")
+        return self
+
+
+class AnalystSettings(Section):
+    """Limits of the analysts' logins (members of `hps_analyst`), applied by `hps db upgrade`
+    and `hps db analysts` (`db.analysts`). The timeouts are each login's defaults in this
+    database: they stop a forgotten transaction or a runaway query, not a login that sets
+    them off itself; the connection limit holds whatever the login does."""
+
+    statement_timeout_seconds: int = Field(
+        120, ge=1, description="An analyst's statement is cancelled after this long."
+    )
+    idle_in_transaction_seconds: int = Field(
+        60, ge=1, description="An analyst's session idle inside a transaction this long ends."
+    )
+    lock_timeout_seconds: int = Field(
+        5, ge=1, description="An analyst's statement waits this long for a lock at most."
+    )
+    connection_limit: int = Field(
+        4, ge=1, le=1000, description="Connections one analyst login may hold at once."
+    )
 
 
 def _toml_path() -> Path | None:
@@ -513,6 +579,9 @@ class Settings(BaseSettings):
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+
+    analysts: AnalystSettings = Field(default_factory=AnalystSettings)
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -555,6 +624,13 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if DEFAULT_ENV_FILE.is_file():
+            # Its HPS_* names only (unknown ones are refused by `load_settings`).
+            sources.append(
+                DotEnvSettingsSource(
+                    settings_cls, env_file=DEFAULT_ENV_FILE, dotenv_filtering="only_existing"
+                )
+            )
         path = _toml_path()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
@@ -677,8 +753,15 @@ def known_env_vars() -> set[str]:
 
 def _unknown_env_vars() -> list[str]:
     known = known_env_vars()
+    names = list(os.environ)
+    if DEFAULT_ENV_FILE.is_file():
+        from dotenv import dotenv_values
+
+        names += [f"{name} (in {DEFAULT_ENV_FILE})" for name in dotenv_values(DEFAULT_ENV_FILE)]
     return sorted(
-        k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+        k
+        for k in names
+        if k.upper().startswith(ENV_PREFIX) and k.split(" ")[0].upper() not in known
     )
 
 

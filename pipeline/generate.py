@@ -19,7 +19,9 @@ more queued rounds of equal parameters (`ctx.claim_matching` on the payload's ba
    commit leaves no rows and the job retryable; the same seeds give the same files again.
 
 Images the safety checker flags are stored and recorded with `nsfw=True` (never shown); a
-round with fewer than two unflagged images fails with a reason its requester can read.
+round with fewer than two unflagged images fails with a reason its requester can read. A
+model that ships no checker gets the standalone one of `pipeline.safety`
+(`generation.safety_checker_model`), run on every image it makes.
 
 An adapter made by the SD adaptation (`pipeline.adapt`) carries its identifier (the prefix
 its training gave the non-preferred images, "Weird image. " by default) in its version's
@@ -44,14 +46,18 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from db import images as image_rows
 from db import jobs, models, rounds
 from db.connect import transaction
 from db.images import NewImage
+from db.locks import LockTimeout
 from hps.settings import GenerationSettings, Settings
 from hps.storage import storage
+from hps.store import StoredBlob
 from pipeline.devices import dtype as torch_dtype
 from pipeline.devices import precision, resolve_device
 from pipeline.handlers import JobContext, LeaseLost, PermanentError
+from pipeline.safety import SafetyChecker
 from pipeline.serving import RoundPlan, plan_round
 
 log = logging.getLogger(__name__)
@@ -113,6 +119,7 @@ class Generator:
         device: str = "auto",
         dtype: str = "auto",
         safety_checker: bool = True,
+        safety_checker_model: str | None = None,
         channels_last: bool = True,
         torch_compile: bool = False,
     ) -> None:
@@ -134,13 +141,18 @@ class Generator:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         started = time.perf_counter()
         pipe = AutoPipelineForText2Image.from_pretrained(model, **kwargs)
+        # The checker run after the pipeline, for a model that ships none.
+        self.checker: SafetyChecker | None = None
         if safety_checker and getattr(pipe, "safety_checker", None) is None:
-            # Images would go out unchecked: only a maintainer's explicit choice allows that.
-            raise NoSafetyChecker(
-                f"{model} has no safety checker, so its images could not be checked: give "
-                "it one, or set generation.safety_checker = false "
-                "(HPS_GENERATION__SAFETY_CHECKER=false) to post its images unchecked"
-            )
+            if not safety_checker_model:
+                # Images would go out unchecked: only a maintainer's explicit choice allows it.
+                raise NoSafetyChecker(
+                    f"{model} has no safety checker, so its images could not be checked: set "
+                    "generation.safety_checker_model (HPS_GENERATION__SAFETY_CHECKER_MODEL) "
+                    "to check them with the standalone one, or generation.safety_checker = "
+                    "false (HPS_GENERATION__SAFETY_CHECKER=false) to post them unchecked"
+                )
+            self.checker = SafetyChecker(safety_checker_model, device=self.device, dtype=self.dtype)
         pipe.set_progress_bar_config(disable=True)
         # Attention already uses torch's scaled_dot_product_attention (diffusers' default
         # processor on torch 2), which picks flash or memory-efficient kernels on a GPU.
@@ -168,6 +180,7 @@ class Generator:
             device=device,
             dtype=settings.dtype,
             safety_checker=settings.safety_checker,
+            safety_checker_model=settings.safety_checker_model,
             channels_last=settings.channels_last,
             torch_compile=settings.torch_compile,
         )
@@ -250,8 +263,11 @@ class Generator:
                     generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
                     output_type="pil",
                 )
+                images = output.images
                 flags = getattr(output, "nsfw_content_detected", None) or [False] * len(batch)
-                for i, image, flagged in zip(indices, output.images, flags, strict=True):
+                if self.checker is not None:
+                    images, flags = self.checker.check(images)
+                for i, image, flagged in zip(indices, images, flags, strict=True):
                     made[i] = GeneratedImage(_png(image), bool(flagged), *image.size)
         return [image for image in made if image is not None]
 
@@ -300,6 +316,7 @@ async def get_generator(ctx: JobContext) -> Generator:
         ctx.device,
         settings.dtype,
         settings.safety_checker,
+        settings.safety_checker_model,
         settings.channels_last,
         settings.torch_compile,
     )
@@ -514,9 +531,11 @@ async def _finish_round(
             f"The safety filter held back {flagged} of the {len(rows)} images, leaving too few "
             "to choose from. Try another prompt."
         )
-        return await _commit(ctx, item.job, round_id, result=result, failure=failure)
+        return await _commit(ctx, item.job, round_id, result=result, failure=failure, stored=stored)
     files = [image.png for image in images]
-    return await _commit(ctx, item.job, round_id, result=result, images=rows, files=files)
+    return await _commit(
+        ctx, item.job, round_id, result=result, images=rows, files=files, stored=stored
+    )
 
 
 async def _commit(
@@ -528,12 +547,38 @@ async def _commit(
     images: list[NewImage] | None = None,
     files: Sequence[bytes] = (),
     failure: str | None = None,
+    stored: Sequence[StoredBlob] = (),
 ) -> bool:
     """The round's outcome and the job's completion, in one transaction; with neither
     `images` nor `failure` the job completes as a no-op. A failed round keeps no image
     rows, so that retrying it starts clean. False (and nothing written) if another worker
-    took the job over."""
+    took the job over. Files `stored` for the round that no row names in the end (the round
+    failed or was forgotten meanwhile, the job was taken over) are deleted, unless
+    something else uses them."""
     result = dict(result or {"round_id": round_id})
+    try:
+        return await _complete(ctx, job, round_id, result, images, files, failure)
+    finally:
+        if stored and result.get("status") != "ready":
+            await _delete_strays(ctx, [blob.key for blob in stored])
+
+
+async def _delete_strays(ctx: JobContext, keys: list[str]) -> None:
+    try:
+        await image_rows.delete_unreferenced(ctx.pool, keys, ctx.store.delete)
+    except LockTimeout as exc:  # unreferenced files are harmless, if wasteful
+        ctx.log.warning("could not delete the images of an unfinished round: %s", exc)
+
+
+async def _complete(
+    ctx: JobContext,
+    job: jobs.Job,
+    round_id: int,
+    result: dict[str, Any],
+    images: list[NewImage] | None,
+    files: Sequence[bytes],
+    failure: str | None,
+) -> bool:
     try:
         async with transaction(ctx.pool) as conn:
             if failure is not None:
@@ -550,5 +595,6 @@ async def _commit(
                 raise LeaseLost(f"job {job.id} was taken over by another worker")
     except LeaseLost:
         ctx.log.warning("lost the lease of job %s: its round's outcome was rolled back", job.id)
+        result["status"] = "lost"
         return False
     return True

@@ -8,7 +8,9 @@ fires the schedules; each firing only touches the database:
   job that finished;
 - `adapt_sd` enqueues an `adapt_sd` job;
 - `close_stale_rounds` closes rounds ready for longer than `limits.round_ttl_minutes`
-  (a single idempotent UPDATE, run in place);
+  (a single idempotent UPDATE, run in place), and fails the rounds no worker started within
+  `limits.queued_round_minutes`, cancelling their generate jobs (their requesters see why
+  and may retry; their in-flight slots are free again);
 - `score_images` enqueues a `score_images` job when served images lack an HPS score;
 - `review_adapters` reviews the adapters in live A/B testing (`pipeline.adapt.live`:
   promote the significantly better, retire the worse), DB-only work run in place, in one
@@ -18,6 +20,12 @@ Training jobs go through `db.jobs.enqueue_training` (the same entry point as /re
 the dedupe key `schedule:<name>:<period start>`, the period being the schedule's latest
 fire time; so any number of schedulers, or one restarted, enqueue a period at most once.
 
+The weekly `adapt_sd` schedule is off by default: a run takes hours of GPU time, which a
+maintainer turns on deliberately (`schedules.adapt_sd`).
+
+While it runs, the scheduler heartbeats its row in `services` every
+`health.heartbeat_seconds` (`hps health scheduler`).
+
 Cron expressions have the crontab's five fields (minute hour day month weekday, weekday 0 or
 7 = Sunday), or six with seconds first.
 """
@@ -25,6 +33,7 @@ Cron expressions have the crontab's five fields (minute hour day month weekday, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,7 +43,7 @@ import asyncpg
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from db import images, jobs, rounds, stats
+from db import images, jobs, rounds, services, stats
 from hps.settings import Settings
 from pipeline.adapt import live
 
@@ -112,6 +121,14 @@ def period_start(trigger: CronTrigger, now: datetime) -> datetime | None:
     return None
 
 
+def unstarted_error(minutes: int) -> str:
+    """Why a round that no worker started failed (shown to its requester)."""
+    return (
+        f"No image generator took this round within {minutes} minutes (none may be running), "
+        "so it was given up and nothing was generated. You can retry it."
+    )
+
+
 @dataclass(frozen=True)
 class Firing:
     """What one firing of a schedule did."""
@@ -154,7 +171,15 @@ class Scheduler:
         if name == "close_stale_rounds":
             ttl = timedelta(minutes=self.settings.limits.round_ttl_minutes)
             closed = await rounds.close_stale_rounds(self.pool, ttl)
-            return Firing(name, period, "closed", detail=f"{len(closed)} round(s) closed")
+            detail = f"{len(closed)} round(s) closed"
+            minutes = self.settings.limits.queued_round_minutes
+            if minutes:
+                failed = await rounds.fail_unstarted_rounds(
+                    self.pool, timedelta(minutes=minutes), unstarted_error(minutes)
+                )
+                if failed:
+                    detail += f", {len(failed)} never started failed"
+            return Firing(name, period, "closed", detail=detail)
         if name == "review_adapters":
             reviews = await live.review(self.pool, self.settings.adapt, actor=f"schedule:{name}")
             decided = ", ".join(f"{r.version.name}: {r.decision.action}" for r in reviews)
@@ -223,9 +248,19 @@ class Scheduler:
         return scheduler
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fire schedules until `stop` is set."""
+        """Fire schedules until `stop` is set, heartbeating meanwhile."""
         scheduler = self.start()
+        state = {"schedules": sorted(self.triggers)}
+        interval = self.settings.health.heartbeat_seconds
         try:
-            await stop.wait()
+            while not stop.is_set():
+                try:
+                    await services.heartbeat(self.pool, "scheduler", state)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("scheduler heartbeat failed: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
         finally:
             scheduler.shutdown(wait=False)
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await services.stopped(self.pool, "scheduler")

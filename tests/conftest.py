@@ -130,13 +130,14 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(autouse=True)
 def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No test sees the developer's HPS_* environment or hps.toml, nor another test's
+    """No test sees the developer's HPS_* environment, .env or hps.toml, nor another test's
     cached settings; each gets its own data directory."""
     for key in list(os.environ):
         if key.startswith("HPS_") and key != "HPS_TEST_DATABASE_URL":
             monkeypatch.delenv(key)
     monkeypatch.setenv("HPS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr("hps.settings.DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
+    monkeypatch.setattr("hps.settings.DEFAULT_ENV_FILE", tmp_path / "absent.env")
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

@@ -42,6 +42,9 @@ DAY2 = DAY1 + timedelta(days=1)
 DAY3 = DAY1 + timedelta(days=2)
 
 SET_ROUND_TIMES_SQL = """
+WITH made AS (
+    UPDATE images SET created_at = $2::timestamptz + interval '20 seconds' WHERE round_id = $1
+)
 UPDATE rounds SET created_at = $2::timestamptz, started_at = $2::timestamptz,
     ready_at = CASE WHEN ready_at IS NULL THEN NULL ELSE $2::timestamptz + interval '20 seconds' END
 WHERE id = $1

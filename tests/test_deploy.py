@@ -141,3 +141,58 @@ def test_each_service_command_exists_in_the_cli(service: str) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_health_checks_ask_hps_health_about_the_process_they_watch() -> None:
+    """Not `hps db status` (true while the bot is disconnected or the worker hung): the
+    heartbeats of the very process in the container (docs/runbook.md)."""
+    services = _compose()["services"]
+    watched = {"bot": "bot", "scheduler": "scheduler", "worker": "worker", "trainer": "worker"}
+    for name, kind in watched.items():
+        assert services[name]["command"][0] == kind
+        assert services[name]["healthcheck"]["test"] == ["CMD", "hps", "health", kind, "--here"]
+    checks = re.findall(r"^HEALTHCHECK .* CMD (\[.*\])$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert [json.loads(c) for c in checks] == [
+        ["hps", "health", "--here"],
+        ["hps", "health", "worker", "--here"],
+    ]
+
+
+def test_the_cuda_12_constraints_differ_from_ci_s_only_in_torch_and_cuda() -> None:
+    """constraints-cu126.txt (older NVIDIA drivers, docs/deploy.md) pins the same versions
+    of everything but torch, torchvision and the CUDA packages torch brings."""
+
+    def pins(name: str) -> set[str]:
+        text = (ROOT / name).read_text().splitlines()
+        return {line for line in text if line and not line.startswith("#")}
+
+    cuda = re.compile(r"^(torch|torchvision|triton|cuda-[\w-]+|nvidia-[\w-]+)==")
+    main, cu126 = pins("constraints.txt"), pins("constraints-cu126.txt")
+    assert {p for p in main if not cuda.match(p)} == {p for p in cu126 if not cuda.match(p)}
+    assert {p for p in cu126 if cuda.match(p)} == {"torch==2.9.1", "torchvision==0.24.1"}
+    index = "https://download.pytorch.org/whl/cu126"
+    first_step = f"--index-url {index} torch==2.9.1 torchvision==0.24.1"
+    assert first_step in (ROOT / "constraints-cu126.txt").read_text()
+    assert first_step in (ROOT / "docs" / "deploy.md").read_text()
+
+
+def test_the_invite_url_in_the_docs_asks_for_what_the_bot_uses() -> None:
+    """docs/deploy.md's invite URL and permission table are `bot.invite.PERMISSIONS`: the
+    integer, and each permission named (Discord's names), nothing else."""
+    from bot.invite import PERMISSIONS, invite_url
+
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    url = invite_url(123).replace("client_id=123", "client_id=APPLICATION_ID")
+    assert url in deploy and f"permissions={PERMISSIONS.value}" in url
+    names = {
+        "read_messages": "View Channels",  # discord.py's name of view_channel
+        "send_messages": "Send Messages",
+        "send_messages_in_threads": "Send Messages in Threads",
+        "attach_files": "Attach Files",
+        "read_message_history": "Read Message History",
+    }
+    assert {name for name, on in PERMISSIONS if on} == set(names)
+    table = deploy[deploy.index("| permission | why |") :].split("\n\n")[0]
+    listed = [row.split("|")[1].strip() for row in table.splitlines()[2:]]
+    assert listed == list(names.values())
+    assert "Use External Emojis" not in deploy

@@ -163,8 +163,9 @@ async def test_serve_without_a_token_runs_scheduler_and_worker_and_stops_cleanly
             await pool.close()
     log = (tmp_path / "serve.log").read_text()
     assert (
-        "no Discord bot token (set HPS_DISCORD__TOKEN or [discord] token in hps.toml): "
-        "running the scheduler and a worker without the bot"
+        "no Discord bot token (set HPS_DISCORD__TOKEN in the environment or .env, or [discord] "
+        "token in hps.toml): running the scheduler and a worker without the bot (`hps demo` "
+        "shows the bot without Discord)"
     ) in log
     assert "database is up to date" in log and "SIGTERM: stopping" in log
     assert "started bot" not in log

@@ -138,3 +138,42 @@ def test_with_changes_validates_and_leaves_the_original() -> None:
     assert settings.train.epochs == 1 and changed.limits == settings.limits
     with pytest.raises(ValidationError, match="choosers"):
         settings.with_changes("train", choosers="everyone")
+
+
+def test_a_dot_env_file_is_read_below_the_environment(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`.env` (as Compose reads it) sets HPS_* settings; its other variables are left alone,
+    the environment wins over it, and an unknown HPS_* name in it is refused."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "POSTGRES_PASSWORD=compose-only\nHPS_DISCORD__TOKEN=tok-from-dotenv\n"
+        "HPS_LIMITS__ROUNDS_PER_HOUR=4\nHPS_LIMITS__ROUNDS_PER_WEEK=5\n"
+    )
+    monkeypatch.setattr("hps.settings.DEFAULT_ENV_FILE", env_file)
+    monkeypatch.setenv("HPS_LIMITS__ROUNDS_PER_WEEK", "6")
+    settings = load_settings()
+    assert settings.discord.token is not None
+    assert settings.discord.token.get_secret_value() == "tok-from-dotenv"
+    assert settings.limits.rounds_per_hour == 4
+    assert settings.limits.rounds_per_week == 6  # the environment wins
+    assert settings.redacted()["discord"]["token"] == "********"
+    env_file.write_text("HPS_LIMITS__ROUND_PER_HOUR=3\n")
+    with pytest.raises(ConfigError, match=r"HPS_LIMITS__ROUND_PER_HOUR \(in .*\.env\)"):
+        load_settings()
+
+
+def test_hps_config_show_reads_dot_env_and_redacts_the_token(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / ".env").write_text("HPS_DISCORD__TOKEN=tok-from-dotenv\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
+    env["PYTHONPATH"] = str(root)
+    shown = subprocess.run(
+        [sys.executable, "-m", "cli", "config", "show", "--json"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert '"token": "********"' in shown.stdout
+    assert "tok-from-dotenv" not in shown.stdout + shown.stderr

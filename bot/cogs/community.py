@@ -1,5 +1,6 @@
 """Commands for everyone: /score (HPS of uploaded images), /stats, /forget-me (and its
-confirmation buttons)."""
+confirmation buttons); and deleting the bot's messages of forgotten users' rounds, whoever
+forgot them (/forget-me, or `hps users forget`, which queues them in `message_deletions`)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from collections.abc import Awaitable
 
 import discord
 from discord import ButtonStyle, app_commands
-from discord.ext import commands
+from discord.ext import commands, tasks
 from discord.ui import View
 
 from bot import checks, formats, imaging
 from bot.buttons import ButtonCog, CogButton
 from bot.client import HPSBot
 from bot.replies import reply
-from db import images, jobs, stats, users
-from db.connect import transaction
+from db import images, jobs, messages, stats, users
+from db.connect import UNAVAILABLE, transaction
+from db.locks import LockTimeout
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ SCORE_KIND = "score"
 FINISHED = ("done", "dead", "cancelled")
 # Re-read a waited-for job this often, in case its NOTIFY was lost (a LISTEN reconnect).
 POLL_SECONDS = 5.0
+# Messages whose deletion failed (Discord unreachable) are tried again this often.
+DELETION_RETRY_SECONDS = 60.0
 
 
 def _score_cooldown(interaction: discord.Interaction) -> app_commands.Cooldown:
@@ -63,7 +67,9 @@ class Community(ButtonCog):
 
     def __init__(self, bot: HPSBot) -> None:
         self.bot: HPSBot = bot
+        checks.servers_only(self.score, bot.settings.discord.dream_in_dms)
         self._job_waiters: dict[int, asyncio.Future[None]] = {}
+        self._deleting = asyncio.Lock()
         # One upload decoded at a time in this process: a decoded image may take
         # score_max_pixels × 4 bytes, and the bot's memory must stay small under many /score.
         self._decoding = asyncio.Semaphore(1)
@@ -90,6 +96,9 @@ class Community(ButtonCog):
         image3: discord.Attachment | None = None,
         image4: discord.Attachment | None = None,
     ) -> None:
+        if not checks.in_server(interaction, self.bot.settings.discord.dream_in_dms):
+            await interaction.response.send_message(checks.SERVERS_ONLY, ephemeral=True)
+            return
         limits = self.bot.settings.limits
         uploads = [a for a in (image, image2, image3, image4) if a is not None]
         try:
@@ -179,7 +188,10 @@ class Community(ButtonCog):
 
     async def _delete_uploads(self, keys: list[str]) -> None:
         """Scored uploads are not kept, unless a round's image has the same bytes."""
-        await images.delete_unreferenced(self.bot.pool, keys, self.bot.store.delete)
+        try:
+            await images.delete_unreferenced(self.bot.pool, keys, self.bot.store.delete)
+        except LockTimeout as exc:  # the files stay; nothing references them
+            log.warning("could not delete scored uploads: %s", exc)
 
     # -- /stats ----------------------------------------------------------------------------
 
@@ -210,23 +222,99 @@ class Community(ButtonCog):
             await interaction.response.edit_message(content="Nothing was deleted.", view=None)
             return
         await interaction.response.defer()  # forgetting a prolific user may take a while
-        result = await users.forget_user(self.bot.pool, user_id)
+        try:
+            result = await users.forget_user(self.bot.pool, user_id, delete=self.bot.store.delete)
+        except LockTimeout as exc:
+            log.warning("could not forget a user: %s", exc)
+            await interaction.edit_original_response(content=formats.FORGET_BUSY, view=None)
+            return
         if result is None:
             await interaction.edit_original_response(
                 content="We hold no data about you.", view=None
             )
             return
-        deleted = await images.delete_unreferenced(
-            self.bot.pool, result.orphaned_image_keys, self.bot.store.delete
-        )
+        _, left = await self.delete_queued_messages()
         log.info(
             "user forgotten",
-            extra={"user_id": result.user_id, "rounds": result.rounds_deleted, "files": deleted},
+            extra={
+                "user_id": result.user_id,
+                "rounds": result.rounds_deleted,
+                "files": result.files_deleted,
+            },
         )
         await interaction.edit_original_response(
-            content=formats.forgotten(result.choices_deleted, result.rounds_deleted, deleted),
+            content=formats.forgotten(
+                result.choices_deleted,
+                result.rounds_deleted,
+                result.files_deleted,
+                result.messages_queued,
+                all_deleted=left == 0,
+            ),
             view=None,
         )
+
+    # -- deleting forgotten rounds' messages ------------------------------------------------
+
+    async def cog_load(self) -> None:
+        await super().cog_load()
+        self._retry_deletions.start()
+
+    async def cog_unload(self) -> None:
+        self._retry_deletions.cancel()
+        await super().cog_unload()
+
+    @commands.Cog.listener()
+    async def on_hps_messages(self) -> None:
+        await self.delete_queued_messages()
+
+    @commands.Cog.listener()
+    async def on_hps_listening(self) -> None:
+        # Forgotten while no bot listened (`hps users forget` with the bot down).
+        await self.delete_queued_messages()
+
+    @tasks.loop(seconds=DELETION_RETRY_SECONDS)
+    async def _retry_deletions(self) -> None:
+        try:
+            await self.delete_queued_messages()
+        except Exception:  # an error must not end the loop (tasks.loop stops on one)
+            log.exception("deleting forgotten rounds' messages failed; trying again later")
+
+    async def delete_queued_messages(self) -> tuple[int, int]:
+        """Delete the queued messages of forgotten rounds on Discord: (deleted, still
+        queued). One pass at a time in this process; claims keep other processes apart."""
+        removed = 0
+        try:
+            async with self._deleting:
+                while claimed := await messages.claim_deletions(self.bot.pool):
+                    failures = 0
+                    for deletion in claimed:
+                        if await self._delete(deletion):
+                            removed += 1
+                        else:
+                            failures += 1
+                    if failures:
+                        break  # Discord is failing: the retry loop tries again later
+                return removed, await messages.pending(self.bot.pool)
+        except UNAVAILABLE as exc:
+            log.warning("could not read the messages to delete: %s", exc)
+            return removed, -1
+
+    async def _delete(self, deletion: messages.Deletion) -> bool:
+        channel = self.bot.get_partial_messageable(deletion.channel_id, guild_id=deletion.guild_id)
+        extra = {"channel_id": deletion.channel_id, "message_id": deletion.message_id}
+        try:
+            await channel.get_partial_message(deletion.message_id).delete()
+        except discord.NotFound:
+            pass  # deleted already (by a moderator, or an earlier try)
+        except discord.Forbidden as exc:
+            # The bot left the server or lost the channel: it can never delete this one.
+            log.warning("no permission to delete a forgotten round's message: %s", exc, extra=extra)
+        except discord.HTTPException as exc:
+            log.warning("deleting a forgotten round's message failed: %s", exc, extra=extra)
+            await messages.failed(self.bot.pool, deletion.id, str(exc)[:500])
+            return False
+        await messages.deleted(self.bot.pool, deletion.id)
+        return True
 
 
 async def setup(bot: HPSBot) -> None:

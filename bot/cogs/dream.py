@@ -38,7 +38,7 @@ from bot import checks, formats, imaging
 from bot.buttons import ButtonCog, CogButton
 from bot.client import HPSBot
 from bot.replies import reply
-from db import jobs, rounds
+from db import jobs, messages, rounds
 from db.choices import ChoiceRefused, record_choice, requester_choice
 from db.connect import UNAVAILABLE
 from db.images import images_of_round
@@ -217,6 +217,7 @@ class Dream(ButtonCog):
 
     def __init__(self, bot: HPSBot) -> None:
         self.bot: HPSBot = bot
+        checks.servers_only(self.dream, bot.settings.discord.dream_in_dms)
         self._originals: dict[int, _Original] = {}
         # One lock per round serialises the edits of its message.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -261,6 +262,9 @@ class Dream(ButtonCog):
     ) -> None:
         settings = self.bot.settings
         user_id = interaction.user.id
+        if not checks.in_server(interaction, settings.discord.dream_in_dms):
+            await interaction.response.send_message(checks.SERVERS_ONLY, ephemeral=True)
+            return
         if not checks.channel_allowed(interaction.channel_id, settings.discord):
             channels = ", ".join(f"<#{c}>" for c in settings.discord.channel_ids)
             await interaction.response.send_message(
@@ -544,8 +548,14 @@ class Dream(ButtonCog):
             return
         data = await self.bot.store.get_async(image.storage_key)
         name = f"chosen{PurePosixPath(image.storage_key).suffix}"
-        await interaction.followup.send(
-            formats.full_size(interaction.user.id, label), file=discord.File(io.BytesIO(data), name)
+        posted = await interaction.followup.send(
+            formats.full_size(interaction.user.id, label),
+            file=discord.File(io.BytesIO(data), name),
+            wait=True,
+        )
+        # It shows the image and mentions the requester: forgetting them deletes it too.
+        await messages.record_round_message(
+            self.bot.pool, round_id, posted.channel.id, posted.id, "chosen"
         )
 
     async def on_retry(self, interaction: discord.Interaction, round_id: int) -> None:

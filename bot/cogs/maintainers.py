@@ -19,9 +19,10 @@ from discord.ext import commands
 from bot import checks, formats
 from bot.client import HPSBot
 from bot.replies import reply
-from db import jobs, stats, users
+from db import jobs, services, stats, users
 from db import models as registry
 from db.connect import UNAVAILABLE
+from db.locks import LockTimeout
 from db.promotion import check_promotable, configured_label
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,19 @@ class Maintainers(commands.Cog):
         target: Literal["classifier", "sd", "both"] = "both",
     ) -> None:
         targets = ["classifier", "sd"] if target == "both" else [target]
-        enqueued = [
-            await jobs.enqueue_training(self.bot.pool, t, requested_by=_actor(interaction))
-            for t in targets
-        ]
+        try:
+            enqueued = [
+                await jobs.enqueue_training(self.bot.pool, t, requested_by=_actor(interaction))
+                for t in targets
+            ]
+        except LockTimeout as exc:  # another session holds the queue's lock: say who
+            log.warning("/retrain: %s", exc)
+            await reply(interaction, f"Could not queue the training: {exc}")
+            return
         for job, created in enqueued:
             log.info(
                 "training requested",
-                extra={"job_id": job.id, "job_kind": job.kind, "created": created},
+                extra={"job_id": job.id, "job_kind": job.kind, "job_created": created},
             )
         await reply(interaction, formats.retrain(enqueued))
 
@@ -150,6 +156,17 @@ class Maintainers(commands.Cog):
         if serving["sd_adapter"] is not None:
             adapters.insert(0, serving["sd_adapter"])
         live = await stats.live_records(pool, adapters)
+        settings = self.bot.settings
+        lease = timedelta(seconds=settings.worker.lease_seconds)
+        workers = await services.live_workers(pool, lease)
+        stale = timedelta(seconds=settings.health.stale_seconds)
+        schedulers = await services.list_services(pool, "scheduler", stale)
+        warnings = formats.liveness_warnings(
+            sum("generate" in kinds for _, kinds, _ in workers),
+            sum(s.alive for s in schedulers),
+            lease,
+            settings.limits.queued_round_minutes,
+        )
         text = formats.status(
             await stats.queue_depth(pool),
             await jobs.list_workers(pool),
@@ -158,6 +175,7 @@ class Maintainers(commands.Cog):
             await stats.choices_since(pool, timedelta(hours=24)),
             datetime.now(UTC),
             [(v, live.get(v.id)) for v in adapters],
+            warnings,
         )
         await reply(interaction, text)
 

@@ -31,6 +31,9 @@ TABLES = {
     "jobs",
     "workers",
     "retired_pseudonyms",
+    "services",
+    "round_messages",
+    "message_deletions",
 }
 
 TABLES_SQL = """

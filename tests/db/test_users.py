@@ -22,26 +22,68 @@ async def test_forgetting_deletes_the_users_data_and_keeps_others(pool) -> None:
 
     assert result is not None
     assert (result.choices_deleted, result.events_deleted, result.rounds_deleted) == (2, 3, 2)
+    assert result.jobs_deleted == 2  # the generate jobs of both rounds, the queued one too
     assert len(result.orphaned_image_keys) == 4  # the images of the round they asked for
+    assert result.files_deleted == 0  # no store given: the caller deletes them
     assert await users.get_user(pool, 1) is None
     tombstone = await pool.fetchrow("SELECT * FROM users WHERE id = $1", result.user_id)
     assert tombstone["discord_id"] is None and tombstone["forgotten_at"] is not None
     assert tombstone["pseudonym"] != pseudonym
+    # Every time on the tombstone is the day's midnight (UTC): none joins to the person.
+    midnight = await pool.fetchval("SELECT date_trunc('day', now(), 'UTC')")
+    times = (tombstone["first_seen_at"], tombstone["last_seen_at"], tombstone["forgotten_at"])
+    assert times == (midnight, midnight, midnight)
     assert await pool.fetchval("SELECT count(*) FROM rounds") == 1
     assert await pool.fetchval("SELECT count(*) FROM choices") == 1  # user 2 on their round
     assert await pool.fetchval("SELECT count(*) FROM choice_events") == 1
     assert await pool.fetchval("SELECT count(*) FROM prompts") == 1
-    job = await jobs.get_by_dedupe_key(pool, f"generate:round:{pending}")
-    assert job.state == "cancelled"
+    assert await jobs.get_by_dedupe_key(pool, f"generate:round:{pending}") is None
+    assert await jobs.get_by_dedupe_key(pool, f"generate:round:{mine}") is None
+    assert await jobs.get_by_dedupe_key(pool, f"generate:round:{theirs}") is not None
     assert await pool.fetchval("SELECT count(*) FROM choices_flat") == 1
     assert await users.forget_user(pool, 1) is None  # unknown now
 
 
-async def test_a_banned_user_stays_banned_after_forgetting(pool) -> None:  # type: ignore[no-untyped-def]
+async def test_a_banned_user_stays_banned_after_forgetting_on_a_fresh_row(pool) -> None:  # type: ignore[no-untyped-def]
+    """The ban moves to a fresh row with the Discord id; the tombstone keeps nothing, and
+    the user's later clicks are the fresh row's activity (flagged), never the tombstone's."""
+    theirs = await ready_round(pool, requester=2)
+    await record_choice(pool, round_id=theirs, discord_user_id=3, verdict="pick", position=1)
     await users.ban(pool, 3, shadow=True, reason="sockpuppet", actor="mod")
-    await users.forget_user(pool, 3)
+    before = await users.get_user(pool, 3)
+
+    forgotten = await users.forget_user(pool, 3)
+
     user = await users.get_user(pool, 3)
-    assert user is not None and user.shadow_banned and user.forgotten_at is not None
+    assert user is not None and user.id != forgotten.user_id and user.id != before.id
+    assert user.shadow_banned and not user.banned and user.forgotten_at is None
+    assert (user.ban_reason, user.banned_by) == ("sockpuppet", "mod")
+    assert user.pseudonym != before.pseudonym and user.banned_at > before.banned_at
+    tombstone = await pool.fetchrow("SELECT * FROM users WHERE id = $1", forgotten.user_id)
+    assert tombstone["discord_id"] is None and tombstone["forgotten_at"] is not None
+    assert not tombstone["shadow_banned"] and tombstone["ban_reason"] is None
+    assert tombstone["banned_at"] is None and tombstone["banned_by"] is None
+
+    later = await record_choice(pool, round_id=theirs, discord_user_id=3, verdict="tie")
+    assert later.outcome == "recorded" and later.choice.flagged
+    assert later.choice.user_id == user.id
+    activity = {
+        r["forgotten"]: (r["shadow_banned"], r["choices"], r["first_seen_at"])
+        for r in await pool.fetch(
+            "SELECT * FROM user_activity WHERE pseudonym IN ($1, $2)",
+            tombstone["pseudonym"],
+            user.pseudonym,
+        )
+    }
+    assert activity == {
+        True: (False, 0, tombstone["first_seen_at"]),
+        False: (True, 1, user.first_seen_at),
+    }
+    assert user.first_seen_at != tombstone["first_seen_at"]
+    # Forgetting again forgets the fresh row the same way, and the ban still holds.
+    again = await users.forget_user(pool, 3)
+    assert again.choices_deleted == 1
+    assert (await users.get_user(pool, 3)).shadow_banned
 
 
 async def test_ban_unban(pool) -> None:  # type: ignore[no-untyped-def]
@@ -77,9 +119,15 @@ async def test_forgetting_scrubs_the_users_id_from_jobs_bans_and_model_events(po
     )
     assert "discord:1" not in dump and "my private idea" not in dump
     assert "a forgotten user" in dump
-    assert await pool.fetchval("SELECT payload->'image_keys' FROM jobs WHERE kind = 'score'") == [
-        "k"
-    ]
+    # Their /score job (their upload, their prompt) is gone; the training run they asked
+    # for as a maintainer stays, with no trace of who asked.
+    assert await pool.fetchval("SELECT count(*) FROM jobs WHERE kind = 'score'") == 0
+    training = await pool.fetchrow("SELECT * FROM jobs WHERE kind = 'train_classifier'")
+    assert training["requested_by"] is None and training["payload"] == {}
+
+
+def test_the_jobs_forgetting_keeps_are_the_training_kinds() -> None:
+    assert sorted(users.KEPT_JOB_KINDS) == sorted(jobs.TRAINING_KINDS.values())
 
 
 async def test_a_click_in_flight_on_their_own_round_does_not_deadlock_a_forget(pool) -> None:  # type: ignore[no-untyped-def]

@@ -22,9 +22,9 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot.client import HPSBot
+from bot.fake_discord import FakeDiscord, FakeGuild, FakeUser, buttons
 from hps.settings import Settings, load_settings
 from hps.store import LocalImageStore
-from tests.discord_fake import FakeDiscord, FakeGuild, FakeUser, buttons
 from tests.e2e.worker import TestWorker
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncpg
 
+from bot.fake_discord import FakeDiscord
 from db import models as registry
 from db.choices import record_choice
 from hps.settings import AdaptSettings
 from pipeline.adapt.live import review
-from tests.discord_fake import FakeDiscord
 from tests.e2e.conftest import CHANNEL_ID, LOG_CHANNEL_ID, MAINTAINER
 from tests.factories import ready_round
 

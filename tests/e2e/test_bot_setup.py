@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from bot.client import INITIAL_EXTENSIONS
-from tests.discord_fake import FakeDiscord
+from bot.fake_discord import FakeDiscord
 from tests.e2e.conftest import (
     ALICE,
     BOB,

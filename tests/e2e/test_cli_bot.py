@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.discord_fake import FakeDiscord
+from bot.fake_discord import FakeDiscord
 from tests.e2e.conftest import ROOT, BotProcess, bot_env, bot_settings
 
 

@@ -13,9 +13,9 @@ import zlib
 import asyncpg
 from PIL import Image
 
+from bot.fake_discord import EPHEMERAL, FakeDiscord, FakeInteraction, FakeUser, button_ids
 from db import jobs
 from hps.store import LocalImageStore
-from tests.discord_fake import EPHEMERAL, FakeDiscord, FakeInteraction, FakeUser, button_ids
 from tests.e2e.conftest import ALICE, BOB, CHANNEL_ID, dream, eventually, wait_buttons, wait_db
 from tests.e2e.worker import TestWorker, fake_score, png
 
@@ -217,9 +217,15 @@ async def test_forget_me_asks_first_then_removes_the_users_data_and_files(
         )
     )
     assert done["content"] == (
-        "Done: deleted 1 round(s), 2 choice(s) and 4 image file(s). We no longer know who you were."
+        "Done: deleted 1 round(s), 2 choice(s), 4 image file(s) and the bot's 2 message(s) "
+        "showing your rounds."
     )
     assert done["components"] == []
+    # Her round's message and her chosen image, which showed her images and mentioned her,
+    # are gone from the channel; Bob's round stays.
+    assert int(alices["id"]) not in fake.messages and int(bobs["id"]) in fake.messages
+    assert not [m for m in fake.channel_messages(CHANNEL_ID) if f"<@{ALICE.id}>" in m["content"]]
+    assert await pool.fetchval("SELECT count(*) FROM message_deletions") == 0
     assert [
         r["text"]
         for r in await pool.fetch(

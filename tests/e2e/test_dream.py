@@ -16,11 +16,11 @@ from datetime import timedelta
 import asyncpg
 from PIL import Image
 
+from bot.fake_discord import EPHEMERAL, FakeDiscord, FakeUser, button_ids, buttons
 from db import models as registry
 from db import rounds, users
 from db.choices import choices_of_round
 from hps.store import LocalImageStore
-from tests.discord_fake import EPHEMERAL, FakeDiscord, FakeUser, button_ids, buttons
 from tests.e2e.conftest import (
     ALICE,
     BOB,

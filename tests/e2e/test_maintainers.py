@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import asyncpg
 
-from db import jobs, users
+from bot.fake_discord import EPHEMERAL, MANAGE_GUILD, FakeDiscord, FakeUser
+from db import jobs, services, users
 from db import models as registry
-from tests.discord_fake import EPHEMERAL, MANAGE_GUILD, FakeDiscord, FakeUser
 from tests.e2e.conftest import (
     ALICE,
     BOB,
@@ -154,13 +154,22 @@ async def test_status_and_models_report_the_platform(
     bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker
 ) -> None:
     _, queued = await dream(fake, ALICE, "a status check")
+    # Nothing alive: /status says so first.
+    alone = await _answer(fake, MAINTAINER, "status")
+    assert alone.startswith(
+        "⚠️ **No worker is alive** that generates images (no heartbeat within 2m 00s): "
+        "/dream rounds wait and fail after 60 minutes.\n"
+        "⚠️ **No scheduler is alive**: rounds are not closed or given up on time, and no "
+        "training is scheduled.\n**Queue**"
+    )
     await jobs.register_worker(pool, "gpu-1:42", ["generate"], "cuda:0")
+    await services.heartbeat(pool, "scheduler", {})
     base = await registry.ensure_base(pool, kind="sd_base", artifact="tiny-sd")
     classifier = await registry.register(
         pool, kind="classifier", artifact="/m/c1", metrics={"accuracy": 0.4321}
     )
     text = await _answer(fake, MAINTAINER, "status")
-    assert "**Queue**\n- `generate`: queued 1" in text
+    assert text.startswith("**Queue**\n- `generate`: queued 1")
     assert "- `gpu-1:42` (cuda:0, job -): last heartbeat " in text
     assert f"- sd_base: {base.name}" in text and "- classifier: none" in text
     assert "**Last training**\n- none yet" in text

@@ -15,11 +15,11 @@ import psutil
 import pytest
 
 from bot import formats
+from bot.fake_discord import FakeDiscord
 from db import migrate
 from db.choices import choices_of_round
 from db.connect import create_pool
 from hps.store import LocalImageStore
-from tests.discord_fake import FakeDiscord
 from tests.e2e.conftest import (
     ALICE,
     BOB,

@@ -16,9 +16,10 @@ import pytest
 
 from db.connect import create_pool
 from hps.settings import Settings, load_settings
+from pipeline.tiny_models import tiny_weights
 from pipeline.worker import Worker
+from tests.colour_task import write_colour_hpd
 from tests.conftest import create_database, drop_database, unique_name
-from tests.tiny_clip import tiny_weights, write_colour_hpd
 
 FAST_WORKER = {
     "lease_seconds": 5,

@@ -20,7 +20,7 @@ from pipeline import devices
 from pipeline.adapt.dataset import Item
 from pipeline.adapt.lora_train import ADAPTER_INFO, train_lora
 from pipeline.generate import Generator, ImageRequest, SamplingParams
-from tests.tiny_clip import COLOURS, colour_image
+from tests.colour_task import COLOURS, colour_image
 
 PARAMS = SamplingParams(steps=2, guidance_scale=7.5, width=64, height=64)
 IDENTIFIER = "Weird image. "

@@ -23,8 +23,8 @@ from pipeline.hps_model import HPSModel
 from pipeline.model_files import sha256_file
 from pipeline.runs import Resources, Run
 from pipeline.worker import Worker
+from tests.colour_task import COLOURS, OBJECTS
 from tests.pipeline.conftest import make_settings, running, wait_until
-from tests.tiny_clip import COLOURS, OBJECTS
 
 PROMPTS = [f"a {colour} {thing}" for colour in list(COLOURS)[:4] for thing in OBJECTS[:4]]
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tiny_models import tiny_config
+from tests.colour_task import write_colour_hpd
 from tests.test_cli import hps
-from tests.tiny_clip import tiny_config, write_colour_hpd
 
 FAST = ["--lr", "1e-3", "--batch-size", "10", "--image-blocks", "99", "--text-blocks", "99",
         "--num-workers", "0", "--min-examples", "20"]  # fmt: skip
@@ -157,7 +158,7 @@ async def test_eval_of_a_bare_weights_file_compares_it_with_the_untuned_configur
     from pipeline.data import examples_from_folder, read_path
     from pipeline.evaluate import evaluate as evaluate_model
     from pipeline.hps_model import HPSModel
-    from tests.tiny_clip import tiny_openai_checkpoint
+    from pipeline.tiny_models import tiny_openai_checkpoint
 
     checkpoint = tiny_openai_checkpoint(tmp_path, seed=3)
     config = load_settings(

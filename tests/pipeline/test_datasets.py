@@ -17,8 +17,8 @@ from db.images import NewImage
 from hps.store import LocalImageStore
 from pipeline.data import DatasetError
 from pipeline.datasets import export_dataset, import_hpd
+from tests.colour_task import write_colour_hpd
 from tests.factories import ready_round, stored_round
-from tests.tiny_clip import write_colour_hpd
 
 SNAPSHOT_SQL = """
 SELECT r.external_id, r.split, r.k, r.status, p.text, p.contains_name, u.pseudonym,

@@ -86,7 +86,7 @@ def processor(tmp_path_factory: pytest.TempPathFactory) -> Any:
     small images to keep the test fast)."""
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
-    from tests.tiny_sd import write_clip_tokenizer_files
+    from pipeline.tiny_models import write_clip_tokenizer_files
 
     folder = write_clip_tokenizer_files(tmp_path_factory.mktemp("tokenizer"))
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from datetime import timedelta
@@ -23,7 +24,7 @@ from pipeline.generate import (
     SamplingParams,
     handle_generate,
 )
-from pipeline.handlers import JobContext
+from pipeline.handlers import JobContext, LeaseLost
 from pipeline.worker import Worker
 from tests.db.test_rounds import Listener
 from tests.pipeline.conftest import make_settings, running, stored_pngs, wait_until
@@ -188,6 +189,9 @@ async def test_flagged_images_are_recorded_never_shown_and_too_many_fail_the_rou
     assert await images_of_round(pool, two.round.id, include_nsfw=True) == []
     assert failed_job.result["status"] == "failed" and failed_job.result["error"] == reason
     assert [i["nsfw"] for i in failed_job.result["images"]] == [True, False]
+    # The failed round's files went with it (its blacked image has the bytes, and so the
+    # file, of the ready round's, which stays).
+    assert stored_pngs(settings.images_dir) == sorted(f"{i.sha256}.png" for i in recorded)
 
 
 async def test_a_model_without_a_safety_checker_is_refused_while_the_check_is_on(
@@ -195,15 +199,17 @@ async def test_a_model_without_a_safety_checker_is_refused_while_the_check_is_on
 ) -> None:  # type: ignore[no-untyped-def]
     """Its images would go out unchecked: the job dies at once (retrying cannot help) and
     the requester is told, rather than seeing unchecked images."""
-    settings = _settings(tiny_sd_dir, safety_checker=True)  # tiny_sd_dir has no checker
+    # tiny_sd_dir has no checker, and no standalone one is configured.
+    settings = _settings(tiny_sd_dir, safety_checker=True, safety_checker_model=None)
     async with running(_worker(pool, settings)):
         created = await rounds.create_round(pool, requester_discord_id=1, prompt=PROMPT, k=4)
         dead = await wait_until(lambda: _state(pool, created.job.id, "dead"), within=60)
     assert dead.attempts == 1
     assert dead.error == (
-        f"{tiny_sd_dir} has no safety checker, so its images could not be checked: give it "
-        "one, or set generation.safety_checker = false (HPS_GENERATION__SAFETY_CHECKER=false) "
-        "to post its images unchecked"
+        f"{tiny_sd_dir} has no safety checker, so its images could not be checked: set "
+        "generation.safety_checker_model (HPS_GENERATION__SAFETY_CHECKER_MODEL) to check them "
+        "with the standalone one, or generation.safety_checker = false "
+        "(HPS_GENERATION__SAFETY_CHECKER=false) to post them unchecked"
     )
     failed = await rounds.get_round(pool, created.round.id)
     assert failed.status == "failed"
@@ -244,18 +250,36 @@ async def test_rounds_that_cannot_be_generated_end_their_job_without_images(
     pool, tiny_sd_dir: Path
 ) -> None:  # type: ignore[no-untyped-def]
     settings = _settings(tiny_sd_dir)
-    # The requester of a round is forgotten while its job runs: the round is deleted.
+    # The requester of a round is forgotten while its job runs: the round and its job are
+    # deleted, and the worker lets go of the job, writing nothing.
     gone = await rounds.create_round(pool, requester_discord_id=2, prompt=PROMPT, k=2)
     [claimed] = await jobs.claim(pool, ["generate"], "w", timedelta(minutes=1))
     await users.forget_user(pool, 2)
     ctx = JobContext(claimed, settings, pool, LocalImageStore(settings.images_dir), "w", "cpu", {})
-    await handle_generate(ctx)
-    done = await jobs.get(pool, gone.job.id)
-    assert done.state == "done" and done.result == {
-        "round_id": gone.round.id,
-        "status": "skipped",
-        "reason": "the round no longer waits for images",
-    }
+    with pytest.raises(LeaseLost):
+        await handle_generate(ctx)
+    assert await jobs.get(pool, gone.job.id) is None
+    # Forgotten once the images are made, as they are stored: the files go too.
+    loop = asyncio.get_running_loop()
+
+    class ForgettingStore(LocalImageStore):
+        forgot = False
+
+        def put(self, data: bytes, suffix: str = ".png"):  # type: ignore[no-untyped-def]
+            if not self.forgot:  # in the worker's thread, while its loop waits for it
+                self.forgot = True
+                asyncio.run_coroutine_threadsafe(users.forget_user(pool, 3), loop).result()
+            return super().put(data, suffix)
+
+    late = await rounds.create_round(pool, requester_discord_id=3, prompt=PROMPT, k=2)
+    [claimed] = await jobs.claim(pool, ["generate"], "w", timedelta(minutes=1))
+    store = ForgettingStore(settings.images_dir)
+    ctx = JobContext(claimed, settings, pool, store, "w", "cpu", {})
+    with pytest.raises(LeaseLost):
+        await handle_generate(ctx)
+    assert store.forgot and await jobs.get(pool, late.job.id) is None
+    assert await rounds.get_round(pool, late.round.id) is None
+    assert stored_pngs(settings.images_dir) == []  # stored, then deleted: no row names them
 
     bad = await rounds.create_round(
         pool, requester_discord_id=1, prompt=PROMPT, k=2, params={"steps": 0}
@@ -300,3 +324,31 @@ def test_an_adapters_identifier_leads_the_negative_prompt(
     assert base.png != generator.generate([ImageRequest(PROMPT, "", 3, "tagged")], params)[0].png
     generator.keep_adapters({"plain"})
     assert generator.identifiers == {"plain": ""}
+
+
+def test_a_model_without_a_checker_is_checked_by_the_standalone_one(
+    tiny_sd_dir: Path, tmp_path: Path
+) -> None:
+    """SDXL and SD 2.x ship no checker: the one SD 1.x ships runs on their images instead,
+    loaded through `from_pretrained` from `generation.safety_checker_model`."""
+    from pipeline.generate import Generator, ImageRequest, SamplingParams
+    from pipeline.tiny_models import build_tiny_safety_checker
+
+    params = SamplingParams(steps=2, guidance_scale=7.5, width=64, height=64)
+    requests = [ImageRequest(PROMPT, "", seed) for seed in (1, 2)]
+    unchecked = Generator(str(tiny_sd_dir), device="cpu", safety_checker=False)
+    assert unchecked.checker is None
+    plain = unchecked.generate(requests, params)
+    for flag_all, expected in ((False, [False, False]), (True, [True, True])):
+        folder = build_tiny_safety_checker(tmp_path / f"checker-{flag_all}", flag_all=flag_all)
+        generator = Generator(
+            str(tiny_sd_dir), device="cpu", safety_checker=True, safety_checker_model=str(folder)
+        )
+        made = generator.generate(requests, params)
+        assert [image.nsfw for image in made] == expected
+        for image, same in zip(made, plain, strict=True):
+            pixels = PILImage.open(io.BytesIO(image.png)).getextrema()
+            if image.nsfw:  # blacked out, as the pipeline's own checker does
+                assert pixels == ((0, 0), (0, 0), (0, 0))
+            else:
+                assert image.png == same.png

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from pipeline.hps_model import HPSModel, ImageError, ModelLoadError, openai_model_cfg
-from tests.tiny_clip import TINY_NAME, colour_image, tiny_clip, tiny_openai_checkpoint
+from pipeline.tiny_models import TINY_NAME, tiny_clip, tiny_openai_checkpoint
+from tests.colour_task import colour_image
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:

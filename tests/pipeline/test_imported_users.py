@@ -20,8 +20,8 @@ from db.choices import record_choice
 from db.images import NewImage
 from hps.store import LocalImageStore
 from pipeline.datasets import export_dataset, import_hpd
+from tests.colour_task import write_colour_hpd
 from tests.factories import ready_round, stored_round
-from tests.tiny_clip import write_colour_hpd
 
 
 async def _import(pool: Any, folder: Path, store: Path) -> Any:

@@ -11,8 +11,14 @@ import pytest
 
 from db import jobs, rounds
 from db.choices import record_choice
-from pipeline.scheduler import Scheduler, _crontab_weekdays, cron_trigger, period_start
-from tests.factories import ready_round
+from pipeline.scheduler import (
+    Scheduler,
+    _crontab_weekdays,
+    cron_trigger,
+    period_start,
+    unstarted_error,
+)
+from tests.factories import queued_round, ready_round
 from tests.pipeline.conftest import make_settings
 
 WEDNESDAY = datetime(2026, 11, 25, 6, 30, tzinfo=UTC)
@@ -66,7 +72,7 @@ def test_an_invalid_cron_names_its_setting() -> None:
 
 
 async def test_two_schedulers_and_a_restart_enqueue_a_period_once(pool) -> None:  # type: ignore[no-untyped-def]
-    settings = make_settings()
+    settings = make_settings(schedules={"adapt_sd": "0 4 * * 0"})
     first, second = Scheduler(pool, settings), Scheduler(pool, settings)
     fired = await asyncio.gather(
         first.fire("adapt_sd", WEDNESDAY), second.fire("adapt_sd", WEDNESDAY)
@@ -206,3 +212,74 @@ async def test_adapters_in_testing_are_reviewed_in_place(pool) -> None:  # type:
     assert event["actor"] == "schedule:review_adapters"
     assert event["reason"].startswith("no decided A/B rounds against sd_base:tiny-sd yet")
     assert await pool.fetchval("SELECT count(*) FROM jobs") == 0  # no queue work
+
+
+def test_the_weekly_sd_adaptation_is_off_unless_a_maintainer_turns_it_on() -> None:
+    """Hours of paid GPU time nobody asked for: off by default."""
+    assert make_settings().schedules.adapt_sd is None
+    assert "adapt_sd" not in Scheduler(None, make_settings()).triggers  # type: ignore[arg-type]
+
+
+async def test_rounds_no_worker_started_in_time_fail_and_free_their_requesters(pool) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(limits={"queued_round_minutes": 30})
+    waited = await queued_round(pool, requester=1)
+    fresh = await queued_round(pool, requester=2, prompt="a blue cone")
+    started = await queued_round(pool, requester=3, prompt="a green ball")
+    # The first and the third were queued 40 minutes ago; a worker took the third.
+    await pool.execute(
+        "UPDATE jobs SET created_at = now() - interval '40 minutes', "
+        "run_after = now() - interval '40 minutes' WHERE (payload->>'round_id')::int <> $1",
+        fresh,
+    )
+    [claimed] = await jobs.claim(pool, ["generate"], "w", LEASE, limit=1)
+    assert claimed.payload["round_id"] == waited  # oldest first: requeue it as if it died
+    await pool.execute(
+        "UPDATE jobs SET state = 'queued', worker_id = NULL WHERE id = $1", claimed.id
+    )
+    await rounds.start_generating(pool, started)
+    fired = await Scheduler(pool, settings).fire("close_stale_rounds")
+    assert fired.detail == "0 round(s) closed, 1 never started failed"
+    failed = await rounds.get_round(pool, waited)
+    assert (failed.status, failed.error) == ("failed", unstarted_error(30))
+    assert "within 30 minutes" in failed.error and "You can retry it." in failed.error
+    assert (await rounds.get_round(pool, fresh)).status == "queued"
+    assert (await rounds.get_round(pool, started)).status == "generating"
+    states = dict(await pool.fetch("SELECT (payload->>'round_id')::int, state FROM jobs"))
+    assert states == {waited: "cancelled", fresh: "queued", started: "queued"}
+    # The requester is no longer held at the in-flight limit, and a retry waits anew.
+    await rounds.check_may_dream(pool, 1, rounds.Limits(in_flight=1))
+    job = await rounds.retry_round(pool, waited)
+    assert job is not None and job.state == "queued"
+    again = await Scheduler(pool, settings).fire("close_stale_rounds")
+    assert again.detail == "0 round(s) closed"
+    # 0 turns the deadline off.
+    off = make_settings(limits={"queued_round_minutes": 0})
+    await pool.execute(
+        "UPDATE jobs SET created_at = now() - interval '9 hours', "
+        "run_after = now() - interval '9 hours'"
+    )
+    assert (await Scheduler(pool, off).fire("close_stale_rounds")).detail == "0 round(s) closed"
+
+
+async def test_the_scheduler_heartbeats_while_it_runs(pool) -> None:  # type: ignore[no-untyped-def]
+    from db import services
+
+    settings = make_settings(
+        schedules={"close_stale_rounds": None, "score_images": None, "review_adapters": None},
+        health={"heartbeat_seconds": 0.05, "stale_seconds": 1},
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(Scheduler(pool, settings).run(stop))
+    try:
+        for _ in range(100):
+            found = await services.list_services(pool, "scheduler", timedelta(seconds=1))
+            if found:
+                break
+            await asyncio.sleep(0.05)
+        [service] = found
+        assert service.alive and service.state == {"schedules": ["retrain_classifier"]}
+    finally:
+        stop.set()
+        await task
+    [service] = await services.list_services(pool, "scheduler", timedelta(seconds=1))
+    assert service.stopped_at is not None and not service.alive

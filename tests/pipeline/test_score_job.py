@@ -14,7 +14,7 @@ from hps.settings import load_settings
 from hps.store import LocalImageStore
 from pipeline.handlers import JobContext, PermanentError, load_handler
 from pipeline.hps_model import HPSModel
-from tests.tiny_clip import colour_image
+from tests.colour_task import colour_image
 
 
 def _png(colour: str) -> bytes:

@@ -27,10 +27,10 @@ from pipeline.evaluate import accuracy_report, evaluate, wilson_interval
 from pipeline.handlers import JobContext, PermanentError
 from pipeline.hps_model import HPSModel, ModelSpec
 from pipeline.loss import grouped_logits, preference_loss
+from pipeline.tiny_models import tiny_clip
 from pipeline.train_classifier import handle_train_classifier
 from pipeline.trainer import freeze_lower_blocks, train
 from tests.factories import ready_round
-from tests.tiny_clip import tiny_clip
 
 # What makes the tiny model learn in seconds (the paper's defaults suit a pretrained ViT-L).
 FAST = {

@@ -1,8 +1,6 @@
-"""A tiny open_clip model and a synthetic choice task it can learn, for tests and benches.
+"""A synthetic choice task the tiny CLIP (`pipeline.tiny_models.tiny_clip`) can learn.
 
-The config follows OpenAI's conventions (64-wide attention heads, QuickGELU), so the same
-model also serves as a tiny stand-in for the paper's `hpc.pth` (an OpenAI-format state dict).
-The choice task: each round shows K solid-colour images and the prompt names a colour
+The task: each round shows K solid-colour images and the prompt names a colour
 ("a red boat"); the chosen image is the one of that colour. Test prompts (colour-object
 pairs) never occur in training, so passing it means reading the colour word.
 """
@@ -14,17 +12,7 @@ import random
 from pathlib import Path
 
 import numpy as np
-import open_clip
-import torch
 from PIL import Image
-
-TINY_NAME = "hps-tiny-clip"
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
-}
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -37,39 +25,6 @@ COLOURS = {
     "black": (15, 15, 15),
 }
 OBJECTS = ["cube", "ball", "car", "house", "tree", "cat", "dog", "cup", "boat", "hat"]
-
-
-def tiny_config(directory: Path) -> Path:
-    """The tiny model's config file (its stem is the architecture name)."""
-    path = Path(directory) / f"{TINY_NAME}.json"
-    path.write_text(json.dumps(TINY_CONFIG))
-    return path
-
-
-def tiny_clip(directory: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
-    """A randomly initialised tiny CLIP (seeded) and its config file."""
-    config = tiny_config(directory)
-    open_clip.add_model_config(config)
-    torch.manual_seed(seed)
-    return open_clip.create_model(TINY_NAME, pretrained=None), config
-
-
-def tiny_weights(directory: Path, seed: int = 0) -> tuple[Path, Path]:
-    """(config file, weights file in open_clip's format) of a seeded tiny CLIP."""
-    model, config = tiny_clip(directory, seed)
-    weights = Path(directory) / "tiny-weights.pt"
-    torch.save(model.state_dict(), weights)
-    return config, weights
-
-
-def tiny_openai_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A tiny model saved as the paper's `hpc.pth` is: `{"state_dict": ...}` in the OpenAI
-    CLIP format, with the `module.` prefixes of a DDP-wrapped model."""
-    model, _ = tiny_clip(directory, seed)
-    path = Path(directory) / "hpc.pth"
-    state = {f"module.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "epoch": 1}, path)
-    return path
 
 
 def colour_image(colour: str, rng: random.Random, size: int = 32) -> Image.Image:

@@ -1,5 +1,5 @@
 """A local Discord-compatible server: the REST routes and the gateway the bot uses, on
-loopback, for end-to-end tests and the ingest benchmark.
+loopback, for end-to-end tests, the ingest benchmark and `hps demo`.
 
 The unmodified discord.py client is pointed at it by the bot's settings
 (`discord.api_base_url` = `FakeDiscord.api_base_url`, `discord.gateway_url` =
@@ -242,6 +242,7 @@ class FakeDiscord:
             FakeGuild(self.snowflake(), "HPS test guild", [self.snowflake(), self.snowflake()])
         ]
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.bot_public = False  # the Developer Portal's Public Bot switch
 
         self.requests: list[Request] = []
         self.unhandled: list[str] = []
@@ -250,6 +251,7 @@ class FakeDiscord:
         self._by_token: dict[str, FakeInteraction] = {}
         self.commands: dict[int | None, dict[str, dict[str, Any]]] = {}
         self.cdn: dict[int, tuple[str, str, bytes]] = {}  # attachment id → (name, type, data)
+        self._dm_channels: dict[int, int] = {}  # user id → their DM channel with the bot
         self.sessions: dict[str, GatewaySession] = {}
         self.session: GatewaySession | None = None  # the one dispatches go to
         self.identifies = 0
@@ -354,8 +356,10 @@ class FakeDiscord:
         options: dict[str, Any] | None = None,
         *,
         channel_id: int | None = None,
+        dm: bool = False,
     ) -> FakeInteraction:
-        """`user` runs `/name` with `options` (str, int, float, bool, FakeUser, FakeAttachment)."""
+        """`user` runs `/name` with `options` (str, int, float, bool, FakeUser, FakeAttachment),
+        in a server's channel, or with `dm` in their direct messages with the bot."""
         resolved: dict[str, dict[str, Any]] = {}
         opts = []
         for key, value in (options or {}).items():
@@ -387,9 +391,15 @@ class FakeDiscord:
         }
         if resolved:
             data["resolved"] = resolved
-        if name in self.commands.get(guild_id, {}):
+        if name in self.commands.get(guild_id, {}) and not dm:
             data["guild_id"] = str(guild_id)
+        if dm:
+            return await self._interact(2, user, self.dm_channel(user), data, dm=True)
         return await self._interact(2, user, channel_id or self.channel_id, data)
+
+    def dm_channel(self, user: FakeUser) -> int:
+        """The id of `user`'s direct-message channel with the bot."""
+        return self._dm_channels.setdefault(user.id, self.snowflake())
 
     async def click(self, user: FakeUser, message_id: int, custom_id: str) -> FakeInteraction:
         """`user` clicks the button `custom_id` on a message."""
@@ -407,6 +417,7 @@ class FakeDiscord:
         data: dict[str, Any],
         *,
         message: dict[str, Any] | None = None,
+        dm: bool = False,
     ) -> FakeInteraction:
         interaction_id = self.snowflake()
         token = "aW50ZXJhY3Rpb24" + secrets.token_urlsafe(24)
@@ -430,6 +441,13 @@ class FakeDiscord:
             "context": 0,
             "attachment_size_limit": 25 * 2**20,
         }
+        if dm:  # no server: the user as such, the DM channel, the bot-DM context
+            for key in ("guild_id", "member", "guild_locale"):
+                del payload[key]
+            payload["user"] = user.user_payload()
+            payload["channel"] = {"id": str(channel_id), "type": 1}
+            payload["context"] = 1
+            payload["authorizing_integration_owners"] = {"0": str(user.id)}
         if message is not None:
             payload["message"] = message
         interaction = FakeInteraction(
@@ -652,7 +670,7 @@ class FakeDiscord:
             "name": "HPS",
             "description": "",
             "icon": None,
-            "bot_public": True,
+            "bot_public": self.bot_public,
             "bot_require_code_grant": False,
             "owner": FakeUser(self.snowflake(), "owner").user_payload(),
             "verify_key": "0" * 64,
@@ -816,11 +834,10 @@ class FakeDiscord:
         interaction: FakeInteraction | None,
     ) -> dict[str, Any]:
         message_id = self.snowflake()
-        guild = next(g for g in self.guilds if channel_id in g.channel_ids)
+        guild = next((g for g in self.guilds if channel_id in g.channel_ids), None)
         message: dict[str, Any] = {
             "id": str(message_id),
             "channel_id": str(channel_id),
-            "guild_id": str(guild.id),
             "author": self.bot_user.user_payload(),
             "content": data.get("content") or "",
             "timestamp": _iso(),
@@ -837,6 +854,8 @@ class FakeDiscord:
             "flags": int(data.get("flags") or 0),
             "application_id": str(self.application_id),
         }
+        if guild is not None:  # else a direct message
+            message["guild_id"] = str(guild.id)
         if interaction is not None:
             message["type"] = 20 if interaction.type == 2 else 0
             message["webhook_id"] = str(self.application_id)
@@ -844,7 +863,9 @@ class FakeDiscord:
                 "id": str(interaction.id),
                 "type": interaction.type,
                 "user": interaction.user.user_payload(),
-                "authorizing_integration_owners": {"0": str(guild.id)},
+                "authorizing_integration_owners": {
+                    "0": str(guild.id if guild else interaction.user.id)
+                },
             }
         self.messages[message_id] = message
         return message

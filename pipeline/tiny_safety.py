@@ -1,5 +1,5 @@
-"""A stand-in safety checker for the tiny pipeline (a pipeline component that diffusers
-saves and loads by this module's path, so the module must be imported before loading)."""
+"""A stand-in safety checker for the tiny pipeline (`pipeline.tiny_models.build_tiny_sd`): a
+pipeline component that diffusers saves and loads by this module's path."""
 
 from __future__ import annotations
 

@@ -48,7 +48,6 @@ def upgrade(
 ) -> None:
     """Apply migrations up to REVISION (default: the newest), then the analysts' policy."""
     from cli.store import adopt_local_models
-
     from db import migrate
 
     url = _url()

@@ -501,6 +501,8 @@ class StoreSettings(Section):
     @property
     def is_s3(self) -> bool:
         return self.url.startswith("s3://")
+
+
 class HealthSettings(Section):
     """Liveness of the bot and the scheduler (workers: `worker.heartbeat_seconds` and
     `worker.lease_seconds`), read by `hps health` and `/status`."""

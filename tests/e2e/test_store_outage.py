@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from bot.fake_discord import FakeDiscord, buttons
 from hps.store import StoreUnavailable
-from tests.discord_fake import FakeDiscord, buttons
 from tests.e2e.conftest import ALICE, BotFactory, dream
 from tests.e2e.worker import TestWorker
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from bot.fake_discord import FakeDiscord, buttons
 from hps.settings import load_settings
 from hps.storage import storage
-from tests.discord_fake import FakeDiscord, buttons
 from tests.e2e.conftest import (
     ALICE,
     ROOT,

@@ -17,9 +17,10 @@ from db import jobs, models, rounds
 from db.images import images_of_round
 from hps.storage import storage
 from pipeline.hps_model import HPSModel
+from pipeline.tiny_models import tiny_config
 from pipeline.worker import Worker
+from tests.colour_task import write_colour_hpd
 from tests.pipeline.conftest import make_settings, running, wait_until
-from tests.tiny_clip import tiny_config, write_colour_hpd
 
 FAST = {
     "learning_rate": 1e-3,

@@ -112,6 +112,9 @@ def test_hps_store_migrate_copies_images_and_versions_into_a_bucket_resumably(
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("HPS_DATABASE_URL", database_url)
 
+    checked = _hps("store", "check")  # the configured store: the folder
+    assert checked.exit_code == 0 and f"the folder {data_dir}: reachable" in checked.output
+
     first = _hps("store", "migrate", "--to", s3_store["url"])
     assert first.exit_code == 1  # something could not be copied: said, not hidden
     assert "images: 3 copied, 0 already there, 1 corrupt (not copied)" in first.output

@@ -1,4 +1,6 @@
-"""Scoring throughput: batched HPS scoring against a naive one-image-at-a-time loop.
+"""Scoring throughput: batched HPS scoring against a naive one-image-at-a-time loop, and
+the multi-scorer pass (all reward models on one decoding) against each scorer decoding the
+images on its own.
 
 CPU (always): the same model scores the same JPEG files from disk, (a) batched through
 `HPSModel.score` (the prompt encoded once, images in batches, decoding one batch ahead in a
@@ -12,7 +14,15 @@ workers (target ≥ 2,000 img/s on one H100-class GPU) and (d) from decoded tens
 on the GPU (target ≥ 4,000 img/s). Throughput does not depend on the weights, so the models
 are randomly initialised unless `--pretrained` names local weights.
 
-    python bench/score_throughput.py [--cpu-model ViT-B-32] [--images 256]
+Multi-scorer (CPU, always): the five scorers of `hps eval --scorers` (HPS v1, HPS v2,
+PickScore, the aesthetic predictor, CLIP score) on tiny random weights in their released
+formats (`tests/tiny_scorers.py`), scoring the same SD-sized JPEGs (a) together, through
+`pipeline.scorers.score_all` (each image decoded once, every scorer's preprocessing fed from
+it), and (b) one after another, each decoding the images itself. With tiny models decoding
+dominates, which is what the shared pass saves; on a GPU (when one is lent) the same
+comparison runs at full size (ViT-L/14, ViT-H/14, random weights).
+
+    python bench/score_throughput.py [--cpu-model ViT-B-32] [--images 256] [--multi-images 128]
 """
 
 from __future__ import annotations
@@ -149,6 +159,116 @@ def gpu_bench(
     }
 
 
+def multi_scorer_bench(
+    settings_sections: dict[str, dict[str, str]],
+    paths: list[Path],
+    batch_size: int,
+    repeats: int,
+    device: str,
+) -> dict[str, Any]:
+    """All scorers on one decoding pass against each decoding on its own (in turns)."""
+    from hps.settings import load_settings
+    from pipeline.scorers import SCORER_NAMES, load_scorers, score_all, score_with
+
+    sections = {k: dict(v) for k, v in settings_sections.items()}
+    sections["models"]["device"] = device
+    settings = load_settings(**sections)
+    scorers = load_scorers(SCORER_NAMES, settings)
+    score_all(scorers, PROMPT, paths[:batch_size], batch_size=batch_size)  # warm-up
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    runs = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        together = score_all(scorers, PROMPT, paths, batch_size=batch_size)
+        sync()
+        together_s = time.perf_counter() - started
+        alone_s: dict[str, float] = {}
+        for scorer in scorers:
+            started = time.perf_counter()
+            alone = score_with(scorer, PROMPT, paths, batch_size=batch_size)
+            sync()
+            alone_s[scorer.name] = time.perf_counter() - started
+            assert max(abs(a - b) for a, b in zip(alone, together[scorer.name], strict=True)) < 1e-3
+        separate_s = sum(alone_s.values())
+        runs.append(
+            {
+                "together_images_per_s": rate(len(paths), together_s),
+                "separately_images_per_s": rate(len(paths), separate_s),
+                "ratio": round(separate_s / together_s, 2),
+                "alone_images_per_s": {k: rate(len(paths), v) for k, v in alone_s.items()},
+                "load": round(os.getloadavg()[0], 2),
+            }
+        )
+    together_median = statistics.median(r["together_images_per_s"] for r in runs)
+    separate_median = statistics.median(r["separately_images_per_s"] for r in runs)
+    return {
+        "scorers": {s.name: s.label for s in scorers},
+        "device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
+        "images": len(paths),
+        "batch_size": batch_size,
+        "method": f"{repeats} rounds, each all scorers on one decoding pass (score_all), then "
+        "each scorer on its own (score_with, decoding again); images/s counts each image once "
+        "for all five scores; medians over the rounds",
+        "together_images_per_s": together_median,
+        "separately_images_per_s": separate_median,
+        "ratio": round(together_median / separate_median, 2),
+        "alone_images_per_s": {
+            name: statistics.median(r["alone_images_per_s"][name] for r in runs)
+            for name in runs[0]["alone_images_per_s"]
+        },
+        "runs": runs,
+    }
+
+
+def full_size_scorer_settings(directory: Path) -> dict[str, dict[str, str]]:
+    """The five scorers at their real sizes with random weights, in their released formats
+    (for the GPU: the throughput does not depend on the weights)."""
+    import open_clip
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    from tests.tiny_scorers import tiny_aesthetic, tiny_hf_clips
+
+    torch.manual_seed(0)
+    vit_l = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)
+    torch.save(vit_l.state_dict(), directory / "vit-l-14.pt")
+    vit_h = open_clip.create_model("ViT-H-14", pretrained=None)
+    torch.save({"state_dict": vit_h.state_dict()}, directory / "HPS_v2.1_compressed.pt")
+    [tokenized] = tiny_hf_clips(directory / "hf", seeds=(0,))
+    processor = CLIPProcessor.from_pretrained(tokenized)
+    processor.image_processor.size = {"shortest_edge": 224}
+    processor.image_processor.crop_size = {"height": 224, "width": 224}
+    folders = {}
+    for name, (width, layers, heads, text_width, text_layers, text_heads, dim) in {
+        "pickscore": (1280, 32, 16, 1024, 24, 16, 1024),  # ViT-H/14
+        "clip": (1024, 24, 16, 768, 12, 12, 768),  # ViT-L/14
+    }.items():
+        config = CLIPConfig(
+            text_config={"hidden_size": text_width, "intermediate_size": 4 * text_width,
+                         "num_attention_heads": text_heads, "num_hidden_layers": text_layers},
+            vision_config={"hidden_size": width, "intermediate_size": 4 * width,
+                           "num_attention_heads": heads, "num_hidden_layers": layers,
+                           "image_size": 224, "patch_size": 14},
+            projection_dim=dim,
+        )  # fmt: skip
+        folders[name] = directory / name
+        CLIPModel(config).save_pretrained(folders[name])
+        processor.save_pretrained(folders[name])
+    return {
+        "models": {"hps_arch": "ViT-L-14", "hps_pretrained": str(directory / "vit-l-14.pt")},
+        "scorers": {
+            "hpsv2_arch": "ViT-H-14",
+            "hpsv2_checkpoint": str(directory / "HPS_v2.1_compressed.pt"),
+            "pickscore_model": str(folders["pickscore"]),
+            "pickscore_processor": str(folders["pickscore"]),
+            "aesthetic_checkpoint": str(tiny_aesthetic(directory / "aesthetic", width=768)),
+            "aesthetic_clip": "ViT-L-14",
+            "aesthetic_clip_pretrained": str(directory / "vit-l-14.pt"),
+            "clip_model": str(folders["clip"]),
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-model", default="ViT-B-32", help="open_clip architecture.")
@@ -160,6 +280,9 @@ def main() -> None:
     parser.add_argument("--gpu-batch-size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--pretrained", default=None, help="Local ViT-L-14 weights (GPU).")
+    parser.add_argument("--multi-images", type=int, default=128, help="Multi-scorer (CPU).")
+    parser.add_argument("--multi-repeats", type=int, default=3)
+    parser.add_argument("--skip-single", action="store_true", help="Only the multi-scorer pass.")
     args = parser.parse_args()
 
     result: dict[str, Any] = {
@@ -169,15 +292,36 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         n_files = max(args.images, args.gpu_images if torch.cuda.is_available() else 0)
+        n_files = max(n_files, args.multi_images)
         paths = write_jpegs(Path(tmp), n_files)
-        result["cpu"] = cpu_bench(args.cpu_model, paths[: args.images], args.naive_images,
-                                  args.batch_size, args.repeats)  # fmt: skip
-        if torch.cuda.is_available():
-            result["gpu"] = gpu_bench(paths, args.pretrained, args.gpu_batch_size, args.workers)
+        results = ROOT / "bench" / "results"
+        previous = results / "score_throughput.json"
+        if args.skip_single and previous.is_file():  # keep the last single-scorer figures
+            old = json.loads(previous.read_text())
+            result.update({k: old[k] for k in ("cpu", "gpu") if k in old})
         else:
-            result["gpu"] = "not measured: no GPU lent"
+            result["cpu"] = cpu_bench(args.cpu_model, paths[: args.images], args.naive_images,
+                                      args.batch_size, args.repeats)  # fmt: skip
+            if torch.cuda.is_available():
+                result["gpu"] = gpu_bench(paths, args.pretrained, args.gpu_batch_size,
+                                          args.workers)  # fmt: skip
+            else:
+                result["gpu"] = "not measured: no GPU lent"
+        from tests.tiny_scorers import tiny_scorer_settings
+
+        tiny = tiny_scorer_settings(Path(tmp) / "tiny")
+        result["multi_scorer_cpu"] = multi_scorer_bench(
+            tiny, paths[: args.multi_images], args.batch_size, args.multi_repeats, "cpu"
+        )
+        if torch.cuda.is_available():
+            (Path(tmp) / "full").mkdir()
+            full = full_size_scorer_settings(Path(tmp) / "full")
+            result["multi_scorer_gpu"] = multi_scorer_bench(
+                full, paths, args.gpu_batch_size, args.multi_repeats, "cuda"
+            )
+        else:
+            result["multi_scorer_gpu"] = "not measured (no GPU lent)"
     print(json.dumps(result, indent=2))
-    results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "score_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -12,6 +12,7 @@ from db.choices import ChoiceResult
 from db.jobs import Job, Worker
 from db.models import ModelVersion
 from db.rounds import RoundRefused, RoundView
+from db.scorers import Agreement
 from db.stats import Totals, UserStats
 
 DB_DOWN = "The database is unavailable right now, so nothing was changed. Please try again soon."
@@ -274,6 +275,35 @@ def _rate(rate: float, interval: Any) -> str:
     return f"{rate:.1%} [{low:.1%}–{high:.1%}]"
 
 
+def _interval(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1%} [{low:.1%}–{high:.1%}]" if low is not None else f"{value:.1%}"
+
+
+def scorer_agreement(rows: Sequence[Agreement]) -> str:
+    """The latest `hps eval --scorers`: each reward model's agreement with the choices."""
+    if not rows:
+        return (
+            "No reward model has been compared with the choices yet: run "
+            "`hps eval --scorers hps,hpsv2,pickscore,aesthetic,clip`."
+        )
+    first = rows[0]
+    source = "the choices" if first.source == "choices" else f"`{first.source}`"
+    lines = [
+        f"**Agreement with people's choices** ({source}, {first.split} split, "
+        f"{first.evaluated_at:%Y-%m-%d %H:%M} UTC; 95% intervals)"
+    ]
+    for r in rows:
+        chance = f", chance {r.chance:.1%}" if r.chance is not None else ""
+        lines.append(
+            f"- **{r.scorer}** (`{clip(r.model, 120)}`): top-1 "
+            f"{_interval(r.top1, r.top1_low, r.top1_high)} of {r.choices}{chance}; pairwise "
+            f"{_interval(r.pairwise, r.pairwise_low, r.pairwise_high)} of {r.pairs} pairs"
+        )
+    return clip("\n".join(lines), 1950)
+
+
 def adapter_figures(version: ModelVersion, live: Mapping[str, Any] | None) -> str:
     """An SD adapter's offline and live numbers side by side."""
     offline = version.metrics.get("offline") or {}
@@ -282,6 +312,9 @@ def adapter_figures(version: ModelVersion, live: Mapping[str, Any] | None) -> st
             f"offline win {_rate(offline['win_rate'], offline['win_rate_ci'])}, "
             f"HPS {offline['hps_gain']:+.3f} ({offline['pairs']} pairs)"
         )
+        for name, judged in (offline.get("judges") or {}).items():  # the other reward models
+            if judged.get("pairs"):
+                figures += f"; {name} win {_rate(judged['win_rate'], judged['win_rate_ci'])}"
     else:
         figures = "offline: not evaluated"
     if live is not None:

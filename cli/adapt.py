@@ -30,7 +30,7 @@ def _actor() -> str:
 
 
 def _resources(config: Settings, pool: Any) -> Any:
-    """The generator and the serving HPS model, loaded on first use."""
+    """The generator, the serving HPS model and other reward models, loaded on first use."""
     from pipeline.devices import resolve_device
     from pipeline.generate import Generator
     from pipeline.runs import Resources
@@ -47,7 +47,12 @@ def _resources(config: Settings, pool: Any) -> Any:
     async def scorer() -> Any:
         return (await serving_scorer(pool, config, loaded))[0]
 
-    return Resources(generator, scorer)
+    async def judges(names: Any) -> Any:
+        from pipeline.scorers import cached_scorers
+
+        return await cached_scorers(names, config, loaded)
+
+    return Resources(generator, scorer, judges)
 
 
 @contextmanager

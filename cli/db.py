@@ -56,7 +56,7 @@ def upgrade(
     console.print(f"{redact_url(url)}: upgraded to {revision}", highlight=False)
     _print_skipped(skipped)
     if revision == "head":
-        # Model folders registered before the store (0013 named them by key): into its layout.
+        # Model folders registered before the store (0014 named them by key): into its layout.
         adopt_local_models(settings())
 
 

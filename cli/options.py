@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin
 
 import typer
 
@@ -32,8 +32,11 @@ def _option(section: str, name: str, field: Any) -> inspect.Parameter:
     if name in ALIASES:
         decls.append(ALIASES[name])
     info = typer.Option(None, *decls, help=f"{field.description} ({section}.{name})")
+    annotation = field.annotation
+    if get_origin(annotation) is list and get_origin(get_args(annotation)[0]) is not None:
+        annotation = list[str]  # typer takes no list of Literals: pydantic checks the values
     return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=field.annotation | None
+        name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation | None
     )
 
 

@@ -114,25 +114,115 @@ def evaluate(
         True, "--record/--no-record", help="Store the results in the version's metrics."
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    scorers: str | None = typer.Option(
+        None,
+        "--scorers",
+        help="Compare reward models instead, comma-separated (hps,hpsv2,pickscore,aesthetic,"
+        "clip): each one's agreement with the choices, stored for `hps report` and /scorers. "
+        "hps is --model (default: the serving classifier); the others' weights are the "
+        "scorers settings. --data may also be a Pick-a-Pic folder (--split test_unique, ...).",
+    ),
 ) -> None:
     """Top-1 and pairwise accuracy of predicting the choices of a held-out split, for the
-    model, the untuned CLIP it started from, and the serving model."""
+    model, the untuned CLIP it started from, and the serving model; with --scorers, for
+    each reward model named."""
     from db.models import ModelError
-    from pipeline.data import DatasetError
+    from pipeline.data import DatasetError, is_pickapic
     from pipeline.hps_model import ModelLoadError
+    from pipeline.scorers import UnknownScorer, parse_names
 
     config = settings()
-    if split not in ("test", "val", "train"):
-        raise fail("--split must be test, val or train")
+    pickapic = data is not None and is_pickapic(data)
+    if split not in ("test", "val", "train") and not pickapic:
+        raise fail("--split must be test, val or train (or a split of a Pick-a-Pic folder)")
+    stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
     try:
-        reports, target = run(_evaluate(config, model, data, split, record, batch_size))
-    except (DatasetError, ModelLoadError, ModelError) as exc:
+        if scorers is not None:
+            names = parse_names(scorers)
+            reports = run(_agreement(config, names, model, data, split, record, batch_size))
+            target = f"scorers-{stamp}"
+        else:
+            if pickapic:
+                raise DatasetError("a Pick-a-Pic folder is evaluated with --scorers")
+            reports, target = run(_evaluate(config, model, data, split, record, batch_size))
+            target = f"{target}-{stamp}"
+    except (DatasetError, ModelLoadError, ModelError, UnknownScorer) as exc:
         raise fail(str(exc)) from None
-    print_reports(reports)
-    path = output or config.runs_dir / "eval" / f"{target}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
+    if scorers is not None:
+        print_agreement(reports)
+    else:
+        print_reports(reports)
+    path = output or config.runs_dir / "eval" / f"{target}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"split": split, "reports": reports}, indent=2) + "\n")
     console.print(f"report: {path}", highlight=False)
+
+
+async def _subject(pool: Any, config: Settings, model: str | None) -> tuple[Any, str, Any]:
+    """The spec, label and registry version (if any) of `--model`: a path or architecture,
+    or a registry version (default: the newest classifier)."""
+    from db import models
+    from pipeline import registry
+    from pipeline.hps_model import ModelSpec
+
+    if model is not None and registry.is_model_spec(model):
+        return ModelSpec(model), model, None
+    version = await (models.get(pool, model) if model else _newest(pool))
+    if version is None or version.kind != registry.KIND:
+        raise models.ModelError(
+            f"no classifier version {model!r}"
+            if model
+            else "no classifier version is registered yet: give --model"
+        )
+    return ModelSpec(version.artifact), version.name, version
+
+
+async def _agreement(
+    config: Settings,
+    names: list[str],
+    model: str | None,
+    data: Path | None,
+    split: str,
+    record: bool,
+    batch_size: int,
+) -> dict[str, dict[str, Any]]:
+    """Each scorer's agreement with the choices of `split` (one decoding pass for all),
+    stored in `scorer_agreement` unless not `record`."""
+    import asyncio
+
+    from db import models
+    from db.scorers import record_agreement
+    from pipeline import registry
+    from pipeline.data import examples_from_pickapic, is_pickapic
+    from pipeline.evaluate import evaluate_scorers
+    from pipeline.scorers import load_scorers
+    from pipeline.train_classifier import load_examples
+
+    async with database(config) as pool:
+        if data is not None and is_pickapic(data):
+            examples, read = examples_from_pickapic(data, split)
+        else:
+            examples, read = await load_examples(
+                None if data else pool, config.train, data, config
+            )
+            examples = [e for e in examples if e.split == split]
+        if not examples:
+            raise models.ModelError(f"the {split} split has no examples")
+        if model is not None:
+            spec, label, _ = await _subject(pool, config, model)
+        else:  # ours as it serves
+            spec, label, _ = await registry.serving_model(pool, config)
+
+        def work() -> dict[str, dict[str, Any]]:
+            hps = registry.load_spec(spec, config, label) if "hps" in names else None
+            scorers = load_scorers(names, config, hps=hps)
+            return evaluate_scorers(scorers, examples, read, batch_size=batch_size)
+
+        reports = await asyncio.to_thread(work)
+        if record:
+            source = "choices" if data is None else str(await asyncio.to_thread(data.absolute))
+            await record_agreement(pool, source=source, split=split, reports=reports)
+    return reports
 
 
 async def _evaluate(
@@ -149,23 +239,14 @@ async def _evaluate(
 
     from db import models
     from pipeline import registry
-    from pipeline.hps_model import ModelLoadError, ModelSpec
+    from pipeline.hps_model import ModelLoadError
     from pipeline.train_classifier import evaluate_models, load_examples
 
     async with database(config) as pool:
-        version = None
-        if model is not None and registry.is_model_spec(model):
-            spec, label = ModelSpec(model), model
-        else:
-            version = await (models.get(pool, model) if model else _newest(pool))
-            if version is None or version.kind != registry.KIND:
-                raise models.ModelError(
-                    f"no classifier version {model!r}"
-                    if model
-                    else "no classifier version is registered yet: give --model"
-                )
-            spec, label = ModelSpec(version.artifact), version.name
-        examples, read = await load_examples(None if data else pool, config.train, data, config)
+        spec, label, version = await _subject(pool, config, model)
+        examples, read = await load_examples(
+            None if data else pool, config.train, data, config
+        )
         examples = [e for e in examples if e.split == split]
         if not examples:
             raise models.ModelError(f"the {split} split has no examples")
@@ -226,6 +307,19 @@ def _ci(report: dict[str, Any], key: str) -> str:
     if report.get(key) is None:
         return "n/a"
     return f"{report[key]:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def print_agreement(reports: dict[str, dict[str, Any]]) -> None:
+    """Each scorer's agreement with the choices (one row per scorer)."""
+    table = Table(title="Agreement with people's choices (95% intervals)")
+    for column in ("scorer", "model", "choices", "top-1", "pairwise", "pairs", "chance"):
+        table.add_column(column, justify="left" if column in ("scorer", "model") else "right")
+    for name, r in reports.items():
+        table.add_row(
+            name, r["model"], str(r["n"]), _ci(r, "top1"), _ci(r, "pairwise"),
+            str(r["pairwise_n"]), _pct(r["chance"]),
+        )  # fmt: skip
+    console.print(table)
 
 
 def print_reports(reports: dict[str, dict[str, Any]]) -> None:

@@ -16,6 +16,7 @@ from datetime import date, datetime
 from typing import Any
 
 from db.connect import Executor
+from db.scorers import LATEST_AGREEMENT_SQL
 
 Rows = list[dict[str, Any]]
 PERIODS = ("day", "week", "month")
@@ -403,6 +404,7 @@ async def breakdowns(db: Executor, span: Span) -> dict[str, Rows]:
         "rounds_by_status": _rows(await db.fetch(ROUNDS_BY_STATUS_SQL, span.since, span.until)),
         "classifier_accuracy": _rows(await db.fetch(CLASSIFIER_ACCURACY_SQL)),
         "user_activity": _rows(await db.fetch(USER_ACTIVITY_SQL)),
+        "scorer_agreement": _rows(await db.fetch(LATEST_AGREEMENT_SQL)),
     }
 
 

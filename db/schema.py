@@ -15,6 +15,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Identity,
@@ -418,4 +419,31 @@ message_deletions = Table(
     _at("claimed_at"),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("error", Text, nullable=True),
+)
+
+# `hps eval --scorers`: how often each reward model agrees with people's choices. The rows
+# of one evaluation share `evaluated_at` (its transaction's time).
+scorer_agreement = Table(
+    "scorer_agreement",
+    metadata,
+    _id(),
+    _now("evaluated_at"),
+    Column("source", Text, nullable=False),  # "choices" (the database) or a dataset folder
+    Column("split", Text, nullable=False),
+    Column("examples", Text, nullable=False),  # the examples' fingerprint
+    Column("scorer", Text, nullable=False),  # its name: hps, hpsv2, pickscore, ...
+    Column("model", Text, nullable=False),  # the weights it loaded, in words
+    Column("scale", Text, nullable=False),
+    Column("choices", Integer, nullable=False),  # picks scored (ties are counted apart)
+    Column("ties", Integer, nullable=False),
+    Column("top1", Float, nullable=True),
+    Column("top1_low", Float, nullable=True),
+    Column("top1_high", Float, nullable=True),
+    Column("chance", Float, nullable=True),
+    Column("pairwise", Float, nullable=True),
+    Column("pairwise_low", Float, nullable=True),
+    Column("pairwise_high", Float, nullable=True),
+    Column("pairs", Integer, nullable=False),
+    Column("report", JSONB, nullable=False),  # the whole report (per K, ...)
+    Index("ix_scorer_agreement_evaluated_at", "evaluated_at"),
 )

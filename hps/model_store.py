@@ -9,7 +9,7 @@ a recipe's `register` stage publishes) is stored as
 `models/<name>/<sha256>` is the version's key, what `model_versions.artifact` holds; the
 sha256 is that of its weights file, the one the registry has always recorded
 (`model_versions.sha256`). So a key names one content, and a database registered before the
-store existed turned its paths into keys by SQL alone (migration 0013). A key is never
+store existed turned its paths into keys by SQL alone (migration 0014). A key is never
 published twice with other contents (`publish` refuses).
 
 Publishing uploads every file (streamed; large files in parts, each checked by the server

@@ -39,6 +39,12 @@ DEFAULT_CONFIG_FILE = Path("hps.toml")
 DEFAULT_ENV_FILE = Path(".env")
 
 
+# The reward models `hps eval --scorers` and the adaptation's offline evaluation can use
+# (`pipeline.scorers` implements one for each name).
+SCORER_NAMES = ("hps", "hpsv2", "pickscore", "aesthetic", "clip")
+ScorerName = Literal["hps", "hpsv2", "pickscore", "aesthetic", "clip"]
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the message names the setting and never its value."""
 
@@ -348,6 +354,17 @@ class AdaptSettings(Section):
     )
     offline_min_win_rate: float = Field(0.5, ge=0, lt=1, description="See offline_gate.")
     offline_min_hps_gain: float = Field(0.0, description="See offline_gate (HPS points).")
+    offline_scorers: list[ScorerName] = Field(
+        default_factory=list,
+        description="Reward models that also judge the held-out pairs, beside the serving HPS "
+        "classifier (hps): hpsv2, pickscore, aesthetic, clip (weights: the scorers settings).",
+    )
+    offline_gate_scorer: Literal["auto", "hps", "hpsv2", "pickscore", "aesthetic", "clip"] = Field(
+        "auto",
+        description="A scorer that must agree (its paired win rate's 95% lower bound above "
+        "offline_min_win_rate) besides the offline_gate: one of offline_scorers, or hps "
+        "(no other judge); auto = the first of offline_scorers other than hps, else hps.",
+    )
     # Live A/B measurement: a group-sequential test (`pipeline.adapt.live`).
     min_live_rounds: int = Field(
         200,
@@ -375,6 +392,16 @@ class AdaptSettings(Section):
     )
 
     @model_validator(mode="after")
+    def _gate_scorer_judges(self) -> AdaptSettings:
+        gate = self.offline_gate_scorer
+        if gate not in ("auto", "hps") and gate not in self.offline_scorers:
+            raise ValueError(
+                f"adapt.offline_gate_scorer (HPS_ADAPT__OFFLINE_GATE_SCORER) is {gate}, which "
+                "adapt.offline_scorers (HPS_ADAPT__OFFLINE_SCORERS) does not list: add it there"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _looks_fit(self) -> AdaptSettings:
         if 0 < self.max_live_rounds < self.min_live_rounds:
             raise ValueError(
@@ -382,6 +409,44 @@ class AdaptSettings(Section):
                 "adapt.min_live_rounds (HPS_ADAPT__MIN_LIVE_ROUNDS), the first look"
             )
         return self
+
+
+class ScorerSettings(Section):
+    """Where each reward model's weights come from (`hps eval --scorers`, the adaptation's
+    `offline_scorers`): a local file or folder, or a Hugging Face hub id (a file on the hub:
+    `owner/repo/file`), fetched into the hub cache the first time a scorer is used."""
+
+    hpsv2_arch: str = Field(
+        "ViT-H-14", description="open_clip architecture (or model-config JSON) of HPS v2."
+    )
+    hpsv2_checkpoint: str = Field(
+        "xswu/HPSv2/HPS_v2.1_compressed.pt",
+        description="HPS v2 weights ({'state_dict': ...}): HPS_v2.1_compressed.pt (v2.1) or "
+        "HPS_v2_compressed.pt (v2.0), a local file or hub file.",
+    )
+    pickscore_model: str = Field(
+        "yuvalkirstain/PickScore_v1", description="PickScore: a transformers CLIPModel."
+    )
+    pickscore_processor: str = Field(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        description="PickScore's processor (tokenizer and image preprocessing), as its README.",
+    )
+    aesthetic_checkpoint: str = Field(
+        "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth",
+        description="LAION aesthetic predictor v2 MLP (improved-aesthetic-predictor's "
+        "sac+logos+ava1-l14-linearMSE.pth; the default is its hub mirror).",
+    )
+    aesthetic_clip: str = Field(
+        "ViT-L-14", description="The aesthetic predictor's CLIP: an open_clip architecture."
+    )
+    aesthetic_clip_pretrained: str = Field(
+        "openai", description="Its pretrained tag or weights file (OpenAI's ViT-L/14)."
+    )
+    clip_model: str = Field(
+        "openai/clip-vit-large-patch14",
+        description="CLIP score's model (transformers CLIPModel + CLIPProcessor; torchmetrics' "
+        "default).",
+    )
 
 
 class ScheduleSettings(Section):
@@ -578,6 +643,7 @@ class Settings(BaseSettings):
     models: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     adapt: AdaptSettings = Field(default_factory=AdaptSettings)
+    scorers: ScorerSettings = Field(default_factory=ScorerSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)

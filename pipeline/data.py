@@ -304,6 +304,57 @@ def examples_from_folder(
     return weight_by_prompt(one_side_per_prompt(examples))
 
 
+# Pick-a-Pic's split names (as PickScore's dataset and `hps export --format pickapic` name
+# them) for ours; its `*_unique` splits (one pair per prompt) are asked for by their names.
+PICKAPIC_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def is_pickapic(folder: Path) -> bool:
+    """Whether `folder` holds Pick-a-Pic pairs as Parquet files (`data/<split>-*.parquet`,
+    Pick-a-Pic's and `hps export --format pickapic`'s layout)."""
+    return any(Path(folder).glob("data/*.parquet"))
+
+
+def examples_from_pickapic(folder: Path, split: str) -> tuple[list[Example], Reader]:
+    """Examples of one split of a Pick-a-Pic folder (`split`: ours, test/val/train, or one
+    of its own, such as test_unique): each labelled pair is a choice between its two
+    images (`label_0`/`label_1` 1/0 or 0/1; 0.5/0.5 is a tie), read from the rows' image
+    bytes. Returns the examples and the reader of their image references."""
+    import pyarrow.parquet as pq
+
+    name = PICKAPIC_SPLITS.get(split, split)
+    files = sorted(Path(folder).glob(f"data/{name}-*.parquet"))
+    if not files:
+        found = sorted({f.name.split("-")[0] for f in Path(folder).glob("data/*.parquet")})
+        raise DatasetError(
+            f"{folder} has no {name} split (data/{name}-*.parquet); it has: {', '.join(found)}"
+        )
+    columns = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+    images: dict[str, bytes] = {}
+    examples = []
+    for file in files:
+        table = pq.read_table(file)
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise DatasetError(f"{file}: not Pick-a-Pic pairs (no {', '.join(missing)} column)")
+        labelled = (
+            table.column("has_label").to_pylist() if "has_label" in table.column_names else None
+        )
+        rows = table.select(columns).to_pylist()
+        for number, row in enumerate(rows):
+            if labelled is not None and not labelled[number]:
+                continue
+            where = f"{file.name}:{number}"
+            refs = (f"{where}:0", f"{where}:1")
+            images[refs[0]], images[refs[1]] = row["jpg_0"], row["jpg_1"]
+            chosen = {(1.0, 0.0): 0, (0.0, 1.0): 1}.get((row["label_0"], row["label_1"]))
+            group = prompt_hash(row["caption"])
+            examples.append(
+                Example(row["caption"], refs, chosen, split, f"pickapic:{where}", group)
+            )
+    return examples, images.__getitem__
+
+
 def split_counts(examples: Sequence[Example]) -> dict[str, int]:
     counts = Counter(e.split for e in examples)
     return {split: counts.get(split, 0) for split in SPLITS}

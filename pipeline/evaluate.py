@@ -22,6 +22,7 @@ from pipeline.data import Example, Reader, fingerprint
 
 if TYPE_CHECKING:
     from pipeline.hps_model import HPSModel
+    from pipeline.scorers import Scorer
 
 Z95 = 1.959963984540054
 BOOTSTRAP_SAMPLES = 1000
@@ -135,3 +136,33 @@ def evaluate(
         "examples": fingerprint(examples),
         **accuracy_report(examples, scores),
     }
+
+
+def evaluate_scorers(
+    scorers: Sequence[Scorer],
+    examples: Sequence[Example],
+    read: Reader,
+    *,
+    batch_size: int = 32,
+) -> dict[str, dict[str, Any]]:
+    """Each scorer's accuracy report on `examples` (its agreement with people's choices),
+    by name, with what identifies it (`model`: the weights, `scale`). One pass over the
+    images: each is read and decoded once and scored by every scorer
+    (`pipeline.scorers.score_all`)."""
+    from pipeline.scorers import score_all
+
+    prompts = [e.prompt for e in examples for _ in e.images]
+    images = _Read([ref for e in examples for ref in e.images], read)
+    flat = score_all(scorers, prompts, images, batch_size=batch_size)
+    bounds = list(accumulate((e.k for e in examples), initial=0))
+    identity = fingerprint(examples)
+    reports = {}
+    for scorer in scorers:
+        scores = [flat[scorer.name][start:end] for start, end in pairwise(bounds)]
+        reports[scorer.name] = {
+            "model": scorer.label,
+            "scale": scorer.scale,
+            "examples": identity,
+            **accuracy_report(examples, scores),
+        }
+    return reports

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import open_clip
@@ -177,12 +177,11 @@ class _BatchPreprocess:
         `offset` numbers the images in errors. For open_clip's transforms this is PIL and
         numpy only, no torch kernels: it runs beside the model's forward pass, which has the
         torch threads."""
-        decoded = []
-        for i, image in enumerate(images):
-            try:
-                decoded.append(open_image(image, max_pixels))
-            except ImageError as exc:
-                raise ImageError(f"image {offset + i + 1}: {exc}") from None
+        return self.prepare(decode_images(images, offset, max_pixels))
+
+    def prepare(self, decoded: Sequence[Any]) -> torch.Tensor:
+        """`load` of images decoded already (RGB PIL images): what every scorer of a
+        multi-scorer pass gets from one decoding (`pipeline.scorers.score_all`)."""
         if not self.split:
             return torch.stack([self.transform(image) for image in decoded])
         arrays = np.stack([np.asarray(self.pil_steps(image)) for image in decoded])  # NHWC
@@ -198,7 +197,24 @@ class _BatchPreprocess:
         return pixels
 
 
-def _prefetched(batches: Iterator[Callable[[], torch.Tensor]]) -> Iterator[torch.Tensor]:
+def decode_images(
+    images: Sequence[ImageInput], offset: int = 0, max_pixels: int | None = None
+) -> list[Any]:
+    """RGB PIL images of `images`; an `ImageError` names the bad one (numbered from
+    `offset` + 1)."""
+    decoded = []
+    for i, image in enumerate(images):
+        try:
+            decoded.append(open_image(image, max_pixels))
+        except ImageError as exc:
+            raise ImageError(f"image {offset + i + 1}: {exc}") from None
+    return decoded
+
+
+T = TypeVar("T")
+
+
+def prefetched(batches: Iterator[Callable[[], T]]) -> Iterator[T]:
     """Run each batch's loading (`batches` yields the work) in a background thread, one
     batch ahead: decoding and resizing (which release the GIL) overlap the model's forward
     pass of the batch before. Errors surface when their batch is reached."""
@@ -353,7 +369,7 @@ class HPSModel:
     ) -> Iterator[list[float]]:
         """`score`, one batch at a time. Decoding runs ahead of the model: in `num_workers`
         DataLoader processes, or with none in a thread, one batch ahead."""
-        per_image = _per_image(prompts, len(images))
+        per_image = per_image_prompts(prompts, len(images))
         if not per_image:
             return
         text, index = self._prompt_table(per_image)
@@ -390,12 +406,12 @@ class HPSModel:
             for start in range(0, len(images), batch_size):
                 yield lambda start=start: load(start)
 
-        for batch in _prefetched(work()):
+        for batch in prefetched(work()):
             yield preprocess.finish(batch, self.device)
 
     def score_pixels(self, prompts: str | Sequence[str], pixels: torch.Tensor) -> list[float]:
         """HPS of preprocessed pixels [N, 3, H, W] (already resized and normalised)."""
-        text, index = self._prompt_table(_per_image(prompts, len(pixels)))
+        text, index = self._prompt_table(per_image_prompts(prompts, len(pixels)))
         return self._cosine(self.encode_pixels(pixels), text[index])
 
     def _prompt_table(self, per_image: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,7 +425,8 @@ class HPSModel:
         return (100.0 * (image * text).sum(dim=-1)).tolist()
 
 
-def _per_image(prompts: str | Sequence[str], n: int) -> list[str]:
+def per_image_prompts(prompts: str | Sequence[str], n: int) -> list[str]:
+    """One prompt per image, from one prompt for all or one per image."""
     if isinstance(prompts, str):
         return [prompts] * n
     per_image = list(prompts)

@@ -23,7 +23,8 @@ The plots:
 - pick rate by position (position bias), with Wilson intervals, against chance;
 - agreement between people who picked in the same round, over time, against chance;
 - how active people are (users by choices made and by rounds asked for);
-- how often the requester picked the image a classifier scored highest, per classifier.
+- how often the requester picked the image a classifier scored highest, per classifier;
+- each reward model's agreement with people's choices (the latest `hps eval --scorers`).
 """
 
 from __future__ import annotations
@@ -496,6 +497,62 @@ def top_hps_picked(rows: Rows) -> bytes:
     return _png(fig)
 
 
+def scorer_agreement_plot(rows: Rows) -> bytes:
+    """Each reward model's top-1 and pairwise agreement with people's choices (the latest
+    `hps eval --scorers`), with 95 % intervals, against chance."""
+    if not rows:
+        return _empty("reward model comparisons")
+    fig, [ax] = _figure()
+    x = list(range(len(rows)))
+    for offset, key, label, marker in ((-0.12, "top1", "top-1", "o"),
+                                       (0.12, "pairwise", "pairwise", "s")):  # fmt: skip
+        points = [(i + offset, r) for i, r in zip(x, rows, strict=True) if r[key] is not None]
+        if not points:
+            continue
+        values = [r[key] for _, r in points]
+        errors = [[v - (r[f"{key}_low"] if r[f"{key}_low"] is not None else v)
+                   for v, (_, r) in zip(values, points, strict=True)],
+                  [(r[f"{key}_high"] if r[f"{key}_high"] is not None else v) - v
+                   for v, (_, r) in zip(values, points, strict=True)]]  # fmt: skip
+        ax.errorbar([p for p, _ in points], values, yerr=errors, fmt=marker, capsize=4,
+                    label=f"{label} (95 % CI)")  # fmt: skip
+    chance = [r["chance"] for r in rows if r["chance"]]
+    if chance:
+        ax.axhline(sum(chance) / len(chance), color="gray", linestyle=":", label="top-1 chance")
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=0.8, label="pairwise chance")
+    ax.set_xticks(x, [r["scorer"] for r in rows])
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("agreement with people")
+    ax.legend(frameon=False, fontsize="small", loc="lower right")
+    return _png(fig)
+
+
+def scorer_agreement_section(rows: Rows) -> tuple[str, str, str, Callable[[], bytes], Rows]:
+    """The report's "scorer agreement" section: which public reward model agrees most with
+    this community's choices (rows: `db.scorers.LATEST_AGREEMENT_SQL`'s)."""
+    if rows:
+        first = rows[0]
+        where = (
+            f"on the {first['split']} split of "
+            + ("the choices" if first["source"] == "choices" else first["source"])
+            + f", evaluated {first['evaluated_at']:%Y-%m-%d %H:%M} UTC"
+        )
+    else:
+        where = "not evaluated yet (hps eval --scorers hps,hpsv2,pickscore,aesthetic,clip)"
+    columns = ("scorer", "model", "choices", "top1", "top1_low", "top1_high", "chance",
+               "pairwise", "pairwise_low", "pairwise_high", "pairs")  # fmt: skip
+    return (
+        "scorer_agreement",
+        "Reward models' agreement with the choices",
+        "How often each reward model's highest-scored image is the one the person chose "
+        "(top-1) and prefers the chosen image in each pair (pairwise), with 95 % intervals "
+        f"(Wilson; bootstrap over choices for pairs), {where}.",
+        lambda: scorer_agreement_plot(rows),
+        [{c: r[c] for c in columns} for r in rows],
+    )
+
+
 def scorer_words(classifier: Rows) -> str:
     """Which classifier's scores the HPS plot shows, in words."""
     if not classifier:
@@ -656,6 +713,7 @@ def build_plots(data: Data) -> list[Plot]:
          "accuracy), with its 95 % Wilson interval, against chance (the mean of 1/K).",
          lambda: top_hps_picked(data["top_hps_picked"]),
          _with_rate(data["top_hps_picked"], "top_picked", "picks", "share")),
+        scorer_agreement_section(data.get("scorer_agreement", [])),
     ]  # fmt: skip
     return [
         Plot(name, title, caption, draw(), table) for name, title, caption, draw, table in specs

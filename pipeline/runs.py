@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from db.connect import Executor
     from pipeline.generate import Generator
     from pipeline.hps_model import HPSModel
+    from pipeline.scorers import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +123,31 @@ class Resources:
 
     generator: Callable[[], Awaitable[Generator]]
     scorer: Callable[[], Awaitable[HPSModel]]  # the serving HPS classifier
+    # Other reward models by name (`pipeline.scorers`; the offline evaluation's judges).
+    judges: Callable[[Sequence[str]], Awaitable[list[Scorer]]] | None = None
+
+    async def load_judges(self, names: Sequence[str]) -> list[Scorer]:
+        """The reward models `names` (none: nothing loaded)."""
+        if not names:
+            return []
+        if self.judges is None:
+            raise RunError(f"no reward models can be loaded here to judge ({', '.join(names)})")
+        return await self.judges(names)
 
     @classmethod
     def of_job(cls, ctx: JobContext, settings: Settings) -> Resources:
-        """The worker's resident generator and serving classifier."""
+        """The worker's resident generator, serving classifier and reward models."""
         from pipeline.generate import get_generator
         from pipeline.score import serving_scorer
+        from pipeline.scorers import cached_scorers
 
         async def scorer() -> HPSModel:
             return (await serving_scorer(ctx.pool, settings, ctx.cache))[0]
 
-        return cls(generator=lambda: get_generator(ctx), scorer=scorer)
+        async def judges(names: Sequence[str]) -> list[Scorer]:
+            return await cached_scorers(names, settings, ctx.cache)
+
+        return cls(generator=lambda: get_generator(ctx), scorer=scorer, judges=judges)
 
 
 @dataclass

@@ -24,8 +24,9 @@ from db import migrate
 from db.connect import create_pool
 from hps.settings import get_settings
 
-# The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...), built on demand.
-pytest_plugins = ["tests.tiny_sd", "tests.s3"]
+# The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...) and the tiny
+# reward models' (tiny_scorers), built on demand.
+pytest_plugins = ["tests.tiny_sd", "tests.tiny_scorers", "tests.s3"]
 
 LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 _admin_url: str | None = None

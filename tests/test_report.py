@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLOTS = [
     "choices_over_time", "choosers_over_time", "rounds_by_status", "time_to_ready",
     "failure_rate", "classifier_accuracy", "live_test", "hps_scores", "position_bias",
-    "agreement", "user_activity", "top_hps_picked",
+    "agreement", "user_activity", "top_hps_picked", "scorer_agreement",
 ]  # fmt: skip
 ADAPT = AdaptSettings()
 BASE = "sd_base:CompVis/stable-diffusion-v1-4"
@@ -218,6 +218,28 @@ async def test_report_files_are_self_contained(pool, tmp_path: Path) -> None:  #
     # The live test's table: the planned looks, their boundaries, none taken yet.
     assert "<td>1 of 5</td><td>200</td><td>99.00%</td><td>119</td><td>81</td><td>7</td>" in text
     assert "1 flagged choice(s) of shadow-banned users left out" in text
+
+
+async def test_the_report_shows_the_latest_scorer_agreement(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from db.scorers import record_agreement
+
+    def report(top1: float, model: str) -> dict:
+        return {"model": model, "scale": "s", "examples": "f", "n": 80, "ties": 3, "top1": top1,
+                "top1_ci": [top1 - 0.1, top1 + 0.1], "chance": 0.25, "pairwise": 0.6,
+                "pairwise_ci": [0.55, 0.65], "pairwise_n": 240}  # fmt: skip
+
+    await record_agreement(pool, source="choices", split="test", reports={"hps": report(0.2, "a")})
+    await record_agreement(pool, source="/data/hpd", split="test",
+                           reports={"pickscore": report(0.412, "PickScore (p)"),
+                                    "aesthetic": report(0.301, "LAION (x)")})  # fmt: skip
+    data = await collect(pool, ADAPT)
+    assert [(r["scorer"], r["top1"]) for r in data["scorer_agreement"]] == [
+        ("pickscore", 0.412), ("aesthetic", 0.301)
+    ]  # fmt: skip
+    text = write_report(data, tmp_path / "report", DAY1).read_text()
+    section = text[text.index("<section id='scorer_agreement'>") :]
+    assert "on the test split of /data/hpd, evaluated " in section
+    assert "<td>pickscore</td><td>PickScore (p)</td><td>80</td><td>0.412</td>" in section
 
 
 def test_an_empty_database_still_makes_a_report(tmp_path: Path) -> None:

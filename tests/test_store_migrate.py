@@ -1,4 +1,4 @@
-"""Moving to the store: migration 0013 turns registered paths into keys, `hps db upgrade`
+"""Moving to the store: migration 0014 turns registered paths into keys, `hps db upgrade`
 moves a local store's older model folders into its layout, and `hps store migrate --to`
 copies images and model versions into a bucket, verifying hashes, resumable and
 idempotent."""

@@ -24,6 +24,7 @@ from db import models as registry
 from db.connect import UNAVAILABLE
 from db.locks import LockTimeout
 from db.promotion import check_promotable, configured_label
+from db.scorers import latest_agreement
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,15 @@ class Maintainers(commands.Cog):
         versions = await registry.list_versions(self.bot.pool, kind)
         live = await stats.live_records(self.bot.pool, versions)
         await reply(interaction, formats.models(versions, live))
+
+    @app_commands.command(
+        description="Which reward models agree most with our choices (the latest hps eval)."
+    )
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def scorers(self, interaction: discord.Interaction) -> None:
+        rows = await latest_agreement(self.bot.pool)
+        await reply(interaction, formats.scorer_agreement(rows))
 
     @app_commands.command(description="Serve a model version (the one it replaces is retired).")
     @app_commands.describe(

@@ -6,14 +6,22 @@ serving adapter), the same seed for both: paired images that differ only by the 
 The serving HPS classifier scores them all. The report has the mean HPS of each side, the
 mean gain, and the paired win rate of the adapter (a score tie counts half), each with a
 bootstrap 95% interval over prompts, since the pairs of one prompt are not independent.
+The reward models of `adapt.offline_scorers` (`pipeline.scorers`) judge the same pairs:
+the report's `judges` has each one's win rate and mean gain, on its own scale.
 
 The gate (`adapt.offline_gate`): `win_rate` admits an adapter whose win-rate interval lies
 above `offline_min_win_rate` (0.5: significantly better than its parent), `hps_gain` one
-whose mean gain exceeds `offline_min_hps_gain`, `none` every adapter.
+whose mean gain exceeds `offline_min_hps_gain`, `none` every adapter. The HPS classifier
+labelled the adapter's training data, so an adapter that games it would pass alone: the
+gate also requires a judge that played no part in training to agree
+(`adapt.offline_gate_scorer`; by default the first of `offline_scorers` other than hps):
+its win-rate interval above `offline_min_win_rate` too. With no such judge configured the
+gate says that the classifier judged alone.
 
 Each batch's pairs are appended to `pairs.jsonl` and fsynced as they are made, with the
-name of the classifier that scored them, so an evaluation that crashed resumes: it makes
-only the pairs not recorded yet (those scored by another classifier are made again).
+name of the classifier that scored them and the judges' (with what they loaded), so an
+evaluation that crashed resumes: it makes only the pairs not recorded yet (those scored by
+another classifier, or lacking a judge's score, are made again).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import os
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +47,7 @@ from pipeline.evaluate import bootstrap_interval
 if TYPE_CHECKING:
     from pipeline.generate import Generator, SamplingParams
     from pipeline.hps_model import HPSModel
+    from pipeline.scorers import Scorer
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -50,6 +59,7 @@ class Pair:
     seed: int
     adapted: float  # HPS of the adapter's image
     parent: float  # HPS of the parent's image from the same seed
+    judged: dict[str, list[float]] = field(default_factory=dict)  # judge: [adapted, parent]
 
 
 def paired_report(pairs: Sequence[Pair]) -> dict[str, Any]:
@@ -80,6 +90,25 @@ def paired_report(pairs: Sequence[Pair]) -> dict[str, Any]:
     }
 
 
+def judge_report(pairs: Sequence[Pair], judge: str) -> dict[str, Any]:
+    """`paired_report`'s win rate and gain under `judge` (its scores of the same pairs)."""
+    scored = [
+        Pair(p.prompt_index, p.prompt, p.seed, *p.judged[judge]) for p in pairs if judge in p.judged
+    ]
+    report = paired_report(scored)
+    renamed = {"hps_adapted": "mean_adapted", "hps_parent": "mean_parent", "hps_gain": "gain",
+               "hps_gain_ci": "gain_ci"}  # fmt: skip
+    return {renamed.get(k, k): v for k, v in report.items()}
+
+
+def gate_scorer(recipe: AdaptSettings) -> str:
+    """The judge the gate asks to agree: `offline_gate_scorer`, or (auto) the first of
+    `offline_scorers` other than hps, else hps (the classifier alone)."""
+    if recipe.offline_gate_scorer != "auto":
+        return recipe.offline_gate_scorer
+    return next((name for name in recipe.offline_scorers if name != "hps"), "hps")
+
+
 def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, str]:
     """Whether the report admits the adapter to live testing, and why, in words."""
     if recipe.offline_gate == "none":
@@ -99,7 +128,29 @@ def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, s
     else:
         passed = report["hps_gain"] > recipe.offline_min_hps_gain
         rule = f"mean gain {'>' if passed else '≤'} {recipe.offline_min_hps_gain:+.3f}"
-    return passed, f"offline evaluation {'passed' if passed else 'failed'}: {figures}; {rule}"
+    # The independent judge's verdict comes before the classifier's rule, which ends it.
+    judge = gate_scorer(recipe)
+    if judge == "hps":
+        verdict = (
+            "no independent judge (adapt.offline_scorers names no scorer but hps): the HPS "
+            "classifier that labelled its training data judged alone"
+        )
+    else:
+        judged = report.get("judges", {}).get(judge)
+        if not judged or not judged.get("pairs"):
+            passed, verdict = False, f"{judge} did not judge its pairs"
+        else:
+            j_low, j_high = judged["win_rate_ci"]
+            agrees = j_low > recipe.offline_min_win_rate
+            passed = passed and agrees
+            says = "agrees" if agrees else "does not agree"
+            verdict = (
+                f"{judge}, which played no part in training, {says}: win rate "
+                f"{judged['win_rate']:.1%} (95% CI {j_low:.1%}–{j_high:.1%}), lower bound "
+                f"{'>' if agrees else '≤'} {recipe.offline_min_win_rate:.0%}"
+            )
+    state = "passed" if passed else "failed"
+    return passed, f"offline evaluation {state}: {figures}; {verdict}; {rule}"
 
 
 @dataclass
@@ -127,16 +178,23 @@ class OfflineGate:
         return version.status in ("testing", "serving"), offline.get("gate", "")
 
 
-def read_pairs(path: Path, scorer: str) -> list[Pair]:
-    """The pairs recorded so far that `scorer` scored (a line torn by a crash is ignored)."""
+def read_pairs(path: Path, scorer: str, judges: dict[str, str] | None = None) -> list[Pair]:
+    """The pairs recorded so far that `scorer` scored and every judge (name: what it
+    loaded) judged, the same judge (a line torn by a crash is ignored)."""
     if not path.is_file():
         return []
     pairs = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-            if record.pop("scorer", None) == scorer:
-                pairs.append(Pair(**record))
+            labels = record.pop("judges", {})
+            if record.pop("scorer", None) != scorer:
+                continue
+            if any(labels.get(name) != label for name, label in (judges or {}).items()):
+                continue
+            pair = Pair(**record)
+            kept = {k: v for k, v in pair.judged.items() if k in (judges or {})}
+            pairs.append(replace(pair, judged=kept))
         except (json.JSONDecodeError, TypeError, AttributeError):
             continue
     return pairs
@@ -157,11 +215,14 @@ def evaluate_adapter(
     progress: bool,
     context: dict[str, Any] | None = None,
     cancelled: threading.Event | None = None,
+    judges: Sequence[Scorer] = (),
 ) -> dict[str, Any]:
     """Make and score the paired images of `adapter` (loaded in `generator`) and `parent`
-    (an adapter name, or None for the base pipeline) not recorded in `out_dir` yet; write
+    (an adapter name, or None for the base pipeline) not recorded in `out_dir` yet, scored
+    by `scorer` (the HPS classifier) and judged by `judges` (other reward models); write
     the pairs and the images there; return the report on all of them."""
     from pipeline.generate import ImageRequest
+    from pipeline.scorers import score_all
 
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -172,8 +233,11 @@ def evaluate_adapter(
         for j in range(seeds_per_prompt)
     ]
     order = {item: n for n, item in enumerate(planned)}
+    labels = {judge.name: judge.label for judge in judges}
     pairs = [
-        p for p in read_pairs(record, scorer.name) if (p.prompt_index, p.prompt, p.seed) in order
+        p
+        for p in read_pairs(record, scorer.name, labels)
+        if (p.prompt_index, p.prompt, p.seed) in order
     ]
     have = {(p.prompt_index, p.prompt, p.seed) for p in pairs}
     planned = [item for item in planned if item not in have]
@@ -187,25 +251,39 @@ def evaluate_adapter(
     bar = Progress(
         total, "offline evaluation", bar=progress, context=context, initial=total - len(requests)
     )
+
     # Only this scorer's pairs stay: a resumed run never mixes classifiers.
-    record.write_text(
-        "".join(json.dumps({**asdict(p), "scorer": scorer.name}) + "\n" for p in pairs)
-    )
+    def line(pair: Pair) -> str:
+        return json.dumps({**asdict(pair), "scorer": scorer.name, "judges": labels}) + "\n"
+
+    record.write_text("".join(line(p) for p in pairs))
     with bar, open(record, "a") as out:
         done = 0
         for chunk, made in generate_in_batches(generator, requests, params, per_call, cancelled):
             pictures = [decode(image) for image in made]
-            scores = scorer.score([r.prompt for r in chunk], pictures)
+            prompts = [r.prompt for r in chunk]
+            scores = scorer.score(prompts, pictures)
+            judged = (
+                score_all(judges, prompts, pictures, batch_size=len(pictures)) if judges else {}
+            )
             for k in range(0, len(chunk), 2):
                 i, prompt, s = planned[done + k // 2]
-                pair = Pair(i, prompt, s, float(scores[k]), float(scores[k + 1]))
+                opinions = {name: [v[k], v[k + 1]] for name, v in judged.items()}
+                pair = Pair(i, prompt, s, float(scores[k]), float(scores[k + 1]), opinions)
                 for side, picture in zip(("adapted", "parent"), pictures[k : k + 2], strict=True):
                     picture.save(images_dir / f"{i:05d}_{s}_{side}.jpg", quality=90)
                 pairs.append(pair)
-                out.write(json.dumps({**asdict(pair), "scorer": scorer.name}) + "\n")
+                out.write(line(pair))
             done += len(chunk) // 2
             out.flush()
             os.fsync(out.fileno())
             bar.update(len(chunk))
     # In the planned order, so a resumed evaluation reports what an uninterrupted one does.
-    return paired_report(sorted(pairs, key=lambda p: order[(p.prompt_index, p.prompt, p.seed)]))
+    ordered = sorted(pairs, key=lambda p: order[(p.prompt_index, p.prompt, p.seed)])
+    report = paired_report(ordered)
+    if judges:
+        report["judges"] = {
+            j.name: {"model": j.label, "scale": j.scale, **judge_report(ordered, j.name)}
+            for j in judges
+        }
+    return report

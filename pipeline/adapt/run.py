@@ -122,6 +122,10 @@ class AdaptOutcome(Outcome):
             "steps": train.get("steps"),
             "offline_win_rate": offline.get("win_rate"),
             "offline_hps_gain": offline.get("hps_gain"),
+            "offline_judges": {
+                name: judged.get("win_rate") for name, judged in offline.get("judges", {}).items()
+            }
+            or None,
         }
         return {
             "status": self.status,
@@ -301,14 +305,16 @@ async def evaluate_offline(
     context: dict[str, Any] | None = None,
     cancelled: Any = None,
 ) -> tuple[dict[str, Any], str]:
-    """The offline evaluation of `adapter` (its name in the generator, its folder or
-    version key, identifier) against `parent` (an adapter version, or the base pipeline)
-    on held-out `prompts`, same seeds for both (`evaluate_adapter`, resuming the pairs
-    recorded in `out_dir`). Both are pinned while it runs (the worker's generate jobs,
-    beside it, keep only the adapters of serving and testing versions loaded); the
-    evaluated adapter is unloaded after. Returns
-    the report (with the parent's name) and the name of the classifier that scored it."""
+    """The offline evaluation of `adapter` (its name in the generator, its folder or version key,
+    identifier)
+    against `parent` (an adapter version, or the base pipeline) on held-out `prompts`, same
+    seeds for both (`evaluate_adapter`, resuming the pairs recorded in `out_dir`). Both are
+    pinned while it runs (the worker's generate jobs, beside it, keep only the adapters of
+    serving and testing versions loaded); the evaluated adapter is unloaded after. Returns
+    the report (with the parent's name) and the name of the classifier that scored it.
+    The reward models of `recipe.offline_scorers` judge the pairs too (`judges`)."""
     generator, scorer = await resources.generator(), await resources.scorer()
+    judges = await resources.load_judges([n for n in recipe.offline_scorers if n != "hps"])
     name, folder, identifier = adapter
     parent_adapter = _adapter_of(parent)
     try:
@@ -333,6 +339,7 @@ async def evaluate_offline(
                 progress=progress,
                 context=context,
                 cancelled=cancelled,
+                judges=judges,
             )
     finally:
         await asyncio.to_thread(generator.unload_adapters, {name})

@@ -34,6 +34,7 @@ TABLES = {
     "services",
     "round_messages",
     "message_deletions",
+    "scorer_agreement",
 }
 
 TABLES_SQL = """

@@ -19,6 +19,7 @@ OFFLINE = {
     "win_rate": 0.58,
     "win_rate_ci": [0.52, 0.64],
     "hps_gain": 0.214,
+    "judges": {"pickscore": {"pairs": 400, "win_rate": 0.555, "win_rate_ci": [0.5, 0.61]}},
 }
 
 
@@ -49,8 +50,8 @@ async def test_an_automatic_promotion_is_posted_to_the_log_channel(
     status = await _answer(fake, "status")
     assert (
         f"**SD adapters**\n- `{adapter.name}` (testing): offline win 58.0% [52.0%–64.0%], "
-        "HPS +0.214 (400 pairs); live 6/6 rounds won, 100.0% [61.0%–100.0%] vs "
-        "`sd_base:tiny-sd`\n"
+        "HPS +0.214 (400 pairs); pickscore win 55.5% [50.0%–61.0%]; live 6/6 rounds won, "
+        "100.0% [61.0%–100.0%] vs `sd_base:tiny-sd`\n"
     ) in status
 
     # One look at 95 % after 6 decided rounds (the default design looks 5 times at 99 %).
@@ -73,5 +74,6 @@ async def test_an_automatic_promotion_is_posted_to_the_log_channel(
     listing = await _answer(fake, "models", {"kind": "sd_adapter"})
     assert listing == (
         f"- `{adapter.name}` (sd_adapter, retired): offline win 58.0% [52.0%–64.0%], HPS "
-        "+0.214 (400 pairs); live 6/6 rounds won, 100.0% [61.0%–100.0%] vs `sd_base:tiny-sd`"
+        "+0.214 (400 pairs); pickscore win 55.5% [50.0%–61.0%]; live 6/6 rounds won, "
+        "100.0% [61.0%–100.0%] vs `sd_base:tiny-sd`"
     )

@@ -8,7 +8,7 @@ from datetime import timedelta
 import asyncpg
 
 from bot.fake_discord import EPHEMERAL, MANAGE_GUILD, FakeDiscord, FakeUser
-from db import jobs, services, users
+from db import jobs, scorers, services, users
 from db import models as registry
 from tests.e2e.conftest import (
     ALICE,
@@ -21,7 +21,9 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.worker import TestWorker
 
-MAINTAINER_COMMANDS = {"retrain", "status", "models", "promote", "rollback", "ban", "unban"}
+MAINTAINER_COMMANDS = {
+    "retrain", "status", "models", "scorers", "promote", "rollback", "ban", "unban",
+}  # fmt: skip
 LEASE = timedelta(minutes=1)
 REFUSAL = "This command is for maintainers only. Nothing was changed."
 
@@ -201,6 +203,35 @@ async def test_status_and_models_report_the_platform(
     assert await registry.serving(pool, "classifier") is None
     nothing = await _answer(fake, MAINTAINER, "rollback", {"kind": "classifier"})
     assert nothing == "No classifier version is serving; nothing to roll back."
+
+
+def _report(top1: float, pairwise: float, model: str) -> dict:
+    return {"model": model, "scale": "s", "examples": "abc", "n": 40, "ties": 2, "top1": top1,
+            "top1_ci": [top1 - 0.1, top1 + 0.1], "chance": 0.25, "pairwise": pairwise,
+            "pairwise_ci": [pairwise - 0.05, pairwise + 0.05], "pairwise_n": 120}  # fmt: skip
+
+
+async def test_scorers_shows_the_latest_agreement_table(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool
+) -> None:
+    empty = await _answer(fake, MAINTAINER, "scorers")
+    assert empty.startswith("No reward model has been compared with the choices yet")
+    await scorers.record_agreement(pool, source="choices", split="test",
+                                   reports={"hps": _report(0.3, 0.6, "old")})  # fmt: skip
+    await scorers.record_agreement(
+        pool, source="choices", split="test",
+        reports={"pickscore": _report(0.45, 0.7, "PickScore (p)"), "hps": _report(0.4, 0.65, "c1")},
+    )  # fmt: skip
+    text = await _answer(fake, MAINTAINER, "scorers")
+    lines = text.splitlines()
+    assert lines[0].startswith("**Agreement with people's choices** (the choices, test split, ")
+    assert lines[1:] == [
+        "- **pickscore** (`PickScore (p)`): top-1 45.0% [35.0%–55.0%] of 40, chance 25.0%; "
+        "pairwise 70.0% [65.0%–75.0%] of 120 pairs",
+        "- **hps** (`c1`): top-1 40.0% [30.0%–50.0%] of 40, chance 25.0%; pairwise "
+        "65.0% [60.0%–70.0%] of 120 pairs",
+    ]
+    assert await _answer(fake, BOB, "scorers") == REFUSAL
 
 
 async def test_bans_stop_dreams_and_shadow_bans_flag_votes(

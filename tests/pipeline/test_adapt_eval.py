@@ -18,6 +18,7 @@ from pipeline.generate import Generator, ImageRequest, SamplingParams
 from pipeline.handlers import Cancelled
 from pipeline.hps_model import HPSModel
 from pipeline.runs import Resources, run_recipe
+from pipeline.scorers import cached_scorers
 from tests.pipeline.conftest import make_settings
 
 PARAMS = SamplingParams(steps=2, guidance_scale=7.5, width=64, height=64)
@@ -116,6 +117,7 @@ async def test_the_eval_stage_keeps_its_adapter_while_generate_jobs_unload_other
     tiny_sd_dir: Path,
     tiny_lora_dirs: list[Path],
     tiny_model,
+    tiny_scorers: dict[str, dict[str, str]],
     tmp_path: Path,
 ) -> None:  # type: ignore[no-untyped-def]
     config, weights = tiny_model
@@ -124,7 +126,9 @@ async def test_the_eval_stage_keeps_its_adapter_while_generate_jobs_unload_other
         generation={"sd_model": str(tiny_sd_dir), "steps": 2, "width": 64, "height": 64,
                     "safety_checker": False},
         models={"hps_arch": str(config), "hps_pretrained": str(weights), "device": "cpu"},
-        adapt={"min_prompts": 1, "eval_seeds": 2, "sample_batch": 2, "offline_gate": "none"},
+        adapt={"min_prompts": 1, "eval_seeds": 2, "sample_batch": 2, "offline_gate": "none",
+               "offline_scorers": ["aesthetic"]},
+        scorers=tiny_scorers["scorers"],
     )  # fmt: skip
     base = await models.ensure_base(pool, kind="sd_base", artifact=str(tiny_sd_dir))
     parent = await models.register(pool, kind="sd_adapter", artifact=str(tiny_lora_dirs[1]),
@@ -146,13 +150,21 @@ async def test_the_eval_stage_keeps_its_adapter_while_generate_jobs_unload_other
         generator.keep_adapters(set())
         kept.append(set(generator.adapters))
 
+    cache: dict[str, Any] = {}
+
+    async def judges(names: Any) -> Any:
+        return await cached_scorers(names, settings, cache)
+
     resources = Resources(
         generator=_value(generator),
         scorer=_value(CountingScorer(scorer, generate_job_between_batches)),
+        judges=judges,
     )
     outcome = await run_recipe(SD_ADAPTATION, pool, settings, name="evalrun",
                                resources=resources, until="eval", progress=False)  # fmt: skip
-    assert outcome.stages["eval"]["report"]["pairs"] == 4
+    report = outcome.stages["eval"]["report"]
+    assert report["pairs"] == 4 and report["judges"]["aesthetic"]["pairs"] == 4
+    assert list(cache) == ["scorer:aesthetic"]  # the worker keeps it for the next run
     assert kept == [{"run:evalrun", f"v{parent.id}"}] * 4  # neither was unloaded
     assert generator.adapters == {f"v{parent.id}": str(tiny_lora_dirs[1])}  # the run's own: gone
     assert (run.path / EVAL_DIR / PAIRS_FILE).is_file()
@@ -164,3 +176,81 @@ def _value(value: Any) -> Any:
         return value
 
     return get
+
+
+def test_judges_score_the_same_pairs_and_a_pair_without_a_judges_score_is_made_again(
+    generator: Generator,
+    scorer: HPSModel,
+    tiny_lora_dirs: list[Path],
+    tiny_scorers: dict[str, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    from pipeline.scorers import load_scorers
+
+    settings = make_settings(**tiny_scorers)
+    pickscore, aesthetic = load_scorers(["pickscore", "aesthetic"], settings)
+    generator.load_adapter("tuned", str(tiny_lora_dirs[0]))
+
+    def evaluate(counting: CountingScorer, judges: list[Any]) -> Any:
+        return evaluate_adapter(HELD_OUT, generator=generator, scorer=counting,  # type: ignore[arg-type]
+                                adapter="tuned", parent=None, params=PARAMS, seeds_per_prompt=2,
+                                seed=42, batch=4, out_dir=tmp_path, progress=False,
+                                judges=judges)  # fmt: skip
+
+    report = evaluate(CountingScorer(scorer), [pickscore])
+    judged = report["judges"]["pickscore"]
+    assert judged["pairs"] == report["pairs"] == 4 and judged["model"] == pickscore.label
+    # Its win rate is that of the scores it recorded for each pair.
+    lines = [json.loads(x) for x in (tmp_path / PAIRS_FILE).read_text().splitlines()]
+    assert all(x["judges"] == {"pickscore": pickscore.label} for x in lines)
+    opinions = [x["judged"]["pickscore"] for x in lines]
+    assert judged["wins"] == sum((a > b) + 0.5 * (a == b) for a, b in opinions)
+    assert judged["gain"] == pytest.approx(sum(a - b for a, b in opinions) / 4)
+
+    # Resumed with another judge: its scores are missing from every pair, so all are made
+    # again; with the same judge, none is.
+    again = CountingScorer(scorer)
+    assert evaluate(again, [pickscore]) == report and again.images == 0
+    other = CountingScorer(scorer)
+    both = evaluate(other, [pickscore, aesthetic])
+    assert other.images == 8 and set(both["judges"]) == {"pickscore", "aesthetic"}
+    generator.keep_adapters(set())
+
+
+def _report(win: float, low: float, judges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    return {
+        "pairs": 40, "prompts": 20, "win_rate": win, "win_rate_ci": [low, 0.9],
+        "hps_gain": 0.5, "hps_gain_ci": [0.1, 0.9],
+        "judges": {name: {"pairs": 40, "win_rate": w, "win_rate_ci": [lo, 0.9]}
+                   for name, (w, lo) in judges.items()},
+    }  # fmt: skip
+
+
+def test_the_gate_asks_a_judge_that_played_no_part_in_training() -> None:
+    from hps.settings import AdaptSettings
+    from pipeline.adapt.evaluate import offline_gate
+
+    alone = AdaptSettings()
+    passed, reason = offline_gate(_report(0.7, 0.6, {}), alone)
+    assert passed and reason.endswith(
+        " held-out prompts; no independent judge (adapt.offline_scorers names no scorer but "
+        "hps): the HPS classifier that labelled its training data judged alone; win-rate lower "
+        "bound > 50%"
+    )
+    judged = AdaptSettings(offline_scorers=["hps", "pickscore", "clip"])  # auto: pickscore
+    passed, reason = offline_gate(_report(0.7, 0.6, {"pickscore": (0.66, 0.55)}), judged)
+    assert passed and reason.endswith(
+        "; pickscore, which played no part in training, agrees: win rate 66.0% (95% CI "
+        "55.0%–90.0%), lower bound > 50%; win-rate lower bound > 50%"
+    )
+    # The classifier is fooled, the judge is not: reward hacking stays out of A/B testing.
+    passed, reason = offline_gate(_report(0.8, 0.7, {"pickscore": (0.45, 0.35)}), judged)
+    assert not passed and reason.startswith("offline evaluation failed: ")
+    assert "pickscore, which played no part in training, does not agree" in reason
+    clip = AdaptSettings(offline_scorers=["pickscore", "clip"], offline_gate_scorer="clip")
+    passed, reason = offline_gate(_report(0.7, 0.6, {"pickscore": (0.7, 0.6)}), clip)
+    assert not passed and reason.endswith(
+        "; clip did not judge its pairs; win-rate lower bound > 50%"
+    )
+    off = AdaptSettings(offline_gate="none", offline_scorers=["clip"])
+    assert offline_gate(_report(0.2, 0.1, {"clip": (0.1, 0.0)}), off)[0]

@@ -16,8 +16,8 @@ Downgrade: a key becomes the absolute path of that layout under the data directo
 the settings in force (`HPS_DATA_DIR`, default `data`), the folder that holds the version
 in a local store (the manifest beside its files is ignored by loaders).
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-03
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0013"
-down_revision: str | None = "0012"
+revision: str = "0014"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -120,3 +120,20 @@ def test_a_worker_with_a_missing_bucket_stops_at_start_with_that_line(
         "the bucket."
     ]
     assert SECRET_KEY not in result.stderr + result.stdout
+
+
+async def test_forgetting_deletes_the_users_images_from_the_bucket(
+    pool: Any, s3_store: dict[str, Any], tmp_path: Path
+) -> None:
+    from db import users
+    from tests.factories import stored_round
+
+    store = storage(_settings(s3_store, tmp_path)).images
+    await stored_round(pool, store, requester=41, k=3)
+    kept = await stored_round(pool, store, requester=42, k=2)
+    assert len(list(store.objects.listing())) == 5
+    result = await users.forget_user(pool, 41, delete=store.delete)  # under the key locks
+    assert result is not None and result.files_deleted == 3
+    left = sorted(k for k, _ in store.objects.listing())
+    rows = await pool.fetch("SELECT storage_key FROM images WHERE round_id = $1", kept)
+    assert left == sorted(r["storage_key"] for r in rows)

@@ -98,3 +98,26 @@ async def test_dream_with_the_bot_and_a_gpu_node_sharing_only_the_database_and_b
     for home in (bot_home, gpu_home):
         assert not (home / "images").exists()
     assert SECRET_KEY not in output + bot_output
+
+
+async def test_a_bot_whose_bucket_is_missing_stops_at_start_with_one_line(
+    fake: FakeDiscord,
+    database_url: str,
+    tmp_path: Path,
+    s3_endpoint: str,
+    bot_processes: list[BotProcess],
+) -> None:
+    from tests.s3 import store_section
+
+    base = bot_env(bot_settings(fake, database_url, tmp_path / "bot-host"))
+    missing = store_section(s3_endpoint, "no-such-bucket")
+    bot = BotProcess(_env(base, tmp_path / "bot-host", missing))
+    bot_processes.append(bot)
+    code, output = await asyncio.to_thread(bot.stop_when_exited)
+    assert code == 1
+    assert (
+        f"error: cannot use the object store s3://no-such-bucket/hps at {s3_endpoint}: the "
+        "bucket 'no-such-bucket' does not exist. Check store.url (HPS_STORE__URL), or create "
+        "the bucket." in output
+    )
+    assert "Traceback" not in output and SECRET_KEY not in output

@@ -437,6 +437,8 @@ def failure(exc: Exception, where: str, bucket: str, key: str | None = None) -> 
     `StoreUnavailable` with one line naming the setting to check."""
     import obstore.exceptions as oe
 
+    if isinstance(exc, StoreError | StoreUnavailable):  # ours already (a malformed key)
+        return exc
     text = str(exc)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if "NoSuchBucket" in text:
@@ -448,15 +450,13 @@ def failure(exc: Exception, where: str, bucket: str, key: str | None = None) -> 
         return StoreError(f"no object {key!r} in the store")
     if isinstance(exc, oe.PermissionDeniedError | oe.UnauthenticatedError) or any(
         code in text
-        for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")
+        for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403 Forbidden")
     ):
         return StoreUnavailable(
             f"the object store {where} refused the credentials ({_reason(text, first)}). "
             "Check store.access_key_id and store.secret_access_key "
             "(HPS_STORE__ACCESS_KEY_ID, HPS_STORE__SECRET_ACCESS_KEY)."
         )
-    if isinstance(exc, StoreError | StoreUnavailable):
-        return exc
     if isinstance(exc, oe.BaseError | OSError):
         return StoreUnavailable(
             f"cannot reach the object store {where}: {_reason(text, first)}. "

@@ -44,7 +44,8 @@ from db.messages import MESSAGES_CHANNEL
 from db.models import MODELS_CHANNEL
 from db.rounds import ROUNDS_CHANNEL
 from hps.settings import DiscordSettings, Settings
-from hps.store import LocalImageStore
+from hps.storage import storage
+from hps.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def configure_endpoints(config: DiscordSettings) -> None:
 class HPSBot(commands.AutoShardedBot):
     pool: asyncpg.Pool
     settings: Settings
-    store: LocalImageStore
+    store: ImageStore
     listener: NotificationListener | None
     failed_extensions: list[str]
     heartbeat_task: asyncio.Task[None] | None
@@ -96,7 +97,7 @@ class HPSBot(commands.AutoShardedBot):
             connector=aiohttp.TCPConnector(limit=settings.bot.http_connections),
         )
         self.settings = settings
-        self.store = LocalImageStore(settings.images_dir)
+        self.store = storage(settings).images
         self.listener = None
         self.heartbeat_task = None
         self.failed_extensions = []
@@ -116,6 +117,9 @@ class HPSBot(commands.AutoShardedBot):
         self.http.get_bot_gateway = get_bot_gateway  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
+        # An object store with bad credentials or no bucket: one line at start, not a
+        # failure at the first round.
+        await storage(self.settings).check_async()
         self._log_invite()
         # The embedded server (no database_url) is started by a blocking call.
         url = await asyncio.to_thread(database_url, self.settings)

@@ -13,6 +13,7 @@ from cli import db as db_cli
 from cli import jobs as jobs_cli
 from cli import models as models_cli
 from cli import score as score_cli
+from cli import store as store_cli
 from cli import train as train_cli
 from cli import users as users_cli
 from cli.bot import bot
@@ -35,6 +36,7 @@ app.add_typer(db_cli.app, name="db")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")
 app.add_typer(adapt_cli.app, name="adapt")
+app.add_typer(store_cli.app, name="store")
 app.add_typer(jobs_cli.app, name="jobs")
 app.add_typer(users_cli.app, name="users")
 app.command("serve")(serve)
@@ -53,9 +55,10 @@ app.command("demo")(demo)
 
 def main() -> None:
     from db.connect import DatabaseUnreachable
+    from hps.store import StoreUnavailable
 
     try:
         app()
-    except DatabaseUnreachable as exc:  # not our bug: say what to check, no traceback
+    except (DatabaseUnreachable, StoreUnavailable) as exc:  # say what to check, no traceback
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise SystemExit(1) from None

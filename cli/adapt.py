@@ -35,7 +35,7 @@ def _actor() -> str:
 def _resources(config: Settings, pool: Any) -> Any:
     """The generator, the serving HPS model and other reward models, loaded on first use,
     and the image store."""
-    from hps.store import LocalImageStore
+    from hps.storage import storage
     from pipeline.devices import resolve_device
     from pipeline.generate import Generator
     from pipeline.runs import Resources
@@ -57,7 +57,7 @@ def _resources(config: Settings, pool: Any) -> Any:
 
         return await cached_scorers(names, config, loaded)
 
-    return Resources(generator, scorer, judges, LocalImageStore(config.images_dir))
+    return Resources(generator, scorer, judges, storage(config).images)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ def import_(folder: Path = typer.Argument(..., help="An HPD-layout dataset folde
     preference_images/) as closed rounds with their picks, made by imported users
     (`import:<user_hash>`, never a Discord user); records of forgotten users are left out;
     safe to run again."""
-    from hps.store import LocalImageStore
+    from hps.storage import storage
     from pipeline.data import DatasetError
     from pipeline.datasets import import_hpd
 
@@ -22,7 +22,7 @@ def import_(folder: Path = typer.Argument(..., help="An HPD-layout dataset folde
 
     async def _import():  # type: ignore[no-untyped-def]
         async with database(config) as pool, pool.acquire() as conn:
-            return await import_hpd(conn, LocalImageStore(config.images_dir), folder)
+            return await import_hpd(conn, storage(config).images, folder)
 
     try:
         report = run(_import())
@@ -68,7 +68,7 @@ def export(
 ) -> None:
     """Export the choices (users pseudonymised; flagged, banned and forgotten users'
     choices left out). An option the format cannot honour is refused."""
-    from hps.store import LocalImageStore
+    from hps.storage import storage
     from pipeline.data import DatasetError
     from pipeline.datasets import check_export_options, export_dataset
 
@@ -84,7 +84,7 @@ def export(
         async with database(config) as pool, pool.acquire() as conn:
             return await export_dataset(
                 conn,
-                LocalImageStore(config.images_dir),
+                storage(config).images,
                 out,
                 fmt,
                 all_choosers=choosers == "all",

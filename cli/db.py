@@ -47,6 +47,7 @@ def upgrade(
     lock_timeout: float = typer.Option(300.0, min=0.001, help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Apply migrations up to REVISION (default: the newest), then the analysts' policy."""
+    from cli.store import adopt_local_models
     from db import migrate
 
     url = _url()
@@ -54,6 +55,9 @@ def upgrade(
     skipped = _alembic(migrate.upgrade, url, revision, lock_wait=wait, analysts=settings().analysts)
     console.print(f"{redact_url(url)}: upgraded to {revision}", highlight=False)
     _print_skipped(skipped)
+    if revision == "head":
+        # Model folders registered before the store (0014 named them by key): into its layout.
+        adopt_local_models(settings())
 
 
 def _print_skipped(skipped: list[str]) -> None:

@@ -26,11 +26,15 @@ def serve() -> None:
     """Run the platform on this machine: migrate the database, then run the bot, the
     scheduler and a local worker until SIGTERM or Ctrl-C."""
     import typer
+    from pydantic import SecretStr
 
+    from cli.store import adopt_local_models
     from db import migrate
     from db.connect import database_url
+    from hps.storage import storage
 
     config = settings()
+    storage(config).check()  # one clear line for a wrong bucket or credentials
     url = database_url(config)
     try:
         skipped = migrate.upgrade(url, analysts=config.analysts)
@@ -38,6 +42,7 @@ def serve() -> None:
         raise fail(str(exc)) from None
     for what in skipped:
         err_console.print(f"{log_prefix} [yellow]analysts' policy not applied:[/yellow] {what}")
+    adopt_local_models(config.model_copy(update={"database_url": SecretStr(url)}))
     console.print(f"{log_prefix} database is up to date", highlight=False)
     services = ["scheduler", "worker"]
     if config.discord.token is None:

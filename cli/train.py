@@ -202,9 +202,7 @@ async def _agreement(
         if data is not None and is_pickapic(data):
             examples, read = examples_from_pickapic(data, split)
         else:
-            examples, read = await load_examples(
-                None if data else pool, config.train, data, config.images_dir
-            )
+            examples, read = await load_examples(None if data else pool, config.train, data, config)
             examples = [e for e in examples if e.split == split]
         if not examples:
             raise models.ModelError(f"the {split} split has no examples")
@@ -244,9 +242,7 @@ async def _evaluate(
 
     async with database(config) as pool:
         spec, label, version = await _subject(pool, config, model)
-        examples, read = await load_examples(
-            None if data else pool, config.train, data, config.images_dir
-        )
+        examples, read = await load_examples(None if data else pool, config.train, data, config)
         examples = [e for e in examples if e.split == split]
         if not examples:
             raise models.ModelError(f"the {split} split has no examples")

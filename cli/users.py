@@ -88,7 +88,7 @@ def forget(
     backups, and the prompt lists of training runs (data_dir/runs)."""
     from db import users
     from db.locks import LockTimeout
-    from hps.store import LocalImageStore
+    from hps.storage import storage
 
     if not yes:
         typer.confirm(
@@ -99,7 +99,7 @@ def forget(
     config = settings()
 
     async def _forget() -> users.ForgetResult | None:
-        store = LocalImageStore(config.images_dir)
+        store = storage(config).images  # a folder or the bucket
         async with database(config) as pool:
             return await users.forget_user(pool, discord_id, delete=store.delete)
 

@@ -40,6 +40,7 @@ def worker(
     """Take jobs from the queue and run them until SIGTERM or Ctrl-C (the job in hand
     finishes first)."""
     from db.connect import create_pool, database_url
+    from hps.storage import storage
     from pipeline.devices import resolve_device
     from pipeline.handlers import HANDLERS
     from pipeline.worker import Worker
@@ -69,6 +70,8 @@ def worker(
     config = config.with_changes("models", device=device)
 
     async def service(stop: asyncio.Event) -> None:
+        # A GPU node whose store credentials or bucket are wrong says so now, in one line.
+        await storage(config).check_async()
         # Each job may hold a connection for its transaction; heartbeats, expired leases
         # and the LISTEN connection must never wait behind them.
         jobs_at_once = concurrency or config.worker.concurrency

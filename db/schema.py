@@ -130,7 +130,9 @@ model_versions = Table(
     Column("kind", Text, nullable=False),
     Column("name", Text, nullable=False, unique=True),
     Column("parent_id", BigInteger, ForeignKey("model_versions.id"), nullable=True),
-    Column("artifact", Text, nullable=False),  # local path or hub id
+    Column(
+        "artifact", Text, nullable=False
+    ),  # a store key models/<name>/<sha256>, or a hub id/folder
     Column("sha256", Text, nullable=True),
     Column("config", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("metrics", JSONB, nullable=False, server_default=text("'{}'::jsonb")),

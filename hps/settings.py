@@ -571,6 +571,61 @@ class WorkerSettings(Section):
         return self
 
 
+class StoreSettings(Section):
+    """Where images and model versions live: this machine's data_dir (the default), or an
+    S3-compatible object store shared by machines that share no folder."""
+
+    url: str = Field(
+        "",
+        description="Empty = data_dir on this machine; a folder path; or s3://bucket/prefix "
+        "(AWS S3, MinIO, Cloudflare R2, ...).",
+    )
+    endpoint_url: str | None = Field(
+        None, description="The S3 API's URL (e.g. http://minio:9000); empty = AWS."
+    )
+    region: str = Field("us-east-1", description="The bucket's region.")
+    access_key_id: str | None = Field(
+        None, description="S3 access key id; empty = AWS_* variables or the instance's role."
+    )
+    secret_access_key: SecretStr | None = Field(None, description="S3 secret key (secret).")
+    session_token: SecretStr | None = Field(
+        None, description="S3 session token of temporary credentials (secret)."
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Where model versions fetched from an object store are cached; "
+        "empty = data_dir/cache.",
+    )
+    cache_max_gib: float = Field(
+        50.0, gt=0, description="Size of the model cache; the least recently used go first."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        value = value.strip()
+        if "://" not in value:
+            return value  # empty (data_dir) or a folder
+        scheme, _, rest = value.partition("://")
+        if scheme == "file":
+            return value
+        if scheme != "s3":
+            raise ValueError("must be empty, a folder, or s3://bucket/prefix")
+        bucket = rest.partition("/")[0]
+        if "@" in bucket or ":" in bucket:
+            raise ValueError(
+                "must not hold credentials: set store.access_key_id and "
+                "store.secret_access_key instead"
+            )
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError("names no valid bucket: s3://bucket/prefix (3-63 of a-z 0-9 . -)")
+        return value.rstrip("/")
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith("s3://")
+
+
 class HealthSettings(Section):
     """Liveness of the bot and the scheduler (workers: `worker.heartbeat_seconds` and
     `worker.lease_seconds`), read by `hps health` and `/status`."""
@@ -649,6 +704,7 @@ class Settings(BaseSettings):
     scorers: ScorerSettings = Field(default_factory=ScorerSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
 
     analysts: AnalystSettings = Field(default_factory=AnalystSettings)
@@ -723,6 +779,22 @@ class Settings(BaseSettings):
     def postgres_dir(self) -> Path:
         return self.data_dir / "postgres"
 
+    @property
+    def store_folder(self) -> Path | None:
+        """The folder the store keeps its objects in (images/, models/), None for S3."""
+        url = self.store.url
+        if self.store.is_s3:
+            return None
+        if not url:
+            return self.data_dir
+        return Path(url.removeprefix("file://"))
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where model versions (and training's images) fetched from an object store are
+        cached on this machine."""
+        return self.store.cache_dir or self.data_dir / "cache"
+
     def with_changes(self, section: str, **changes: Any) -> Settings:
         """A copy with keys of one section replaced (None keeps a key), validated like
         the file's values; raises pydantic's ValidationError."""
@@ -740,6 +812,9 @@ class Settings(BaseSettings):
             password = _url_password(url) or ""
             values += [password, unquote(password)]
             values.extend(parse_qs(urlsplit(url).query).get("password", []))  # libpq's ?password=
+        for secret in (self.store.secret_access_key, self.store.session_token):
+            if secret is not None:
+                values.append(secret.get_secret_value())
         return list(dict.fromkeys(v for v in values if v))
 
     def redacted(self) -> dict[str, Any]:
@@ -749,6 +824,8 @@ class Settings(BaseSettings):
             redact_url(self.database_url.get_secret_value()) if self.database_url else None
         )
         data["discord"]["token"] = "********" if self.discord.token else None
+        for key in ("secret_access_key", "session_token"):
+            data["store"][key] = "********" if getattr(self.store, key) else None
         return data
 
 

@@ -39,7 +39,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,8 @@ from db import jobs, models, rounds
 from db.connect import transaction
 from db.images import NewImage
 from db.locks import LockTimeout
-from hps.settings import GenerationSettings
+from hps.settings import GenerationSettings, Settings
+from hps.storage import storage
 from hps.store import StoredBlob
 from pipeline.devices import dtype as torch_dtype
 from pipeline.devices import precision, resolve_device
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 
 SAMPLING_KEYS = ("steps", "guidance_scale", "width", "height")
 MIN_SHOWN = 2  # a choice needs at least two images
+
+Source = str | Callable[[], str]  # an adapter's folder or hub id, or what fetches it
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class Generator:
         # `keep_adapters` never unloads them. Own lock: pinning must not wait for a generation.
         self._pins: Counter[str] = Counter()
         self._pins_lock = threading.Lock()
-        self._sources: dict[str, tuple[str, str]] = {}  # ever loaded → (artifact, identifier)
+        self._sources: dict[str, tuple[Source, str]] = {}  # ever loaded → (source, identifier)
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -182,22 +185,27 @@ class Generator:
             torch_compile=settings.torch_compile,
         )
 
-    def load_adapter(self, name: str, artifact: str, identifier: str = "") -> None:
-        """Load a LoRA adapter (diffusers format, a folder or hub id) under `name`, once.
-        `identifier` is put before the negative prompt of every image it makes."""
+    def load_adapter(self, name: str, source: Source, identifier: str = "") -> None:
+        """Load a LoRA adapter (diffusers format, a folder or hub id, or a function giving
+        one: a version fetched from the store) under `name`, once. `identifier` is put
+        before the negative prompt of every image it makes."""
         with self._lock:
             if name not in self.adapters:
-                try:
-                    self.pipe.load_lora_weights(artifact, adapter_name=name)
-                except Exception:
-                    # Leave no half-injected layers behind for the next calls.
-                    with contextlib.suppress(Exception):
-                        self.pipe.delete_adapters([name])
-                    raise
-                self.adapters[name] = artifact
-                log.info("loaded adapter %s from %s", name, artifact)
+                self._load(name, source)
             self.identifiers[name] = identifier
-            self._sources[name] = (artifact, identifier)
+            self._sources[name] = (source, identifier)
+
+    def _load(self, name: str, source: Source) -> None:
+        artifact = source() if callable(source) else source
+        try:
+            self.pipe.load_lora_weights(artifact, adapter_name=name)
+        except Exception:
+            # Leave no half-injected layers behind for the next calls.
+            with contextlib.suppress(Exception):
+                self.pipe.delete_adapters([name])
+            raise
+        self.adapters[name] = artifact
+        log.info("loaded adapter %s from %s", name, artifact)
 
     @contextlib.contextmanager
     def pinned(self, names: Iterable[str | None]) -> Iterator[None]:
@@ -271,10 +279,9 @@ class Generator:
         if adapter not in self.adapters and adapter in self._sources:
             # A generate job planned with it, then another job unloaded it (its version
             # was retired meanwhile): load it again rather than fail the round.
-            artifact, identifier = self._sources[adapter]
-            self.pipe.load_lora_weights(artifact, adapter_name=adapter)
-            self.adapters[adapter], self.identifiers[adapter] = artifact, identifier
-            log.info("loaded adapter %s again", adapter)
+            source, identifier = self._sources[adapter]
+            self._load(adapter, source)
+            self.identifiers[adapter] = identifier
         # set_adapters does not undo an earlier disable_lora: enable first.
         self.pipe.enable_lora()
         self.pipe.set_adapters([adapter])
@@ -331,10 +338,16 @@ def adapter_name(version_id: int) -> str:
     return f"v{version_id}"
 
 
-def load_version(generator: Generator, version: models.ModelVersion) -> str:
-    """Load an `sd_adapter` version's LoRA with its identifier; returns the adapter name."""
+def load_version(generator: Generator, version: models.ModelVersion, settings: Settings) -> str:
+    """Load an `sd_adapter` version's LoRA with its identifier (fetched from the store on
+    this machine's first use); returns the adapter name. Blocking: run it in a thread."""
     name = adapter_name(version.id)
-    generator.load_adapter(name, version.artifact, str(version.config.get("identifier", "")))
+    artifact = version.artifact
+    generator.load_adapter(
+        name,
+        lambda: storage(settings).models.local_path(artifact),
+        str(version.config.get("identifier", "")),
+    )
     return name
 
 
@@ -355,11 +368,11 @@ async def _serving_versions(ctx: JobContext, generator: Generator) -> _Versions:
     incumbent = await models.serving(ctx.pool, "sd_adapter") or base
     if incumbent is not base:
         # The serving adapter must load: without it the round would silently be the base's.
-        await asyncio.to_thread(load_version, generator, incumbent)
+        await asyncio.to_thread(load_version, generator, incumbent, ctx.settings)
     candidates = []
     for version in await models.testing(ctx.pool, "sd_adapter"):
         try:
-            await asyncio.to_thread(load_version, generator, version)
+            await asyncio.to_thread(load_version, generator, version, ctx.settings)
         except Exception:
             ctx.log.exception("adapter %s does not load: left out of A/B rounds", version.name)
             continue
@@ -479,7 +492,8 @@ async def _generate_batch(ctx: JobContext, generator: Generator, batch: list[job
 async def _finish_round(
     ctx: JobContext, item: _Round, images: list[GeneratedImage], run: dict[str, Any]
 ) -> bool:
-    stored = await asyncio.to_thread(lambda: [ctx.store.put(image.png) for image in images])
+    # Concurrently: on an object store each put is a request; on a folder, a thread.
+    stored = await asyncio.gather(*(ctx.store.put_async(image.png) for image in images))
     rows = [
         NewImage(
             position=position,
@@ -573,7 +587,7 @@ async def _complete(
             elif images is not None and await rounds.finish_round(conn, round_id, images):
                 # The rows hold their keys now: store the files again (a no-op unless a
                 # deletion of equal bytes, say a forgotten user's, came in between).
-                await asyncio.to_thread(lambda: [ctx.store.put(data) for data in files])
+                await asyncio.gather(*(ctx.store.ensure_async(data) for data in files))
                 result["status"] = "ready"
             else:
                 result.update(status="skipped", reason="the round no longer waits for images")

@@ -3,10 +3,11 @@
 The serving classifier is the `classifier` version with status serving
 (`db.models.serving`); with none, the configured model (`models.hps_arch`,
 `hps_pretrained`, `hps_checkpoint`) serves. A trained version (a classifier, an SD adapter)
-is copied into `models_dir/<name>/` and registered with the sha256 of its weights, its
-parent (the version serving when it was trained) and its metrics, and its recipe's `Gate`
-decides in the same transaction: a classifier is promoted only if it beats the serving
-model on the same test examples by the configured margin (`PromotionGate`).
+is published to the store (`models/<name>/<sha256>`, `hps.model_store`) and registered
+with the sha256 of its weights, its parent (the version serving when it was trained) and
+its metrics, and its recipe's `Gate` decides in the same transaction: a classifier is
+promoted only if it beats the serving model on the same test examples by the configured
+margin (`PromotionGate`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from db.models import ModelVersion
 from db.promotion import beats
 from hps.files import replacing
 from hps.settings import Settings
+from hps.storage import storage
 from pipeline.model_files import (
     METADATA_FILE,
     ModelSpec,
@@ -60,7 +62,8 @@ def load_spec(
     from pipeline.hps_model import HPSModel
 
     return HPSModel.load(
-        spec.model,
+        # A published version is fetched into this machine's cache on its first use.
+        storage(settings).models.local_path(spec.model),
         pretrained=spec.pretrained,
         checkpoint=spec.checkpoint,
         device=kwargs.pop("device", settings.models.device),

@@ -7,7 +7,7 @@ atomically) holds the recipe's settings section as the run started (a resumed ru
 it), what the run started from, and the record of each finished stage. `run_recipe` skips
 the finished stages and runs the others in order, recording each as it finishes: a run that
 crashed, or whose job was given up, resumes after its last finished stage. Every recipe
-ends with a `register` stage calling `register`: the model is copied into `models_dir` and
+ends with a `register` stage calling `register`: the model is published to the store and
 registered, with the recipe's `Gate` applied in the same transaction. `run_job` is the job
 handler of any recipe.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,9 +33,9 @@ from db import models
 from db.connect import transaction
 from hps.files import write_json_atomically
 from hps.settings import Settings
-from pipeline import devices, registry
+from hps.storage import storage
+from pipeline import devices
 from pipeline.handlers import JobContext, PermanentError
-from pipeline.model_files import sha256_file
 
 if TYPE_CHECKING:
     import asyncpg
@@ -317,25 +316,26 @@ async def register(
     metrics: dict[str, Any],
     parent_id: int | None,
 ) -> dict[str, Any]:
-    """The registration step of every recipe's `register` stage: copy the run's model
-    folder (with its `weights` file) to `models_dir/<run name>`, whole or not at all, then
+    """The registration step of every recipe's `register` stage: publish the run's model
+    folder (with its `weights` file) to the store as `models/<run name>/<sha256>`
+    (`hps.model_store`: immutable, sha256-verified, whole before anything names it), then
     register it as a candidate of the recipe's kind and apply the recipe's gate (unless the
-    run asked for none) in one transaction. A crash leaves nothing registered; a version an
-    earlier attempt registered is settled instead. Returns the stage's record."""
+    run asked for none) in one transaction. A crash leaves nothing registered (an upload it
+    interrupted is written again by the next attempt); a version an earlier attempt
+    registered is settled instead. Returns the stage's record."""
     assert rc.pool is not None, "registering needs the database"
     name, gate = rc.run.name, rc.recipe.gate(rc) if rc.gate else None
     version = await models.get(rc.pool, name)
     if version is not None:
         passed, reason = await gate.settle(rc.pool, version, rc.actor) if gate else NOT_ASKED
     else:
-        target = rc.settings.models_dir / name
-        if target.exists():  # left by an attempt that crashed before its transaction
-            shutil.rmtree(target)
-        await asyncio.to_thread(registry.copy_atomically, folder, target, weights)
+        # Every file, then the manifest, then the row: an interrupted upload is never named.
+        models_store = storage(rc.settings).models
+        published = await asyncio.to_thread(models_store.publish, folder, name, weights)
         async with transaction(rc.pool) as conn:
             version = await models.register(
-                conn, kind=rc.recipe.kind, name=name, artifact=str(target.resolve()),
-                sha256=sha256_file(target / weights), config=config, metrics=metrics,
+                conn, kind=rc.recipe.kind, name=name, artifact=published.key,
+                sha256=published.sha256, config=config, metrics=metrics,
                 parent_id=parent_id, actor=rc.actor,
             )  # fmt: skip
             passed, reason = await gate.apply(conn, version, rc.actor) if gate else NOT_ASKED

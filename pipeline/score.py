@@ -59,7 +59,7 @@ def _payload(payload: Any) -> tuple[str, list[str]]:
 async def handle_score(ctx: JobContext) -> dict[str, Any]:
     prompt, keys = _payload(ctx.job.payload)
     try:
-        images = [ctx.store.get(key) for key in keys]
+        images = list(await asyncio.gather(*(ctx.store.get_async(key) for key in keys)))
     except StoreError as exc:
         raise PermanentError(f"cannot score: {exc}") from None
     try:

@@ -25,7 +25,7 @@ from db import models
 from db.connect import Executor
 from hps.files import remove, write_atomically, write_json_atomically
 from hps.settings import Settings, TrainSettings
-from hps.store import LocalImageStore
+from hps.storage import storage
 from pipeline import registry
 from pipeline.data import (
     SPLITS,
@@ -108,7 +108,7 @@ def _brief(report: dict[str, Any]) -> dict[str, Any]:
 
 
 async def load_examples(
-    db: Executor | None, recipe: TrainSettings, data: Path | None, images_dir: Path
+    db: Executor | None, recipe: TrainSettings, data: Path | None, settings: Settings
 ) -> tuple[list[Example], Reader]:
     """Examples from a dataset folder, or else from the database; and how to read images."""
     fractions = {"val_fraction": recipe.val_fraction, "test_fraction": recipe.test_fraction}
@@ -124,7 +124,20 @@ async def load_examples(
         include_contains_name=recipe.include_contains_name,
         **fractions,
     )
-    return examples, LocalImageStore(images_dir).get
+    return examples, await image_reader(settings, examples)
+
+
+async def image_reader(settings: Settings, examples: Sequence[Example]) -> Reader:
+    """How training and evaluation read the examples' images (in DataLoader worker
+    processes): the store's own folder, or for an object store a local copy of them, fetched
+    now and verified by hash (`hps.store.ImageCache`: obstore's client does not survive the
+    fork of a DataLoader worker, and every epoch then reads the disk)."""
+    store = storage(settings)
+    cache = store.image_cache()
+    if cache is None:
+        return store.images.get
+    local = await cache.fill([key for e in examples for key in e.images])
+    return local.get
 
 
 def evaluate_models(
@@ -174,9 +187,13 @@ async def open_run(
     )
 
 
-def _data(rc: RunContext) -> tuple[Path | None, Reader]:
+def _data(rc: RunContext) -> Path | None:
     data = rc.run.recipe["data"]
-    return (Path(data), read_path) if data else (None, LocalImageStore(rc.settings.images_dir).get)
+    return Path(data) if data else None
+
+
+async def _reader(rc: RunContext, examples: Sequence[Example]) -> Reader:
+    return read_path if _data(rc) else await image_reader(rc.settings, examples)
 
 
 def _examples(rc: RunContext) -> list[Example]:
@@ -193,8 +210,7 @@ def _examples(rc: RunContext) -> list[Example]:
 async def take_examples(rc: RunContext) -> dict[str, Any]:
     """The examples (the database's choices, or a dataset folder's), split by prompt;
     `TooFewExamples` if the train split is too small."""
-    data, _ = _data(rc)
-    examples, _ = await load_examples(rc.pool, rc.options, data, rc.settings.images_dir)
+    examples, _ = await load_examples(rc.pool, rc.options, _data(rc), rc.settings)
     counts = split_counts(examples)
     needed = rc.options.min_examples
     if counts["train"] < needed:
@@ -220,7 +236,8 @@ async def train_model(rc: RunContext) -> dict[str, Any]:
     if rc.main:
         remove(rc.run.path / "checkpoints")
         remove(rc.run.path / "metrics.jsonl")
-    examples, (_, read) = _examples(rc), _data(rc)
+    examples = _examples(rc)
+    read = await _reader(rc, examples)
 
     def work() -> Any:
         spec = ModelSpec(**serving["spec"])
@@ -251,8 +268,9 @@ async def evaluate_run(rc: RunContext) -> dict[str, Any]:
     """The new model, the untuned base (its report from before training) and the serving
     model on the test examples; when the base serves, its report is reused."""
     trained, serving = rc.run.stage("train"), rc.run.data["serving"]
-    spec, (_, read) = ModelSpec(**serving["spec"]), _data(rc)
+    spec = ModelSpec(**serving["spec"])
     test = [e for e in _examples(rc) if e.split == "test"]
+    read = await _reader(rc, test)
 
     def work() -> dict[str, dict[str, Any]]:
         new = HPSModel.load(trained["best"], device=rc.device, name=rc.run.name)

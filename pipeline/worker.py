@@ -35,7 +35,8 @@ import asyncpg
 from db import jobs
 from db.connect import Executor, transaction
 from hps.settings import Settings
-from hps.store import ImageStore, LocalImageStore
+from hps.storage import storage
+from hps.store import ImageStore
 from pipeline.handlers import (
     HANDLERS,
     ON_DEAD,
@@ -122,7 +123,7 @@ class Worker:
         self.device_label = device_label or device
         self.concurrency = concurrency or settings.worker.concurrency
         self.worker_id = worker_id or jobs.default_worker_id()
-        self.store = store or LocalImageStore(settings.images_dir)
+        self.store = store or storage(settings).images
         self.cache: dict[str, Any] = {}  # lives as long as the worker: resident models
         self.lease = timedelta(seconds=settings.worker.lease_seconds)
         self.backoff = timedelta(seconds=settings.worker.backoff_seconds)

@@ -26,8 +26,9 @@ from hps.settings import get_settings
 from tests.log_check import LogCheck
 
 # The tiny diffusers pipeline's fixtures (tiny_sd_dir, tiny_lora_dirs, ...), the tiny
-# reward models' (tiny_scorers), built on demand, and the whole loop's models (loop_models).
-pytest_plugins = ["tests.tiny_sd", "tests.tiny_scorers", "tests.whole_loop"]
+# reward models' (tiny_scorers), built on demand, the whole loop's models (loop_models) and
+# the S3 server on loopback (tests.s3).
+pytest_plugins = ["tests.tiny_sd", "tests.tiny_scorers", "tests.whole_loop", "tests.s3"]
 
 LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 _admin_url: str | None = None

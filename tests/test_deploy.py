@@ -30,7 +30,7 @@ def test_compose_file_follows_the_compose_specification() -> None:
     compose = PyCompose.from_json(json.dumps(data))
     compose.validate()
     assert set(compose.service_names()) == {
-        "postgres", "migrate", "bot", "scheduler", "worker", "trainer"
+        "postgres", "minio", "store-setup", "migrate", "bot", "scheduler", "worker", "trainer"
     }  # fmt: skip
 
 
@@ -70,11 +70,30 @@ def test_services_are_wired_as_documented() -> None:
         assert services[name]["image"] == "hps-worker"
     for name in ("bot", "scheduler", "worker", "trainer"):
         assert services[name]["depends_on"] == {
-            "migrate": {"condition": "service_completed_successfully"}
+            "migrate": {"condition": "service_completed_successfully"},
+            "store-setup": {"condition": "service_completed_successfully"},
         }
-        assert "hps-data:/data" in services[name]["volumes"]
     assert services["migrate"]["command"] == ["db", "upgrade"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["store-setup"]["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+def test_workers_share_no_volume_with_the_bot_and_everyone_uses_the_object_store() -> None:
+    """Images and model versions go through MinIO, so a worker can run on a machine that
+    reaches only PostgreSQL and MinIO (docs/deploy.md)."""
+    services = _compose()["services"]
+    volumes = {name: set(services[name].get("volumes", [])) for name in services}
+    platform = ("migrate", "bot", "scheduler")
+    assert not volumes["worker"] & volumes["trainer"]
+    for gpu in ("worker", "trainer"):
+        assert volumes[gpu] and not any(volumes[gpu] & volumes[other] for other in platform)
+    bucket = services["store-setup"]["command"][0]
+    assert "mc mb --ignore-existing local/hps" in bucket
+    for name in (*platform, "worker", "trainer"):
+        env = services[name]["environment"]
+        assert env["HPS_STORE__URL"] == "s3://hps/platform"
+        assert env["HPS_STORE__ENDPOINT_URL"] == "http://minio:9000"
+        assert env["HPS_STORE__ACCESS_KEY_ID"] == "hps-platform" and "hps-platform" in bucket
 
 
 def test_training_has_a_worker_of_its_own_and_every_job_kind_a_worker() -> None:

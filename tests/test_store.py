@@ -76,3 +76,13 @@ def test_replacing_publishes_whole_or_leaves_the_target_as_it_was(tmp_path: Path
     assert [p.name for p in folder.iterdir()] == ["weights"]
     assert (folder / "weights").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "manifest.json"]
+
+
+async def test_what_is_read_is_checked_against_its_key(tmp_path: Path) -> None:
+    store = LocalImageStore(tmp_path)
+    blob = store.put(b"an image")
+    (tmp_path / blob.key).write_bytes(b"an imagf")  # a flipped bit on the disk
+    with pytest.raises(StoreError, match="is corrupt: its bytes do not match its key"):
+        store.get(blob.key)
+    with pytest.raises(StoreError, match="is corrupt"):
+        await store.get_async(blob.key)

@@ -132,13 +132,13 @@ class Community(ButtonCog):
             )
             return
 
-        def store_uploads() -> list[str]:
-            return [self.bot.store.put(c.data, c.suffix).key for c in checked]
-
-        keys = await asyncio.to_thread(store_uploads)
+        store = self.bot.store
+        blobs = await asyncio.gather(*(store.put_async(c.data, c.suffix) for c in checked))
+        keys = [blob.key for blob in blobs]
         async with transaction(self.bot.pool) as conn:
             await images.hold_keys(conn, keys)
-            await asyncio.to_thread(store_uploads)  # in case equal bytes were deleted meanwhile
+            # In case equal bytes were deleted meanwhile.
+            await asyncio.gather(*(store.ensure_async(c.data, c.suffix) for c in checked))
             job, _ = await jobs.enqueue(
                 conn,
                 SCORE_KIND,

@@ -42,6 +42,7 @@ from db import jobs, messages, rounds
 from db.choices import ChoiceRefused, record_choice, requester_choice
 from db.connect import UNAVAILABLE
 from db.images import images_of_round
+from hps.store import StoreUnavailable
 
 if TYPE_CHECKING:
     from hps.settings import GenerationSettings, LimitSettings
@@ -57,6 +58,9 @@ CATCH_UP_WINDOW = timedelta(days=7)
 # posted instead.
 REGISTRATION_GRACE = timedelta(minutes=2)
 SHOWN_STATUSES = ("ready", "failed", "closed")
+# A round whose images the store could not give (unreachable for a moment) is shown again
+# after these many seconds, one after the other; then at the next catch-up.
+STORE_RETRY_SECONDS = (1, 2, 5, 10, 30, 60, 120)
 PER_ROW = 5  # Discord's limit of buttons in an action row
 PICK = re.compile(r"hps:pick:(?P<round_id>\d+):(?P<position>\d+)")
 
@@ -217,6 +221,12 @@ class Dream(ButtonCog):
         self._originals: dict[int, _Original] = {}
         # One lock per round serialises the edits of its message.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._retries: set[asyncio.Task[None]] = set()
+
+    async def cog_unload(self) -> None:
+        for task in self._retries:
+            task.cancel()
+        await super().cog_unload()
 
     def _remember(self, round_id: int, interaction: discord.Interaction) -> None:
         """Keep the interaction that shows a round (forgetting those whose token expired:
@@ -347,13 +357,31 @@ class Dream(ButtonCog):
         for round_id in pending:
             await self._show_safely(round_id)
 
-    async def _show_safely(self, round_id: int) -> None:
+    async def _show_safely(self, round_id: int, attempt: int = 0) -> None:
         try:
             await self.show_round(round_id)
+        except StoreUnavailable as exc:
+            if attempt >= len(STORE_RETRY_SECONDS):
+                log.error("could not show the round: %s", exc, extra={"round_id": round_id})
+                return
+            delay = STORE_RETRY_SECONDS[attempt]
+            log.warning(
+                "could not show the round: %s; trying again in %d s",
+                exc,
+                delay,
+                extra={"round_id": round_id},
+            )
+            task = asyncio.create_task(self._show_later(round_id, attempt + 1, delay))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
         except UNAVAILABLE as exc:
             log.warning("could not show the round: %s", exc, extra={"round_id": round_id})
         except Exception:
             log.exception("could not show the round", extra={"round_id": round_id})
+
+    async def _show_later(self, round_id: int, attempt: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._show_safely(round_id, attempt)
 
     async def show_round(self, round_id: int) -> None:
         """Bring the round's message up to date with its status (ready, failed or closed)."""
@@ -404,20 +432,20 @@ class Dream(ButtonCog):
             content = formats.ready(view, len(positions), others_may_vote=others)
         files = None
         if r.shown_status not in ("ready", "closed"):
-            files = await asyncio.to_thread(self._image_files, view)
+            files = await self._image_files(view)
         return content, ui, files
 
-    def _image_files(self, view: rounds.RoundView) -> list[tuple[str, bytes]]:
+    async def _image_files(self, view: rounds.RoundView) -> list[tuple[str, bytes]]:
+        # Through the store (a folder or a bucket), all of a round's images at once.
+        data = await asyncio.gather(*(self.bot.store.get_async(i.storage_key) for i in view.images))
         # Neutral names in the shown order: nothing tells which model made which image.
         files = [
-            (
-                f"{i + 1}{PurePosixPath(image.storage_key).suffix}",
-                self.bot.store.get(image.storage_key),
-            )
-            for i, image in enumerate(view.images)
+            (f"{i + 1}{PurePosixPath(image.storage_key).suffix}", blob)
+            for i, (image, blob) in enumerate(zip(view.images, data, strict=True))
         ]
         if self.bot.settings.generation.post_grid and len(files) > 1:
-            files.append(("grid.png", imaging.make_grid([data for _, data in files])))
+            grid = await asyncio.to_thread(imaging.make_grid, [blob for _, blob in files])
+            files.append(("grid.png", grid))
         return files
 
     async def _deliver(
@@ -520,7 +548,7 @@ class Dream(ButtonCog):
         image = next((i for i in shown if i.position == position), None)
         if image is None:
             return
-        data = await asyncio.to_thread(self.bot.store.get, image.storage_key)
+        data = await self.bot.store.get_async(image.storage_key)
         name = f"chosen{PurePosixPath(image.storage_key).suffix}"
         posted = await interaction.followup.send(
             formats.full_size(interaction.user.id, label),

@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 from db import models
 from hps.settings import Settings
+from hps.storage import storage
 from hps.store import ImageStore, LocalImageStore
 from pipeline.adapt.pairs import (
     PAIRS_FILE,
+    Pair,
     data_format,
     drop_missing,
     heldout_captions,
@@ -134,12 +136,17 @@ def _platform_store(rc: RunContext) -> ImageStore:
     return rc.resources.store
 
 
-def _reader(rc: RunContext) -> Any:
-    """How the pairs' images are read: from the run's own store (a folder's images), or
-    from the image store."""
+async def _reader(rc: RunContext, pairs: list[Pair]) -> Any:
+    """How the pairs' images are read (in DataLoader worker processes): from the run's own
+    store (a folder's images), or from the image store, through a local copy when that is
+    an object store (`train_classifier.image_reader`: its client does not survive a fork)."""
     if rc.run.stage("pairs")["images"] == "run":
         return LocalImageStore(rc.run.path / IMAGES_DIR).get
-    return _platform_store(rc).get
+    cache = storage(rc.settings).image_cache()
+    if cache is None:
+        return _platform_store(rc).get
+    local = await cache.fill([key for p in pairs for key in (p.winner, p.loser)])
+    return local.get
 
 
 async def take_pairs(rc: RunContext) -> dict[str, Any]:
@@ -197,7 +204,7 @@ async def cache_stage(rc: RunContext) -> dict[str, Any]:
     counts = await asyncio.to_thread(
         cache_latents,
         [key for p in pairs for key in (p.winner, p.loser)],
-        _reader(rc),
+        await _reader(rc, pairs),
         sd_model=rc.run.recipe["sd_model"],
         resolution=options.resolution,
         flips=options.random_flip,
@@ -216,10 +223,11 @@ async def train(rc: RunContext) -> dict[str, Any]:
     from pipeline.adapt.dpo_train import train_dpo
 
     cached = rc.run.stage("latents")["cached"]
+    pairs = read_pairs_file(rc.run.path / PAIRS_FILE)
     report = await asyncio.to_thread(
         train_dpo,
-        read_pairs_file(rc.run.path / PAIRS_FILE),
-        _reader(rc),
+        pairs,
+        await _reader(rc, pairs),
         rc.options,
         sd_model=rc.run.recipe["sd_model"],
         out_dir=rc.run.path / TRAIN_DIR,

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from db import models
 from db.connect import transaction
 from hps.settings import AdaptSettings, Settings
+from hps.storage import storage
 from pipeline import registry
 from pipeline.adapt import dataset as data
 from pipeline.adapt.evaluate import OfflineGate, evaluate_adapter
@@ -248,7 +249,7 @@ async def make_samples(rc: RunContext) -> dict[str, Any]:
     adapter = _adapter_of(parent)
     with generator.pinned([adapter]):
         if adapter is not None:
-            await asyncio.to_thread(load_version, generator, parent)
+            await asyncio.to_thread(load_version, generator, parent, rc.settings)
         samples = await asyncio.to_thread(
             generate_samples,
             rc.run.path,
@@ -312,6 +313,7 @@ async def fine_tune(rc: RunContext) -> dict[str, Any]:
 
 async def evaluate_offline(
     resources: Resources,
+    settings: Settings,
     adapter: tuple[str, str, str],
     parent: models.ModelVersion,
     prompts: list[str],
@@ -323,7 +325,8 @@ async def evaluate_offline(
     context: dict[str, Any] | None = None,
     cancelled: Any = None,
 ) -> tuple[dict[str, Any], str]:
-    """The offline evaluation of `adapter` (its name in the generator, folder, identifier)
+    """The offline evaluation of `adapter` (its name in the generator, its folder or version key,
+    identifier)
     against `parent` (an adapter version, or the base pipeline) on held-out `prompts`, same
     seeds for both (`evaluate_adapter`, resuming the pairs recorded in `out_dir`). Both are
     pinned while it runs (the worker's generate jobs, beside it, keep only the adapters of
@@ -336,9 +339,11 @@ async def evaluate_offline(
     parent_adapter = _adapter_of(parent)
     try:
         with generator.pinned([name, parent_adapter]):
-            await asyncio.to_thread(generator.load_adapter, name, folder, identifier)
+            models_store = storage(settings).models
+            source = partial(models_store.local_path, folder)
+            await asyncio.to_thread(generator.load_adapter, name, source, identifier)
             if parent_adapter is not None:
-                await asyncio.to_thread(load_version, generator, parent)
+                await asyncio.to_thread(load_version, generator, parent, settings)
             report = await asyncio.to_thread(
                 evaluate_adapter,
                 prompts,
@@ -368,6 +373,7 @@ async def evaluate_run(rc: RunContext) -> dict[str, Any]:
     adapter = (f"run:{rc.run.name}", rc.run.stage("train")["adapter"], identifier_of(rc))
     report, scorer = await evaluate_offline(
         rc.resources,
+        rc.settings,
         adapter,
         await _parent(rc),
         _split(rc).heldout,
@@ -488,6 +494,7 @@ async def evaluate_version(
     identifier = str(version.config.get("identifier", ""))
     report, _ = await evaluate_offline(
         resources,
+        settings,
         (adapter_name(version.id), version.artifact, identifier),
         parent,
         split.heldout,

@@ -17,7 +17,7 @@ import pytest
 from db import models, stats, users
 from db.choices import record_choice
 from db.models import MODELS_CHANNEL
-from hps.settings import AdaptSettings
+from hps.settings import AdaptSettings, load_settings
 from pipeline.adapt.live import Design, Look, decide, review
 from pipeline.generate import _serving_versions
 from pipeline.serving import plan_round
@@ -359,7 +359,7 @@ async def test_a_new_configured_base_serves_and_a_b_rounds_count_against_it(pool
     old = await models.ensure_base(pool, kind="sd_base", artifact="old-sd")
     candidate = await models.register(pool, kind="sd_adapter", artifact="/m/a")
     await models.start_testing(pool, candidate.id, actor="test")
-    ctx = SimpleNamespace(pool=pool, log=logging.getLogger("test"))
+    ctx = SimpleNamespace(pool=pool, log=logging.getLogger("test"), settings=load_settings())
     served = await _serving_versions(ctx, _Generator("new-sd"))  # type: ignore[arg-type]
     assert served.base.name == "sd_base:new-sd" and served.base.status == "serving"
     assert served.incumbent.id == served.base.id

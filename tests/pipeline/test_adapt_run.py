@@ -115,7 +115,7 @@ async def test_the_job_crashes_mid_fine_tune_changes_nothing_then_resumes_and_re
     rescored = scorer.score(first["prompt"], [run.path / first["file"]])[0]
     assert rescored == pytest.approx(first["score"], abs=1.0)  # JPEG of the scored pixels
     generator = Generator(str(tiny_sd_dir), device="cpu", safety_checker=False)
-    adapter = load_version(generator, serving)
+    adapter = load_version(generator, serving, settings)
     assert generator.identifiers[adapter] == "Odd. "
     finetune = [json.loads(x) for x in (run.path / "finetune.jsonl").read_text().splitlines()]
     label = run.stage("label")
@@ -142,9 +142,11 @@ async def test_the_job_crashes_mid_fine_tune_changes_nothing_then_resumes_and_re
     assert version.parent_id == serving.id
     assert version.config["identifier"] == "Weird image. "
     assert version.config["recipe"]["adapt"]["max_train_steps"] == 6
-    artifact = Path(version.artifact)
-    assert artifact == (settings.models_dir / name).resolve()
+    # Published in the (local) store as models/<name>/<sha256 of the weights>.
+    assert version.artifact == f"models/{name}/{version.sha256}"
+    artifact = settings.data_dir / version.artifact
     assert version.sha256 == sha256_file(artifact / "pytorch_lora_weights.safetensors")
+    assert (artifact / "hps-manifest.json").is_file()
     assert version.metrics["data"]["positives"] == label["positives"]
     assert version.metrics["training"]["steps"] == 6
     offline = version.metrics["offline"]

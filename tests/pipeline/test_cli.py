@@ -65,7 +65,8 @@ def test_import_train_promote_eval_rollback_export(database_url: str, tmp_path: 
     good = hps("train", "--name", "good", "--epochs", "3", *FAST, env=env)
     assert good.returncode == 0, good.stderr
     assert "Promoted to serving: better" in good.stdout and "untuned" in good.stdout
-    assert (tmp_path / "data" / "models" / "good" / "model.safetensors").is_file()
+    [published] = (tmp_path / "data" / "models" / "good").iterdir()  # models/good/<sha256>
+    assert (published / "model.safetensors").is_file()
 
     worse = hps("train", "--name", "worse", "--epochs", "1", *FAST[2:], "--lr", "1e-9", env=env)
     assert worse.returncode == 0, worse.stderr

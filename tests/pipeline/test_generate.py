@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 from datetime import timedelta
@@ -259,17 +258,16 @@ async def test_rounds_that_cannot_be_generated_end_their_job_without_images(
     with pytest.raises(LeaseLost):
         await handle_generate(ctx)
     assert await jobs.get(pool, gone.job.id) is None
-    # Forgotten once the images are made, as they are stored: the files go too.
-    loop = asyncio.get_running_loop()
 
+    # Forgotten once the images are made, as they are stored: the files go too.
     class ForgettingStore(LocalImageStore):
         forgot = False
 
-        def put(self, data: bytes, suffix: str = ".png"):  # type: ignore[no-untyped-def]
-            if not self.forgot:  # in the worker's thread, while its loop waits for it
+        async def put_async(self, data: bytes, suffix: str = ".png"):  # type: ignore[no-untyped-def]
+            if not self.forgot:  # the worker waits for its first image meanwhile
                 self.forgot = True
-                asyncio.run_coroutine_threadsafe(users.forget_user(pool, 3), loop).result()
-            return super().put(data, suffix)
+                await users.forget_user(pool, 3)
+            return await super().put_async(data, suffix)
 
     late = await rounds.create_round(pool, requester_discord_id=3, prompt=PROMPT, k=2)
     [claimed] = await jobs.claim(pool, ["generate"], "w", timedelta(minutes=1))

@@ -191,11 +191,9 @@ async def test_train_job_registers_promotes_and_refuses_a_worse_model(
 
     version = await models.serving(pool, "classifier")
     assert version is not None and version.name == name and version.parent_id is None
-    assert Path(version.artifact) == (settings.models_dir / name).resolve()
-    assert (
-        version.sha256
-        == json.loads((Path(version.artifact) / "hps.json").read_text())["weights_sha256"]
-    )
+    assert version.artifact == f"models/{name}/{version.sha256}"  # in the (local) store
+    folder = settings.data_dir / version.artifact
+    assert version.sha256 == json.loads((folder / "hps.json").read_text())["weights_sha256"]
     assert version.metrics["test"]["top1"] == metrics["new"]["top1"]
     assert set(version.metrics["compared"]) == {"untuned", configured}
     run_dir = settings.runs_dir / name

@@ -5,9 +5,9 @@ platform does), and what S3 adds to a round's images on their way to Discord.
 - put / get: `--n` images of `--size` bytes (a 512 px PNG is about 400 kB), one at a time
   through the async API (latency p50/p99), then `--concurrency` at once (images/s, MB/s).
 - round path: the store's part of a round's way from the GPU worker to the channel, as
-  `pipeline.generate` and the bot do it: the worker puts the round's K images (at once: a
-  conditional PUT each), makes sure again under the key locks before its commit that they
-  are there (a HEAD each), and the bot gets the K images to post them. Per round,
+  `pipeline.generate` and the bot do it: the worker puts the round's K images under their
+  keys' locks before its commit (at once: a conditional PUT each), and the bot gets the K
+  images to post them. Per round,
   p50/p99 on each backend and the difference: the target is that S3 on loopback adds
   < 20 ms at p99. Also the CPU time this process spent per round (the client's share:
   the server's, moto's, is in its own process).
@@ -134,22 +134,32 @@ async def put_get(store: ImageStore, n: int, size: int, concurrency: int) -> dic
 
 
 async def round_path(store: ImageStore, rounds: int, k: int, size: int) -> dict[str, Any]:
-    """Per round: the worker's puts (all K at once), its puts again before the commit, the
-    bot's gets (all K at once): `pipeline.generate._finish_round` / `_commit` and
-    `bot.cogs.dream._image_files`."""
-    totals, cpu = [], 0.0
+    """Per round: the worker's puts under the keys' locks before its commit (all K at once:
+    `db.rounds.finish_round` with `store_files`, from `pipeline.generate._complete`), then
+    the bot's gets (all K at once: `bot.cogs.dream._image_files`)."""
+    totals, puts, gets, cpu = [], [], [], 0.0
     for _ in range(rounds):
         images = _images(k, size)
         cpu_started = time.process_time()  # this process only: the client, not the server
         started = time.perf_counter()
         blobs = await asyncio.gather(*(store.put_async(data) for data in images))
-        await asyncio.gather(*(store.ensure_async(data) for data in images))  # under the locks
+        stored = time.perf_counter()
         posted = await asyncio.gather(*(store.get_async(b.key) for b in blobs))
-        totals.append(time.perf_counter() - started)
+        done = time.perf_counter()
+        totals.append(done - started)
+        puts.append(stored - started)
+        gets.append(done - stored)
         cpu += time.process_time() - cpu_started
         assert posted == images
     client_cpu = round(cpu / rounds * 1000, 2)
-    return {"k": k, "rounds": rounds, **_ms(totals), "client_cpu_ms_per_round": client_cpu}
+    return {
+        "k": k,
+        "rounds": rounds,
+        **_ms(totals),
+        "worker_puts": _ms(puts),
+        "bot_gets": _ms(gets),
+        "client_cpu_ms_per_round": client_cpu,
+    }
 
 
 async def measure(settings: Any, args: argparse.Namespace) -> dict[str, Any]:

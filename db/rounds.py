@@ -13,13 +13,14 @@ part of the transaction, so listeners hear of a change exactly when it is visibl
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from db import jobs, prompts, users
 from db.connect import Executor, transaction
-from db.images import Image, NewImage, images_of_round, insert_images
+from db.images import Image, NewImage, hold_keys, images_of_round, insert_images
 
 ROUNDS_CHANNEL = "hps_rounds"
 GENERATE_KIND = "generate"
@@ -268,13 +269,25 @@ RETURNING id
 """
 
 
-async def finish_round(db: Executor, round_id: int, images: list[NewImage]) -> bool:
+async def finish_round(
+    db: Executor,
+    round_id: int,
+    images: list[NewImage],
+    *,
+    store_files: Callable[[], Awaitable[object]] | None = None,
+) -> bool:
     """Insert the round's images and mark it ready, in one transaction (the caller's, if it
     passes a connection inside one, so the job's completion can commit with it). False,
-    with nothing written, if the round no longer waits for images."""
+    with nothing written, if the round no longer waits for images. `store_files` puts the
+    files in the image store once their keys are held (no deletion of equal bytes can come
+    in between) and before any row names them; if it fails, nothing is written. Locks go
+    as a forget takes them: the round, then the keys."""
     async with transaction(db) as conn:
         if await conn.fetchrow(MARK_READY_SQL, round_id) is None:
             return False
+        await hold_keys(conn, [image.storage_key for image in images])
+        if store_files is not None:
+            await store_files()
         await insert_images(conn, round_id, images)
         await _notify(conn, round_id, "ready")
         return True

@@ -497,6 +497,11 @@ class ImageStore:
         digest = hashlib.sha256(data).hexdigest()
         return key_for(digest, suffix), digest
 
+    def blob(self, data: bytes, suffix: str = ".png") -> StoredBlob:
+        """The key and digest these bytes are stored under, without storing them."""
+        key, digest = self._key(data, suffix)
+        return StoredBlob(key, digest, len(data), created=False)
+
     def put(self, data: bytes, suffix: str = ".png") -> StoredBlob:
         key, digest = self._key(data, suffix)
         # Atomic; two writers of the same bytes both succeed with one object.

@@ -13,10 +13,13 @@ more queued rounds of equal parameters (`ctx.claim_matching` on the payload's ba
    position: the incumbent, or half incumbent and half an adapter in testing;
 3. seeds come from a generator seeded by the job id (or the round's `seed` param), so a
    retried job plans and draws the same round again;
-4. the images are made (one call per version and parameter set across all rounds), written
-   to the image store, and then, per round, the image rows, the round's `ready` status (and
-   its NOTIFY) and the job's completion commit in one transaction. A crash before that
-   commit leaves no rows and the job retryable; the same seeds give the same files again.
+4. the images are made (one call per version and parameter set across all rounds); then,
+   per round, one transaction marks the round `ready` (with its NOTIFY), holds the images'
+   keys (`db.images.hold_keys`: no deletion of equal bytes can come in between), uploads
+   them to the image store (one conditional PUT each on an object store), and writes the
+   image rows and the job's completion. An upload that fails rolls it all back, so
+   nothing ever names an image that is not stored; a crash before the commit leaves no
+   rows and the job retryable, and the same seeds give the same files again.
 
 Images the safety checker flags are stored and recorded with `nsfw=True` (never shown); a
 round with fewer than two unflagged images fails with a reason its requester can read. A
@@ -53,7 +56,6 @@ from db.images import NewImage
 from db.locks import LockTimeout
 from hps.settings import GenerationSettings, Settings
 from hps.storage import storage
-from hps.store import StoredBlob
 from pipeline.devices import dtype as torch_dtype
 from pipeline.devices import precision, resolve_device
 from pipeline.handlers import JobContext, LeaseLost, PermanentError
@@ -492,8 +494,8 @@ async def _generate_batch(ctx: JobContext, generator: Generator, batch: list[job
 async def _finish_round(
     ctx: JobContext, item: _Round, images: list[GeneratedImage], run: dict[str, Any]
 ) -> bool:
-    # Concurrently: on an object store each put is a request; on a folder, a thread.
-    stored = await asyncio.gather(*(ctx.store.put_async(image.png) for image in images))
+    # Their keys and digests only: they are uploaded under their keys' locks, in `_complete`.
+    stored = [ctx.store.blob(image.png) for image in images]
     rows = [
         NewImage(
             position=position,
@@ -531,11 +533,9 @@ async def _finish_round(
             f"The safety filter held back {flagged} of the {len(rows)} images, leaving too few "
             "to choose from. Try another prompt."
         )
-        return await _commit(ctx, item.job, round_id, result=result, failure=failure, stored=stored)
+        return await _commit(ctx, item.job, round_id, result=result, failure=failure)
     files = [image.png for image in images]
-    return await _commit(
-        ctx, item.job, round_id, result=result, images=rows, files=files, stored=stored
-    )
+    return await _commit(ctx, item.job, round_id, result=result, images=rows, files=files)
 
 
 async def _commit(
@@ -547,20 +547,19 @@ async def _commit(
     images: list[NewImage] | None = None,
     files: Sequence[bytes] = (),
     failure: str | None = None,
-    stored: Sequence[StoredBlob] = (),
 ) -> bool:
     """The round's outcome and the job's completion, in one transaction; with neither
     `images` nor `failure` the job completes as a no-op. A failed round keeps no image
     rows, so that retrying it starts clean. False (and nothing written) if another worker
-    took the job over. Files `stored` for the round that no row names in the end (the round
-    failed or was forgotten meanwhile, the job was taken over) are deleted, unless
-    something else uses them."""
+    took the job over. Files uploaded for the round that no row names in the end (the round
+    failed or was forgotten meanwhile, the job was taken over, an upload failed) are
+    deleted, unless something else uses them."""
     result = dict(result or {"round_id": round_id})
     try:
         return await _complete(ctx, job, round_id, result, images, files, failure)
     finally:
-        if stored and result.get("status") != "ready":
-            await _delete_strays(ctx, [blob.key for blob in stored])
+        if images is not None and result.get("status") != "ready":
+            await _delete_strays(ctx, [row.storage_key for row in images])
 
 
 async def _delete_strays(ctx: JobContext, keys: list[str]) -> None:
@@ -584,10 +583,13 @@ async def _complete(
             if failure is not None:
                 await rounds.fail_round(conn, round_id, failure)
                 result.update(status="failed", error=failure)
-            elif images is not None and await rounds.finish_round(conn, round_id, images):
-                # The rows hold their keys now: store the files again (a no-op unless a
-                # deletion of equal bytes, say a forgotten user's, came in between).
-                await asyncio.gather(*(ctx.store.ensure_async(data) for data in files))
+            elif images is not None and await rounds.finish_round(
+                conn,
+                round_id,
+                images,
+                # Concurrently: on an object store each is one conditional PUT.
+                store_files=lambda: asyncio.gather(*(ctx.store.put_async(f) for f in files)),
+            ):
                 result["status"] = "ready"
             else:
                 result.update(status="skipped", reason="the round no longer waits for images")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from datetime import timedelta
@@ -246,7 +247,7 @@ async def test_a_retry_after_a_crash_never_duplicates_images(
 
 
 async def test_rounds_that_cannot_be_generated_end_their_job_without_images(
-    pool, tiny_sd_dir: Path
+    pool, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     settings = _settings(tiny_sd_dir)
     # The requester of a round is forgotten while its job runs: the round and its job are
@@ -259,24 +260,47 @@ async def test_rounds_that_cannot_be_generated_end_their_job_without_images(
         await handle_generate(ctx)
     assert await jobs.get(pool, gone.job.id) is None
 
-    # Forgotten once the images are made, as they are stored: the files go too.
-    class ForgettingStore(LocalImageStore):
-        forgot = False
+    # Forgotten once the images are made, before the worker's commit: nothing is stored.
+    real_finish = rounds.finish_round
 
-        async def put_async(self, data: bytes, suffix: str = ".png"):  # type: ignore[no-untyped-def]
-            if not self.forgot:  # the worker waits for its first image meanwhile
-                self.forgot = True
-                await users.forget_user(pool, 3)
-            return await super().put_async(data, suffix)
+    async def forgotten_first(*args, **kwargs):  # type: ignore[no-untyped-def]
+        await users.forget_user(pool, 3)
+        return await real_finish(*args, **kwargs)
 
     late = await rounds.create_round(pool, requester_discord_id=3, prompt=PROMPT, k=2)
     [claimed] = await jobs.claim(pool, ["generate"], "w", timedelta(minutes=1))
-    store = ForgettingStore(settings.images_dir)
-    ctx = JobContext(claimed, settings, pool, store, "w", "cpu", {})
+    ctx = JobContext(claimed, settings, pool, LocalImageStore(settings.images_dir), "w", "cpu", {})
+    monkeypatch.setattr(rounds, "finish_round", forgotten_first)
     with pytest.raises(LeaseLost):
         await handle_generate(ctx)
-    assert store.forgot and await jobs.get(pool, late.job.id) is None
+    monkeypatch.setattr(rounds, "finish_round", real_finish)
+    assert await jobs.get(pool, late.job.id) is None
     assert await rounds.get_round(pool, late.round.id) is None
+    assert stored_pngs(settings.images_dir) == []
+
+    # Forgotten while the images are uploaded (under their keys' locks): the forget waits for
+    # the worker's commit, then deletes the round with its images, and the files go too.
+    class ForgettingStore(LocalImageStore):
+        forget: asyncio.Task[object] | None = None
+
+        async def put_async(self, data: bytes, suffix: str = ".png"):  # type: ignore[no-untyped-def]
+            if self.forget is None:
+                self.forget = asyncio.create_task(
+                    users.forget_user(pool, 4, delete=LocalImageStore(settings.images_dir).delete)
+                )
+                await asyncio.sleep(0.2)  # the forget is waiting for the round now
+            return await super().put_async(data, suffix)
+
+    during = await rounds.create_round(pool, requester_discord_id=4, prompt=PROMPT, k=2)
+    [claimed] = await jobs.claim(pool, ["generate"], "w", timedelta(minutes=1))
+    store = ForgettingStore(settings.images_dir)
+    ctx = JobContext(claimed, settings, pool, store, "w", "cpu", {})
+    await handle_generate(ctx)
+    assert store.forget is not None  # handle_generate committed: the forget waited for it
+    forgotten = await store.forget
+    assert forgotten is not None and forgotten.rounds_deleted == 1
+    assert forgotten.files_deleted == 2
+    assert await rounds.get_round(pool, during.round.id) is None
     assert stored_pngs(settings.images_dir) == []  # stored, then deleted: no row names them
 
     bad = await rounds.create_round(

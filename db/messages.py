@@ -138,14 +138,13 @@ async def queue_round_messages(db: Executor, round_ids: list[int], reason: str) 
 
 
 # Due rows, those that failed last; `$3` limits the claim to some rows (one forget's). A
-# claim pushes the row's next attempt past the claim's timeout, so a dead bot's claims come
-# back by themselves.
+# claim not settled within `CLAIM_TIMEOUT` (its bot died) may be taken again.
 CLAIM_SQL = """
-UPDATE message_deletions
-SET claimed_at = now(), attempts = attempts + 1, next_attempt_at = now() + $1::interval
+UPDATE message_deletions SET claimed_at = now(), attempts = attempts + 1
 WHERE id IN (
     SELECT id FROM message_deletions
     WHERE gave_up_at IS NULL AND next_attempt_at <= now()
+      AND (claimed_at IS NULL OR claimed_at < now() - $1::interval)
       AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[]))
     ORDER BY next_attempt_at, id
     LIMIT $2
@@ -193,13 +192,13 @@ async def failed(db: Executor, deletion_id: int, error: str) -> bool:
 
 
 RELEASE_SQL = """
-UPDATE message_deletions SET claimed_at = NULL, attempts = attempts - 1, next_attempt_at = now()
+UPDATE message_deletions SET claimed_at = NULL, attempts = attempts - 1
 WHERE id = ANY($1::bigint[])
 """
 
 
 async def release(db: Executor, deletion_ids: list[int]) -> None:
-    """Hand back claimed deletions that were not tried (they are due again at once)."""
+    """Hand back claimed deletions that were not tried: due again, in their place."""
     if deletion_ids:
         await db.execute(RELEASE_SQL, deletion_ids)
 

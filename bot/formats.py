@@ -187,8 +187,8 @@ def user_stats(stats: UserStats, totals: Totals) -> str:
 FORGET_PROMPT = (
     "This deletes every round you asked for (with its images, the votes on it and the bot's "
     "messages showing it) and every choice you made. It cannot be undone. Copies made "
-    "before now are not reached: exported datasets, backups, and the prompt lists of "
-    "training runs. Are you sure?"
+    "before now are not reached: exported datasets, backups, and the files of training "
+    "runs (their prompts and examples). Are you sure?"
 )
 
 

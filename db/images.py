@@ -258,14 +258,24 @@ async def queue_deletions(db: Executor, keys: list[str]) -> None:
     await db.execute(QUEUE_DELETIONS_SQL, keys)
 
 
-# The pending deletions to do now: those of `$1` (any time), or those due, failures last;
-# rows another process is deleting are skipped.
-CLAIM_PENDING_SQL = """
+# The pending deletions due now, those that failed last; rows another sweep is deleting are
+# skipped (`FOR UPDATE SKIP LOCKED`).
+CLAIM_DUE_SQL = """
 SELECT storage_key FROM image_deletions
-WHERE CASE WHEN $1::text[] IS NULL THEN next_attempt_at <= now() ELSE storage_key = ANY($1) END
+WHERE next_attempt_at <= now()
 ORDER BY next_attempt_at, id
-LIMIT $2
+LIMIT $1
 FOR UPDATE SKIP LOCKED
+"""
+
+# The pending deletions of some keys, due or not. Rows another sweep is deleting are waited
+# for (a sweep holds them only while it tries them), so that afterwards what is left of
+# these keys is known exactly.
+CLAIM_KEYS_SQL = """
+SELECT storage_key FROM image_deletions
+WHERE storage_key = ANY($1::text[])
+ORDER BY storage_key
+FOR UPDATE
 """
 
 SETTLED_SQL = """
@@ -341,7 +351,11 @@ async def _delete_pending_batch(
     db: Executor, delete: Callable[[str], bool], keys: list[str] | None, limit: int
 ) -> Sweep:
     async with transaction(db) as conn:
-        claimed = [r["storage_key"] for r in await conn.fetch(CLAIM_PENDING_SQL, keys, limit)]
+        if keys is None:
+            records = await conn.fetch(CLAIM_DUE_SQL, limit)
+        else:
+            records = await conn.fetch(CLAIM_KEYS_SQL, keys)
+        claimed = [r["storage_key"] for r in records]
         if not claimed:
             return Sweep(0, 0, 0, 0)
         locked = {r["k"] for r in await conn.fetch(TRY_LOCK_KEYS_SQL, sorted(claimed))}

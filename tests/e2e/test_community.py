@@ -199,6 +199,7 @@ async def test_forget_me_asks_first_then_removes_the_users_data_and_files(
         )
     ]
     assert len(alice_keys) == 4 and all(store.exists(k) for k in alice_keys)
+    await wait_db(pool, "SELECT count(*) FROM round_messages", 1)  # her chosen image's
 
     ask = await fake.slash(ALICE, "forget-me", {}, channel_id=CHANNEL_ID)
     response = await ask.wait_response()
@@ -306,6 +307,7 @@ async def test_forget_me_with_the_store_failing_halfway_says_so_and_the_retry_fi
     await fake.wait_for(
         lambda: [m for m in fake.channel_messages(CHANNEL_ID) if "chose image" in m["content"]]
     )
+    await wait_db(pool, "SELECT count(*) FROM round_messages", 1)  # recorded after posting
     keys = sorted(r["storage_key"] for r in await pool.fetch("SELECT storage_key FROM images"))
     real_delete = store.delete
 
@@ -359,6 +361,7 @@ async def test_forget_me_counts_only_its_own_messages_and_gives_up_on_refusals(
     await fake.wait_for(
         lambda: [m for m in fake.channel_messages(CHANNEL_ID) if "chose image" in m["content"]]
     )
+    await wait_db(pool, "SELECT count(*) FROM round_messages", 1)  # recorded after posting
 
     ask = await fake.slash(ALICE, "forget-me", {}, channel_id=CHANNEL_ID)
     await ask.wait_response()

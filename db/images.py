@@ -298,11 +298,6 @@ PENDING_OF_SQL = """
 SELECT count(*) FROM image_deletions WHERE storage_key = ANY($1::text[])
 """
 
-PENDING_SQL = """
-SELECT count(*), min(requested_at) FROM image_deletions
-"""
-
-
 @dataclass(frozen=True)
 class Sweep:
     """What one `delete_pending` pass did."""
@@ -390,15 +385,3 @@ async def _delete_pending_batch(
 async def pending_deletions(db: Executor, keys: list[str]) -> int:
     """How many of these keys' files are still to be deleted."""
     return await db.fetchval(PENDING_OF_SQL, keys)
-
-
-@dataclass(frozen=True)
-class Pending:
-    files: int
-    oldest: datetime | None  # when the oldest was recorded
-
-
-async def all_pending_deletions(db: Executor) -> Pending:
-    """How many image files are waiting to be deleted, and since when."""
-    record = await db.fetchrow(PENDING_SQL)
-    return Pending(record["count"], record["min"])

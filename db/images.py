@@ -298,6 +298,7 @@ PENDING_OF_SQL = """
 SELECT count(*) FROM image_deletions WHERE storage_key = ANY($1::text[])
 """
 
+
 @dataclass(frozen=True)
 class Sweep:
     """What one `delete_pending` pass did."""

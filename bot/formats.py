@@ -187,8 +187,8 @@ def user_stats(stats: UserStats, totals: Totals) -> str:
 FORGET_PROMPT = (
     "This deletes every round you asked for (with its images, the votes on it and the bot's "
     "messages showing it) and every choice you made. It cannot be undone. Copies made "
-    "before now are not reached: exported datasets, backups, and the prompt lists of "
-    "training runs. Are you sure?"
+    "before now are not reached: exported datasets, backups, and the files of training "
+    "runs (their prompts and examples). Are you sure?"
 )
 
 
@@ -202,18 +202,55 @@ def forgotten_rows(choices: int, rounds: int) -> str:
     return f"Deleted {rounds} round(s) and {choices} choice(s) of yours."
 
 
-def forgotten(choices: int, rounds: int, files: int, messages: int, all_deleted: bool) -> str:
-    """What forgetting did, and only that: `messages` of the bot's were queued for deletion,
-    and `all_deleted` says whether they are gone already."""
+def forgetting(choices: int, rounds: int, files: int, messages: int) -> str:
+    """The first answer to a confirmed /forget-me: the rows are deleted (committed); the
+    files and the bot's messages are queued, and being deleted."""
+    text = f"Deleted {rounds} round(s) and {choices} choice(s) of yours."
+    queued = [
+        *([f"{files} image file(s)"] if files else []),
+        *([f"the bot's {messages} message(s) showing your rounds"] if messages else []),
+    ]
+    if not queued:
+        return f"Done: deleted {rounds} round(s) and {choices} choice(s)."
+    return text + f" Deleting {' and '.join(queued)} now..."
+
+
+def forgotten(
+    choices: int,
+    rounds: int,
+    files: int,
+    files_left: int,
+    messages: int,
+    *,
+    messages_left: int,
+    messages_given_up: int,
+) -> str:
+    """What forgetting did once its files and messages were dealt with, and only that:
+    `files` were deleted (`files_left` are still to be); `messages` of the bot's were queued
+    for deletion, of which `messages_left` are still to be deleted (negative: unknown) and
+    `messages_given_up` cannot be by the bot."""
     text = f"Done: deleted {rounds} round(s), {choices} choice(s), {files} image file(s)"
-    if not messages:
-        return text + "."
-    if all_deleted:
-        return text + f" and the bot's {messages} message(s) showing your rounds."
-    return (
-        text + f". The bot's {messages} message(s) showing your rounds could not all be "
-        "deleted yet; it keeps trying."
-    )
+    if messages and not messages_left and not messages_given_up:
+        text += f" and the bot's {messages} message(s) showing your rounds."
+    else:
+        text += "."
+        if messages_left:
+            text += (
+                f" The bot's {messages} message(s) showing your rounds could not all be "
+                "deleted yet; it keeps trying."
+            )
+        if messages_given_up:
+            text += (
+                f" {messages_given_up} of the bot's messages showing your rounds cannot be "
+                "deleted by the bot (it has no access to their channel any more): please ask "
+                "a moderator to delete them."
+            )
+    if files_left:
+        text += (
+            f" {files_left} image file(s) could not be deleted yet; they are deleted as soon "
+            "as the image store answers."
+        )
+    return text
 
 
 # -- maintainers ------------------------------------------------------------------------

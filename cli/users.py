@@ -83,10 +83,12 @@ def forget(
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
 ) -> None:
     """Delete a user's rounds (with their images and the votes on them), choices and clicks,
-    as /forget-me does. The bot deletes its Discord messages of those rounds (queued here;
-    done at once while a bot runs, else when one starts). Not reached: exported datasets,
-    backups, and the prompt lists of training runs (data_dir/runs)."""
-    from db import users
+    as /forget-me does. The image files are deleted right after (those the store cannot
+    delete now stay recorded, and the bot deletes them later); the bot deletes its Discord
+    messages of those rounds (queued here; done at once while a bot runs, else when one
+    starts). Not reached: exported datasets, backups, and training runs' files
+    (data_dir/runs: prompt lists, image keys and choice ids)."""
+    from db import images, users
     from db.locks import LockTimeout
     from hps.storage import storage
 
@@ -98,32 +100,54 @@ def forget(
         )
     config = settings()
 
-    async def _forget() -> users.ForgetResult | None:
+    async def _forget() -> bool:
         store = storage(config).images  # a folder or the bucket
         async with database(config) as pool:
-            return await users.forget_user(pool, discord_id, delete=store.delete)
+            result = await users.forget_user(pool, discord_id)
+            if result is None:
+                return False
+            # Committed: say so before anything else can fail.
+            keys = result.orphaned_image_keys
+            copies = (
+                f" (and {result.imported_rounds_deleted} imported copy/copies of their rounds)"
+                if result.imported_rounds_deleted
+                else ""
+            )
+            console.print(
+                f"Forgot {discord_id}: deleted {result.rounds_deleted} round(s){copies}, "
+                f"{result.choices_deleted} choice(s) and {result.events_deleted} click "
+                f"event(s); {len(keys)} image file(s) to delete.",
+                highlight=False,
+            )
+            sweep = await images.delete_pending(pool, store.delete, keys=keys)
+            left = await images.pending_deletions(pool, keys)
+        console.print(f"Deleted {sweep.deleted} image file(s).", highlight=False)
+        if left:
+            why = f" ({sweep.error})" if sweep.error else ""
+            console.print(
+                f"{left} image file(s) could not be deleted now{why}: they are recorded "
+                "(image_deletions) and the bot deletes them as soon as the store answers "
+                "(it tries every minute; `hps health bot` tells whether it runs).",
+                highlight=False,
+            )
+        if result.messages_queued:
+            console.print(
+                f"{result.messages_queued} Discord message(s) of those rounds are queued for "
+                "the bot to delete (at once while it runs, else when it starts); "
+                "`hps health bot` tells whether it runs.",
+                highlight=False,
+            )
+        return True
 
     try:
-        result = run(_forget())
+        found = run(_forget())
     except LockTimeout as exc:
-        raise fail(f"{exc}; nothing was deleted, try again") from None
-    if result is None:
+        raise fail(str(exc)) from None  # it says that nothing was deleted
+    if not found:
         raise fail(f"no data about {discord_id}; nothing changed")
     console.print(
-        f"Forgot {discord_id}: deleted {result.rounds_deleted} round(s), "
-        f"{result.choices_deleted} choice(s), {result.events_deleted} click event(s) and "
-        f"{result.files_deleted} image file(s).",
-        highlight=False,
-    )
-    if result.messages_queued:
-        console.print(
-            f"{result.messages_queued} Discord message(s) of those rounds are queued for the "
-            "bot to delete (at once while it runs, else when it starts); "
-            "`hps health bot` tells whether it runs.",
-            highlight=False,
-        )
-    console.print(
-        "Not reached: exported datasets, backups, and the prompt lists of training runs "
-        f"({config.runs_dir}); delete their copies by hand if the request covers them.",
+        "Not reached: exported datasets, backups, and training runs' files "
+        f"({config.runs_dir}: their prompt lists, and the image keys and choice ids of their "
+        "examples); delete their copies by hand if the request covers them.",
         highlight=False,
     )

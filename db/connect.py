@@ -87,8 +87,13 @@ async def create_pool(
     """The connection pool every long-running process uses.
 
     By default a released connection's session is reset (`RESET ALL`, `UNLISTEN *`, ...), one
-    more round trip per use. The data layer leaves no session state behind (no SET, LISTEN,
-    session advisory locks or cursors outside transactions), so a hot path such as the bot's
+    more round trip per use. The data layer leaves no session state behind on a pool's
+    connections: no SET (settings are `set_config(..., true)`, for the transaction, but for
+    `db.reports.tune`, which only `hps report` uses, on a pool that resets), no
+    LISTEN (`db.listen` keeps its own connection), no session-level advisory locks (only
+    `pg_advisory_xact_lock` and its kin, released at commit or rollback; the migration lock
+    is taken on Alembic's own connection) and no cursors outside transactions
+    (`tests/db/test_migrations.py` checks the statements). So a hot path such as the bot's
     clicks may pass `reset_session=False` and save that round trip.
     """
     try:

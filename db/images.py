@@ -10,11 +10,18 @@ writer's check that the file is there, and the writer stores it again.
 
 A deleter waits at most `DELETE_LOCK_TIMEOUT` for the keys (a writer holds them for one
 transaction); then it stops with `db.locks.LockTimeout`, having deleted nothing.
+
+Files that must go whatever happens (those a forget left unreferenced) are recorded in
+`image_deletions` in the transaction that stopped using them (`queue_deletions`), and
+deleted after its commit by `delete_pending`, under the same locks and checks; a deletion
+that fails (the store unreachable) stays recorded and is tried again with backoff (the
+bot does, every minute), so that no file is forgotten by the forget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +30,9 @@ import asyncpg
 
 from db import locks
 from db.connect import Executor, transaction
+from hps.store import StoreError
+
+log = logging.getLogger(__name__)
 
 DELETE_LOCK_TIMEOUT = timedelta(seconds=10)
 
@@ -77,15 +87,11 @@ SELECT pg_advisory_xact_lock(hashtextextended('hps_image:' || k, 0))
 FROM unnest($1::text[]) AS k
 """
 
-# The same exclusive locks held by the session, across a commit, until `UNLOCK_ALL_SQL`:
-# forgetting a user deletes rows, commits, then deletes the files under the same locks.
-LOCK_KEYS_FOR_SESSION_SQL = """
-SELECT pg_advisory_lock(hashtextextended('hps_image:' || k, 0))
-FROM unnest($1::text[]) AS k
-"""
-
-UNLOCK_ALL_SQL = """
-SELECT pg_advisory_unlock_all()
+# The keys among $1 whose exclusive lock this transaction gets at once (the others are
+# busy: a writer is naming them right now). Never waits, so it needs no order.
+TRY_LOCK_KEYS_SQL = """
+SELECT k FROM unnest($1::text[]) AS k
+WHERE pg_try_advisory_xact_lock(hashtextextended('hps_image:' || k, 0))
 """
 
 LOCK_KEYS_OF_SQL = """
@@ -228,3 +234,155 @@ async def delete_unreferenced(
             return deleted
     except asyncpg.LockNotAvailableError:
         raise await key_lock_timed_out(db, keys, lock_timeout) from None
+
+
+# -- pending deletions (`image_deletions`) ----------------------------------------------------
+
+# A failed deletion is tried again after 30 s, doubling up to an hour, for as long as it
+# takes: a file a forget left behind is never given up.
+BACKOFF_FIRST = timedelta(seconds=30)
+BACKOFF_MAX = timedelta(hours=1)
+# A key a writer holds is looked at again this much later (it is usually free by then).
+BUSY_DELAY = timedelta(minutes=1)
+
+QUEUE_DELETIONS_SQL = """
+INSERT INTO image_deletions (storage_key)
+SELECT DISTINCT k FROM unnest($1::text[]) AS k
+ON CONFLICT (storage_key) DO UPDATE SET next_attempt_at = now()
+"""
+
+
+async def queue_deletions(db: Executor, keys: list[str]) -> None:
+    """Record that the files of these keys must go (in the transaction that stopped using
+    them): `delete_pending` deletes them once that commits, and keeps them until it could."""
+    await db.execute(QUEUE_DELETIONS_SQL, keys)
+
+
+# The pending deletions due now, those that failed last; rows another sweep is deleting are
+# skipped (`FOR UPDATE SKIP LOCKED`).
+CLAIM_DUE_SQL = """
+SELECT storage_key FROM image_deletions
+WHERE next_attempt_at <= now()
+ORDER BY next_attempt_at, id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+# The pending deletions of some keys, due or not. Rows another sweep is deleting are waited
+# for (a sweep holds them only while it tries them), so that afterwards what is left of
+# these keys is known exactly.
+CLAIM_KEYS_SQL = """
+SELECT storage_key FROM image_deletions
+WHERE storage_key = ANY($1::text[])
+ORDER BY storage_key
+FOR UPDATE
+"""
+
+SETTLED_SQL = """
+DELETE FROM image_deletions WHERE storage_key = ANY($1::text[])
+"""
+
+FAILED_SQL = """
+UPDATE image_deletions
+SET attempts = attempts + 1, error = $2,
+    next_attempt_at = now() + least($3::interval * power(2, least(attempts, 16)), $4::interval)
+WHERE storage_key = $1
+"""
+
+BUSY_SQL = """
+UPDATE image_deletions SET next_attempt_at = now() + $2::interval
+WHERE storage_key = ANY($1::text[])
+"""
+
+PENDING_OF_SQL = """
+SELECT count(*) FROM image_deletions WHERE storage_key = ANY($1::text[])
+"""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one `delete_pending` pass did."""
+
+    deleted: int  # files deleted (or found gone already)
+    in_use: int  # named by a row again since: kept, no longer pending
+    failed: int  # the store refused or was unreachable: tried again later
+    busy: int  # a writer held the key: tried again later
+    error: str | None = None  # the store's error, if it failed
+
+
+async def delete_pending(
+    db: Executor,
+    delete: Callable[[str], bool],
+    *,
+    keys: list[str] | None = None,
+    batch: int = 100,
+) -> Sweep:
+    """Delete pending image files (`image_deletions`): those of `keys` if given, else those
+    due. Each is deleted (with `delete`, e.g. `ImageStore.delete`) under its exclusive key
+    lock and only if nothing uses it at that moment, as `delete_unreferenced` does; one in
+    use again is kept and no longer pending. A deletion that fails stays pending (tried
+    again after a backoff) and ends the sweep: the store is likely failing for the next ones
+    too. Keys a writer holds right now are left for a later sweep: this never waits for a
+    lock. `batch` keys a transaction. Call it outside a transaction (files go only once
+    rows have)."""
+    total = Sweep(0, 0, 0, 0)
+    todo = None if keys is None else sorted(set(keys))
+    while True:
+        some = None if todo is None else todo[:batch]
+        if some is not None:
+            todo = todo[batch:]  # type: ignore[index]
+        done = await _delete_pending_batch(db, delete, some, batch)
+        total = Sweep(
+            total.deleted + done.deleted,
+            total.in_use + done.in_use,
+            total.failed + done.failed,
+            total.busy + done.busy,
+            done.error or total.error,
+        )
+        if done.failed or (todo is None and done.deleted + done.in_use == 0) or todo == []:
+            return total
+
+
+async def _delete_pending_batch(
+    db: Executor, delete: Callable[[str], bool], keys: list[str] | None, limit: int
+) -> Sweep:
+    async with transaction(db) as conn:
+        if keys is None:
+            records = await conn.fetch(CLAIM_DUE_SQL, limit)
+        else:
+            records = await conn.fetch(CLAIM_KEYS_SQL, keys)
+        claimed = [r["storage_key"] for r in records]
+        if not claimed:
+            return Sweep(0, 0, 0, 0)
+        locked = {r["k"] for r in await conn.fetch(TRY_LOCK_KEYS_SQL, sorted(claimed))}
+        busy = sorted(set(claimed) - locked)
+        unused = await unreferenced_keys(conn, sorted(locked))
+        settled = sorted(locked - set(unused))  # in use again: nothing to delete
+        deleted, error = 0, None
+        for key in unused:
+            try:
+                await asyncio.to_thread(delete, key)
+            except StoreError as exc:  # a key no store could hold: nothing to retry
+                log.warning("a pending image deletion cannot be done: %s", exc)
+                settled.append(key)
+                continue
+            except Exception as exc:  # whatever else the store raised: the key stays pending
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                await conn.execute(FAILED_SQL, key, error, BACKOFF_FIRST, BACKOFF_MAX)
+                log.warning(
+                    "could not delete a forgotten image file (tried again later): %s",
+                    error,
+                    extra={"storage_key": key},
+                )
+                break
+            settled.append(key)
+            deleted += 1
+        await conn.execute(SETTLED_SQL, settled)
+        if busy:
+            await conn.execute(BUSY_SQL, busy, BUSY_DELAY)
+        return Sweep(deleted, len(locked) - len(unused), int(error is not None), len(busy), error)
+
+
+async def pending_deletions(db: Executor, keys: list[str]) -> int:
+    """How many of these keys' files are still to be deleted."""
+    return await db.fetchval(PENDING_OF_SQL, keys)

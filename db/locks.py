@@ -113,3 +113,13 @@ def timed_out(what: str, limit: timedelta, found: list[Holder]) -> LockTimeout:
         f"could not lock {what} within {seconds}: another session held it (it has let go "
         "since). Nothing was changed; try again."
     )
+
+
+def row_lock_timed_out(what: str, limit: timedelta) -> LockTimeout:
+    """The error for rows (`what`) not locked within `limit`: another transaction is
+    changing them (a click, a worker storing a round's images, a long transaction)."""
+    seconds = f"{limit.total_seconds():g} s"
+    return LockTimeout(
+        f"could not lock {what} within {seconds}: another transaction is changing them. "
+        "Nothing was changed; try again."
+    )

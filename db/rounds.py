@@ -431,16 +431,6 @@ async def close_round(db: Executor, round_id: int) -> bool:
         return True
 
 
-SET_MESSAGE_SQL = """
-UPDATE rounds SET message_id = $2 WHERE id = $1
-"""
-
-
-async def set_message(db: Executor, round_id: int, message_id: int) -> None:
-    """Remember the Discord message that shows the round."""
-    await db.execute(SET_MESSAGE_SQL, round_id, message_id)
-
-
 SET_SHOWN_SQL = """
 UPDATE rounds SET shown_status = $2 WHERE id = $1
 """

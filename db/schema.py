@@ -419,6 +419,30 @@ message_deletions = Table(
     _at("claimed_at"),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("error", Text, nullable=True),
+    # When the bot may try it (again): failures back off, so they never block the others.
+    _now("next_attempt_at"),
+    # The bot gave up (Discord refused for good, or too many attempts): a moderator's turn.
+    _at("gave_up_at"),
+    Index(
+        "ix_message_deletions_next_attempt_at",
+        "next_attempt_at",
+        postgresql_where=text("gave_up_at IS NULL"),
+    ),
+)
+
+# Image files that forgetting left unreferenced, recorded in its transaction and deleted
+# after its commit (`db.images.delete_pending`); those whose deletion failed (the store
+# unreachable) stay here and are tried again, with backoff, by the bot.
+image_deletions = Table(
+    "image_deletions",
+    metadata,
+    _id(),
+    Column("storage_key", Text, nullable=False, unique=True),
+    _now("requested_at"),
+    _now("next_attempt_at"),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("error", Text, nullable=True),
+    Index("ix_image_deletions_next_attempt_at", "next_attempt_at"),
 )
 
 # `hps eval --scorers`: how often each reward model agrees with people's choices. The rows

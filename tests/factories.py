@@ -27,9 +27,23 @@ def fake_image(round_id: int, position: int, **fields: object) -> NewImage:
 
 
 async def queued_round(
-    db: Executor, *, requester: int = 1000, prompt: str = "a red cube", k: int = 4
+    db: Executor,
+    *,
+    requester: int = 1000,
+    prompt: str = "a red cube",
+    k: int = 4,
+    guild_id: int | None = None,
+    channel_id: int | None = None,
 ) -> int:
-    created = await rounds.create_round(db, requester_discord_id=requester, prompt=prompt, k=k)
+    """A round asked for (in a Discord channel, if given), its generate job queued."""
+    created = await rounds.create_round(
+        db,
+        requester_discord_id=requester,
+        prompt=prompt,
+        k=k,
+        guild_id=guild_id,
+        channel_id=channel_id,
+    )
     return created.round.id
 
 
@@ -67,11 +81,14 @@ async def stored_round(
     k: int = 3,
     nsfw_positions: tuple[int, ...] = (),
     model_version_ids: dict[int, int] | None = None,
+    channel_id: int | None = None,
 ) -> int:
     """A ready round whose K images are real PNG files in `store`: image p is a solid
     `COLOURS[p - 1]` of 8p x 8 pixels but for its bottom-right pixel, which holds the round
-    id (so that no two rounds share a file)."""
-    round_id = await queued_round(db, requester=requester, prompt=prompt, k=k)
+    id (so that no two rounds share a file). `channel_id`: asked for there (no guild)."""
+    round_id = await queued_round(
+        db, requester=requester, prompt=prompt, k=k, channel_id=channel_id
+    )
     assert await rounds.start_generating(db, round_id) is not None
     versions = model_version_ids or {}
     images = []

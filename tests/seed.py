@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from db import jobs, models, rounds, users
+from db import jobs, messages, models, rounds, users
 from db.choices import record_choice
 from db.connect import Executor
 from db.images import images_of_round, set_scores
@@ -107,7 +107,8 @@ async def _create(db: Executor, requester: int, prompt: str) -> int:
         db, requester_discord_id=snowflake(requester), prompt=prompt, k=4,
         guild_id=GUILD_ID, channel_id=CHANNEL_ID,
     )  # fmt: skip
-    await rounds.set_message(db, created.round.id, snowflake(1_000 + created.round.id))
+    message_id = snowflake(1_000 + created.round.id)
+    await messages.record_message(db, created.round.id, GUILD_ID, CHANNEL_ID, message_id)
     return created.round.id
 
 

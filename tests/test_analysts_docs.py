@@ -124,3 +124,43 @@ async def test_nothing_the_analyst_role_reads_holds_a_discord_id(pool) -> None: 
             assert "my secret idea" not in text, (table, column)
             leaked = [i for i in ids if i in text]
             assert not leaked, (table, column, leaked)
+
+
+# The hidden-columns table: | `table` | `column`, `column` | why |
+HIDDEN_ROW = re.compile(r"^\| `(?P<table>\w+)` \| (?P<columns>(?:`\w+`(?:, )?)+) \|", re.M)
+
+PRIVILEGES_SQL = """
+SELECT c.table_name, c.column_name,
+       has_column_privilege('hps_analyst', format('%I', c.table_name), c.column_name,
+                            'SELECT') AS readable
+FROM information_schema.columns c JOIN information_schema.tables t USING (table_schema, table_name)
+WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE'
+  AND c.table_name <> 'alembic_version'
+"""
+
+
+async def test_the_hidden_columns_table_is_what_the_grants_hide(pool) -> None:  # type: ignore[no-untyped-def]
+    """Every column the document lists as hidden is hidden, every hidden column of a table
+    analysts read is listed, and every table they cannot read at all is named."""
+    text = DOC.read_text()
+    listed = {
+        (m["table"], column.strip("` "))
+        for m in HIDDEN_ROW.finditer(text)
+        for column in m["columns"].split(",")
+    }
+    readable: dict[str, dict[str, bool]] = {}
+    for r in await pool.fetch(PRIVILEGES_SQL):
+        readable.setdefault(r["table_name"], {})[r["column_name"]] = r["readable"]
+    hidden = {
+        (table, column)
+        for table, columns in readable.items()
+        if any(columns.values())
+        for column, ok in columns.items()
+        if not ok
+    }
+    assert listed == hidden
+    unreadable = sorted(t for t, columns in readable.items() if not any(columns.values()))
+    assert unreadable == ["image_deletions", "message_deletions", "retired_pseudonyms"]
+    said = text[text.index("Not readable at all:") :].split("\n\n", 1)[0]
+    for table in unreadable:
+        assert f"`{table}`" in said

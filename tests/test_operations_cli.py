@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
 
-from db import jobs, rounds, services, users
-from tests.factories import queued_round, ready_round
+from db import images, jobs, rounds, services, users
+from hps.settings import load_settings
+from hps.storage import storage
+from tests.factories import queued_round, stored_round
 from tests.test_cli import hps
 
 LEASE = timedelta(minutes=1)
@@ -83,7 +86,7 @@ async def test_jobs_list_dead_retry_and_cancel(pool: asyncpg.Pool, database_url:
 
 
 async def test_users_ban_unban_and_forget_by_discord_id(
-    pool: asyncpg.Pool, database_url: str
+    pool: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
     env = {"HPS_DATABASE_URL": database_url}
     assert (
@@ -100,13 +103,37 @@ async def test_users_ban_unban_and_forget_by_discord_id(
     unknown = hps("users", "unban", "42", env=env)
     assert unknown.returncode == 1 and "42 is unknown here" in unknown.stderr
 
-    await ready_round(pool, requester=710000000000000010)
+    # A deletion request, the store failing halfway through the files: the rows are gone,
+    # the CLI says what was committed and what is pending, and the rest stays recorded.
+    data_dir = tmp_path / "data"
+    store = storage(load_settings(data_dir=data_dir)).images
+    await stored_round(pool, store, requester=710000000000000010, k=4)
+    keys = sorted(r["storage_key"] for r in await pool.fetch("SELECT storage_key FROM images"))
+    stuck = store.objects.path(keys[1])  # a file the store cannot delete (it is a folder)
+    stuck.unlink()
+    stuck.mkdir()
+    (stuck / "inside").write_bytes(b"x")
+    env = {**env, "HPS_DATA_DIR": str(data_dir)}
     forgot = hps("users", "forget", "710000000000000010", "--yes", env=env)
     assert forgot.returncode == 0, forgot.stderr
-    assert "Forgot 710000000000000010: deleted 1 round(s), 0 choice(s), 0 click event(s)" in (
-        forgot.stdout
+    lines = forgot.stdout.splitlines()
+    assert lines[0] == (
+        "Forgot 710000000000000010: deleted 1 round(s), 0 choice(s) and 0 click event(s); "
+        "4 image file(s) to delete."
     )
-    assert "Not reached: exported datasets, backups, and the prompt lists" in forgot.stdout
+    assert lines[1] == "Deleted 1 image file(s)."
+    assert lines[2].startswith("3 image file(s) could not be deleted now (IsADirectoryError: ")
+    assert "they are recorded (image_deletions) and the bot deletes them" in forgot.stdout
+    assert "training runs' files" in forgot.stdout and "image keys and choice ids" in forgot.stdout
     assert await pool.fetchval("SELECT count(*) FROM rounds") == 0
+    assert [store.exists(k) for k in keys] == [False, False, True, True]
+    pending = await pool.fetch("SELECT storage_key FROM image_deletions ORDER BY storage_key")
+    assert [r["storage_key"] for r in pending] == keys[1:]
     nobody = hps("users", "forget", "710000000000000010", "--yes", env=env)
     assert nobody.returncode == 1 and "no data about 710000000000000010" in nobody.stderr
+    # The store can delete it again: the bot's next sweep deletes what is left.
+    (stuck / "inside").unlink()
+    stuck.rmdir()
+    await pool.execute("UPDATE image_deletions SET next_attempt_at = now()")
+    assert (await images.delete_pending(pool, store.delete)).deleted == 3
+    assert await pool.fetchval("SELECT count(*) FROM image_deletions") == 0

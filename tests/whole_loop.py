@@ -589,6 +589,9 @@ async def run_scenario(loop: Loop) -> None:
     assert await pool.fetchval("SELECT count(*) FROM choices") == 9 + 3 + 1 - 4 - 1
     assert await pool.fetchval("SELECT discord_id FROM users WHERE id = $1", bob) is None
     assert not bobs_messages & set(loop.fake.messages)  # the bot deleted them
+    # Nothing was left to delete later (files or messages).
+    assert await pool.fetchval("SELECT count(*) FROM image_deletions") == 0
+    assert await pool.fetchval("SELECT count(*) FROM message_deletions") == 0
 
     # 9. Nothing was posted twice.
     await asyncio.sleep(1)

@@ -8,6 +8,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 
+import aiohttp
 import discord
 from discord import ButtonStyle, app_commands
 from discord.ext import commands, tasks
@@ -27,7 +28,8 @@ SCORE_KIND = "score"
 FINISHED = ("done", "dead", "cancelled")
 # Re-read a waited-for job this often, in case its NOTIFY was lost (a LISTEN reconnect).
 POLL_SECONDS = 5.0
-# Messages whose deletion failed (Discord unreachable) are tried again this often.
+# Messages and image files whose deletion failed (Discord or the store unreachable) are
+# tried again this often (once due: each failure backs off).
 DELETION_RETRY_SECONDS = 60.0
 
 
@@ -70,6 +72,7 @@ class Community(ButtonCog):
         checks.servers_only(self.score, bot.settings.discord.dream_in_dms)
         self._job_waiters: dict[int, asyncio.Future[None]] = {}
         self._deleting = asyncio.Lock()
+        self._finishing: set[asyncio.Task[None]] = set()  # forgets' deletions, after answering
         # One upload decoded at a time in this process: a decoded image may take
         # score_max_pixels × 4 bytes, and the bot's memory must stay small under many /score.
         self._decoding = asyncio.Semaphore(1)
@@ -226,14 +229,7 @@ class Community(ButtonCog):
             return
         await interaction.response.defer()  # forgetting a prolific user may take a while
         try:
-            result = await users.forget_user(
-                self.bot.pool,
-                user_id,
-                delete=self.bot.store.delete,
-                on_commit=lambda done: committed.record(
-                    interaction, formats.forgotten_rows(done.choices_deleted, done.rounds_deleted)
-                ),
-            )
+            result = await users.forget_user(self.bot.pool, user_id)
         except LockTimeout as exc:
             log.warning("could not forget a user: %s", exc)
             await interaction.edit_original_response(content=formats.FORGET_BUSY, view=None)
@@ -243,27 +239,65 @@ class Community(ButtonCog):
                 content="We hold no data about you.", view=None
             )
             return
-        _, left = await self.delete_queued_messages()
+        committed.record(
+            interaction, formats.forgotten_rows(result.choices_deleted, result.rounds_deleted)
+        )
         log.info(
             "user forgotten",
             extra={
                 "user_id": result.user_id,
                 "rounds": result.rounds_deleted,
-                "files": result.files_deleted,
+                "files": len(result.orphaned_image_keys),
+                "messages": result.messages_queued,
             },
         )
+        # Answer from what is committed and queued, at once: deleting the files and the
+        # messages may take longer than the interaction lives (a prolific user, Discord or
+        # the store failing). The answer is brought up to date when they are done.
         await interaction.edit_original_response(
-            content=formats.forgotten(
+            content=formats.forgetting(
                 result.choices_deleted,
                 result.rounds_deleted,
-                result.files_deleted,
+                len(result.orphaned_image_keys),
                 result.messages_queued,
-                all_deleted=left == 0,
             ),
             view=None,
         )
+        if result.orphaned_image_keys or result.message_deletions:
+            task = asyncio.create_task(self._finish_forget(interaction, result))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
 
-    # -- deleting forgotten rounds' messages ------------------------------------------------
+    async def _finish_forget(
+        self, interaction: discord.Interaction, result: users.ForgetResult
+    ) -> None:
+        """Delete this forget's files and messages (only theirs), then say what is done."""
+        pool, keys = self.bot.pool, result.orphaned_image_keys
+        try:
+            sweep = await images.delete_pending(pool, self.bot.store.delete, keys=keys)
+            files_left = await images.pending_deletions(pool, keys)
+            left = await self.delete_queued_messages(only=list(result.message_deletions))
+        except UNAVAILABLE as exc:  # all recorded: the retry loop finishes the work
+            log.warning("could not finish deleting a forgotten user's files: %s", exc)
+            return
+        except Exception:
+            log.exception("could not finish deleting a forgotten user's files and messages")
+            return
+        text = formats.forgotten(
+            result.choices_deleted,
+            result.rounds_deleted,
+            sweep.deleted,
+            files_left,
+            result.messages_queued,
+            messages_left=left.pending,
+            messages_given_up=left.given_up,
+        )
+        try:
+            await interaction.edit_original_response(content=text)
+        except discord.HTTPException as exc:  # the token expired: the first answer stays
+            log.info("could not update the answer to /forget-me (%s)", exc.status)
+
+    # -- deleting forgotten rounds' messages and files ---------------------------------------
 
     async def cog_load(self) -> None:
         await super().cog_load()
@@ -271,6 +305,8 @@ class Community(ButtonCog):
 
     async def cog_unload(self) -> None:
         self._retry_deletions.cancel()
+        for task in self._finishing:
+            task.cancel()
         await super().cog_unload()
 
     @commands.Cog.listener()
@@ -281,50 +317,94 @@ class Community(ButtonCog):
     async def on_hps_listening(self) -> None:
         # Forgotten while no bot listened (`hps users forget` with the bot down).
         await self.delete_queued_messages()
+        await self.delete_pending_files()
 
     @tasks.loop(seconds=DELETION_RETRY_SECONDS)
     async def _retry_deletions(self) -> None:
+        # The bot always runs and always has the store: it finishes what forgets could not,
+        # whoever forgot (/forget-me, or `hps users forget` while the store or Discord failed).
         try:
             await self.delete_queued_messages()
+            await self.delete_pending_files()
         except Exception:  # an error must not end the loop (tasks.loop stops on one)
-            log.exception("deleting forgotten rounds' messages failed; trying again later")
+            log.exception("deleting forgotten rounds' messages or files failed; trying again later")
 
-    async def delete_queued_messages(self) -> tuple[int, int]:
-        """Delete the queued messages of forgotten rounds on Discord: (deleted, still
-        queued). One pass at a time in this process; claims keep other processes apart."""
-        removed = 0
+    async def delete_pending_files(self) -> int:
+        """Delete the image files forgets left to delete (`image_deletions`) that are due;
+        returns how many were deleted. Failures stay pending, tried again with backoff."""
+        try:
+            return (await images.delete_pending(self.bot.pool, self.bot.store.delete)).deleted
+        except UNAVAILABLE as exc:
+            log.warning("could not read the image files to delete: %s", exc)
+            return 0
+
+    async def delete_queued_messages(self, only: list[int] | None = None) -> messages.Left:
+        """Delete the queued messages of forgotten rounds on Discord (`only`: those of these
+        queued rows), and say what is left of them. One pass at a time in this process;
+        claims keep other processes apart. A failure Discord may get over ends the pass (the
+        retry loop tries again after a backoff); one it refuses for good is given up."""
         try:
             async with self._deleting:
-                while claimed := await messages.claim_deletions(self.bot.pool):
-                    failures = 0
-                    for deletion in claimed:
-                        if await self._delete(deletion):
-                            removed += 1
-                        else:
-                            failures += 1
-                    if failures:
-                        break  # Discord is failing: the retry loop tries again later
-                return removed, await messages.pending(self.bot.pool)
+                while claimed := await messages.claim_deletions(self.bot.pool, only=only):
+                    if not await self._delete_each(claimed):
+                        break  # Discord is failing: tried again later
+                return await messages.left(self.bot.pool, only)
         except UNAVAILABLE as exc:
             log.warning("could not read the messages to delete: %s", exc)
-            return removed, -1
+            return messages.Left(pending=-1, given_up=0)
+
+    async def _delete_each(self, claimed: list[messages.Deletion]) -> bool:
+        """Delete the claimed messages in turn; at the first failure worth trying again,
+        stop and hand the others back untried. False if it stopped."""
+        for i, deletion in enumerate(claimed):
+            if not await self._delete(deletion):
+                await messages.release(self.bot.pool, [d.id for d in claimed[i + 1 :]])
+                return False
+        return True
 
     async def _delete(self, deletion: messages.Deletion) -> bool:
+        """Delete one message; False if it failed in a way worth trying again."""
         channel = self.bot.get_partial_messageable(deletion.channel_id, guild_id=deletion.guild_id)
-        extra = {"channel_id": deletion.channel_id, "message_id": deletion.message_id}
+        extra = {
+            "channel_id": deletion.channel_id,
+            "message_id": deletion.message_id,
+            "attempts": deletion.attempts,
+        }
         try:
             await channel.get_partial_message(deletion.message_id).delete()
         except discord.NotFound:
             pass  # deleted already (by a moderator, or an earlier try)
-        except discord.Forbidden as exc:
-            # The bot left the server or lost the channel: it can never delete this one.
-            log.warning("no permission to delete a forgotten round's message: %s", exc, extra=extra)
         except discord.HTTPException as exc:
-            log.warning("deleting a forgotten round's message failed: %s", exc, extra=extra)
-            await messages.failed(self.bot.pool, deletion.id, str(exc)[:500])
-            return False
+            error = f"{exc.status} {exc.text or exc}"[:500]
+            if 400 <= exc.status < 500 and exc.status != 429:
+                # Discord refuses for good (the bot lost access to the channel, the thread
+                # is archived): trying again cannot help. Left for a moderator.
+                log.warning(
+                    "cannot delete a forgotten round's message (%s): given up", error, extra=extra
+                )
+                await messages.gave_up(self.bot.pool, deletion.id, error)
+                return True
+            return await self._failed(deletion, error, extra)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return await self._failed(deletion, f"{type(exc).__name__}: {exc}"[:500], extra)
         await messages.deleted(self.bot.pool, deletion.id)
         return True
+
+    async def _failed(self, deletion: messages.Deletion, error: str, extra: dict) -> bool:  # type: ignore[type-arg]
+        if await messages.failed(self.bot.pool, deletion.id, error):
+            log.warning(
+                "deleting a forgotten round's message failed %d times (%s): given up",
+                deletion.attempts,
+                error,
+                extra=extra,
+            )
+        else:
+            log.warning(
+                "deleting a forgotten round's message failed (%s); trying again later",
+                error,
+                extra=extra,
+            )
+        return False
 
 
 async def setup(bot: HPSBot) -> None:

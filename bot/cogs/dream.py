@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
+import aiohttp
 import discord
 from discord import ButtonStyle, app_commands
 from discord.ext import commands
@@ -320,7 +321,17 @@ class Dream(ButtonCog):
                 message = await interaction.edit_original_response(
                     content=formats.queued(prompt, negative, created.queue_position)
                 )
-                await rounds.set_message(self.bot.pool, round_id, message.id)
+                await self._record_or_delete(
+                    message,
+                    messages.record_message(
+                        self.bot.pool,
+                        round_id,
+                        interaction.guild_id,
+                        message.channel.id,
+                        message.id,
+                    ),
+                    round_id,
+                )
         except (discord.HTTPException, *UNAVAILABLE) as exc:
             # The round exists and its job is queued: no "nothing was changed" here. Without
             # a registered message, the round is posted anew when it is ready.
@@ -480,7 +491,36 @@ class Dream(ButtonCog):
                 log.info("the round's message is gone; posting a new one", extra=extra)
         new_files = edits().get("attachments")
         message = await channel.send(content, view=ui, files=new_files or None)
-        await rounds.set_message(self.bot.pool, r.id, message.id)
+        await self._record_or_delete(
+            message,
+            messages.record_message(
+                self.bot.pool, r.id, r.guild_id, message.channel.id, message.id
+            ),
+            r.id,
+        )
+
+    async def _record_or_delete(
+        self, message: discord.Message, record: Awaitable[bool], round_id: int
+    ) -> None:
+        """Record a message just posted about a round (`record`: one of `db.messages`'
+        recorders, which queue it for deletion instead if the round was forgotten meanwhile).
+        If recording fails, the message is deleted at once: forgetting could never find it,
+        and it shows the round and mentions its requester."""
+        extra = {"round_id": round_id, "message_id": message.id}
+        try:
+            if not await record:
+                log.info("the round is gone: its new message is queued for deletion", extra=extra)
+        except BaseException:
+            try:
+                await message.delete()
+            except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.error(
+                    "a message about a round could be neither recorded nor deleted (%s): "
+                    "delete it by hand",
+                    exc,
+                    extra={**extra, "channel_id": message.channel.id},
+                )
+            raise
 
     # -- clicks ----------------------------------------------------------------------------
 
@@ -556,8 +596,17 @@ class Dream(ButtonCog):
             wait=True,
         )
         # It shows the image and mentions the requester: forgetting them deletes it too.
-        await messages.record_round_message(
-            self.bot.pool, round_id, posted.channel.id, posted.id, "chosen"
+        await self._record_or_delete(
+            posted,
+            messages.record_round_message(
+                self.bot.pool,
+                round_id,
+                interaction.guild_id,
+                posted.channel.id,
+                posted.id,
+                "chosen",
+            ),
+            round_id,
         )
 
     async def on_retry(self, interaction: discord.Interaction, round_id: int) -> None:

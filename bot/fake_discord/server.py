@@ -243,6 +243,10 @@ class FakeDiscord:
         ]
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.bot_public = False  # the Developer Portal's Public Bot switch
+        # Channels whose messages' requests fail: channel id -> (status, Discord's error code,
+        # message), e.g. (403, 50001, "Missing Access") once the bot lost access to it, or
+        # (503, 0, "Service Unavailable") for an outage.
+        self.refusing: dict[int, tuple[int, int, str]] = {}
 
         self.requests: list[Request] = []
         self.unhandled: list[str] = []
@@ -777,6 +781,9 @@ class FakeDiscord:
     ) -> web.Response:
         if not any(channel_id in g.channel_ids for g in self.guilds):
             return _json({"message": "Unknown Channel", "code": 10003}, 404)
+        if channel_id in self.refusing:
+            status, code, message = self.refusing[channel_id]
+            return _json({"message": message, "code": code}, status)
         if not rest and method == "POST":
             return _json(self._create(channel_id, payload or {}, files, None))
         message = self.messages.get(int(rest[0])) if rest else None

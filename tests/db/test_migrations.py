@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import pkgutil
+import re
 
 import asyncpg
 import pytest
@@ -35,6 +36,7 @@ TABLES = {
     "round_messages",
     "message_deletions",
     "scorer_agreement",
+    "image_deletions",
 }
 
 TABLES_SQL = """
@@ -110,6 +112,25 @@ def test_the_data_layer_keeps_its_sql_in_named_statements() -> None:
     assert "db.choices.RECORD_CHOICE_SQL" in names
     assert "db.jobs.CLAIM_SQL" in names
     assert len(names) > 60
+
+
+# What would outlive a transaction on a pooled connection (pools may skip the session reset,
+# `db.connect.create_pool`): session-level advisory locks, session settings.
+SESSION_STATE = re.compile(
+    r"pg_(try_)?advisory_(lock|unlock)|set_config\([^)]*,\s*false\s*\)|\A\s*SET\s+(?!LOCAL\b)",
+    re.IGNORECASE,
+)
+
+
+def test_the_data_layer_leaves_no_session_state_on_pooled_connections() -> None:
+    leaving = [name for name, sql in _all_statements() if SESSION_STATE.search(sql)]
+    # The report's settings, for its own connections of a pool that resets (`hps report`).
+    assert leaving == ["db.reports.TUNE_SQL"]
+    assert SESSION_STATE.search("SELECT pg_advisory_lock(1)")
+    assert SESSION_STATE.search("SELECT pg_advisory_unlock_all()")
+    assert not SESSION_STATE.search("SELECT pg_try_advisory_xact_lock(1)")
+    assert SESSION_STATE.search("SET statement_timeout = 0")
+    assert not SESSION_STATE.search("UPDATE t\nSET a = 1")
 
 
 async def test_every_statement_of_the_data_layer_prepares_against_head(pool) -> None:  # type: ignore[no-untyped-def]

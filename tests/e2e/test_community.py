@@ -13,10 +13,21 @@ import zlib
 import asyncpg
 from PIL import Image
 
+from bot import formats
 from bot.fake_discord import EPHEMERAL, FakeDiscord, FakeInteraction, FakeUser, button_ids
-from db import jobs
-from hps.store import LocalImageStore
-from tests.e2e.conftest import ALICE, BOB, CHANNEL_ID, dream, eventually, wait_buttons, wait_db
+from db import jobs, messages, users
+from hps.store import LocalImageStore, StoreUnavailable
+from tests.e2e.conftest import (
+    ALICE,
+    BOB,
+    CHANNEL_ID,
+    GUILD_ID,
+    OTHER_CHANNEL_ID,
+    dream,
+    eventually,
+    wait_buttons,
+    wait_db,
+)
 from tests.e2e.worker import TestWorker, fake_score, png
 
 
@@ -188,6 +199,7 @@ async def test_forget_me_asks_first_then_removes_the_users_data_and_files(
         )
     ]
     assert len(alice_keys) == 4 and all(store.exists(k) for k in alice_keys)
+    await wait_db(pool, "SELECT count(*) FROM round_messages", 1)  # her chosen image's
 
     ask = await fake.slash(ALICE, "forget-me", {}, channel_id=CHANNEL_ID)
     response = await ask.wait_response()
@@ -221,6 +233,21 @@ async def test_forget_me_asks_first_then_removes_the_users_data_and_files(
         "showing your rounds."
     )
     assert done["components"] == []
+    # It answered from what was committed and queued before deleting anything on Discord.
+    answers = [
+        i for i, r in enumerate(fake.requests)
+        if r.method == "PATCH" and r.path.endswith("/messages/@original")
+        and (r.json or {}).get("content", "").startswith("Deleted 1 round(s)")
+    ]  # fmt: skip
+    deletions = [
+        i for i, r in enumerate(fake.requests)
+        if r.method == "DELETE" and r.path.startswith(f"/channels/{CHANNEL_ID}/messages/")
+    ]  # fmt: skip
+    assert len(answers) == 1 and len(deletions) == 2 and answers[0] < deletions[0]
+    assert fake.requests[answers[0]].json["content"] == (
+        "Deleted 1 round(s) and 2 choice(s) of yours. Deleting 4 image file(s) and the bot's "
+        "2 message(s) showing your rounds now..."
+    )
     # Her round's message and her chosen image, which showed her images and mentioned her,
     # are gone from the channel; Bob's round stays.
     assert int(alices["id"]) not in fake.messages and int(bobs["id"]) in fake.messages
@@ -247,10 +274,10 @@ async def test_forget_me_failing_after_the_deletion_says_what_was_deleted(
     [first, *_] = await wait_buttons(fake, int(queued["id"]), 6)
     await (await fake.click(ALICE, int(queued["id"]), first["custom_id"])).wait_response()
 
-    def broken(key: str) -> bool:
-        raise RuntimeError("the image store refused")
+    def broken(*args: object) -> str:
+        raise RuntimeError("a bug after the commit")
 
-    monkeypatch.setattr(bot.store, "delete", broken)
+    monkeypatch.setattr(formats, "forgetting", broken)
     ask = await fake.slash(ALICE, "forget-me", {}, channel_id=CHANNEL_ID)
     await ask.wait_response()
     yes = await fake.click(ALICE, ask.original_message_id, f"hps:forget:yes:{ALICE.id}")
@@ -261,3 +288,185 @@ async def test_forget_me_failing_after_the_deletion_says_what_was_deleted(
     )
     assert await pool.fetchval("SELECT count(*) FROM rounds") == 0
     assert await pool.fetchval("SELECT count(*) FROM choices") == 0
+    # The files are recorded: the bot's retry loop deletes them.
+    assert await pool.fetchval("SELECT count(*) FROM image_deletions") == 4
+
+
+async def test_forget_me_with_the_store_failing_halfway_says_so_and_the_retry_finishes(
+    bot,
+    fake: FakeDiscord,
+    pool: asyncpg.Pool,
+    worker: TestWorker,
+    store: LocalImageStore,
+    monkeypatch,
+) -> None:  # type: ignore[no-untyped-def]
+    _, queued = await dream(fake, ALICE, "a round to forget")
+    await worker.run_once()
+    [first, *_] = await wait_buttons(fake, int(queued["id"]), 6)
+    await (await fake.click(ALICE, int(queued["id"]), first["custom_id"])).wait_response()
+    await fake.wait_for(
+        lambda: [m for m in fake.channel_messages(CHANNEL_ID) if "chose image" in m["content"]]
+    )
+    await wait_db(pool, "SELECT count(*) FROM round_messages", 1)  # recorded after posting
+    keys = sorted(r["storage_key"] for r in await pool.fetch("SELECT storage_key FROM images"))
+    real_delete = store.delete
+
+    def failing_after_the_first(key: str) -> bool:
+        if key != keys[0]:
+            raise StoreUnavailable("cannot use the object store: connection refused")
+        return real_delete(key)
+
+    monkeypatch.setattr(bot.store, "delete", failing_after_the_first)
+    ask = await fake.slash(ALICE, "forget-me", {}, channel_id=CHANNEL_ID)
+    await ask.wait_response()
+    yes = await fake.click(ALICE, ask.original_message_id, f"hps:forget:yes:{ALICE.id}")
+    await yes.wait_response()
+    done = await fake.wait_for(
+        lambda: (m := fake.messages[ask.original_message_id])["content"].startswith("Done") and m
+    )
+    assert done["content"] == (
+        "Done: deleted 1 round(s), 1 choice(s), 1 image file(s) and the bot's 2 message(s) "
+        "showing your rounds. 3 image file(s) could not be deleted yet; they are deleted as "
+        "soon as the image store answers."
+    )
+    assert [store.exists(k) for k in keys] == [False, True, True, True]
+    assert await pool.fetchval("SELECT count(*) FROM rounds") == 0
+    # The store answers again: the bot's retry loop deletes the rest (once due).
+    monkeypatch.setattr(bot.store, "delete", real_delete)
+    await pool.execute("UPDATE image_deletions SET next_attempt_at = now()")
+    community = bot.get_cog("Community")
+    assert await community.delete_pending_files() == 3
+    assert not any(store.exists(k) for k in keys)
+    assert await pool.fetchval("SELECT count(*) FROM image_deletions") == 0
+
+
+async def test_forget_me_counts_only_its_own_messages_and_gives_up_on_refusals(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker
+) -> None:  # type: ignore[no-untyped-def]
+    """Someone else's messages that cannot be deleted (Discord failing there, or the bot
+    without access any more) hold up nothing and change nothing in Alice's answer; one the
+    bot may never delete is given up at once, one Discord fails on waits its backoff."""
+    fake.refusing[OTHER_CHANNEL_ID] = (503, 0, "Service Unavailable")
+    async with pool.acquire() as conn, conn.transaction():  # one NOTIFY: one pass
+        failing = [await messages.record_message(conn, 10**9, GUILD_ID, OTHER_CHANNEL_ID, 1 + i)
+                   for i in range(60)]  # fmt: skip
+    assert not any(failing)  # their rounds are gone: all 60 queued
+    # The pass stops at the first failure (Discord is failing), handing the others back.
+    await wait_db(pool, "SELECT count(*) FROM message_deletions WHERE error LIKE '503%'", 1)
+    await wait_db(pool, "SELECT count(*) FROM message_deletions WHERE claimed_at IS NULL", 60)
+    _, queued = await dream(fake, ALICE, "alice's dream")
+    await worker.run_once()
+    [first, *_] = await wait_buttons(fake, int(queued["id"]), 6)
+    await (await fake.click(ALICE, int(queued["id"]), first["custom_id"])).wait_response()
+    await fake.wait_for(
+        lambda: [m for m in fake.channel_messages(CHANNEL_ID) if "chose image" in m["content"]]
+    )
+    await wait_db(pool, "SELECT count(*) FROM round_messages", 1)  # recorded after posting
+
+    ask = await fake.slash(ALICE, "forget-me", {}, channel_id=CHANNEL_ID)
+    await ask.wait_response()
+    yes = await fake.click(ALICE, ask.original_message_id, f"hps:forget:yes:{ALICE.id}")
+    await yes.wait_response()
+    done = await fake.wait_for(
+        lambda: (m := fake.messages[ask.original_message_id])["content"].startswith("Done") and m
+    )
+    assert done["content"] == (
+        "Done: deleted 1 round(s), 1 choice(s), 4 image file(s) and the bot's 2 message(s) "
+        "showing your rounds."
+    )
+    assert fake.channel_messages(CHANNEL_ID) == []
+    # Her forget's NOTIFY started a pass too, which stopped at the next failing row: the two
+    # that failed back off, the others wait in their place, untried.
+    await wait_db(pool, "SELECT count(*) FROM message_deletions WHERE error LIKE '503%'", 2)
+    await wait_db(pool, "SELECT count(*) FROM message_deletions WHERE claimed_at IS NULL", 60)
+    left = await pool.fetch(
+        "SELECT attempts, next_attempt_at > now() + interval '20 seconds' AS later"
+        " FROM message_deletions ORDER BY id"
+    )
+    assert [tuple(r) for r in left] == [(1, True)] * 2 + [(0, False)] * 58
+
+    # The bot lost access there: each is given up at the first refusal, kept for a moderator.
+    fake.refusing[OTHER_CHANNEL_ID] = (403, 50001, "Missing Access")
+    community = bot.get_cog("Community")
+    assert await community.delete_queued_messages() == messages.Left(pending=2, given_up=58)
+    given_up = await messages.given_up(pool)
+    assert len(given_up) == 58 and given_up[0].error == "403 Missing Access"
+
+
+async def test_bot_messages_posted_as_their_round_is_forgotten_are_deleted(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The requester's chosen image is posted after the round was forgotten (between the
+    pick and the post): nothing to record it on, so it is queued for deletion at once."""
+    _, queued = await dream(fake, ALICE, "a dream forgotten mid-pick")
+    await worker.run_once()
+    [first, *_] = await wait_buttons(fake, int(queued["id"]), 6)
+    real_get = bot.store.get_async
+
+    async def forgotten_first(key: str) -> bytes:
+        data = await real_get(key)
+        await users.forget_user(pool, ALICE.id)
+        return data
+
+    monkeypatch.setattr(bot.store, "get_async", forgotten_first)
+    await (await fake.click(ALICE, int(queued["id"]), first["custom_id"])).wait_response()
+    posted = await fake.wait_for(
+        lambda: [r for r in fake.requests if r.method == "POST" and r.files]
+    )
+    assert "chose image" in posted[-1].json["content"]  # it was posted...
+    await fake.wait_for(lambda: fake.channel_messages(CHANNEL_ID) == [])  # ...and deleted
+    await wait_db(pool, "SELECT count(*) FROM message_deletions", 0)
+    assert await pool.fetchval("SELECT count(*) FROM round_messages") == 0
+
+
+async def test_a_bot_message_that_cannot_be_recorded_is_deleted_at_once(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The database fails between posting the chosen image and recording it: forgetting
+    could never find it (it shows the image and mentions the requester), so it goes."""
+    _, queued = await dream(fake, ALICE, "an unrecorded pick")
+    await worker.run_once()
+    [first, *_] = await wait_buttons(fake, int(queued["id"]), 6)
+
+    async def unavailable(*args: object, **kwargs: object) -> bool:
+        raise ConnectionResetError("the database went away")
+
+    monkeypatch.setattr(messages, "record_round_message", unavailable)
+    await (await fake.click(ALICE, int(queued["id"]), first["custom_id"])).wait_response()
+    chosen = await fake.wait_for(
+        lambda: [r for r in fake.requests if r.method == "POST" and r.files]
+    )
+    assert "chose image" in chosen[-1].json["content"]
+    await fake.wait_for(
+        lambda: not [m for m in fake.channel_messages(CHANNEL_ID) if "chose" in m["content"]]
+    )
+    assert int(queued["id"]) in fake.messages  # the round's own message stays
+    assert await pool.fetchval("SELECT count(*) FROM round_messages") == 0
+
+
+async def test_a_round_posted_anew_as_it_is_forgotten_has_its_message_deleted(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Its message was deleted and the /dream token expired, so the ready round is posted as
+    a new message; the round is forgotten meanwhile: the new message is queued and deleted."""
+    _, queued = await dream(fake, ALICE, "a dream posted anew")
+    message_id = int(queued["id"])
+    await wait_db(pool, "SELECT message_id FROM rounds", message_id)
+    del fake.messages[message_id]
+    fake.expire_tokens()
+    real_get = bot.store.get_async
+    forgot: list[object] = []
+
+    async def forgotten_first(key: str) -> bytes:
+        if not forgot:
+            forgot.append(await users.forget_user(pool, ALICE.id))
+        return await real_get(key)
+
+    monkeypatch.setattr(bot.store, "get_async", forgotten_first)
+    await worker.run_once()
+    await fake.wait_for(
+        lambda: [r for r in fake.requests if r.method == "POST" and len(r.files) >= 4]
+    )  # posted anew with its images...
+    await fake.wait_for(lambda: fake.channel_messages(CHANNEL_ID) == [])  # ...and deleted
+    await wait_db(pool, "SELECT count(*) FROM message_deletions", 0)
+    assert forgot and await pool.fetchval("SELECT count(*) FROM rounds") == 0

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from db import datasets as db_datasets
-from db import migrate, users
+from db import images, migrate, users
 from db.choices import record_choice
 from db.images import NewImage
 from hps.store import LocalImageStore
@@ -216,3 +216,61 @@ async def test_migration_0010_moves_the_picks_an_import_put_on_discord_users(
         await asyncio.to_thread(migrate.upgrade, database_url)
     finally:
         await conn.close()
+
+
+# A forget as it was before migration 0016: the person's rows and pseudonym go, their
+# imported copy stays.
+FORGET_BEFORE_0016_SQL = """
+DELETE FROM choices WHERE user_id = (SELECT id FROM users WHERE discord_id = $1);
+DELETE FROM choice_events WHERE user_id = (SELECT id FROM users WHERE discord_id = $1);
+DELETE FROM rounds WHERE requester_id = (SELECT id FROM users WHERE discord_id = $1);
+UPDATE users SET discord_id = NULL, pseudonym = 'tombstone', forgotten_at = now()
+WHERE discord_id = $1;
+"""
+
+
+async def test_migration_0016_forgets_the_imported_copies_of_people_forgotten_before(
+    pool, database_url: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    store = LocalImageStore(tmp_path / "store")
+    dataset = write_colour_hpd(tmp_path / "dataset", n_train=3, n_test=1, k=2, users=2)
+    assert (await _import(pool, dataset, tmp_path / "store")).imported == 4
+    for prompt in ("my first prompt", "my second prompt"):
+        round_id = await stored_round(pool, store, requester=3, prompt=prompt, k=2)
+        await record_choice(pool, round_id=round_id, discord_user_id=3, verdict="pick", position=2)
+    old = (await users.get_user(pool, 3)).pseudonym
+    await _export(pool, tmp_path / "export", "hpd", tmp_path / "store")
+    # Imported back: the dataset's records are known, the person's come in as their copy.
+    assert (await _import(pool, tmp_path / "export", tmp_path / "store")).imported == 2
+    copy_keys = {
+        r["storage_key"]
+        for r in await pool.fetch(
+            "SELECT i.storage_key FROM images i JOIN rounds r ON r.id = i.round_id"
+            " JOIN users u ON u.id = r.requester_id WHERE u.pseudonym = $1",
+            f"import:{old}",
+        )
+    }
+    assert len(copy_keys) == 4
+    before = await pool.fetchval("SELECT count(*) FROM rounds")
+    await asyncio.to_thread(migrate.downgrade, database_url, "0014")
+    conn = await asyncpg.connect(database_url)
+    try:
+        for statement in FORGET_BEFORE_0016_SQL.strip().split(";\n"):
+            await conn.execute(statement, 3)
+        assert await conn.fetchval(
+            "SELECT count(*) FROM users WHERE pseudonym = $1", f"import:{old}"
+        ) == 1  # fmt: skip
+        await asyncio.to_thread(migrate.upgrade, database_url)
+        assert await conn.fetchval(
+            "SELECT count(*) FROM users WHERE pseudonym LIKE $1", f"%{old}%"
+        ) == 0  # fmt: skip
+        # Their two rounds and their copies are gone; the dataset's four rounds stay.
+        assert await conn.fetchval("SELECT count(*) FROM rounds") == before - 4 == 4
+        assert await conn.fetchval("SELECT count(*) FROM prompts WHERE text LIKE 'my %'") == 0
+        pending = {r[0] for r in await conn.fetch("SELECT storage_key FROM image_deletions")}
+        assert pending == copy_keys
+    finally:
+        await conn.close()
+    # The files go as any forget's: the bot's sweep deletes them.
+    assert (await images.delete_pending(pool, store.delete)).deleted == 4
+    assert not any(store.exists(k) for k in copy_keys)

@@ -218,9 +218,9 @@ async def test_migration_0010_moves_the_picks_an_import_put_on_discord_users(
         await conn.close()
 
 
-# A forget as it was before migration 0016: the person's rows and pseudonym go, their
+# A forget as it was before migration 0015: the person's rows and pseudonym go, their
 # imported copy stays.
-FORGET_BEFORE_0016_SQL = """
+FORGET_BEFORE_0015_SQL = """
 DELETE FROM choices WHERE user_id = (SELECT id FROM users WHERE discord_id = $1);
 DELETE FROM choice_events WHERE user_id = (SELECT id FROM users WHERE discord_id = $1);
 DELETE FROM rounds WHERE requester_id = (SELECT id FROM users WHERE discord_id = $1);
@@ -229,7 +229,7 @@ WHERE discord_id = $1;
 """
 
 
-async def test_migration_0016_forgets_the_imported_copies_of_people_forgotten_before(
+async def test_migration_0015_forgets_the_imported_copies_of_people_forgotten_before(
     pool, database_url: str, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     store = LocalImageStore(tmp_path / "store")
@@ -255,7 +255,7 @@ async def test_migration_0016_forgets_the_imported_copies_of_people_forgotten_be
     await asyncio.to_thread(migrate.downgrade, database_url, "0014")
     conn = await asyncpg.connect(database_url)
     try:
-        for statement in FORGET_BEFORE_0016_SQL.strip().split(";\n"):
+        for statement in FORGET_BEFORE_0015_SQL.strip().split(";\n"):
             await conn.execute(statement, 3)
         assert await conn.fetchval(
             "SELECT count(*) FROM users WHERE pseudonym = $1", f"import:{old}"

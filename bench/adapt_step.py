@@ -12,10 +12,11 @@ with the adapter disabled, on both images of each pair).
   without internet cannot download the weights; speed and memory do not depend on them)
   at 512 px, bf16 mixed precision: the paper's fine-tuning at 8 images per forward pass
   accumulated to its total batch of 40, with and without gradient checkpointing; DPO at
-  the diffusers reference's batch (16 pairs × 2 accumulated) with gradient checkpointing.
-  SDXL's DPO reference (8 pairs × 2, 1024 px) needs `--gpu-sdxl-model` (a local SDXL
-  folder): its architecture is not built here. Optimizer steps/s, images/s and peak GPU
-  memory.
+  the diffusers reference's batch (16 pairs × 2 accumulated) with gradient checkpointing;
+  SDXL's DPO at its reference's (8 pairs × 2, 1024 px), on SDXL base's architecture (UNet
+  2.6B, CLIP ViT-L and OpenCLIP bigG text encoders, VAE) built from its published configs
+  the same way (`--gpu-model`, `--gpu-sdxl-model`: local folders instead). Optimizer
+  steps/s, images/s and peak GPU memory.
 
 Steps/s is read from the loop's own per-step timestamps (`metrics.jsonl`), after warm-up
 steps, so model loading and the final save are not counted.
@@ -277,6 +278,98 @@ def build_sd15_architecture(folder: Path) -> Path:
     return folder / "sd15"
 
 
+# SDXL base 1.0's published configs (stabilityai/stable-diffusion-xl-base-1.0: unet/,
+# vae/, text_encoder/, text_encoder_2/, scheduler/ config.json), the numbers that make the
+# architecture; the rest are diffusers' and transformers' defaults, as in those files.
+SDXL_UNET = {
+    "sample_size": 128,  # latents: 1024 px / 8
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),  # heads per block (diffusers' historical name)
+    "cross_attention_dim": 2048,  # 768 (CLIP-L) + 1280 (bigG) hidden states side by side
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 size ids × 256 + bigG's pooled 1280
+}
+SDXL_VAE = {  # SD's VAE, another scale
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+SDXL_TEXT_ENCODERS = (
+    # CLIP ViT-L/14's text tower (text_encoder: CLIPTextModel)
+    {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+     "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
+    # OpenCLIP ViT-bigG/14's (text_encoder_2: CLIPTextModelWithProjection)
+    {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+     "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280},
+)  # fmt: skip
+
+
+def build_sdxl_architecture(folder: Path) -> Path:
+    """SDXL base's architecture (`SDXL_UNET`, `SDXL_VAE`, `SDXL_TEXT_ENCODERS`) with random
+    weights, saved in bf16 (half the 14 GB of float32; training loads the frozen weights in
+    bf16 and SDXL's VAE in float32 anyway) as a pipeline folder. Built on a GPU machine
+    only: it takes about 14 GB of memory."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    from pipeline.tiny_models import write_clip_tokenizer_files
+
+    bpe = write_clip_tokenizer_files(folder / "bpe")
+    tokenizer = CLIPTokenizer.from_pretrained(bpe, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(bpe, model_max_length=77, pad_token="!")
+
+    def text_config(tokenizer: Any, values: dict[str, Any]) -> Any:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **values,
+        )
+
+    clip_l, big_g = SDXL_TEXT_ENCODERS
+    pipe = StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(**SDXL_UNET),
+        vae=AutoencoderKL(**SDXL_VAE),
+        text_encoder=CLIPTextModel(text_config(tokenizer, clip_l)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, big_g)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+    )
+    pipe.to(torch.bfloat16)
+    pipe.save_pretrained(folder / "sdxl", safe_serialization=True)
+    return folder / "sdxl"
+
+
 def gpu(args: argparse.Namespace) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {"measured": False, "reason": "not measured (no GPU lent)"}
@@ -308,15 +401,17 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=16, total_batch_size=32, mixed_precision="bf16",
             gradient_checkpointing=True, center_crop=True, rank=8,
         )  # fmt: skip
-        if args.gpu_sdxl_model:
-            big = synthetic_pairs(store, 64, 1088)
-            runs["dpo_sdxl"] = timed_dpo_run(
-                args.gpu_sdxl_model, folder, big, store, args.gpu_steps, args.warmup,
-                resolution=1024, batch_size=8, total_batch_size=16, mixed_precision="bf16",
+        sdxl = args.gpu_sdxl_model or str(build_sdxl_architecture(folder))
+        big = synthetic_pairs(store, 64, 1088)
+        runs["dpo_sdxl"] = {
+            "model": args.gpu_sdxl_model or "SDXL base architecture, random weights",
+            "size": 1024,
+            **timed_dpo_run(
+                sdxl, folder, big, store, args.gpu_steps, args.warmup, resolution=1024,
+                batch_size=8, total_batch_size=16, mixed_precision="bf16",
                 gradient_checkpointing=True, center_crop=True, rank=8,
-            )  # fmt: skip
-        else:
-            runs["dpo_sdxl"] = {"measured": False, "reason": "needs --gpu-sdxl-model"}
+            ),
+        }  # fmt: skip
     return {
         "measured": True,
         "model": args.gpu_model or "SD 1.5 architecture, random weights",
@@ -332,7 +427,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps not timed")
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--gpu-model", default=None, help="a local SD 1.x folder instead")
-    parser.add_argument("--gpu-sdxl-model", default=None, help="a local SDXL folder (DPO)")
+    parser.add_argument("--gpu-sdxl-model", default=None, help="a local SDXL folder instead (DPO)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/adapt_step.json")
     args = parser.parse_args()
     load_before = os.getloadavg()

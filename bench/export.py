@@ -84,8 +84,10 @@ async def load(url: str, n: int, k: int, users: int, prompts: int) -> float:
         texts = [f"{' '.join(rng.choices(WORDS, k=6))} #{i}" for i in range(1, prompts + 1)]
         await conn.copy_records_to_table(
             "prompts",
-            records=[(i, t, "", prompt_hash(t)) for i, t in enumerate(texts, start=1)],
-            columns=["id", "text", "negative_text", "norm_hash"],
+            records=[
+                (i, t, "", prompt_hash(t), prompt_hash(t)) for i, t in enumerate(texts, start=1)
+            ],
+            columns=["id", "text", "negative_text", "norm_hash", "text_hash"],
         )
         for start in range(1, n + 1, CHUNK):
             ids = range(start, min(start + CHUNK, n + 1))

@@ -101,8 +101,10 @@ async def load(url: str, choices: int, users: int, prompts: int, k: int) -> dict
         texts = [f"{' '.join(rng.choices(WORDS, k=6))} #{i}" for i in range(1, prompts + 1)]
         await conn.copy_records_to_table(
             "prompts",
-            records=[(i, t, "", prompt_hash(t)) for i, t in enumerate(texts, start=1)],
-            columns=["id", "text", "negative_text", "norm_hash"],
+            records=[
+                (i, t, "", prompt_hash(t), prompt_hash(t)) for i, t in enumerate(texts, start=1)
+            ],
+            columns=["id", "text", "negative_text", "norm_hash", "text_hash"],
         )
         await conn.copy_records_to_table(
             "model_versions",

@@ -361,11 +361,12 @@ def scorer_agreement(rows: Sequence[Agreement]) -> str:
         f"{first.evaluated_at:%Y-%m-%d %H:%M} UTC; 95% intervals)"
     ]
     for r in rows:
-        chance = f", chance {r.chance:.1%}" if r.chance is not None else ""
+        chance = f" (chance {r.chance:.1%})" if r.chance is not None else ""
         lines.append(
             f"- **{r.scorer}** (`{clip(r.model, 120)}`): top-1 "
             f"{_interval(r.top1, r.top1_low, r.top1_high)} of {r.choices}{chance}; pairwise "
-            f"{_interval(r.pairwise, r.pairwise_low, r.pairwise_high)} of {r.pairs} pairs"
+            f"{_interval(r.pairwise, r.pairwise_low, r.pairwise_high)} of {r.pairs} pairs "
+            "(chance 50%)"
         )
     return clip("\n".join(lines), 1950)
 

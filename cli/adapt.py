@@ -185,6 +185,7 @@ def evaluate(
     and its parent, scored by the serving HPS: mean HPS, gain, paired win rate (95% CI).
     Stored in the version's metrics; a candidate then enters A/B testing or is retired."""
     from db.models import ModelError
+    from pipeline.adapt.evaluate import JudgeUnavailable
     from pipeline.adapt.prompts import PromptFileError
     from pipeline.adapt.run import evaluate_version
     from pipeline.hps_model import ModelLoadError
@@ -199,7 +200,7 @@ def evaluate(
 
     try:
         evaluated, report, _, reason = run(_eval())
-    except (ModelError, ModelLoadError, PromptFileError) as exc:
+    except (ModelError, ModelLoadError, PromptFileError, JudgeUnavailable) as exc:
         raise fail(str(exc)) from None
     table = Table(title=f"{evaluated.name} against its parent (held-out prompts, same seeds)")
     for column in ("pairs", "prompts", "HPS adapted", "HPS parent", "gain (95% CI)", "win rate"):

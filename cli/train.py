@@ -308,26 +308,31 @@ def _ci(report: dict[str, Any], key: str) -> str:
 def print_agreement(reports: dict[str, dict[str, Any]]) -> None:
     """Each scorer's agreement with the choices (one row per scorer)."""
     table = Table(title="Agreement with people's choices (95% intervals)")
-    for column in ("scorer", "model", "choices", "top-1", "pairwise", "pairs", "chance"):
+    for column in ("scorer", "model", *ACCURACY_COLUMNS):
         table.add_column(column, justify="left" if column in ("scorer", "model") else "right")
     for name, r in reports.items():
-        table.add_row(
-            name, r["model"], str(r["n"]), _ci(r, "top1"), _ci(r, "pairwise"),
-            str(r["pairwise_n"]), _pct(r["chance"]),
-        )  # fmt: skip
+        table.add_row(name, r["model"], *_accuracy_cells(r))
     console.print(table)
+
+
+# Each measure's chance beside it: top-1's is 1/K (the mean over the choices), pairwise's 50%.
+ACCURACY_COLUMNS = ("choices", "top-1", "top-1 chance", "pairwise", "pairwise chance", "pairs")
+
+
+def _accuracy_cells(r: dict[str, Any]) -> list[str]:
+    return [
+        str(r["n"]), _ci(r, "top1"), _pct(r["chance"]), _ci(r, "pairwise"),
+        _pct(0.5 if r.get("pairwise") is not None else None), str(r["pairwise_n"]),
+    ]  # fmt: skip
 
 
 def print_reports(reports: dict[str, dict[str, Any]]) -> None:
     """The accuracy table (one row per model) and the per-K breakdown."""
     table = Table(title="Predicting the person's choice (95% intervals)")
-    for column in ("model", "choices", "top-1", "pairwise", "pairs", "chance"):
+    for column in ("model", *ACCURACY_COLUMNS):
         table.add_column(column, justify="left" if column == "model" else "right")
     for label, r in reports.items():
-        table.add_row(
-            label, str(r["n"]), _ci(r, "top1"), _ci(r, "pairwise"), str(r["pairwise_n"]),
-            _pct(r["chance"]),
-        )  # fmt: skip
+        table.add_row(label, *_accuracy_cells(r))
     console.print(table)
     ks = sorted({int(k) for r in reports.values() for k in r["per_k"]})
     if len(ks) > 1:
@@ -336,7 +341,7 @@ def print_reports(reports: dict[str, dict[str, Any]]) -> None:
         per_k.add_column("choices", justify="right")
         for label in reports:
             per_k.add_column(label, justify="right")
-        per_k.add_column("chance", justify="right")
+        per_k.add_column("top-1 chance", justify="right")
         for k in ks:
             cells = [reports[label]["per_k"].get(str(k)) for label in reports]
             n = next((c["n"] for c in cells if c), 0)

@@ -8,7 +8,8 @@ Exports name users by their pseudonym only.
 Splits: training and export place a round by the same rule (`pipeline.data.prompt_split`),
 which needs to know, per prompt, whether any of its rounds is declared test by a dataset
 (`prompt_tested`) and whether any has no declared split (`prompt_undeclared`): both queries
-return them.
+return them. A prompt there is its text alone (`prompts.text_hash`): the classifier and the
+exports see no negative prompt, so one text with and without one is one prompt, on one side.
 """
 
 from __future__ import annotations
@@ -33,26 +34,27 @@ _COUNTED_CHOOSER = """
     NOT c.flagged AND NOT u.banned AND NOT u.shadow_banned AND u.forgotten_at IS NULL
 """
 
-# Per prompt, over all its rounds: any declared test by a dataset, any with no declared split.
-# (One aggregate for the whole query: cheaper than a lookup per row over a million rows.)
+# Per prompt text, over all its rounds: any declared test by a dataset, any with no declared
+# split. (One aggregate for the whole query: cheaper than a lookup per row over a million rows.)
 _PROMPT_SIDES = """
 prompt_sides AS (
-    SELECT prompt_id, bool_or(split = 'test') AS prompt_tested,
-           bool_or(split IS NULL) AS prompt_undeclared
-    FROM rounds GROUP BY prompt_id
+    SELECT p.text_hash, bool_or(r.split = 'test') AS prompt_tested,
+           bool_or(r.split IS NULL) AS prompt_undeclared
+    FROM rounds r JOIN prompts p ON p.id = r.prompt_id
+    GROUP BY p.text_hash
 )
 """
 
 TRAINING_CHOICES_SQL = f"""
 WITH {_PROMPT_SIDES}
 SELECT c.id AS choice_id, c.round_id, r.split, coalesce(r.prompt_text, p.text) AS prompt,
-       p.norm_hash, sides.prompt_tested, sides.prompt_undeclared,
+       p.text_hash, sides.prompt_tested, sides.prompt_undeclared,
        c.verdict, c.chosen_position, shown.positions, shown.image_keys
 FROM choices c
 JOIN rounds r ON r.id = c.round_id
 JOIN prompts p ON p.id = r.prompt_id
 JOIN users u ON u.id = c.user_id
-JOIN prompt_sides sides ON sides.prompt_id = r.prompt_id
+JOIN prompt_sides sides ON sides.text_hash = p.text_hash
 CROSS JOIN LATERAL ({_SHOWN_IMAGES}) shown
 WHERE c.verdict IN ('pick', 'tie') AND {_COUNTED_CHOOSER}
   AND ($1 OR c.is_requester)
@@ -72,9 +74,9 @@ class TrainingChoice:
     round_id: int
     split: str | None  # a dataset's own split (imported rounds), else None
     prompt: str  # the round's own spelling
-    norm_hash: str
-    prompt_tested: bool  # some round of this prompt is declared test
-    prompt_undeclared: bool  # some round of this prompt has no declared split
+    text_hash: str  # the prompt's text's (`prompts.text_hash`): its split and weight group
+    prompt_tested: bool  # some round of this prompt text is declared test
+    prompt_undeclared: bool  # some round of this prompt text has no declared split
     verdict: str
     chosen_position: int | None
     positions: list[int]
@@ -193,7 +195,7 @@ EXPORT_CHOICES_SQL = f"""
 WITH {_PROMPT_SIDES}
 SELECT c.id AS choice_id, c.round_id, r.source, r.external_id, r.split,
        coalesce(r.prompt_text, p.text) AS prompt, p.negative_text AS negative_prompt,
-       p.norm_hash, p.contains_name, sides.prompt_tested, sides.prompt_undeclared,
+       p.text_hash, p.contains_name, sides.prompt_tested, sides.prompt_undeclared,
        u.pseudonym AS user_id, requester.pseudonym AS requester, c.is_requester,
        c.verdict, c.chosen_position, r.params::text AS params,
        r.created_at AS round_created_at, c.created_at, c.updated_at,
@@ -203,7 +205,7 @@ JOIN rounds r ON r.id = c.round_id
 JOIN prompts p ON p.id = r.prompt_id
 JOIN users u ON u.id = c.user_id
 LEFT JOIN users requester ON requester.id = r.requester_id
-JOIN prompt_sides sides ON sides.prompt_id = r.prompt_id
+JOIN prompt_sides sides ON sides.text_hash = p.text_hash
 CROSS JOIN LATERAL (
     SELECT array_agg(i.position ORDER BY i.position) AS positions,
            array_agg(i.storage_key ORDER BY i.position) AS image_keys,
@@ -216,16 +218,16 @@ WHERE {_EXPORTED} AND shown.positions IS NOT NULL
 ORDER BY c.id
 """
 
-# Per prompt: its exported choices of rounds that showed at least $3 images.
+# Per prompt text: its exported choices of rounds that showed at least $3 images.
 EXPORT_PROMPT_CHOICES_SQL = f"""
-SELECT p.norm_hash, count(*) AS choices
+SELECT p.text_hash, count(*) AS choices
 FROM choices c
 JOIN rounds r ON r.id = c.round_id
 JOIN prompts p ON p.id = r.prompt_id
 JOIN users u ON u.id = c.user_id
 WHERE {_EXPORTED}
   AND (SELECT count(*) FROM images i WHERE i.round_id = c.round_id AND NOT i.nsfw) >= $3
-GROUP BY p.norm_hash
+GROUP BY p.text_hash
 """
 
 
@@ -240,10 +242,10 @@ def export_snapshot(conn: Any) -> Any:
 async def export_prompt_choices(
     conn: Any, *, all_choosers: bool, verdicts: tuple[str, ...], min_shown: int = 1
 ) -> dict[str, int]:
-    """Per prompt (`norm_hash`): how many of the choices `stream_export_choices` streams
-    with these arguments are of rounds that showed at least `min_shown` images."""
+    """Per prompt text (`text_hash`): how many of the choices `stream_export_choices`
+    streams with these arguments are of rounds that showed at least `min_shown` images."""
     records = await conn.fetch(EXPORT_PROMPT_CHOICES_SQL, all_choosers, list(verdicts), min_shown)
-    return {r["norm_hash"]: r["choices"] for r in records}
+    return {r["text_hash"]: r["choices"] for r in records}
 
 
 async def stream_export_choices(

@@ -1,5 +1,9 @@
 """Prompts: one row per distinct (prompt, negative prompt) after normalisation.
 
+Each row also keeps `text_hash`, the key of its text alone: the classifier and the exports
+see only the text, so datasets split on it (`pipeline.data.prompt_split`), and one text
+with and without a negative prompt is one prompt there.
+
 Normalisation is NFKC, whitespace collapsed, case folded. CLIP's tokenizer lower-cases and
 cleans whitespace itself, so two prompts that normalise alike generate and score alike; the
 row keeps the first spelling seen (a round whose own spelling differs keeps it in
@@ -29,6 +33,12 @@ def prompt_hash(text: str, negative_text: str = "") -> str:
     return hashlib.sha256(f"{normalize(text)}\x00{normalize(negative_text)}".encode()).hexdigest()
 
 
+def text_hash(text: str) -> str:
+    """The key of a prompt's text alone, negative prompt aside (`prompts.text_hash`): what
+    splits are decided on. A prompt with no negative prompt has it as its `prompt_hash`."""
+    return prompt_hash(text)
+
+
 @dataclass(frozen=True)
 class Prompt:
     id: int
@@ -36,14 +46,15 @@ class Prompt:
     negative_text: str
     norm_hash: str
     contains_name: bool
+    text_hash: str
     created_at: datetime
 
 
 # On conflict the row is updated (locked) only when the flag turns on; otherwise it is read.
 ENSURE_PROMPT_SQL = """
 WITH upserted AS (
-    INSERT INTO prompts (text, negative_text, norm_hash, contains_name)
-    VALUES ($1, $2, $3, $4)
+    INSERT INTO prompts (text, negative_text, norm_hash, contains_name, text_hash)
+    VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (norm_hash) DO UPDATE SET contains_name = true
     WHERE EXCLUDED.contains_name AND NOT prompts.contains_name
     RETURNING id
@@ -65,7 +76,9 @@ async def ensure_prompt(
     """The id of this prompt's row, inserted if new; `contains_name` flags an existing row
     too (a flag is never cleared here: one source saying a prompt names people suffices)."""
     key = prompt_hash(text, negative_text)
-    prompt_id = await db.fetchval(ENSURE_PROMPT_SQL, text, negative_text, key, contains_name)
+    prompt_id = await db.fetchval(
+        ENSURE_PROMPT_SQL, text, negative_text, key, contains_name, text_hash(text)
+    )
     if prompt_id is None:  # inserted concurrently after this statement's snapshot
         prompt_id = await db.fetchval(PROMPT_ID_SQL, key)
     return prompt_id

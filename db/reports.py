@@ -139,7 +139,9 @@ ORDER BY id
 # - position_bias: requesters' picks by images shown (K) and position picked, in rounds that
 #   held no image back (positions run 1..K as shown);
 # - top_hps_picked: per classifier, requesters' picks in rounds whose shown images it scored
-#   all, and how many picked the image it scored highest; chance is the mean of 1/K;
+#   all, and how many picked the image it scored highest (a pick among m images sharing the
+#   highest score counts 1/m, the expected hit of a random tie-break, as
+#   `pipeline.evaluate.top1_credit`); chance is the mean of 1/K;
 # - agreement, per period of a round's first pick: pairs of pickers of one round who picked
 #   the same image, of all pairs (and chance: 1/K a pair); the other voters who picked the
 #   requester's image, of the other voters who picked where the requester picked;
@@ -192,7 +194,10 @@ position_bias AS (
 top_hps_picked AS (
     SELECT coalesce(v.name, 'the configured model') AS classifier, v.status,
            count(*) AS picks,
-           count(*) FILTER (WHERE f.chosen_score = f.top) AS top_picked,
+           coalesce(sum(1.0 / (SELECT count(*) FROM images j
+                               WHERE j.round_id = f.round_id AND NOT j.nsfw
+                                 AND j.hps_score = f.top))
+                    FILTER (WHERE f.chosen_score = f.top), 0)::float8 AS top_picked,
            avg(1.0 / f.k)::float8 AS chance,
            v.id
     FROM facts f

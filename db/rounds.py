@@ -263,7 +263,7 @@ async def start_generating(db: Executor, round_id: int) -> RoundView | None:
 
 
 MARK_READY_SQL = """
-UPDATE rounds SET status = 'ready', ready_at = now(), error = NULL
+UPDATE rounds SET status = 'ready', ready_at = now(), error = NULL, incumbent_version_id = $2
 WHERE id = $1 AND status IN ('queued', 'generating')
 RETURNING id
 """
@@ -274,16 +274,18 @@ async def finish_round(
     round_id: int,
     images: list[NewImage],
     *,
+    incumbent_id: int | None = None,
     store_files: Callable[[], Awaitable[object]] | None = None,
 ) -> bool:
     """Insert the round's images and mark it ready, in one transaction (the caller's, if it
-    passes a connection inside one, so the job's completion can commit with it). False,
-    with nothing written, if the round no longer waits for images. `store_files` puts the
+    passes a connection inside one, so the job's completion can commit with it), recording
+    `incumbent_id`, the version that served it (its A/B plan's incumbent). False, with
+    nothing written, if the round no longer waits for images. `store_files` puts the
     files in the image store once their keys are held (no deletion of equal bytes can come
     in between) and before any row names them; if it fails, nothing is written. Locks go
     as a forget takes them: the round, then the keys."""
     async with transaction(db) as conn:
-        if await conn.fetchrow(MARK_READY_SQL, round_id) is None:
+        if await conn.fetchrow(MARK_READY_SQL, round_id, incumbent_id) is None:
             return False
         await hold_keys(conn, [image.storage_key for image in images])
         if store_files is not None:

@@ -119,6 +119,10 @@ prompts = Table(
     Column("negative_text", Text, nullable=False, server_default=""),
     # sha256 of the normalized (text, negative_text): one row per distinct prompt.
     Column("norm_hash", Text, nullable=False, unique=True),
+    # sha256 of the normalized text alone (`db.prompts.text_hash`): what the classifier and
+    # the exports see, so what train/test splits are decided on (equal to `norm_hash` when
+    # there is no negative prompt).
+    Column("text_hash", Text, nullable=False, index=True),
     Column("contains_name", Boolean, nullable=False, server_default=text("false")),
     _now("created_at"),
 )
@@ -203,6 +207,10 @@ rounds = Table(
     _at("closed_at"),
     # The status the round's Discord message last showed (the bot catches up on the rest).
     Column("shown_status", Text, nullable=True),
+    # The version that served the round (its A/B plan's incumbent: `pipeline.serving`); in
+    # an A/B round the other version shown is the candidate under test. NULL for imported
+    # rounds, and for rounds made before migration 0016 whose generate job is gone.
+    Column("incumbent_version_id", BigInteger, ForeignKey("model_versions.id"), nullable=True),
     CheckConstraint(_in("source", ("discord", "import")), name="source"),
     CheckConstraint("split IS NULL OR " + _in("split", ("train", "test")), name="split"),
     CheckConstraint("k BETWEEN 1 AND 16", name="k"),

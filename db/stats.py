@@ -214,17 +214,24 @@ async def live_records(
     return records
 
 
-# Per recipe, the A/B rounds its adapters were decided in against the version each was
-# tested against: the incumbent, which was registered before it (the rows of the
-# incumbent's side of the same rounds are left out, or a round would count for both).
+# Per recipe, the A/B rounds its adapters were decided in as the candidate under test: each
+# round counts once, from the side of the version that was not the round's incumbent
+# (`rounds.incumbent_version_id`, its A/B plan's), so an adapter that kept testing after
+# another was promoted counts its rounds against the new incumbent, and the incumbent's
+# side counts for nobody. A round made before the incumbent was recorded (migration 0016,
+# whose generate job was gone) falls back to the newer version's side: an incumbent was
+# registered before its candidates, unless one was promoted while another kept testing.
 LIVE_BY_RECIPE_SQL = f"""
 SELECT {models.RECIPE_OF_VERSION} AS recipe,
        count(DISTINCT d.version_id) AS versions,
        count(*) AS rounds,
        count(*) FILTER (WHERE d.won) AS wins
 FROM ab_decisions d
+JOIN rounds r ON r.id = d.round_id
 JOIN model_versions v ON v.id = d.version_id
-WHERE v.kind = 'sd_adapter' AND d.version_id > d.opponent_id
+WHERE v.kind = 'sd_adapter'
+  AND CASE WHEN r.incumbent_version_id IS NULL THEN d.version_id > d.opponent_id
+           ELSE d.opponent_id = r.incumbent_version_id END
 GROUP BY 1
 ORDER BY 1
 """
@@ -232,6 +239,6 @@ ORDER BY 1
 
 async def live_by_recipe(db: Executor) -> list[dict[str, Any]]:
     """The live record of each adaptation recipe (`db.models.recipe_of`): how many of its
-    adapters were tested, and the decided A/B rounds and wins of all of them together
-    against their incumbents."""
+    adapters were tested, and the decided A/B rounds and wins of all of them together as
+    candidates against the rounds' incumbents."""
     return [dict(r) for r in await db.fetch(LIVE_BY_RECIPE_SQL)]

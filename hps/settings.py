@@ -324,7 +324,14 @@ class AdaptSettings(Section):
     rank: int = Field(
         4, ge=1, le=1024, description="LoRA rank (the script's default; a summary says 32)."
     )
-    resolution: int = Field(512, ge=8, le=2048, multiple_of=8, description="Training pixels.")
+    resolution: int = Field(
+        512,
+        ge=8,
+        le=2048,
+        multiple_of=8,
+        description="Training pixels: 512 for SD 1.x, 1024 for an SDXL base (a DPO run on SDXL "
+        "below the resolution it generates at is refused).",
+    )
     center_crop: bool = Field(False, description="Centre crop instead of random crop.")
     random_flip: bool = Field(False, description="Random horizontal flips.")
     total_batch_size: int = Field(
@@ -370,7 +377,8 @@ class AdaptSettings(Section):
         5000.0,
         gt=0,
         description="Diffusion-DPO's beta (train.py's --beta_dpo): how far the adapter may move "
-        "from its parent; the loss is -log sigmoid(-beta/2 * (winner's and loser's MSE gain)).",
+        "from the base model (its reference: adapters are not stacked); the loss is "
+        "-log sigmoid(-beta/2 * (winner's and loser's MSE gain)).",
     )
     dpo_choosers: Literal["requester", "all"] = Field(
         "requester",
@@ -385,13 +393,14 @@ class AdaptSettings(Section):
     dpo_heldout_pairs: int = Field(
         256,
         ge=0,
-        description="Pairs of validation-split prompts (never trained on) whose implicit accuracy "
-        "is measured before and after training.",
+        description="Held-out pairs (never trained on) whose implicit accuracy is measured after "
+        "training (the base's, the reference, is 0.5 by construction).",
     )
     dpo_latent_cache: bool = Field(
         False,
         description="Encode each image with the VAE once (centre-cropped; both orientations "
-        "with random_flip) and train on the cached latents; needs center_crop.",
+        "with random_flip; a loser of another size than its winner resized to the winner's "
+        "first, as without the cache) and train on the cached latents; needs center_crop.",
     )
     # Offline evaluation: the gate to live testing.
     eval_prompts: int = Field(200, ge=1, description="Held-out prompts used at most.")
@@ -406,7 +415,9 @@ class AdaptSettings(Section):
     offline_scorers: list[ScorerName] = Field(
         default_factory=list,
         description="Reward models that also judge the held-out pairs, beside the serving HPS "
-        "classifier (hps): hpsv2, pickscore, aesthetic, clip (weights: the scorers settings).",
+        "classifier (hps): hpsv2, pickscore, aesthetic, clip (weights: the scorers settings). "
+        "Each one listed is required: the offline evaluation fails, naming this setting, if "
+        "its weights cannot be loaded.",
     )
     offline_gate_scorer: Literal["auto", "hps", "hpsv2", "pickscore", "aesthetic", "clip"] = Field(
         "auto",

@@ -3,7 +3,9 @@
 Examples come from the choices database or from a dataset folder in the paper's HPD layout
 (what `hps export --format hpd` writes). Splits are by prompt, so a prompt never sits on
 both sides: a dataset's own train/test split is kept (HPD's), and everything else is placed
-by its prompt's hash, which is stable as data grows. `prompt_split` is that rule for a round
+by its prompt's hash, which is stable as data grows. A prompt is its normalised text alone
+(`db.prompts.text_hash`): the classifier and the exports see no negative prompt, so a text
+used with and without one is one prompt, on one side. `prompt_split` is that rule for a round
 of the database; training and `hps export` both use it, so they agree on every round.
 """
 
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from db import datasets as db_datasets
 from db.connect import Executor
-from db.prompts import prompt_hash
+from db.prompts import text_hash
 
 if TYPE_CHECKING:
     from pipeline.images import ImageInput
@@ -39,7 +41,7 @@ class Example:
     chosen: int | None  # index into `images`; None = a tie ("can't decide")
     split: str  # train | val | test
     key: str  # stable identity, e.g. "choice:12" or "hpd:345"
-    group: str  # the prompt's hash: splits and weights are per prompt
+    group: str  # the prompt text's hash (`db.prompts.text_hash`): splits, weights, intervals
     weight: float = 1.0
 
     @property
@@ -143,7 +145,7 @@ async def examples_from_db(
                 f"choice {c.choice_id} (round {c.round_id})",
             ),
             split=prompt_split(
-                c.norm_hash,
+                c.text_hash,
                 c.split,
                 prompt_tested=c.prompt_tested,
                 prompt_undeclared=c.prompt_undeclared,
@@ -151,7 +153,7 @@ async def examples_from_db(
                 test_fraction=test_fraction,
             ),
             key=f"choice:{c.choice_id}",
-            group=c.norm_hash,
+            group=c.text_hash,
         )
         for c in choices
     ]
@@ -288,7 +290,7 @@ def examples_from_folder(
     for record in read_hpd(folder):
         if record.contain_name and not include_contains_name:
             continue
-        group = prompt_hash(record.prompt)
+        group = text_hash(record.prompt)
         examples.append(
             Example(
                 prompt=record.prompt,
@@ -348,7 +350,7 @@ def examples_from_pickapic(folder: Path, split: str) -> tuple[list[Example], Rea
             refs = (f"{where}:0", f"{where}:1")
             images[refs[0]], images[refs[1]] = row["jpg_0"], row["jpg_1"]
             chosen = {(1.0, 0.0): 0, (0.0, 1.0): 1}.get((row["label_0"], row["label_1"]))
-            group = prompt_hash(row["caption"])
+            group = text_hash(row["caption"])
             examples.append(
                 Example(row["caption"], refs, chosen, split, f"pickapic:{where}", group)
             )

@@ -229,7 +229,7 @@ def _split(row: Any, val_fraction: float, test_fraction: float) -> str:
     """The split training places this round in (`pipeline.data.prompt_split`: a prompt is
     test on all its rounds or on none)."""
     return prompt_split(
-        row["norm_hash"],
+        row["text_hash"],
         row["split"],
         prompt_tested=row["prompt_tested"],
         prompt_undeclared=row["prompt_undeclared"],
@@ -539,7 +539,7 @@ class _PairsWriter(_Writer):
             if not pairs:
                 continue  # a round that showed one image
             split = _HF_SPLITS[_split(row, **self.fractions)]
-            per_prompt = self.prompt_choices[row["norm_hash"]] * len(pairs)
+            per_prompt = self.prompt_choices[row["text_hash"]] * len(pairs)
             blobs: dict[int, bytes] = {}  # this round's images, each read once
             for number, (a, b, label) in enumerate(pairs):
                 for index in (a, b):
@@ -570,8 +570,8 @@ class _PairsWriter(_Writer):
                 }
                 self._add(split, values)
                 seen = self.unique.get(split)
-                if seen is not None and chosen is not None and row["norm_hash"] not in seen:
-                    seen.add(row["norm_hash"])  # the prompt's one row there: its own weight
+                if seen is not None and chosen is not None and row["text_hash"] not in seen:
+                    seen.add(row["text_hash"])  # the prompt's one row there: its own weight
                     self._add(
                         f"{split}_unique", {**values, "num_example_per_prompt": 1, "weight": 1.0}
                     )

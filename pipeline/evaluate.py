@@ -1,11 +1,22 @@
 """Evaluation: how often a model's highest-scored image is the one the person chose.
 
-- top-1 accuracy among the K shown images (the paper's measure; chance is 1/K), with a
-  Wilson 95% interval, overall and per K;
+- top-1 accuracy among the K shown images (the paper's measure; chance is 1/K), overall and
+  per K. When the chosen image shares the highest score with m − 1 others, it counts 1/m:
+  the expected top-1 of breaking the tie at random. Crediting the first of them (argmax)
+  would reward scorers that tie often (CLIP score clamps at 0; identical images) by the
+  position the chosen image happened to be shown at;
 - pairwise accuracy: for each pick, the chosen image against each other image (a score tie
-  counts half; the HPS v2 measure), with a bootstrap 95% interval over examples, since the
-  pairs of one example are not independent.
+  counts half; the HPS v2 measure).
 Ties ("can't decide") have no right answer: they are counted, not scored.
+
+The 95% intervals resample prompts, not choices (a cluster bootstrap over `Example.group`):
+with everyone's choices (`choosers = all`) or a prompt used in several rounds, the choices
+of one prompt are not independent, and an interval over choices would be too narrow. The
+pairs of one example are not independent either, so the pairwise interval is always this
+bootstrap (over examples when each prompt has one). The top-1 interval is Wilson's when
+every prompt has one example (then the choices are independent, and Wilson's interval
+behaves better than a bootstrap on few of them), else the same bootstrap. Both are
+deterministic (a fixed seed).
 """
 
 from __future__ import annotations
@@ -43,7 +54,8 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
 def bootstrap_interval(
     correct: np.ndarray, totals: np.ndarray, seed: int = 0
 ) -> tuple[float, float]:
-    """95% percentile interval of sum(correct)/sum(totals), resampling examples."""
+    """95% percentile interval of sum(correct)/sum(totals), resampling the entries (pass one
+    entry per cluster, its sums, for a cluster bootstrap: `cluster_sums`)."""
     if len(totals) == 0 or totals.sum() == 0:
         return (0.0, 1.0)
     rng = np.random.default_rng(seed)
@@ -53,12 +65,42 @@ def bootstrap_interval(
     return (float(low), float(high))
 
 
+def cluster_sums(
+    groups: Sequence[str], correct: Sequence[float], totals: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """`correct` and `totals` summed per group (in order of first appearance): what
+    `bootstrap_interval` resamples for a cluster bootstrap."""
+    index: dict[str, int] = {}
+    for group in groups:
+        index.setdefault(group, len(index))
+    where = np.array([index[g] for g in groups], dtype=np.int64)
+    sums = np.zeros(len(index)), np.zeros(len(index))
+    np.add.at(sums[0], where, np.asarray(correct, dtype=np.float64))
+    np.add.at(sums[1], where, np.asarray(totals, dtype=np.float64))
+    return sums
+
+
+def top1_credit(scores: np.ndarray, chosen: int) -> float:
+    """1/m if the chosen image is among the m images sharing the highest score, else 0."""
+    best = scores == scores.max()
+    return 1.0 / int(best.sum()) if best[chosen] else 0.0
+
+
+def top1_interval(groups: Sequence[str], hits: Sequence[float]) -> tuple[float, float]:
+    """The 95% interval of the top-1 accuracy: Wilson's when each prompt has one example,
+    else the cluster bootstrap over prompts (see the module's docstring)."""
+    if len(set(groups)) == len(groups):
+        return wilson_interval(sum(hits), len(hits))
+    return bootstrap_interval(*cluster_sums(groups, hits, [1.0] * len(hits)))
+
+
 def accuracy_report(
     examples: Sequence[Example], scores: Sequence[Sequence[float]]
 ) -> dict[str, Any]:
     """The report of one model: `scores[i]` are its scores of `examples[i].images`."""
-    top1 = []  # per pick: 1 if the best-scored image is the chosen one
+    top1 = []  # per pick: the chosen image's share of the best score (`top1_credit`)
     ks = []
+    groups = []
     pair_correct = []
     pair_total = []
     ties = 0
@@ -68,8 +110,9 @@ def accuracy_report(
             continue
         s = np.asarray(example_scores, dtype=np.float64)
         others = np.delete(s, example.chosen)
-        top1.append(float(int(np.argmax(s)) == example.chosen))
+        top1.append(top1_credit(s, example.chosen))
         ks.append(example.k)
+        groups.append(example.group)
         pair_correct.append(
             float((s[example.chosen] > others).sum() + 0.5 * (s[example.chosen] == others).sum())
         )
@@ -78,26 +121,26 @@ def accuracy_report(
     correct = sum(top1)
     pairs = int(sum(pair_total))
     per_k: dict[str, dict[str, Any]] = {}
-    by_k: dict[int, list[float]] = defaultdict(list)
-    for k, hit in zip(ks, top1, strict=True):
-        by_k[k].append(hit)
+    by_k: dict[int, list[tuple[str, float]]] = defaultdict(list)
+    for k, group, hit in zip(ks, groups, top1, strict=True):
+        by_k[k].append((group, hit))
     for k in sorted(by_k):
-        hits = by_k[k]
+        k_groups, hits = zip(*by_k[k], strict=True)
         per_k[str(k)] = {
             "n": len(hits),
             "top1": sum(hits) / len(hits),
-            "top1_ci": list(wilson_interval(sum(hits), len(hits))),
+            "top1_ci": list(top1_interval(k_groups, hits)),
             "chance": 1 / k,
         }
     return {
         "n": n,
         "ties": ties,
         "top1": correct / n if n else None,
-        "top1_ci": list(wilson_interval(correct, n)),
+        "top1_ci": list(top1_interval(groups, top1)),
         "chance": float(np.mean([1 / k for k in ks])) if ks else None,
         "pairwise": sum(pair_correct) / pairs if pairs else None,
         "pairwise_n": pairs,
-        "pairwise_ci": list(bootstrap_interval(np.array(pair_correct), np.array(pair_total))),
+        "pairwise_ci": list(bootstrap_interval(*cluster_sums(groups, pair_correct, pair_total))),
         "per_k": per_k,
     }
 

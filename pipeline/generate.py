@@ -535,7 +535,10 @@ async def _finish_round(
         )
         return await _commit(ctx, item.job, round_id, result=result, failure=failure)
     files = [image.png for image in images]
-    return await _commit(ctx, item.job, round_id, result=result, images=rows, files=files)
+    return await _commit(
+        ctx, item.job, round_id, result=result, images=rows, files=files,
+        incumbent=item.plan.incumbent,
+    )  # fmt: skip
 
 
 async def _commit(
@@ -547,16 +550,17 @@ async def _commit(
     images: list[NewImage] | None = None,
     files: Sequence[bytes] = (),
     failure: str | None = None,
+    incumbent: int | None = None,
 ) -> bool:
-    """The round's outcome and the job's completion, in one transaction; with neither
-    `images` nor `failure` the job completes as a no-op. A failed round keeps no image
-    rows, so that retrying it starts clean. False (and nothing written) if another worker
-    took the job over. Files uploaded for the round that no row names in the end (the round
-    failed or was forgotten meanwhile, the job was taken over, an upload failed) are
-    deleted, unless something else uses them."""
+    """The round's outcome and the job's completion, in one transaction (a finished round
+    records its plan's `incumbent`); with neither `images` nor `failure` the job completes
+    as a no-op. A failed round keeps no image rows, so that retrying it starts clean. False
+    (and nothing written) if another worker took the job over. Files uploaded for the round
+    that no row names in the end (the round failed or was forgotten meanwhile, the job was
+    taken over, an upload failed) are deleted, unless something else uses them."""
     result = dict(result or {"round_id": round_id})
     try:
-        return await _complete(ctx, job, round_id, result, images, files, failure)
+        return await _complete(ctx, job, round_id, result, images, files, failure, incumbent)
     finally:
         if images is not None and result.get("status") != "ready":
             await _delete_strays(ctx, [row.storage_key for row in images])
@@ -577,6 +581,7 @@ async def _complete(
     images: list[NewImage] | None,
     files: Sequence[bytes],
     failure: str | None,
+    incumbent: int | None,
 ) -> bool:
     try:
         async with transaction(ctx.pool) as conn:
@@ -587,6 +592,7 @@ async def _complete(
                 conn,
                 round_id,
                 images,
+                incumbent_id=incumbent,
                 # Concurrently: on an object store each is one conditional PUT.
                 store_files=lambda: asyncio.gather(*(ctx.store.put_async(f) for f in files)),
             ):

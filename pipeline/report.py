@@ -528,6 +528,11 @@ def scorer_agreement_plot(rows: Rows) -> bytes:
     return _png(fig)
 
 
+def _with_chances(rows: Rows) -> Rows:
+    """Rows with each measure's chance named for it (the stored `chance` is top-1's)."""
+    return [{**r, "top1_chance": r["chance"], "pairwise_chance": 0.5} for r in rows]
+
+
 def scorer_agreement_section(rows: Rows) -> tuple[str, str, str, Callable[[], bytes], Rows]:
     """The report's "scorer agreement" section: which public reward model agrees most with
     this community's choices (rows: `db.scorers.LATEST_AGREEMENT_SQL`'s)."""
@@ -540,16 +545,17 @@ def scorer_agreement_section(rows: Rows) -> tuple[str, str, str, Callable[[], by
         )
     else:
         where = "not evaluated yet (hps eval --scorers hps,hpsv2,pickscore,aesthetic,clip)"
-    columns = ("scorer", "model", "choices", "top1", "top1_low", "top1_high", "chance",
-               "pairwise", "pairwise_low", "pairwise_high", "pairs")  # fmt: skip
+    columns = ("scorer", "model", "choices", "top1", "top1_low", "top1_high", "top1_chance",
+               "pairwise", "pairwise_low", "pairwise_high", "pairwise_chance", "pairs")  # fmt: skip
     return (
         "scorer_agreement",
         "Reward models' agreement with the choices",
         "How often each reward model's highest-scored image is the one the person chose "
         "(top-1) and prefers the chosen image in each pair (pairwise), with 95 % intervals "
-        f"(Wilson; bootstrap over choices for pairs), {where}.",
+        "(resampling prompts; Wilson's for top-1 when each prompt has one choice) against "
+        f"each one's chance (top-1: the mean of 1/K; pairwise: 50 %), {where}.",
         lambda: scorer_agreement_plot(rows),
-        [{c: r[c] for c in columns} for r in rows],
+        [{c: r[c] for c in columns} for r in _with_chances(rows)],
     )
 
 

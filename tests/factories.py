@@ -34,12 +34,14 @@ async def queued_round(
     k: int = 4,
     guild_id: int | None = None,
     channel_id: int | None = None,
+    negative_prompt: str = "",
 ) -> int:
     """A round asked for (in a Discord channel, if given), its generate job queued."""
     created = await rounds.create_round(
         db,
         requester_discord_id=requester,
         prompt=prompt,
+        negative_prompt=negative_prompt,
         k=k,
         guild_id=guild_id,
         channel_id=channel_id,
@@ -55,16 +57,21 @@ async def ready_round(
     k: int = 4,
     nsfw_positions: tuple[int, ...] = (),
     model_version_ids: dict[int, int] | None = None,
+    incumbent_id: int | None = None,
+    negative_prompt: str = "",
 ) -> int:
-    """A round whose K images are stored and that accepts choices."""
-    round_id = await queued_round(db, requester=requester, prompt=prompt, k=k)
+    """A round whose K images are stored and that accepts choices (`incumbent_id`: the
+    version that served it, as a generate job records its plan's)."""
+    round_id = await queued_round(
+        db, requester=requester, prompt=prompt, k=k, negative_prompt=negative_prompt
+    )
     assert await rounds.start_generating(db, round_id) is not None
     versions = model_version_ids or {}
     images = [
         fake_image(round_id, p, nsfw=p in nsfw_positions, model_version_id=versions.get(p))
         for p in range(1, k + 1)
     ]
-    assert await rounds.finish_round(db, round_id, images)
+    assert await rounds.finish_round(db, round_id, images, incumbent_id=incumbent_id)
     return round_id
 
 
@@ -82,12 +89,18 @@ async def stored_round(
     nsfw_positions: tuple[int, ...] = (),
     model_version_ids: dict[int, int] | None = None,
     channel_id: int | None = None,
+    negative_prompt: str = "",
 ) -> int:
     """A ready round whose K images are real PNG files in `store`: image p is a solid
     `COLOURS[p - 1]` of 8p x 8 pixels but for its bottom-right pixel, which holds the round
     id (so that no two rounds share a file). `channel_id`: asked for there (no guild)."""
     round_id = await queued_round(
-        db, requester=requester, prompt=prompt, k=k, channel_id=channel_id
+        db,
+        requester=requester,
+        prompt=prompt,
+        k=k,
+        channel_id=channel_id,
+        negative_prompt=negative_prompt,
     )
     assert await rounds.start_generating(db, round_id) is not None
     versions = model_version_ids or {}

@@ -70,7 +70,8 @@ async def batching(ctx: JobContext) -> dict[str, Any]:
 
 async def generate_hanging_before_commit(ctx: JobContext) -> None:
     """The real generate handler, except that on a first attempt it hangs after the
-    images are stored and before their rows commit (a worker to kill mid-job)."""
+    images are stored and before their rows commit (a worker to kill mid-job): the images
+    are uploaded inside the round's transaction, just before the job's completion."""
     import pipeline.generate as generate
 
     if ctx.job.attempts == 1:
@@ -79,5 +80,5 @@ async def generate_hanging_before_commit(ctx: JobContext) -> None:
             await asyncio.sleep(3600)
             return False
 
-        generate._commit = hang  # type: ignore[assignment]
+        ctx.complete = hang  # type: ignore[method-assign]
     await generate.handle_generate(ctx)

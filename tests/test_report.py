@@ -110,6 +110,26 @@ async def test_report_data_holds_the_example_numbers(pool) -> None:  # type: ign
     assert live["design"] == Design(200, 5, 0.95) and live["looks"] == []
 
 
+async def test_a_pick_among_tied_top_scores_counts_its_share(pool) -> None:  # type: ignore[no-untyped-def]
+    """The live top-1 credits a pick among m images sharing the highest score 1/m (as
+    `pipeline.evaluate.top1_credit`), wherever the picked one was shown."""
+    from tests.seed import _Clicks, _round
+
+    base = await models.ensure_base(pool, kind="sd_base", artifact="CompVis/stable-diffusion-v1-4")
+    scorer = await models.register(pool, kind="classifier", name="c", artifact="/models/c")
+    clicks = _Clicks()
+    for i, (scores, position) in enumerate(
+        [([5.0, 5.0, 5.0, 1.0], 2), ([1.0, 5.0, 5.0, 2.0], 3), ([1.0, 5.0, 5.0, 2.0], 1),
+         ([1.0, 2.0, 3.0, 4.0], 4)]
+    ):  # fmt: skip
+        await _round(pool, clicks, DAY1 + timedelta(minutes=i), requester=101, prompt=f"p{i}",
+                     versions=[base.id] * 4, scores=scores, scorer=scorer.id, verdict="pick",
+                     position=position)  # fmt: skip
+    data = await collect(pool, ADAPT, bins=10)
+    [row] = data["top_hps_picked"]
+    assert row["picks"] == 4 and row["top_picked"] == pytest.approx(1 / 3 + 1 / 2 + 0 + 1)
+
+
 async def test_periods_without_data_are_zero_and_long_ranges_are_weeks(pool) -> None:  # type: ignore[no-untyped-def]
     await seed(pool)
     data = await collect(
@@ -240,6 +260,10 @@ async def test_the_report_shows_the_latest_scorer_agreement(pool, tmp_path: Path
     section = text[text.index("<section id='scorer_agreement'>") :]
     assert "on the test split of /data/hpd, evaluated " in section
     assert "<td>pickscore</td><td>PickScore (p)</td><td>80</td><td>0.412</td>" in section
+    # Each measure's chance beside it: top-1's 1/K, pairwise's one half.
+    assert "<th>top1_high</th><th>top1_chance</th><th>pairwise</th>" in section
+    assert "<th>pairwise_high</th><th>pairwise_chance</th><th>pairs</th>" in section
+    assert "<td>0.250</td><td>0.600</td>" in section and "<td>0.500</td><td>240</td>" in section
 
 
 def test_an_empty_database_still_makes_a_report(tmp_path: Path) -> None:

@@ -8,6 +8,11 @@ offline evaluation against the parent on held-out prompts, the same stage as the
 recipe: `run.EVAL`) → register (+ its gate: A/B testing or retired, `run.register_adapter`).
 The live review then measures it against the incumbent like any adapter.
 
+Adapters are not stacked: the LoRA starts from the base UNet, and Diffusion-DPO's reference
+(what β anchors the adapter to) is the base, even when an adapter serves. The registry's
+parent and the offline evaluation's opponent are the SD version serving when the run started
+(that adapter, or the base), which the new adapter replaces if it wins.
+
 A run lives in `runs_dir/<name>/`:
 
     manifest.json   the recipe (the adapt settings with `recipe = dpo`, the base model,
@@ -23,7 +28,8 @@ A run lives in `runs_dir/<name>/`:
 The held-out prompts of the offline evaluation are those the paper's recipe uses (the
 database's prompts that `adapt.heldout_fraction` holds out, and the prompt file's), which
 no pair of either recipe trains on; with a `--data` folder, also its held-out pairs'
-captions (up to `adapt.eval_prompts` in all).
+captions (up to `adapt.eval_prompts` in all). No pair whose caption is among them is
+trained on (a Pick-a-Pic folder's validation captions can be in its train split too).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from db import models
-from hps.settings import Settings
+from hps.settings import AdaptSettings, Settings
 from hps.storage import storage
 from hps.store import ImageStore, LocalImageStore
 from pipeline.adapt.pairs import (
@@ -44,6 +50,7 @@ from pipeline.adapt.pairs import (
     data_format,
     drop_missing,
     heldout_captions,
+    hold_out_captions,
     pairs_from_db,
     pairs_from_folder,
     read_pairs_file,
@@ -69,6 +76,11 @@ from pipeline.runs import Recipe, Run, RunContext, RunError, Stage
 
 if TYPE_CHECKING:
     import asyncpg
+
+
+class ResolutionError(Exception):
+    """An SDXL base to be trained below the resolution it generates at."""
+
 
 RECIPE = "dpo"
 IMAGES_DIR = "images"
@@ -96,7 +108,7 @@ class DPOOutcome(AdaptOutcome):
                 f"LoRA r{self.run.recipe['adapt']['rank']}, β {train['beta']:g}, "
                 f"{train['steps']} steps (batch {train['total_batch_size']}): held-out "
                 + ("implicit accuracy n/a." if accuracy is None else
-                   f"implicit accuracy {accuracy:.1%} (parent 50%).")
+                   f"implicit accuracy {accuracy:.1%} (base 50%).")
             )  # fmt: skip
         return parts
 
@@ -126,9 +138,29 @@ async def open_dpo_run(
         folder = str(await asyncio.to_thread(Path(data).resolve))
     if settings.adapt.prompt_file is not None:
         read_prompt_file(settings.adapt.prompt_file)
+    await asyncio.to_thread(check_resolution, settings.generation.sd_model, settings.adapt)
     t = settings.train
     split = {"val_fraction": t.val_fraction, "test_fraction": t.test_fraction}
     return await create_adapter_run(pool, settings, name, recipe=RECIPE, data=folder, split=split)
+
+
+def check_resolution(sd_model: str, options: AdaptSettings) -> None:
+    """Refuse (`ResolutionError`, naming the setting) to train an SDXL base below the
+    resolution it generates at (1024 px for SDXL base): its size conditioning (`time_ids`)
+    would teach target size `adapt.resolution` while it serves at its own, and the
+    references train SDXL at 1024. SD 1.x/2.x train at any resolution, 512 by default."""
+    from pipeline.adapt.lora_train import native_resolution, pipeline_kind
+
+    if not pipeline_kind(sd_model):
+        return
+    native = native_resolution(sd_model)
+    if options.resolution < native:
+        raise ResolutionError(
+            f"adapt.resolution (HPS_ADAPT__RESOLUTION) is {options.resolution}, below the "
+            f"{native} px the SDXL model {sd_model} generates at: its size conditioning would "
+            f"learn a target of {options.resolution} px while it serves at {native}. Set "
+            f"adapt.resolution = {native} (Diffusion-DPO's SDXL runs train at 1024)"
+        )
 
 
 def _platform_store(rc: RunContext) -> ImageStore:
@@ -169,13 +201,16 @@ async def take_pairs(rc: RunContext) -> dict[str, Any]:
         found = await pairs_from_db(rc.pool, options, held_out=held_out, **recipe["split"])
         found = await asyncio.to_thread(drop_missing, found, _platform_store(rc))
         source = "store"
-    write_pairs(rc.run.path / PAIRS_FILE, found.pairs)
     heldout = prompts.heldout
     if recipe["data"] is not None:
         heldout = list(dict.fromkeys(heldout + heldout_captions(found.pairs, options.eval_prompts)))
+    heldout = heldout[: options.eval_prompts]
+    # A folder's validation caption may be in its train split too: never trained on.
+    found = hold_out_captions(found, heldout)
+    write_pairs(rc.run.path / PAIRS_FILE, found.pairs)
     train = list(dict.fromkeys(p.caption for p in found.side("train")))
     (rc.run.path / PROMPTS_FILE).write_text(
-        json.dumps({"train": train, "heldout": heldout[: options.eval_prompts]}, indent=1) + "\n"
+        json.dumps({"train": train, "heldout": heldout}, indent=1) + "\n"
     )
     return {
         "train": len(found.side("train")),
@@ -203,7 +238,7 @@ async def cache_stage(rc: RunContext) -> dict[str, Any]:
     pairs = read_pairs_file(rc.run.path / PAIRS_FILE)
     counts = await asyncio.to_thread(
         cache_latents,
-        [key for p in pairs for key in (p.winner, p.loser)],
+        pairs,
         await _reader(rc, pairs),
         sd_model=rc.run.recipe["sd_model"],
         resolution=options.resolution,
@@ -257,5 +292,5 @@ DIFFUSION_DPO = Recipe(
     outcome=DPOOutcome,
     passed="testing",
     skip=(NothingToDo,),
-    user_errors=(*USER_ERRORS, DatasetError, PairFolderError),
+    user_errors=(*USER_ERRORS, DatasetError, PairFolderError, ResolutionError),
 )

@@ -10,11 +10,13 @@ for the reference on each image, and
     loss = −log σ(−β/2 · ((mse_w − mse_l) − (ref_w − ref_l)))
 
 averaged over the pairs, β = `adapt.dpo_beta` (train.py's default, 5000). The reference is
-the parent the adapter starts from: the same UNet with the adapter disabled (diffusers'
-LoRA scripts), so there is no second copy in memory. The implicit accuracy is the share of
-pairs whose inner term is positive (the model already prefers the winner more than the
-reference does), a zero counting half, as diffusers' scripts log it: at the adapter's zero
-initialisation every term is zero, the accuracy 0.5 and the loss log 2.
+the model the adapter starts from, the base UNet: the same UNet with the adapter disabled
+(diffusers' LoRA scripts), so there is no second copy in memory. Adapters are not stacked:
+when an adapter serves, a new one still starts from (and is anchored to) the base. The
+implicit accuracy is the share of pairs whose inner term is positive (the model already
+prefers the winner more than the reference does), a zero counting half, as diffusers'
+scripts log it: at the adapter's zero initialisation every term is zero, the accuracy 0.5
+and the loss log 2.
 
 Data: `PairsDataset`, pixels of both images (winner first, as the references concatenate
 them) with one crop and flip drawn for the pair, or, with the latent cache
@@ -137,12 +139,19 @@ def doubled(hidden: torch.Tensor, added: dict[str, Any] | None) -> tuple[Any, An
 # -- data --------------------------------------------------------------------------------
 
 
+def loser_entry(loser: str, winner: str) -> str:
+    """The cache entry of `loser` resized to its winner's size (they differ) before the
+    crop, as the pixel path and diffusers' SDXL script do."""
+    return f"{loser}|as|{winner}"
+
+
 class LatentCache:
     """The VAE's latent distribution (mean and standard deviation, unscaled) of each pair
     image, centre-cropped at the training resolution, and flipped too with `random_flip`,
     with SDXL's size conditioning of the crop: `latents/shard-*.safetensors` (float16),
     each written whole (a temporary file renamed), so a resumed cache adds only the images
-    it lacks."""
+    it lacks. A loser of another size than its winner also has an entry resized to the
+    winner's size first (`loser_entry`), which its pair trains on."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -162,6 +171,19 @@ class LatentCache:
 
     def has(self, key: str) -> bool:
         return f"{key}|time" in self.index
+
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """Each cached image's original (height, width), from its size conditioning."""
+        from safetensors import safe_open
+
+        found = {}
+        for shard in sorted(set(self.index.values())):
+            with safe_open(shard, "pt") as f:
+                for name in f.keys():  # noqa: SIM118 (a safetensors file, not a dict)
+                    if name.endswith("|time") and "|as|" not in name:
+                        height, width = f.get_tensor(name)[:2].tolist()
+                        found[name.removesuffix("|time")] = (int(height), int(width))
+        return found
 
     def get(self, key: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, std, time_ids) of an image, as float32."""
@@ -227,10 +249,10 @@ class PairsDataset(Dataset):
         transform = self.transform
         if self.cache is not None:
             flip = bool(transform.random_flip and torch.rand(1, generator=generator) < 0.5)
-            (mean_w, std_w, time_ids), (mean_l, std_l, _) = (
-                self.cache.get(pair.winner, flip),
-                self.cache.get(pair.loser, flip),
-            )
+            mean_w, std_w, time_ids = self.cache.get(pair.winner, flip)
+            mean_l, std_l, loser_ids = self.cache.get(pair.loser, flip)
+            if not torch.equal(loser_ids[:2], time_ids[:2]):  # resized to the winner's first
+                mean_l, std_l, _ = self.cache.get(loser_entry(pair.loser, pair.winner), flip)
             item = {
                 "latent_mean": torch.stack([mean_w, mean_l]),
                 "latent_std": torch.stack([std_w, std_l]),
@@ -276,9 +298,14 @@ def pair_latents(
     return drawn * vae.config.scaling_factor
 
 
+# A cache entry to make: its name, the image's key, the size (width, height) to resize the
+# image to first (a loser to its winner's), if any.
+_Entry = tuple[str, str, tuple[int, int] | None]
+
+
 @devices.on_its_device
 def cache_latents(
-    keys: Sequence[str],
+    pairs: Sequence[Pair],
     read: Callable[[str], bytes],
     *,
     sd_model: str,
@@ -291,37 +318,75 @@ def cache_latents(
     context: dict[str, Any] | None = None,
     cancelled: threading.Event | None = None,
 ) -> dict[str, int]:
-    """Encode each image of `keys` not cached in `folder` yet (`LatentCache`), `batch`
-    images per VAE call, the VAE in float32. Returns the images encoded and cached."""
+    """Encode each image of `pairs` not cached in `folder` yet (`LatentCache`), `batch`
+    images per VAE call, the VAE in float32; then each loser of another size than its
+    winner, resized to the winner's size first (`loser_entry`), as the pixel path does.
+    Returns the images, those encoded, and the losers encoded resized."""
     from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    cache = LatentCache(folder)
-    todo = [k for k in dict.fromkeys(keys) if not cache.has(k)]
-    if todo:
-        vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae", dtype=torch.float32)
-        vae.to(devices.resolve_device(device)).eval()
+    keys = list(dict.fromkeys(k for p in pairs for k in (p.winner, p.loser)))
+    todo: list[_Entry] = [(k, k, None) for k in keys if not LatentCache(folder).has(k)]
+    vae = None
+
+    def encode(entries: list[_Entry], what: str) -> None:
+        nonlocal vae
+        if not entries:
+            return
+        if vae is None:
+            vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae", dtype=torch.float32)
+            vae.to(devices.resolve_device(device)).eval()
         transform = image_transform(resolution, center_crop=True, random_flip=False)
-        shard = len(list(folder.glob("shard-*.safetensors")))
-        with Progress(len(todo), "latent cache", bar=progress, context=context) as bar:
-            for start in range(0, len(todo), SHARD_IMAGES):
-                if cancelled is not None and cancelled.is_set():
-                    raise Cancelled(f"latent cache cancelled after {start} images")
-                tensors = _encode_shard(vae, todo[start : start + SHARD_IMAGES], read,
-                                        transform, flips, batch)  # fmt: skip
-                target = folder / f"shard-{shard:05d}.safetensors"
-                with replacing(target) as tmp:
-                    save_file(tensors, str(tmp))
-                shard += 1
-                bar.update(min(SHARD_IMAGES, len(todo) - start))
-    return {"images": len(dict.fromkeys(keys)), "encoded": len(todo)}
+        _encode_entries(vae, entries, read, transform, flips, batch, folder, what,
+                        progress=progress, context=context, cancelled=cancelled)  # fmt: skip
+
+    encode(todo, "latent cache")
+    cache = LatentCache(folder)
+    sizes = cache.sizes()
+    resized: dict[str, _Entry] = {}
+    for p in pairs:
+        name = loser_entry(p.loser, p.winner)
+        if sizes[p.loser] != sizes[p.winner] and not cache.has(name):
+            height, width = sizes[p.winner]
+            resized[name] = (name, p.loser, (width, height))
+    encode(list(resized.values()), "latent cache (losers at their winners' size)")
+    return {"images": len(keys), "encoded": len(todo), "resized_losers": len(resized)}
+
+
+def _encode_entries(
+    vae: Any,
+    entries: list[_Entry],
+    read: Callable[[str], bytes],
+    transform: TrainTransform,
+    flips: bool,
+    batch: int,
+    folder: Path,
+    what: str,
+    *,
+    progress: bool,
+    context: dict[str, Any] | None,
+    cancelled: threading.Event | None,
+) -> None:
+    """Encode `entries` into new shards of `folder`, `SHARD_IMAGES` a shard."""
+    from safetensors.torch import save_file
+
+    shard = len(list(folder.glob("shard-*.safetensors")))
+    with Progress(len(entries), what, bar=progress, context=context) as bar:
+        for start in range(0, len(entries), SHARD_IMAGES):
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled(f"latent cache cancelled after {start} images")
+            tensors = _encode_shard(vae, entries[start : start + SHARD_IMAGES], read,
+                                    transform, flips, batch)  # fmt: skip
+            with replacing(folder / f"shard-{shard:05d}.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            shard += 1
+            bar.update(min(SHARD_IMAGES, len(entries) - start))
 
 
 @torch.no_grad()
 def _encode_shard(
     vae: Any,
-    keys: Sequence[str],
+    entries: Sequence[_Entry],
     read: Callable[[str], bytes],
     transform: TrainTransform,
     flips: bool,
@@ -329,11 +394,13 @@ def _encode_shard(
 ) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     device = vae.device
-    for start in range(0, len(keys), batch):
-        chunk = keys[start : start + batch]
+    for start in range(0, len(entries), batch):
+        chunk = [name for name, _, _ in entries[start : start + batch]]
         pixels, times = [], []
-        for key in chunk:
+        for _, key, size in entries[start : start + batch]:
             image = _open(read(key))
+            if size is not None and image.size != size:
+                image = image.resize(size)  # as `PairsDataset` resizes a loser
             original = (image.height, image.width)
             resized = transform.resize(image)
             top, left, _ = transform.draw(resized.size, torch.Generator())
@@ -368,8 +435,8 @@ class DPOReport:
     latent_cache: bool
     loss: float | None  # mean step loss over the last (up to) 100 steps
     implicit_accuracy: float | None  # ... and the training batches' implicit accuracy
-    heldout_accuracy: float | None  # implicit accuracy on the held-out pairs (0.5 = parent)
-    heldout_loss: float | None  # the DPO loss on them (log 2 = the parent)
+    heldout_accuracy: float | None  # implicit accuracy on the held-out pairs (0.5 = the base)
+    heldout_loss: float | None  # the DPO loss on them (log 2 = the base)
     adapter: str
     identifier: str  # none: a DPO adapter needs no negative prompt
     seconds: float
@@ -487,7 +554,7 @@ def heldout_figures(
 ) -> tuple[float, float]:
     """The implicit accuracy and the mean DPO loss of the adapter on `dataset`'s pairs,
     with noise and timesteps fixed by the seed and the latents' means (the same draws for
-    any adapter of the run: 0.5 and log 2 for the parent)."""
+    any adapter of the run: 0.5 and log 2 for the base, the reference)."""
     model.eval()
     recipe, parts, accelerator = training.recipe, training.parts, training.accelerator
     generator = torch.Generator("cpu").manual_seed(recipe.seed)

@@ -11,12 +11,18 @@ the report's `judges` has each one's win rate and mean gain, on its own scale.
 
 The gate (`adapt.offline_gate`): `win_rate` admits an adapter whose win-rate interval lies
 above `offline_min_win_rate` (0.5: significantly better than its parent), `hps_gain` one
-whose mean gain exceeds `offline_min_hps_gain`, `none` every adapter. The HPS classifier
-labelled the adapter's training data, so an adapter that games it would pass alone: the
-gate also requires a judge that played no part in training to agree
-(`adapt.offline_gate_scorer`; by default the first of `offline_scorers` other than hps):
-its win-rate interval above `offline_min_win_rate` too. With no such judge configured the
-gate says that the classifier judged alone.
+whose mean gain exceeds `offline_min_hps_gain`, `none` every adapter. In the paper's recipe
+(`adapt.recipe = hps`) the HPS classifier labelled the adapter's training data, so an
+adapter that games it would pass alone: the gate also requires a judge that played no part
+in training to agree (`adapt.offline_gate_scorer`; by default the first of
+`offline_scorers` other than hps): its win-rate interval above `offline_min_win_rate` too.
+A Diffusion-DPO adapter (`recipe = dpo`) trains on people's pairs, so the classifier is
+already independent of its training; a second judge, if configured, must agree all the
+same. With no second judge the gate's reason says so, and why (what was configured).
+
+Every reward model `adapt.offline_scorers` lists is required: if its weights cannot be
+loaded the evaluation fails (`JudgeUnavailable`, naming the setting), rather than gate on
+fewer judges than configured.
 
 Each batch's pairs are appended to `pairs.jsonl` and fsynced as they are made, with the
 name of the classifier that scored them and the judges' (with what they loaded), so an
@@ -30,7 +36,7 @@ import json
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +107,29 @@ def judge_report(pairs: Sequence[Pair], judge: str) -> dict[str, Any]:
     return {renamed.get(k, k): v for k, v in report.items()}
 
 
+class JudgeUnavailable(Exception):
+    """A reward model `adapt.offline_scorers` lists whose weights cannot be loaded."""
+
+
+async def load_judges(
+    names: Sequence[str], load: Callable[[Sequence[str]], Awaitable[list[Scorer]]]
+) -> list[Scorer]:
+    """The reward models `names` (of `adapt.offline_scorers`), each loaded by `load`; any
+    that cannot be is an error naming the setting (`JudgeUnavailable`): a judge listed is
+    required, never skipped."""
+    judges: list[Scorer] = []
+    for name in names:
+        try:
+            judges += await load([name])
+        except Exception as exc:  # missing, unreadable or undownloadable weights
+            raise JudgeUnavailable(
+                f"adapt.offline_scorers (HPS_ADAPT__OFFLINE_SCORERS) lists {name}, so the "
+                f"offline evaluation needs its weights, and they cannot be loaded: {exc}. "
+                f"Make them loadable, or remove {name} from adapt.offline_scorers"
+            ) from exc
+    return judges
+
+
 def gate_scorer(recipe: AdaptSettings) -> str:
     """The judge the gate asks to agree: `offline_gate_scorer`, or (auto) the first of
     `offline_scorers` other than hps, else hps (the classifier alone)."""
@@ -131,10 +160,7 @@ def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, s
     # The independent judge's verdict comes before the classifier's rule, which ends it.
     judge = gate_scorer(recipe)
     if judge == "hps":
-        verdict = (
-            "no independent judge (adapt.offline_scorers names no scorer but hps): the HPS "
-            "classifier that labelled its training data judged alone"
-        )
+        verdict = _judged_alone(recipe)
     else:
         judged = report.get("judges", {}).get(judge)
         if not judged or not judged.get("pairs"):
@@ -151,6 +177,24 @@ def offline_gate(report: dict[str, Any], recipe: AdaptSettings) -> tuple[bool, s
             )
     state = "passed" if passed else "failed"
     return passed, f"offline evaluation {state}: {figures}; {verdict}; {rule}"
+
+
+def _judged_alone(recipe: AdaptSettings) -> str:
+    """Why the HPS classifier judged alone (what was configured), and what that means for
+    the adapter's recipe."""
+    if recipe.offline_gate_scorer == "hps":
+        why = "adapt.offline_gate_scorer = hps"
+    else:
+        why = "adapt.offline_scorers names no scorer but hps"
+    if recipe.recipe == "dpo":
+        return (
+            f"the HPS classifier judged alone ({why}); it played no part in training: a "
+            "Diffusion-DPO adapter trains on people's pairs"
+        )
+    return (
+        f"no independent judge ({why}): the HPS classifier that labelled its training data "
+        "judged alone"
+    )
 
 
 @dataclass

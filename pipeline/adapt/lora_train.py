@@ -140,6 +140,16 @@ def pipeline_kind(sd_model: str, *, sdxl: bool = True) -> bool:
     return PIPELINES[name]
 
 
+def native_resolution(sd_model: str) -> int:
+    """The pixels `sd_model` generates at by default: its UNet's sample size times the
+    VAE's scale (SDXL base: 128 × 8 = 1024; SD 1.5: 64 × 8 = 512), read from the configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.load_config(sd_model, subfolder="unet")
+    vae = AutoencoderKL.load_config(sd_model, subfolder="vae")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 @dataclass(frozen=True)
 class CaptionTokens:
     """Captions → their token ids for each text encoder: `input_ids`, SDXL's `input_ids_2`."""

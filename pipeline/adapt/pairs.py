@@ -17,9 +17,10 @@ image shown with it (the loser), and where they come from.
   and the image with label 1 is the winner. Its `train` split trains, its `validation`
   split is held out, the others are not read.
 
-Sides: `train` pairs are trained on; `heldout` pairs (the validation split's, and any pair
-of a prompt the offline evaluation holds out, `adapt.heldout_fraction`) are never trained
-on and measure the adapter's implicit accuracy. At most `adapt.dpo_max_pairs` training
+Sides: `train` pairs are trained on; `heldout` pairs (the validation split's, any pair
+of a prompt the offline evaluation holds out, `adapt.heldout_fraction`, and any pair whose
+caption the offline evaluation is run on: `hold_out_captions`) are never trained on and
+measure the adapter's implicit accuracy. At most `adapt.dpo_max_pairs` training
 pairs (0 = all) and `adapt.dpo_heldout_pairs` held-out ones are kept: a seeded sample of the
 database's, the first in file order of a folder's (reading further would mean extracting
 images that are not used).
@@ -37,13 +38,14 @@ import json
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from db.connect import Executor
+from db.prompts import text_hash
 from hps.settings import AdaptSettings
 from hps.store import ImageStore
 from pipeline.data import HPD_FILES, DatasetError, Example, examples_from_db, examples_from_folder
@@ -241,3 +243,17 @@ def read_pairs_file(path: Path) -> list[Pair]:
 def heldout_captions(pairs: Sequence[Pair], limit: int) -> list[str]:
     """Up to `limit` distinct captions of the held-out pairs (never trained on)."""
     return list(dict.fromkeys(p.caption for p in pairs if p.side == "heldout"))[:limit]
+
+
+def hold_out_captions(found: PairSet, captions: Iterable[str]) -> PairSet:
+    """Every pair whose caption is one of `captions` (the offline evaluation's prompts;
+    texts that normalise alike are one) on the held-out side: the evaluation judges the
+    adapter on prompts it never trained on. A Pick-a-Pic folder's validation captions may
+    appear in its train split too: those train pairs are counted as `evaluation_held_out`."""
+    keys = {text_hash(c) for c in captions}
+    pairs, moved = [], 0
+    for p in found.pairs:
+        if p.side == "train" and text_hash(p.caption) in keys:
+            p, moved = replace(p, side="heldout"), moved + 1
+        pairs.append(p)
+    return PairSet(pairs, {**found.counts, "evaluation_held_out": moved})

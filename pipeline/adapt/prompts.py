@@ -32,7 +32,7 @@ class PromptSplit:
 
 
 def _key(text: str) -> str:
-    return db_prompts.prompt_hash(text)
+    return db_prompts.text_hash(text)
 
 
 def _position(key: str, salt: str = "") -> float:

@@ -43,7 +43,7 @@ from hps.settings import AdaptSettings, Settings
 from hps.storage import storage
 from pipeline import registry
 from pipeline.adapt import dataset as data
-from pipeline.adapt.evaluate import OfflineGate, evaluate_adapter
+from pipeline.adapt.evaluate import JudgeUnavailable, OfflineGate, evaluate_adapter, load_judges
 from pipeline.adapt.label import label_samples
 from pipeline.adapt.prompts import PromptFileError, PromptSplit, read_prompt_file, sample_prompts
 from pipeline.adapt.samples import SAMPLES_FILE, generate_samples, read_samples
@@ -75,7 +75,14 @@ class NothingToDo(Exception):
 
 
 # Errors a person causes through the configuration or the data they point at.
-USER_ERRORS = (NothingToDo, PromptFileError, data.DatasetError, RunError, models.ModelError)
+USER_ERRORS = (
+    NothingToDo,
+    PromptFileError,
+    data.DatasetError,
+    RunError,
+    models.ModelError,
+    JudgeUnavailable,
+)
 
 
 class AdaptOutcome(Outcome):
@@ -334,7 +341,9 @@ async def evaluate_offline(
     the report (with the parent's name) and the name of the classifier that scored it.
     The reward models of `recipe.offline_scorers` judge the pairs too (`judges`)."""
     generator, scorer = await resources.generator(), await resources.scorer()
-    judges = await resources.load_judges([n for n in recipe.offline_scorers if n != "hps"])
+    judges = await load_judges(
+        [n for n in recipe.offline_scorers if n != "hps"], resources.load_judges
+    )
     name, folder, identifier = adapter
     parent_adapter = _adapter_of(parent)
     try:

@@ -33,6 +33,9 @@ class HFCLIPScorer:
     def __init__(self, model: Any, processor: Any, *, label: str, device: str, precision: str):
         self.device = torch.device(devices.resolve_device(device))
         self.dtype = devices.dtype(devices.precision(precision, str(self.device)))
+        # Before the cast: exp of a bf16-rounded logit_scale would scale every PickScore
+        # (ln 100 ≈ 4.605 in bf16 is 4.594: ×98.9, not ×100).
+        self.logit_scale = model.logit_scale.detach().float().exp().to(self.device)
         self.model = model.to(self.device, self.dtype).eval()
         self.processor, self.label = processor, label
 
@@ -55,8 +58,9 @@ class HFCLIPScorer:
 class PickScoreScorer(HFCLIPScorer):
     """PickScore as its README's `calc_probs` computes it: the processor's text inputs
     (padded, truncated to 77 tokens) and images, normalised embeddings, and
-    `logit_scale.exp() * text @ image`. The score is that logit; `probabilities` gives the
-    README's softmax over one prompt's images (the same order)."""
+    `logit_scale.exp() * text @ image`, the scale in float32 whatever the model computes in.
+    The score is that logit; `probabilities` gives the README's softmax over one prompt's
+    images (the same order)."""
 
     name = "pickscore"
     scale = PICKSCORE_SCALE
@@ -70,8 +74,8 @@ class PickScoreScorer(HFCLIPScorer):
     @torch.inference_mode()
     def score_prepared(self, text: torch.Tensor | None, prepared: Any) -> list[float]:
         assert text is not None
-        scale = self.model.logit_scale.exp().float()
-        return (scale * (self.image_embeddings(prepared) * text).sum(dim=-1)).tolist()
+        cosine = (self.image_embeddings(prepared) * text).sum(dim=-1)
+        return (self.logit_scale * cosine).tolist()
 
     @staticmethod
     def probabilities(scores: Sequence[float]) -> list[float]:

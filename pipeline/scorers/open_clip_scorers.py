@@ -55,7 +55,11 @@ class ResizeLongestAndPad:
     """hpsv2's `ResizeMaxSize` (hpsv2/src/open_clip/transform.py), on a tensor: resize so
     the longest side is `size` (bicubic, torchvision's tensor resize), then zero-pad to a
     square, centred. hpsv2 skips both when the longest side is already `size`, which leaves a
-    non-square image unpadded (its model then fails on it); such an image is padded here."""
+    non-square image unpadded (its model then fails on it); such an image is padded here.
+
+    Without antialiasing: HPS v2 was trained and benchmarked with torchvision < 0.17, whose
+    tensor resize did not antialias (`antialias=None` meant False for tensors); 0.17 made
+    True the default, which blurs a downscaled image and shifts the scores."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -67,7 +71,7 @@ class ResizeLongestAndPad:
             return image
         new_size = [round(dim * scale) for dim in (height, width)]
         if scale != 1.0:
-            image = F.resize(image, new_size, InterpolationMode.BICUBIC)
+            image = F.resize(image, new_size, InterpolationMode.BICUBIC, antialias=False)
         pad_h, pad_w = self.size - new_size[0], self.size - new_size[1]
         return F.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], 0)
 

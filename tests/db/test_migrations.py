@@ -255,3 +255,41 @@ async def test_the_migrated_catalog_is_the_declared_schema(
         only_migrated = sorted(migrated[part] - declared[part])
         only_declared = sorted(declared[part] - migrated[part])
         assert (part, only_migrated, only_declared) == (part, [], [])
+
+
+BEFORE_0016_SQL = """
+INSERT INTO users (id, discord_id, pseudonym) OVERRIDING SYSTEM VALUE VALUES (1, 101, 'u1');
+INSERT INTO prompts (id, text, negative_text, norm_hash) OVERRIDING SYSTEM VALUE
+VALUES (1, 'A  Red Castle', 'blurry', 'h1'), (2, 'a red castle', '', 'h2'), (3, 'Straße', '', 'h3');
+INSERT INTO model_versions (id, kind, name, artifact, status) OVERRIDING SYSTEM VALUE
+VALUES (1, 'sd_base', 'base', 'x', 'serving'), (2, 'sd_adapter', 'adapter', 'y', 'testing');
+INSERT INTO rounds (id, prompt_id, requester_id, k, status) OVERRIDING SYSTEM VALUE
+VALUES (1, 1, 1, 4, 'ready'), (2, 2, 1, 4, 'ready'), (3, 3, 1, 4, 'failed');
+INSERT INTO jobs (kind, state, result) VALUES
+('generate', 'done', '{"round_id": 1, "status": "ready",
+                       "plan": {"incumbent": 1, "candidate": 2, "versions": [1, 2, 2, 1]}}'),
+('generate', 'done', '{"round_id": 3, "status": "failed",
+                       "plan": {"incumbent": 1, "candidate": null, "versions": [1, 1, 1, 1]}}');
+"""
+
+
+async def test_migration_0016_keys_prompts_by_text_and_rounds_by_their_incumbent(
+    empty_database_url: str,
+) -> None:
+    from db.prompts import text_hash
+
+    await asyncio.to_thread(migrate.upgrade, empty_database_url, "0015")
+    conn = await connect(empty_database_url)
+    try:
+        await conn.execute(BEFORE_0016_SQL)
+        await asyncio.to_thread(migrate.upgrade, empty_database_url)
+        hashes = await conn.fetch("SELECT id, text_hash FROM prompts ORDER BY id")
+        incumbents = await conn.fetch("SELECT id, incumbent_version_id FROM rounds ORDER BY id")
+    finally:
+        await conn.close()
+    # The same text (as normalised: spaces, case) whatever its negative prompt; casefold's ß.
+    assert [tuple(r) for r in hashes] == [
+        (1, text_hash("a red castle")), (2, text_hash("a red castle")), (3, text_hash("strasse"))
+    ]  # fmt: skip
+    # From the plan of the job that made the round ready; a failed round's plan is not one.
+    assert [tuple(r) for r in incumbents] == [(1, 1), (2, None), (3, None)]

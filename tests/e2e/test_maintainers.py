@@ -228,10 +228,10 @@ async def test_scorers_shows_the_latest_agreement_table(
     lines = text.splitlines()
     assert lines[0].startswith("**Agreement with people's choices** (the choices, test split, ")
     assert lines[1:] == [
-        "- **pickscore** (`PickScore (p)`): top-1 45.0% [35.0%–55.0%] of 40, chance 25.0%; "
-        "pairwise 70.0% [65.0%–75.0%] of 120 pairs",
-        "- **hps** (`c1`): top-1 40.0% [30.0%–50.0%] of 40, chance 25.0%; pairwise "
-        "65.0% [60.0%–70.0%] of 120 pairs",
+        "- **pickscore** (`PickScore (p)`): top-1 45.0% [35.0%–55.0%] of 40 (chance 25.0%); "
+        "pairwise 70.0% [65.0%–75.0%] of 120 pairs (chance 50%)",
+        "- **hps** (`c1`): top-1 40.0% [30.0%–50.0%] of 40 (chance 25.0%); pairwise "
+        "65.0% [60.0%–70.0%] of 120 pairs (chance 50%)",
     ]
     assert await _answer(fake, BOB, "scorers") == REFUSAL
 

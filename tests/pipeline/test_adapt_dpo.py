@@ -188,12 +188,13 @@ def test_sdxl_trains_with_its_added_conditioning_from_cached_latents_and_resumes
     pairs = _pairs(store, 8, seed=2)
     keys = list(dict.fromkeys(k for p in pairs for k in (p.winner, p.loser)))
     cache = tmp_path / "latents"
-    counts = cache_latents(keys[:5], store.get, sd_model=str(tiny_sdxl_dir), resolution=32,
+    counts = cache_latents(pairs[:3], store.get, sd_model=str(tiny_sdxl_dir), resolution=32,
                            flips=True, folder=cache, device="cpu", progress=False)  # fmt: skip
-    assert counts == {"images": 5, "encoded": 5}
-    counts = cache_latents(keys, store.get, sd_model=str(tiny_sdxl_dir), resolution=32,
+    assert counts == {"images": 6, "encoded": 6, "resized_losers": 0}
+    counts = cache_latents(pairs, store.get, sd_model=str(tiny_sdxl_dir), resolution=32,
                            flips=True, folder=cache, device="cpu", progress=False)  # fmt: skip
-    assert counts == {"images": 16, "encoded": 11}  # only those not cached yet
+    # only those not cached yet
+    assert counts == {"images": 16, "encoded": 10, "resized_losers": 0}
     mean, std, time_ids = LatentCache(cache).get(keys[0], flip=True)
     assert mean.shape == std.shape == (4, 16, 16)
     assert time_ids.tolist() == [32, 32, 0, 0, 32, 32]  # original size, crop corner, target
@@ -245,6 +246,58 @@ def test_sdxl_trains_with_its_added_conditioning_from_cached_latents_and_resumes
         "step-000002",
         "step-000004",
     ]
+
+
+def test_the_latent_cache_resizes_a_loser_to_its_winners_size_as_the_pixel_path_does(
+    tiny_sd_dir: Path, tmp_path: Path
+) -> None:
+    """A loser of another shape than its winner is resized to the winner's size before its
+    crop (diffusers' SDXL script; `PairsDataset` on pixels): the cache trains on the same
+    latents, not on the loser's own centre crop."""
+    from diffusers import AutoencoderKL
+
+    from pipeline.adapt.dataset import image_transform
+    from pipeline.adapt.dpo_train import LatentCache, PairsDataset, cache_latents, loser_entry
+
+    store = LocalImageStore(tmp_path / "store")
+    rng = np.random.default_rng(3)
+
+    def image(width: int, height: int) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+            buffer, format="PNG"
+        )
+        return store.put(buffer.getvalue()).key
+
+    tall, wide, square = image(32, 64), image(64, 32), image(40, 40)
+    pairs = [Pair("a", tall, wide, "train", "p:0"), Pair("b", square, tall, "train", "p:1"),
+             Pair("c", wide, tall, "train", "p:2"), Pair("d", tall, image(32, 64), "train",
+                                                          "p:3")]  # fmt: skip
+    folder = tmp_path / "latents"
+    counts = cache_latents(pairs, store.get, sd_model=str(tiny_sd_dir), resolution=32,
+                           flips=False, folder=folder, device="cpu", progress=False)  # fmt: skip
+    assert counts == {"images": 4, "encoded": 4, "resized_losers": 3}  # not p:3's, same size
+    again = cache_latents(pairs, store.get, sd_model=str(tiny_sd_dir), resolution=32,
+                          flips=False, folder=folder, device="cpu", progress=False)  # fmt: skip
+    assert again == {"images": 4, "encoded": 0, "resized_losers": 0}
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.zeros(len(texts), 4, dtype=torch.long)}
+
+    transform = image_transform(32, center_crop=True, random_flip=False)
+    cache = LatentCache(folder)
+    cached = PairsDataset(pairs, store.get, tokenize, transform, cache=cache)
+    pixels = PairsDataset(pairs, store.get, tokenize, transform)
+    vae = AutoencoderKL.from_pretrained(tiny_sd_dir, subfolder="vae", dtype=torch.float32).eval()
+    for i, pair in enumerate(pairs):
+        with torch.no_grad():
+            expected = vae.encode(pixels[i]["pixel_values"][3:][None]).latent_dist.mean[0]
+        loser = cached[i]["latent_mean"][1]
+        assert torch.allclose(loser, expected.half().float(), atol=1e-3), pair.key
+        assert torch.equal(cached[i]["time_ids"], pixels[i]["time_ids"])
+    own_crop = cache.get(wide, flip=False)[0]  # the loser of p:0 cropped on its own: not it
+    assert not torch.allclose(own_crop, cached[0]["latent_mean"][1], atol=1e-2)
+    assert cache.has(loser_entry(wide, tall)) and not cache.has(loser_entry(pairs[3].loser, tall))
 
 
 # -- pairs ---------------------------------------------------------------------------------
@@ -442,6 +495,8 @@ async def test_the_adapt_sd_job_runs_dpo_on_peoples_pairs_and_registers_it_by_re
         f"Diffusion-DPO run {name}: {pairs['train']} training pairs, {pairs['heldout']} held "
         "out, from database. LoRA r4, β 5000, 3 steps (batch 4): held-out implicit accuracy"
     )
+    # The reference the accuracy is relative to is the base (adapters are not stacked).
+    assert "% (base 50%)." in result["summary"]
     assert result["metrics"]["pairs"] == pairs["train"]
 
     # Live: the adapter's A/B rounds count for its recipe.
@@ -497,26 +552,18 @@ def test_hps_adapt_run_takes_data_for_dpo_only_and_refuses_a_folder_it_cannot_re
     assert "Traceback" not in refused.stderr and not (tmp_path / "data" / "runs").exists()
 
 
-def test_pick_a_pics_own_parquet_files_are_read_with_their_hub_names(tmp_path: Path) -> None:
-    """Pick-a-Pic as published: `data/<split>-NNNNN-of-NNNNN-<hash>.parquet`, integer-like
-    float labels, several files per split; the image labelled 1 wins, ties are dropped."""
+def _pickapic_folder(folder: Path, rows: dict[str, list[tuple[str, str, str, float]]]) -> Path:
+    """A Pick-a-Pic-format folder: per file name under data/, rows of (caption, colour of
+    jpg_0, colour of jpg_1, label_0)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipeline.adapt.pairs import pairs_from_folder
 
     def png(colour: str) -> bytes:
         buffer = io.BytesIO()
         Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    rows = {  # file → (caption, jpg_0, jpg_1, label_0)
-        "train-00000-of-00002-1a2b.parquet": [("a cat", "red", "blue", 1.0),
-                                              ("a dog", "green", "white", 0.5)],
-        "train-00001-of-00002-3c4d.parquet": [("a cow", "black", "yellow", 0.0)],
-        "test-00000-of-00001-5e6f.parquet": [("a fox", "red", "green", 1.0)],
-    }  # fmt: skip
-    (tmp_path / "data").mkdir()
+    (folder / "data").mkdir(parents=True)
     for name, items in rows.items():
         table = pa.table({
             "caption": [c for c, *_ in items],
@@ -525,7 +572,22 @@ def test_pick_a_pics_own_parquet_files_are_read_with_their_hub_names(tmp_path: P
             "label_0": [label for *_, label in items],
             "label_1": [1 - label for *_, label in items],
         })  # fmt: skip
-        pq.write_table(table, tmp_path / "data" / name)
+        pq.write_table(table, folder / "data" / name)
+    return folder
+
+
+def test_pick_a_pics_own_parquet_files_are_read_with_their_hub_names(tmp_path: Path) -> None:
+    """Pick-a-Pic as published: `data/<split>-NNNNN-of-NNNNN-<hash>.parquet`, integer-like
+    float labels, several files per split; the image labelled 1 wins, ties are dropped."""
+    from pipeline.adapt.pairs import pairs_from_folder
+
+    rows = {  # file → (caption, jpg_0, jpg_1, label_0)
+        "train-00000-of-00002-1a2b.parquet": [("a cat", "red", "blue", 1.0),
+                                              ("a dog", "green", "white", 0.5)],
+        "train-00001-of-00002-3c4d.parquet": [("a cow", "black", "yellow", 0.0)],
+        "test-00000-of-00001-5e6f.parquet": [("a fox", "red", "green", 1.0)],
+    }  # fmt: skip
+    _pickapic_folder(tmp_path, rows)
     images = LocalImageStore(tmp_path / "run_images")
     found = pairs_from_folder(tmp_path, images, AdaptSettings(),
                               held_out=lambda text: text == "a cow", val_fraction=0.1,
@@ -538,3 +600,121 @@ def test_pick_a_pics_own_parquet_files_are_read_with_their_hub_names(tmp_path: P
         for k in (p.winner, p.loser)
     ]
     assert colours == [(255, 0, 0), (0, 0, 255), (255, 255, 0), (0, 0, 0)]
+
+
+async def test_a_caption_the_offline_evaluation_uses_is_never_trained_on(
+    pool, tiny_sd_dir: Path, tiny_model, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A Pick-a-Pic folder's validation captions are evaluation prompts: a train-split pair
+    of the same caption (spelt alike after normalisation) is held out too."""
+    from pipeline.adapt.dpo import DIFFUSION_DPO
+    from pipeline.adapt.pairs import PAIRS_FILE, read_pairs_file
+    from pipeline.adapt.run import PROMPTS_FILE
+    from pipeline.runs import run_recipe
+
+    folder = _pickapic_folder(tmp_path / "pickapic", {
+        "train-00000-of-00001.parquet": [("a cat", "red", "blue", 1.0),
+                                         ("a dog", "green", "white", 0.0),
+                                         ("A  Cat", "black", "yellow", 0.0)],
+        "validation-00000-of-00001.parquet": [("a cat", "red", "green", 1.0)],
+    })  # fmt: skip
+    settings = _settings(tiny_sd_dir, tiny_model, heldout_fraction=0.01, dpo_min_pairs=1)
+    outcome = await run_recipe(DIFFUSION_DPO, pool, settings, name="dpo-captions",
+                               until="pairs", progress=False, data=folder)  # fmt: skip
+    run = settings.runs_dir / "dpo-captions"
+    pairs = read_pairs_file(run / PAIRS_FILE)
+    assert [(p.caption, p.side, p.key) for p in pairs] == [
+        ("a cat", "heldout", "pickapic:train:0"), ("a dog", "train", "pickapic:train:1"),
+        ("A  Cat", "heldout", "pickapic:train:2"), ("a cat", "heldout", "pickapic:validation:0"),
+    ]  # fmt: skip
+    assert json.loads((run / PROMPTS_FILE).read_text()) == {
+        "train": ["a dog"],
+        "heldout": ["a cat"],
+    }
+    stage = outcome.stages["pairs"]
+    assert (stage["train"], stage["heldout"], stage["evaluation_held_out"]) == (1, 3, 2)
+
+
+async def test_an_sdxl_base_is_not_trained_below_the_resolution_it_generates_at(
+    pool, tiny_sdxl_dir: Path, tiny_sd_dir: Path, tiny_model, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """SDXL's size conditioning would learn a target size it never serves at: refused,
+    naming the setting, before any work (the tiny SDXL generates at 64 px, SDXL base at
+    1024); SD 1.x trains at any resolution."""
+    from pipeline.adapt.dpo import ResolutionError, open_dpo_run
+    from pipeline.adapt.lora_train import native_resolution
+
+    assert native_resolution(str(tiny_sdxl_dir)) == 64
+    settings = _settings(tiny_sd_dir, tiny_model)  # resolution 32
+    sdxl = settings.with_changes("generation", sd_model=str(tiny_sdxl_dir))
+    with pytest.raises(ResolutionError) as refused:
+        await open_dpo_run(pool, sdxl, "dpo-sdxl-32")
+    assert str(refused.value) == (
+        "adapt.resolution (HPS_ADAPT__RESOLUTION) is 32, below the 64 px the SDXL model "
+        f"{tiny_sdxl_dir} generates at: its size conditioning would learn a target of 32 px "
+        "while it serves at 64. Set adapt.resolution = 64 (Diffusion-DPO's SDXL runs train "
+        "at 1024)"
+    )
+    assert not (settings.runs_dir / "dpo-sdxl-32").exists()
+    run = await open_dpo_run(pool, sdxl.with_changes("adapt", resolution=64), "dpo-sdxl-64")
+    assert run.recipe["adapt"]["resolution"] == 64
+    assert (await open_dpo_run(pool, settings, "dpo-sd-32")).recipe["adapt"]["resolution"] == 32
+
+
+def test_sdxl_conditioning_is_what_its_pipeline_computes_with_and_without_the_cache(
+    tiny_sdxl_dir: Path, tmp_path: Path
+) -> None:
+    """`DiffusionParts.conditioning` on a batch of `PairsDataset` (pixels, or the latent
+    cache) against `StableDiffusionXLPipeline`'s own helpers: `encode_prompt`'s prompt and
+    pooled embeddings, `_get_add_time_ids` of the non-square original size, its centre
+    crop's corner and the target size."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipeline.adapt.dataset import image_transform
+    from pipeline.adapt.dpo_train import LatentCache, PairsDataset, cache_latents, collate_pairs
+    from pipeline.adapt.lora_train import DiffusionParts
+
+    store = LocalImageStore(tmp_path / "store")
+    rng = np.random.default_rng(5)
+
+    def image(width: int, height: int) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+            buffer, format="PNG"
+        )
+        return store.put(buffer.getvalue()).key
+
+    captions = ["a red cube on a table", "a lighthouse at dusk, oil painting"]
+    pairs = [Pair(captions[0], image(48, 80), image(48, 80), "train", "p:0"),
+             Pair(captions[1], image(90, 40), image(90, 40), "train", "p:1")]  # fmt: skip
+    resolution = 32
+    transform = image_transform(resolution, center_crop=True, random_flip=False)
+    parts = DiffusionParts.load(str(tiny_sdxl_dir), torch.float32, sdxl=True)
+    folder = tmp_path / "latents"
+    cache_latents(pairs, store.get, sd_model=str(tiny_sdxl_dir), resolution=resolution,
+                  flips=False, folder=folder, device="cpu", progress=False)  # fmt: skip
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    # Resized to 32 on the short side (h × w: 53 × 32, 32 × 72); the centre crop's corner.
+    expected_ids = [[80, 48, 10, 0, 32, 32], [40, 90, 0, 20, 32, 32]]
+    for cache in (None, LatentCache(folder)):
+        dataset = PairsDataset(pairs, store.get, parts.tokenize, transform, cache=cache)
+        batch = collate_pairs([dataset[0], dataset[1]])
+        with torch.no_grad():
+            hidden, added = parts.conditioning(batch)
+        assert added is not None
+        for i, pair in enumerate(pairs):
+            with torch.no_grad():
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    pair.caption, device="cpu", do_classifier_free_guidance=False
+                )
+            assert torch.allclose(hidden[i], embeds[0], atol=1e-6)
+            assert torch.allclose(added["text_embeds"][i], pooled[0], atol=1e-6)
+            winner = Image.open(io.BytesIO(store.get(pair.winner)))
+            original = (winner.height, winner.width)
+            top, left, _ = transform.draw(transform.resize(winner).size, torch.Generator())
+            time_ids = pipe._get_add_time_ids(
+                original, (top, left), (resolution, resolution), dtype=torch.float32,
+                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+            )  # fmt: skip
+            assert torch.equal(added["time_ids"][i], time_ids[0])
+            assert added["time_ids"][i].tolist() == expected_ids[i]

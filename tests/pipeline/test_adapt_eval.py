@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from db import models
+from hps.settings import AdaptSettings
 from pipeline.adapt import dataset as data
 from pipeline.adapt.evaluate import PAIRS_FILE, evaluate_adapter
 from pipeline.adapt.run import EVAL_DIR, PROMPTS_FILE, SD_ADAPTATION, open_run
@@ -254,3 +255,64 @@ def test_the_gate_asks_a_judge_that_played_no_part_in_training() -> None:
     )
     off = AdaptSettings(offline_gate="none", offline_scorers=["clip"])
     assert offline_gate(_report(0.2, 0.1, {"clip": (0.1, 0.0)}), off)[0]
+
+
+def test_the_gate_says_why_the_classifier_judged_alone_by_recipe_and_setting() -> None:
+    from pipeline.adapt.evaluate import offline_gate
+
+    tail = "; win-rate lower bound > 50%"
+    # Set explicitly, although offline_scorers names another: worded by what was configured.
+    chosen = AdaptSettings(offline_scorers=["pickscore"], offline_gate_scorer="hps")
+    passed, reason = offline_gate(_report(0.7, 0.6, {"pickscore": (0.4, 0.3)}), chosen)
+    assert passed and reason.endswith(
+        " held-out prompts; no independent judge (adapt.offline_gate_scorer = hps): the HPS "
+        "classifier that labelled its training data judged alone" + tail
+    )
+    # A Diffusion-DPO adapter trains on people's pairs: the classifier played no part.
+    dpo = AdaptSettings(recipe="dpo")
+    passed, reason = offline_gate(_report(0.7, 0.6, {}), dpo)
+    assert passed and reason.endswith(
+        " held-out prompts; the HPS classifier judged alone (adapt.offline_scorers names no "
+        "scorer but hps); it played no part in training: a Diffusion-DPO adapter trains on "
+        "people's pairs" + tail
+    )
+    dpo_chosen = AdaptSettings(recipe="dpo", offline_scorers=["clip"], offline_gate_scorer="hps")
+    passed, reason = offline_gate(_report(0.7, 0.6, {}), dpo_chosen)
+    assert reason.endswith(
+        "; the HPS classifier judged alone (adapt.offline_gate_scorer = hps); it played no "
+        "part in training: a Diffusion-DPO adapter trains on people's pairs" + tail
+    )
+    assert "labelled its training data" not in reason
+
+
+async def test_a_listed_judge_whose_weights_cannot_load_fails_the_evaluation(
+    tiny_scorers: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """A reward model adapt.offline_scorers lists is required: the evaluation fails, naming
+    the setting and the scorer's own, instead of gating on fewer judges than configured."""
+    from pipeline.adapt.dpo import DIFFUSION_DPO
+    from pipeline.adapt.evaluate import JudgeUnavailable, load_judges
+
+    missing = str(tmp_path / "nowhere" / "hpsv2.pt")
+    settings = make_settings(
+        models={"device": "cpu"},
+        scorers={**tiny_scorers["scorers"], "hpsv2_checkpoint": missing},
+        adapt={"offline_scorers": ["aesthetic", "hpsv2"]},
+    )
+
+    async def load(names: Any) -> Any:
+        return await cached_scorers(names, settings, {})
+
+    with pytest.raises(JudgeUnavailable) as raised:
+        await load_judges(["aesthetic", "hpsv2"], load)
+    assert str(raised.value) == (
+        "adapt.offline_scorers (HPS_ADAPT__OFFLINE_SCORERS) lists hpsv2, so the offline "
+        f"evaluation needs its weights, and they cannot be loaded: scorers.hpsv2_checkpoint: "
+        f"no such file {missing!r} (give a local file, or a hub file as owner/repo/filename). "
+        "Make them loadable, or remove hpsv2 from adapt.offline_scorers"
+    )
+    [aesthetic] = await load_judges(["aesthetic"], load)
+    assert aesthetic.name == "aesthetic"
+    # A person's setting to fix: the adapt_sd job is dead-lettered, the CLI says why.
+    assert JudgeUnavailable in SD_ADAPTATION.user_errors
+    assert JudgeUnavailable in DIFFUSION_DPO.user_errors

@@ -303,6 +303,49 @@ async def test_of_two_better_candidates_the_review_promotes_the_surer_one(pool) 
     assert (await models.get(pool, versions["candidate"])).status == "testing"
 
 
+async def test_live_by_recipe_counts_a_round_for_its_candidate_after_another_is_promoted(
+    pool,
+) -> None:  # type: ignore[no-untyped-def]
+    """Each decided A/B round counts once, for the version that was not its incumbent: an
+    older adapter that keeps testing after a newer one was promoted counts its rounds
+    against the newer one, which counts none of them."""
+    base = await models.ensure_base(pool, kind="sd_base", artifact="tiny-sd")
+
+    async def adapter(artifact: str, recipe: str) -> models.ModelVersion:
+        config = {"recipe": {"adapt": {"recipe": recipe}}}
+        version = await models.register(
+            pool, kind="sd_adapter", artifact=artifact, parent_id=base.id, config=config
+        )
+        await models.start_testing(pool, version.id, actor="test")
+        return version
+
+    older, newer = await adapter("/m/a", "dpo"), await adapter("/m/b", "hps")
+    user = iter(range(7000, 8000))
+
+    async def decided(candidate: int, incumbent: int, wins: int, losses: int) -> None:
+        for n in range(wins + losses):
+            versions = {"base": incumbent, "candidate": candidate}
+            r = await _ab_round(pool, versions, requester := next(user), incumbent_id=incumbent)
+            await _pick(pool, r, requester, "candidate" if n < wins else "base")
+
+    await decided(older.id, base.id, 1, 1)  # both tested against the base
+    await decided(newer.id, base.id, 2, 0)
+    await models.promote(pool, newer.id, actor="test")
+    assert (await models.get(pool, older.id)).status == "testing"
+    await decided(older.id, newer.id, 3, 1)  # the older one, against the newer incumbent
+    assert await stats.live_by_recipe(pool) == [
+        {"recipe": "dpo", "versions": 1, "rounds": 6, "wins": 4},
+        {"recipe": "hps", "versions": 1, "rounds": 2, "wins": 2},
+    ]
+    # Rounds made before incumbents were recorded (migration 0016, their generate jobs
+    # gone) fall back to the newer version's side, which is wrong in just this case.
+    await pool.execute("UPDATE rounds SET incumbent_version_id = NULL")
+    assert await stats.live_by_recipe(pool) == [
+        {"recipe": "dpo", "versions": 1, "rounds": 2, "wins": 1},
+        {"recipe": "hps", "versions": 1, "rounds": 6, "wins": 3},
+    ]
+
+
 async def test_the_review_takes_each_look_once_on_the_rounds_decided_first(pool) -> None:  # type: ignore[no-untyped-def]
     """Looks at 6, 12 and 18 decided rounds (98.33% each): 5 of the first 6 keeps testing;
     a requester then changing their pick to a win does not redo that look; 11 of the first

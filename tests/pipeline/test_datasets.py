@@ -424,12 +424,48 @@ async def test_export_splits_keep_each_prompt_on_one_side_as_training_does(
     assert training == {f"choice:{r['choice_id']}": r["split"] for r in rows}
 
 
+async def test_a_text_is_one_prompt_on_one_side_whatever_its_negative_prompts(
+    pool, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The classifier and the exports see the text only: one text with no negative prompt
+    and with two others is one prompt (one group, one split) for training, the exports and
+    the DPO pairs. By the old key, (text, negative), "blurry" put it in test and "" in
+    train: the same caption on both sides."""
+    from db.prompts import prompt_hash, text_hash
+    from hps.settings import AdaptSettings
+    from pipeline.adapt.pairs import pairs_from_db
+    from pipeline.data import assign_split, examples_from_db
+
+    text = "a red castle at night"
+    fractions = {"val_fraction": 0.1, "test_fraction": 0.1}
+    old = {n: assign_split(prompt_hash(text, n), None, **fractions) for n in ("", "blurry")}
+    assert old == {"": "train", "blurry": "test"}  # what the old key did with this text
+    store = tmp_path / "store"
+    for requester, negative in enumerate(("", "blurry", "grainy"), start=1):
+        round_id = await stored_round(pool, LocalImageStore(store), requester=requester,
+                                      prompt=text, k=2, negative_prompt=negative)  # fmt: skip
+        await record_choice(pool, round_id=round_id, discord_user_id=requester, verdict="pick",
+                            position=1)  # fmt: skip
+    assert await pool.fetchval("SELECT count(DISTINCT id) FROM prompts") == 3
+    examples = await examples_from_db(pool, **fractions)
+    assert len(examples) == 3
+    assert {(e.group, e.split) for e in examples} == {(text_hash(text), "train")}
+    await _export(pool, tmp_path / "out", "parquet", store)
+    rows = pq.read_table(tmp_path / "out" / "choices.parquet").to_pylist()
+    assert [r["split"] for r in rows] == ["train"] * 3
+    await _export(pool, tmp_path / "pickapic", "pickapic", store)
+    train = pq.read_table(next((tmp_path / "pickapic" / "data").glob("train-*.parquet")))
+    assert train.column("num_example_per_prompt").to_pylist() == [3] * 3  # one prompt
+    found = await pairs_from_db(pool, AdaptSettings(), held_out=lambda t: False, **fractions)
+    assert [p.side for p in found.pairs] == ["train"] * 3
+
+
 def test_a_chosen_image_that_was_not_shown_is_a_clear_error() -> None:
     from pipeline.datasets import _choice_tables
 
     row = {
         "choice_id": 7, "round_id": 3, "source": "discord", "external_id": None,
-        "split": None, "prompt": "a red cube", "negative_prompt": "", "norm_hash": "h",
+        "split": None, "prompt": "a red cube", "negative_prompt": "", "text_hash": "h",
         "prompt_tested": False, "prompt_undeclared": True, "contains_name": False,
         "user_id": "u", "requester": "u", "is_requester": True, "verdict": "pick",
         "chosen_position": 2, "positions": [1, 3], "image_keys": ["a.png", "c.png"],

@@ -83,6 +83,10 @@ async def test_a_generate_job_makes_k_images_with_seeds_versions_and_a_notify(
         "candidate": None,
         "versions": [base.id] * 4,
     }
+    assert (
+        await pool.fetchval("SELECT incumbent_version_id FROM rounds WHERE id = $1", round_id)
+        == base.id
+    )
     assert [i["seed"] for i in job.result["images"]] == seeds
     assert job.result["batch"] == [job.id]
 
@@ -144,6 +148,9 @@ async def test_a_round_mixing_two_adapters_records_the_version_of_each_image(
         "candidate": testing.id,
         "versions": versions,
     }
+    # The round records its incumbent: the candidate's side is the other version's.
+    incumbent = "SELECT incumbent_version_id FROM rounds WHERE id = $1"
+    assert await pool.fetchval(incumbent, created.round.id) == serving.id
     # Each image is what its recorded version makes from its recorded seed (the same
     # calls again: batch composition changes CPU numerics), and differs from what the base
     # model and the other adapter make from that seed.

@@ -124,3 +124,32 @@ async def test_a_pick_a_pic_folder_is_a_choice_between_two_images(
         )
     stored = await latest_agreement(pool)
     assert [r.scorer for r in stored] == ["pickscore", "clip"] and stored[0].source == str(folder)
+
+
+def test_the_agreement_tables_name_each_chance_beside_its_measure(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Top-1's chance is 1/K, pairwise's one half: each is named and shown beside its own."""
+    import io
+
+    from rich.console import Console
+
+    import cli.train
+
+    report = {"model": "m", "n": 40, "top1": 0.45, "top1_ci": [0.35, 0.55], "chance": 0.25,
+              "pairwise": 0.7, "pairwise_ci": [0.65, 0.75], "pairwise_n": 120,
+              "per_k": {"4": {}}}  # fmt: skip
+    out = io.StringIO()
+    monkeypatch.setattr(cli.train, "console", Console(file=out, width=300))
+    cli.train.print_agreement({"pickscore": report})
+    cli.train.print_reports({"classifier": report})
+    text = out.getvalue().replace("┃", "│")
+    lines = [line.split("│") for line in text.splitlines() if "│" in line]
+    cells = [[c.strip() for c in line[1:-1]] for line in lines]
+    assert cells == [
+        ["scorer", "model", "choices", "top-1", "top-1 chance", "pairwise", "pairwise chance",
+         "pairs"],
+        ["pickscore", "m", "40", "45.0% [35.0%, 55.0%]", "25.0%", "70.0% [65.0%, 75.0%]",
+         "50.0%", "120"],
+        ["model", "choices", "top-1", "top-1 chance", "pairwise", "pairwise chance", "pairs"],
+        ["classifier", "40", "45.0% [35.0%, 55.0%]", "25.0%", "70.0% [65.0%, 75.0%]", "50.0%",
+         "120"],
+    ]  # fmt: skip

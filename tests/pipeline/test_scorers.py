@@ -54,7 +54,7 @@ def test_hps_v1_is_our_hps_model(settings: Any, images: list[Path]) -> None:
     assert scorer.name == "hps" and scorer.scale.startswith("hps: 100 ×")
 
 
-# hpsv2/src/open_clip/transform.py (tgxs002/HPSv2), as released.
+# hpsv2/src/open_clip/transform.py (tgxs002/HPSv2), as released but for `antialias`.
 class ResizeMaxSize(torch.nn.Module):
     def __init__(self, max_size, interpolation=None, fn="max", fill=0):  # type: ignore[no-untyped-def]
         from torchvision.transforms import InterpolationMode
@@ -72,7 +72,10 @@ class ResizeMaxSize(torch.nn.Module):
         scale = self.max_size / float(max(height, width))
         if scale != 1.0:
             new_size = tuple(round(dim * scale) for dim in (height, width))
-            img = F.resize(img, new_size, self.interpolation)
+            # The one change: upstream passes no antialias, which under the torchvision it was
+            # trained and benchmarked with (< 0.17) meant none for a tensor; since 0.17 the
+            # default antialiases. Set explicitly, so the reference is the released behaviour.
+            img = F.resize(img, new_size, self.interpolation, antialias=False)
             pad_h = self.max_size - new_size[0]
             pad_w = self.max_size - new_size[1]
             img = F.pad(img, padding=[pad_w // 2, pad_h // 2, pad_w - pad_w // 2,
@@ -156,6 +159,26 @@ def test_pickscore_scores_and_probabilities_as_its_readme(
         assert np.allclose(PickScoreScorer.probabilities(mine), probs, atol=1e-6)
 
 
+def test_pickscore_keeps_its_logit_scale_in_float32_in_half_precision(
+    settings: Any, images: list[Path]
+) -> None:
+    """On a GPU the model computes in bf16; PickScore's scale is exp(logit_scale) of the
+    released float32 weight, never of its bf16 rounding (×98.9 instead of ×100 for
+    PickScore's ln 100)."""
+    from transformers import CLIPModel
+
+    scorer = load_scorer("pickscore", settings, precision="bf16")
+    assert scorer.model.logit_scale.dtype == torch.bfloat16  # the model is cast
+    released = CLIPModel.from_pretrained(settings.scorers.pickscore_model).logit_scale.detach()
+    assert scorer.logit_scale.dtype == torch.float32
+    assert torch.equal(scorer.logit_scale, released.exp())
+    assert not torch.equal(released.to(torch.bfloat16).float().exp(), released.exp())
+    text = scorer.encode_prompts([PROMPTS[0]] * 2)
+    cosine = scorer.image_embeddings(scorer.prepare([Image.open(p) for p in images[:2]])) * text
+    expected = (released.exp() * cosine.sum(dim=-1)).tolist()
+    assert score_with(scorer, PROMPTS[0], images[:2]) == pytest.approx(expected, abs=1e-6)
+
+
 class MLP(torch.nn.Module):
     """improved-aesthetic-predictor's simple_inference.py MLP (a LightningModule there; its
     layers, as released, here)."""
@@ -180,19 +203,49 @@ def normalized(a, axis=-1, order=2):  # type: ignore[no-untyped-def]
     return a / np.expand_dims(l2, axis)
 
 
+def _convert_image_to_rgb(image):  # type: ignore[no-untyped-def]
+    # openai/CLIP clip/clip.py, verbatim.
+    return image.convert("RGB")
+
+
+def _transform(n_px):  # type: ignore[no-untyped-def]
+    # openai/CLIP clip/clip.py, verbatim (BICUBIC: torchvision's InterpolationMode.BICUBIC,
+    # as clip.py takes it): the `preprocess` that `clip.load` returns.
+    from torchvision.transforms import (
+        CenterCrop,
+        Compose,
+        InterpolationMode,
+        Normalize,
+        Resize,
+        ToTensor,
+    )
+
+    BICUBIC = InterpolationMode.BICUBIC
+    return Compose([
+        Resize(n_px, interpolation=BICUBIC),
+        CenterCrop(n_px),
+        _convert_image_to_rgb,
+        ToTensor(),
+        Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    ])  # fmt: skip
+
+
 def aesthetic_reference(settings: Any, paths: list[Path]) -> list[float]:
     """improved-aesthetic-predictor/simple_inference.py on the CPU: the MLP with the
-    released state dict, CLIP's own preprocessing (resize, centre crop: `clip.load`'s, which
-    open_clip gives an OpenAI-style model too), `encode_image`, numpy L2 normalisation."""
+    released state dict, `clip.load`'s preprocessing (`_transform` above: written out from
+    openai/CLIP, not taken from open_clip, whose transforms the implementation uses),
+    `encode_image`, numpy L2 normalisation. The tiny CLIP's weights load through open_clip
+    (`clip.load` is on GitHub only, and its architecture is the same)."""
     s = settings.scorers
     model = MLP(32)
     model.load_state_dict(torch.load(s.aesthetic_checkpoint))
     model.eval()
     open_clip.add_model_config(s.aesthetic_clip)
-    model2, _, preprocess = open_clip.create_model_and_transforms(
+    model2 = open_clip.create_model(
         Path(s.aesthetic_clip).stem, pretrained=s.aesthetic_clip_pretrained
     )
     model2.eval()
+    preprocess = _transform(model2.visual.image_size[0])
     result = []
     for path in paths:
         image = preprocess(Image.open(path)).unsqueeze(0)

@@ -320,26 +320,73 @@ def test_training_follows_the_configured_device(tmp_path: Path) -> None:
 
 def test_accuracy_report_counts_top1_pairs_ties_and_intervals() -> None:
     def example(k: int, chosen: int | None, key: str) -> Example:
-        return Example("p", tuple(f"{key}-{i}" for i in range(k)), chosen, "test", key, "g")
+        return Example("p", tuple(f"{key}-{i}" for i in range(k)), chosen, "test", key, key)
 
     examples = [example(2, 0, "a"), example(2, 1, "b"), example(3, 2, "c"), example(3, 0, "d"),
                 example(3, None, "e")]  # fmt: skip
     scores = [[5.0, 1.0], [5.0, 1.0], [1.0, 2.0, 3.0], [2.0, 2.0, 1.0], [1.0, 2.0, 3.0]]
     report = accuracy_report(examples, scores)
     assert (report["n"], report["ties"]) == (4, 1)
-    # argmax picks the first of equal scores: d's chosen image 0 counts as right.
-    assert report["top1"] == 0.75 and report["chance"] == pytest.approx(
+    # d's chosen image 0 shares the best score with image 1: it counts half (the expected
+    # top-1 of a random tie-break), not 1 as argmax's first-of-equals once gave it.
+    assert report["top1"] == 2.5 / 4 and report["chance"] == pytest.approx(
         (0.5 + 0.5 + 1 / 3 + 1 / 3) / 4
     )
     # Pairs: a 1/1, b 0/1, c 2/2, d (tie with 1 → half, beats 2) 1.5/2: 4.5 of 6.
     assert report["pairwise_n"] == 6 and report["pairwise"] == 0.75
+    # One example per prompt: Wilson's interval, of fractional successes too.
+    assert report["top1_ci"] == list(wilson_interval(2.5, 4))
     assert report["per_k"] == {
         "2": {"n": 2, "top1": 0.5, "top1_ci": list(wilson_interval(1, 2)), "chance": 0.5},
-        "3": {"n": 2, "top1": 1.0, "top1_ci": list(wilson_interval(2, 2)), "chance": 1 / 3},
+        "3": {"n": 2, "top1": 0.75, "top1_ci": list(wilson_interval(1.5, 2)), "chance": 1 / 3},
     }
     low, high = wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
     assert report["pairwise_ci"][0] <= 0.75 <= report["pairwise_ci"][1]
+
+
+def test_top1_of_tied_best_scores_does_not_depend_on_the_position_shown() -> None:
+    def top1(scores: list[float], chosen: int) -> float:
+        example = Example("p", tuple(f"i{j}" for j in range(len(scores))), chosen, "test", "k", "g")
+        return accuracy_report([example], [scores])["top1"]
+
+    # CLIP score clamps at 0: three images at 0, the chosen one among them, wherever shown.
+    assert [top1([0.0, 0.0, 0.0, -1.0], chosen) for chosen in range(3)] == [1 / 3] * 3
+    assert top1([0.0, 0.0, 0.0, -1.0], 3) == 0.0
+    assert top1([3.0, 3.0], 0) == top1([3.0, 3.0], 1) == 0.5  # identical images
+    assert top1([1.0, 3.0], 1) == 1.0
+
+
+def test_intervals_resample_prompts_not_choices() -> None:
+    """With everyone's choices (or repeated prompts) a prompt's choices agree with one
+    another: repeating them must not narrow the intervals, as it would narrow an interval
+    over choices."""
+
+    def examples(repeats: int) -> tuple[list[Example], list[list[float]]]:
+        made, scores = [], []
+        for prompt in range(12):
+            right = prompt < 7  # 7 of 12 prompts scored right, every choice of them alike
+            for r in range(repeats):
+                key = f"{prompt}:{r}"
+                made.append(Example(f"p{prompt}", (f"{key}a", f"{key}b", f"{key}c"), 0, "test",
+                                    key, f"g{prompt}"))  # fmt: skip
+                scores.append([3.0, 2.0, 1.0] if right else [1.0, 2.0, 3.0])
+        return made, scores
+
+    once = accuracy_report(*examples(1))
+    twice, five = accuracy_report(*examples(2)), accuracy_report(*examples(5))
+    assert once["top1"] == twice["top1"] == five["top1"] == 7 / 12
+    assert once["top1_ci"] == list(wilson_interval(7, 12))  # one choice per prompt
+    # Repeated: a bootstrap over the 12 prompts, as wide however many times they repeat,
+    # and wider than Wilson's over 60 choices would claim.
+    assert twice["top1_ci"] == five["top1_ci"]
+    low, high = five["top1_ci"]
+    wilson_low, wilson_high = wilson_interval(35, 60)
+    assert high - low > 1.3 * (wilson_high - wilson_low)
+    assert once["pairwise_ci"] == twice["pairwise_ci"] == five["pairwise_ci"]
+    assert five["per_k"]["3"]["top1_ci"] == five["top1_ci"]
+    # Deterministic: the same examples give the same interval.
+    assert accuracy_report(*examples(5))["top1_ci"] == five["top1_ci"]
 
 
 async def test_train_job_refuses_invalid_options(pool) -> None:  # type: ignore[no-untyped-def]

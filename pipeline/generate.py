@@ -43,6 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,9 @@ log = logging.getLogger(__name__)
 SAMPLING_KEYS = ("steps", "guidance_scale", "width", "height")
 MIN_SHOWN = 2  # a choice needs at least two images
 
-Source = str | Callable[[], str]  # an adapter's folder or hub id, or what fetches it
+# An adapter's folder or hub id, or what fetches it: a context manager giving its folder,
+# held while it loads (`ModelStore.opened`: the cache does not evict it meanwhile).
+Source = str | Callable[[], AbstractContextManager[str]]
 
 
 @dataclass(frozen=True)
@@ -198,14 +201,15 @@ class Generator:
             self._sources[name] = (source, identifier)
 
     def _load(self, name: str, source: Source) -> None:
-        artifact = source() if callable(source) else source
-        try:
-            self.pipe.load_lora_weights(artifact, adapter_name=name)
-        except Exception:
-            # Leave no half-injected layers behind for the next calls.
-            with contextlib.suppress(Exception):
-                self.pipe.delete_adapters([name])
-            raise
+        opened = source() if callable(source) else contextlib.nullcontext(source)
+        with opened as artifact:
+            try:
+                self.pipe.load_lora_weights(artifact, adapter_name=name)
+            except Exception:
+                # Leave no half-injected layers behind for the next calls.
+                with contextlib.suppress(Exception):
+                    self.pipe.delete_adapters([name])
+                raise
         self.adapters[name] = artifact
         log.info("loaded adapter %s from %s", name, artifact)
 
@@ -347,7 +351,7 @@ def load_version(generator: Generator, version: models.ModelVersion, settings: S
     artifact = version.artifact
     generator.load_adapter(
         name,
-        lambda: storage(settings).models.local_path(artifact),
+        lambda: storage(settings).models.opened(artifact),
         str(version.config.get("identifier", "")),
     )
     return name

@@ -576,10 +576,10 @@ class LocalImageStore(ImageStore):
 
 class ImageCache:
     """A local copy of the images a training run reads, content-addressed like the store
-    (`cache_dir/images`): DataLoader worker processes read these files (they cannot use the
-    S3 client), and every epoch reads the disk rather than the network. Each image is
-    verified against its key's SHA-256 when it is fetched; the copy may be deleted at any
-    time."""
+    (in the run's folder, deleted when the run ends: `Storage.reader`): DataLoader worker
+    processes read these files (they cannot use the S3 client), and every epoch reads the
+    disk rather than the network. Each image is verified against its key's SHA-256 when it
+    is fetched; the copy may be deleted at any time."""
 
     def __init__(self, store: ImageStore, folder: Path) -> None:
         self.store, self.local = store, LocalImageStore(folder)

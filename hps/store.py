@@ -35,7 +35,7 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -219,6 +219,10 @@ class LocalObjects:
 # Requests fail fast enough that a job (which retries with its own backoff) or a start-up
 # check never hangs on an unreachable store; obstore retries transient errors in between.
 CLIENT_OPTIONS = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=120)}
+# An image's upload (the async writes of `ImageStore`) gives up after this many seconds, its
+# retries included: callers upload inside a transaction that holds row and key locks (a
+# round's images), which a hung endpoint must not hold for minutes.
+UPLOAD_DEADLINE = 8.0
 RETRIES = {
     "max_retries": 3,
     "retry_timeout": timedelta(seconds=30),
@@ -521,8 +525,10 @@ class ImageStore:
         return self.objects.delete(check_key(key))
 
     async def put_async(self, data: bytes, suffix: str = ".png") -> StoredBlob:
+        """Store `data` (`StoreUnavailable` past `UPLOAD_DEADLINE`, as for every async
+        write here)."""
         key, digest = self._key(data, suffix)
-        created = await self.objects.create_async(key, data)
+        created = await self._deadline(self.objects.create_async(key, data), key)
         return StoredBlob(key, digest, len(data), created=created)
 
     async def ensure_async(self, data: bytes, suffix: str = ".png") -> StoredBlob:
@@ -530,10 +536,25 @@ class ImageStore:
         they are when a transaction puts its images again under their key locks (in case
         a deletion of equal bytes came in between) before it commits."""
         key, digest = self._key(data, suffix)
-        if await self.objects.exists_async(key):
-            return StoredBlob(key, digest, len(data), created=False)
-        await self.objects.put_async(key, data)
-        return StoredBlob(key, digest, len(data), created=True)
+
+        async def ensure() -> bool:
+            if await self.objects.exists_async(key):
+                return False
+            await self.objects.put_async(key, data)
+            return True
+
+        created = await self._deadline(ensure(), key)
+        return StoredBlob(key, digest, len(data), created=created)
+
+    async def _deadline(self, work: Awaitable[bool], key: str) -> bool:
+        try:
+            return await asyncio.wait_for(work, UPLOAD_DEADLINE)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the object store {self.objects.description} did not store {key} within "
+                f"{UPLOAD_DEADLINE:g} s. Check store.endpoint_url (HPS_STORE__ENDPOINT_URL) "
+                "and that the store answers."
+            ) from None
 
     async def get_async(self, key: str) -> bytes:
         check_key(key)

@@ -137,3 +137,34 @@ async def test_forgetting_deletes_the_users_images_from_the_bucket(
     left = sorted(k for k, _ in store.objects.listing())
     rows = await pool.fetch("SELECT storage_key FROM images WHERE round_id = $1", kept)
     assert left == sorted(r["storage_key"] for r in rows)
+
+
+async def test_an_upload_to_a_store_that_hangs_gives_up_at_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts connections and never answers: the upload (made inside a
+    round's transaction) fails at the deadline with a line naming the setting, rather than
+    holding the transaction for minutes."""
+    import socket
+    import time
+
+    import hps.store
+
+    monkeypatch.setattr(hps.store, "UPLOAD_DEADLINE", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        images = storage(_settings(store_section(endpoint, "hung"), tmp_path)).images
+        for upload in (images.put_async, images.ensure_async):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as caught:
+                await upload(b"image bytes", ".png")
+            assert time.monotonic() - started < 3
+            assert str(caught.value).startswith(
+                f"the object store s3://hung/hps/images at {endpoint} did not store "
+            )
+            assert "within 0.5 s. Check store.endpoint_url (HPS_STORE__ENDPOINT_URL)" in str(
+                caught.value
+            )
+    finally:
+        listener.close()

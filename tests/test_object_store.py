@@ -66,6 +66,15 @@ def test_store_settings_are_checked_and_secrets_redacted(tmp_path: Path) -> None
         _settings({"url": "s3://key:secret@bucket/x"}, tmp_path)
     with pytest.raises(ConfigError, match=r"HPS_STORE__URL \(store.url\): .*s3://bucket/prefix"):
         _settings({"url": "gs://bucket"}, tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        _settings({**section, "endpoint_url": "https://key:s3cr3t@minio.example"}, tmp_path)
+    assert (
+        "HPS_STORE__ENDPOINT_URL (store.endpoint_url): Value error, must not hold credentials"
+        in str(caught.value)
+    )
+    assert "s3cr3t" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"store.endpoint_url\): Value error, must be an http"):
+        _settings({**section, "endpoint_url": "minio.example:9000"}, tmp_path)
 
 
 def test_a_missing_bucket_bad_credentials_or_no_server_is_one_line_naming_the_setting(

@@ -177,3 +177,27 @@ async def test_an_upload_to_a_store_that_hangs_gives_up_at_its_deadline(
             )
     finally:
         listener.close()
+
+
+async def test_import_writes_images_to_the_bucket_without_blocking_the_event_loop(
+    pool: Any, s3_store: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hps import` into an object store uses the async API only: a blocking S3 call in the
+    event loop would stall every other task of the process (the bot's, the worker's)."""
+    from pipeline.datasets import import_hpd
+    from tests.colour_task import write_colour_hpd
+
+    def blocking(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a blocking S3 call in the event loop")
+
+    for name in ("put", "create", "get", "size", "exists", "delete"):
+        monkeypatch.setattr(S3Objects, name, blocking)
+    store = storage(_settings(s3_store, tmp_path)).images
+    hpd = write_colour_hpd(tmp_path / "hpd", n_train=3, n_test=1, k=2)
+    async with pool.acquire() as conn:
+        report = await import_hpd(conn, store, hpd, progress=False)
+    assert report.imported == 4
+    keys = [r["storage_key"] for r in await pool.fetch("SELECT storage_key FROM images")]
+    assert len(keys) == 8
+    for key in keys:
+        assert hashlib.sha256(await store.get_async(key)).hexdigest() in key

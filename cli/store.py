@@ -85,7 +85,7 @@ def copy_images(source: Path, target: Storage, report: Report) -> None:
 
 def _legacy_weights(folder: Path, sha256: str) -> str | None:
     """The file of a pre-store version folder whose sha256 is the registry's."""
-    from hps.model_store import sha256_file
+    from hps.files import sha256_file
 
     if not folder.is_dir():
         return None

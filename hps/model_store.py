@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hps.files import remove, replacing
+from hps.files import remove, replacing, sha256_file
 from hps.store import LocalObjects, ObjectStore, StoreError, check_object_key
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,6 @@ def _parse(key: str) -> tuple[str, str]:
     if match is None:
         raise StoreError(f"malformed model key {key!r}")
     return match[1], match[2]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_of(folder: Path, name: str, weights: str) -> dict[str, Any]:

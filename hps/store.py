@@ -109,7 +109,6 @@ class ObjectStore(Protocol):
     async def create_async(self, key: str, data: bytes) -> bool: ...
     async def get_async(self, key: str) -> bytes: ...
     async def exists_async(self, key: str) -> bool: ...
-    async def delete_async(self, key: str) -> bool: ...
     def check(self) -> None: ...  # StoreUnavailable, naming the setting, if unusable
 
 
@@ -200,9 +199,6 @@ class LocalObjects:
 
     async def exists_async(self, key: str) -> bool:
         return await asyncio.to_thread(self.exists, key)
-
-    async def delete_async(self, key: str) -> bool:
-        return await asyncio.to_thread(self.delete, key)
 
     def check(self) -> None:
         try:
@@ -358,7 +354,7 @@ class S3Objects:
         if not self.exists(key):
             return False
         try:
-            obstore.delete(self.store, key)
+            obstore.delete(self.store, check_object_key(key))
         except Exception as exc:
             raise self._failed(exc, key) from None
         return True
@@ -412,17 +408,6 @@ class S3Objects:
             if isinstance(error, StoreError):
                 return False
             raise error from None
-        return True
-
-    async def delete_async(self, key: str) -> bool:
-        import obstore
-
-        if not await self.exists_async(key):
-            return False
-        try:
-            await obstore.delete_async(self.store, key)
-        except Exception as exc:
-            raise self._failed(exc, key) from None
         return True
 
     def check(self) -> None:
@@ -562,12 +547,6 @@ class ImageStore:
             return _verified(key, await self.objects.get_async(key))
         except StoreError as exc:
             raise _absent(key, exc) from None
-
-    async def exists_async(self, key: str) -> bool:
-        return await self.objects.exists_async(check_key(key))
-
-    async def delete_async(self, key: str) -> bool:
-        return await self.objects.delete_async(check_key(key))
 
 
 def _verified(key: str, data: bytes) -> bytes:

@@ -38,7 +38,7 @@ async def test_images_on_s3_are_keyed_and_deduplicated_as_on_a_folder(
     assert first.key == LocalImageStore(tmp_path / "local").put(data).key  # same keys
     assert (first.created, second.created) == (True, False)
     assert await store.get_async(first.key) == data == store.get(first.key)
-    assert await store.exists_async(first.key) and store.exists(first.key)
+    assert store.exists(first.key)
     # Under the URL's prefix, below images/.
     keys = [k for k, _ in store.objects.listing()]
     assert keys == [first.key] and store.objects.description.startswith(
@@ -49,8 +49,8 @@ async def test_images_on_s3_are_keyed_and_deduplicated_as_on_a_folder(
         await store.get_async(missing)
     with pytest.raises(StoreError, match="malformed"):
         store.get("../../etc/passwd")
-    assert await store.delete_async(first.key) and not store.delete(first.key)
-    assert not await store.exists_async(first.key)
+    assert store.delete(first.key) and not store.delete(first.key)
+    assert not store.exists(first.key)
 
 
 def test_store_settings_are_checked_and_secrets_redacted(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ from db.images import NewImage
 from db.locks import LockTimeout
 from hps.settings import GenerationSettings, Settings
 from hps.storage import storage
+from hps.store import StoreUnavailable
 from pipeline.devices import dtype as torch_dtype
 from pipeline.devices import precision, resolve_device
 from pipeline.handlers import JobContext, LeaseLost, PermanentError
@@ -379,7 +380,15 @@ async def _serving_versions(ctx: JobContext, generator: Generator) -> _Versions:
     for version in await models.testing(ctx.pool, "sd_adapter"):
         try:
             await asyncio.to_thread(load_version, generator, version, ctx.settings)
+        except StoreUnavailable as exc:
+            # The store, not the adapter: the job fails and is retried (its round waits),
+            # rather than the rounds silently going without the candidate.
+            raise StoreUnavailable(
+                f"cannot fetch the candidate adapter {version.name} for A/B rounds: {exc}"
+            ) from None
         except Exception:
+            # The adapter itself is broken (missing or corrupt in the store, or it does not
+            # load): rounds go on without it, rather than stopping for every version.
             ctx.log.exception("adapter %s does not load: left out of A/B rounds", version.name)
             continue
         candidates.append(version)

@@ -126,7 +126,11 @@ def copy_models(
         key = version.artifact
         if version.kind not in PUBLISHED_KINDS or not is_key(key):
             continue
-        if target.models.manifest(key) is not None:
+        try:
+            there = target.models.manifest(key) is not None
+        except StoreError:  # damaged in the target: published again below
+            there = False
+        if there:
             report.models_there += 1
             continue
         name, sha = key.split("/")[1:]

@@ -110,7 +110,10 @@ def _checked_manifest(raw: bytes, key: str) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError, StoreError):
         ok = False
     if not ok:
-        raise StoreError(f"the manifest of {key} does not describe that version")
+        raise StoreError(
+            f"the manifest of {key} is corrupt or does not describe that version: publish "
+            "the version again (`hps store migrate` from the machine that has its files)"
+        )
     return manifest
 
 
@@ -184,7 +187,11 @@ class ModelStore:
         sha = manifest["files"][weights]["sha256"]
         key = key_of(name, sha)
         size = sum(entry["size"] for entry in manifest["files"].values())
-        existing = self.manifest(key)
+        try:
+            existing = self.manifest(key)
+        except StoreError as exc:  # a damaged manifest: the files and it are written again
+            log.warning("%s: publishing it again", exc)
+            existing = None
         if existing is not None:
             if existing != manifest:
                 raise StoreError(f"{key} is published already, with other files")
@@ -231,11 +238,16 @@ class ModelStore:
         with _locked(self._lock_of(name, sha)):
             manifest_file = entry / MANIFEST
             if manifest_file.is_file():
-                bad = verify(entry, _checked_manifest(manifest_file.read_bytes(), key))
+                try:
+                    bad = verify(entry, _checked_manifest(manifest_file.read_bytes(), key))
+                except StoreError:
+                    bad = [MANIFEST]
                 if not bad:
                     os.utime(entry)  # its last use, for the eviction order
                     return entry
                 log.warning("cached %s is corrupt (%s): fetching it again", key, ", ".join(bad))
+                remove(entry)
+            elif entry.exists():  # a folder without its manifest (not one of ours): replaced
                 remove(entry)
             self._download(key, entry)
         self._evict(keep=entry)

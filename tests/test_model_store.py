@@ -196,3 +196,30 @@ def test_a_version_being_loaded_is_not_evicted(s3_store: dict[str, Any], tmp_pat
     assert third.is_dir() and not Path(loading).exists()
     with worker.opened("CompVis/stable-diffusion-v1-4") as hub_id:
         assert hub_id == "CompVis/stable-diffusion-v1-4"
+
+
+def test_a_damaged_manifest_is_fetched_again_or_refused_saying_so(
+    s3_store: dict[str, Any], tmp_path: Path
+) -> None:
+    source = _version(tmp_path / "run", os.urandom(5000))
+    trainer = _stores(s3_store, tmp_path, "trainer")
+    key = trainer.publish(source, "c-9", "model.safetensors").key
+    worker = _stores(s3_store, tmp_path, "worker")
+
+    # In the cache (a partial write, a bad disk): fetched again, not a crash.
+    cached = worker.fetch(key)
+    (cached / MANIFEST).write_text('{"format": "hps-mo')
+    assert worker.fetch(key) == cached
+    assert json.loads((cached / MANIFEST).read_text())["name"] == "c-9"
+
+    # In the store: refused with a line that says what to do, never loaded.
+    trainer.objects.put(f"{key}/{MANIFEST}", b'{"truncated": ')
+    with pytest.raises(StoreError) as caught:
+        _stores(s3_store, tmp_path, "other").fetch(key)
+    assert str(caught.value) == (
+        f"the manifest of {key} is corrupt or does not describe that version: publish the "
+        "version again (`hps store migrate` from the machine that has its files)"
+    )
+    # Publishing again repairs it.
+    assert trainer.publish(source, "c-9", "model.safetensors").key == key
+    assert (_stores(s3_store, tmp_path, "third").fetch(key) / "hps.json").is_file()

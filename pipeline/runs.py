@@ -283,7 +283,7 @@ async def run_recipe(
     if run.last_stage:
         log.info("run %s resumes after its %s stage", name, run.last_stage, extra=rc.context)
     try:
-        return await _walk(recipe, run, rc, until, processes.num_processes, pool, actor)
+        return await _walk(recipe, run, rc, name, until, processes.num_processes, actor)
     finally:
         if rc.main:  # images deleted from the store must not live on in a run's copy
             remove(rc.image_copies)
@@ -293,12 +293,13 @@ async def _walk(
     recipe: Recipe,
     run: Run,
     rc: RunContext,
+    name: str,
     until: str,
     num_processes: int,
-    pool: asyncpg.Pool | None,
     actor: str | None,
 ) -> Outcome:
-    name = run.name
+    """`run_recipe`'s walk through the stages."""
+    pool = rc.pool
     shared = [i for i, stage in enumerate(recipe.stages) if stage.every_process]
     ran = []
     for i, stage in enumerate(recipe.stages):

@@ -1,14 +1,20 @@
-"""`hps store check|migrate`: the store of images and model versions.
+"""`hps store check|migrate|gc`: the store of images and model versions.
 
 `hps store migrate --to s3://bucket/prefix` copies this machine's store (the folder,
-`data_dir` by default) into an object store: every image (its bytes checked against the
-SHA-256 its name carries), and every registered model version whose files are here, in
+`data_dir` by default) into an object store: every image the database still uses (an image
+row, or a pending job's `image_keys`; its bytes checked against the SHA-256 its name
+carries; files nothing uses, such as a forgotten person's, are left behind), and every
+registered model version whose files are here, in
 the store's layout (`models/<name>/<sha256>/`) or in the folder a version was registered
 in before the store existed (`models/<name>/`, its weights' sha256 checked against the
 registry's). Objects already there are skipped, so it resumes where an interrupted run
 stopped and may be run again; a version is published whole (its manifest last) or not at
 all. Without `--to` it moves those older model folders into the configured local store's
 layout, which `hps db upgrade` and `hps serve` also do.
+
+`hps store gc` lists the images in the configured store that nothing uses; with `--delete`
+it deletes them, each under its key lock and checked again first (`db.images`), so that an
+upload whose row is being committed keeps its file.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ if TYPE_CHECKING:
     from db.models import ModelVersion
     from hps.settings import Settings
     from hps.storage import Storage
+    from hps.store import ObjectStore
 
 app = typer.Typer(help="The store of images and model versions.", no_args_is_help=True)
 
 _IMAGE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{64})\.[a-z0-9]{1,5}$")
 PUBLISHED_KINDS = ("classifier", "sd_adapter")
+BATCH = 1000  # keys per query, and per deletion transaction of `gc`
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Report:
     images_copied: int = 0
     images_there: int = 0
     images_corrupt: list[str] = field(default_factory=list)
+    images_unused: int = 0  # files no image row or pending job names: not copied
     models_copied: list[str] = field(default_factory=list)
     models_there: int = 0
     models_missing: list[str] = field(default_factory=list)  # no files on this machine
@@ -47,7 +56,8 @@ class Report:
     def lines(self) -> list[str]:
         out = [
             f"images: {self.images_copied} copied, {self.images_there} already there"
-            + (f", {len(self.images_corrupt)} corrupt (not copied)" if self.images_corrupt else ""),
+            + (f", {len(self.images_corrupt)} corrupt (not copied)" if self.images_corrupt else "")
+            + (f", {self.images_unused} unused (not copied)" if self.images_unused else ""),
             f"model versions: {len(self.models_copied)} copied, {self.models_there} already there"
             + (f", {len(self.models_missing)} not on this machine" if self.models_missing else "")
             + (f", {len(self.models_corrupt)} corrupt" if self.models_corrupt else ""),
@@ -60,8 +70,9 @@ class Report:
         return out
 
 
-def copy_images(source: Path, target: Storage, report: Report) -> None:
-    """Every image file under `source/images` into the target's `images/`, verified."""
+def copy_images(source: Path, target: Storage, used: set[str], report: Report) -> None:
+    """The image files under `source/images` whose keys are in `used` into the target's
+    `images/`, verified; those there already (same size) are skipped."""
     from hps.store import LocalObjects
 
     src = LocalObjects(source / "images")
@@ -71,6 +82,9 @@ def copy_images(source: Path, target: Storage, report: Report) -> None:
     for key, size in src.listing():
         match = _IMAGE.match(key)
         if match is None:
+            continue
+        if key not in used:
+            report.images_unused += 1
             continue
         if dst.size(key) == size:
             report.images_there += 1
@@ -85,7 +99,7 @@ def copy_images(source: Path, target: Storage, report: Report) -> None:
 
 def _legacy_weights(folder: Path, sha256: str) -> str | None:
     """The file of a pre-store version folder whose sha256 is the registry's."""
-    from hps.model_store import sha256_file
+    from hps.files import sha256_file
 
     if not folder.is_dir():
         return None
@@ -112,7 +126,11 @@ def copy_models(
         key = version.artifact
         if version.kind not in PUBLISHED_KINDS or not is_key(key):
             continue
-        if target.models.manifest(key) is not None:
+        try:
+            there = target.models.manifest(key) is not None
+        except StoreError:  # damaged in the target: published again below
+            there = False
+        if there:
             report.models_there += 1
             continue
         name, sha = key.split("/")[1:]
@@ -145,6 +163,22 @@ def copy_models(
             for path in folder.iterdir():
                 if path.name != sha:
                     remove(path)
+
+
+def image_keys(objects: ObjectStore) -> list[str]:
+    """The image keys in a store's `images/` (other files there are not images)."""
+    return [key for key, _ in objects.within("images").listing() if _IMAGE.match(key)]
+
+
+async def _used(config: Settings, keys: list[str]) -> set[str]:
+    """The keys among `keys` that an image row or a pending job's `image_keys` names."""
+    from db import images
+
+    unused: set[str] = set()
+    async with database(config) as pool:
+        for start in range(0, len(keys), BATCH):
+            unused.update(await images.unreferenced_keys(pool, keys[start : start + BATCH]))
+    return set(keys) - unused
 
 
 async def _versions(config: Settings) -> list[ModelVersion]:
@@ -202,6 +236,7 @@ def migrate(
     from pydantic import ValidationError
 
     from hps.storage import storage
+    from hps.store import LocalObjects
 
     config = settings()
     src = source or config.store_folder or config.data_dir
@@ -214,9 +249,53 @@ def migrate(
     target.check()
     console.print(f"copying {src} into {target.objects.description}", highlight=False)
     report = Report()
-    copy_images(src, target, report)
+    used = run(_used(config, image_keys(LocalObjects(src))))
+    copy_images(src, target, used, report)
     copy_models(src, target, run(_versions(config)), report)
     for line in report.lines():
         console.print(line, highlight=False)
     if report.images_corrupt or report.models_corrupt:
         raise typer.Exit(1)
+
+
+@app.command("gc")
+def gc(
+    delete: bool = typer.Option(
+        False, "--delete", help="Delete them (default: only list what would be deleted)."
+    ),
+) -> None:
+    """The images in the configured store that nothing uses (no image row, no pending
+    job): listed, or deleted with --delete. Model versions are left alone."""
+    from hps.storage import storage
+
+    config = settings()
+    store = storage(config)
+    store.check()
+    keys = image_keys(store.objects)
+    unused = sorted(set(keys) - run(_used(config, keys)))
+    if not delete:
+        for key in unused:
+            console.print(f"unused: {key}", highlight=False)
+        console.print(
+            f"{len(unused)} of {len(keys)} images in {store.objects.description} are unused; "
+            "`hps store gc --delete` deletes them",
+            highlight=False,
+        )
+        return
+    deleted = run(_delete_unused(config, store, unused))
+    console.print(
+        f"deleted {deleted} unused images of {len(keys)} in {store.objects.description}",
+        highlight=False,
+    )
+
+
+async def _delete_unused(config: Settings, store: Storage, keys: list[str]) -> int:
+    from db import images
+
+    deleted = 0
+    async with database(config) as pool:
+        for start in range(0, len(keys), BATCH):
+            batch = keys[start : start + BATCH]
+            # Checked again under the keys' locks: one named meanwhile is kept.
+            deleted += await images.delete_unreferenced(pool, batch, store.images.delete)
+    return deleted

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -158,6 +161,15 @@ def evaluate(
     console.print(f"report: {path}", highlight=False)
 
 
+@contextlib.asynccontextmanager
+async def _image_copies(config: Settings) -> AsyncIterator[Path]:
+    """A folder for copies of an object store's images that an evaluation reads
+    (`Storage.reader`), removed afterwards, whatever happened."""
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".images-", dir=config.cache_dir) as folder:
+        yield Path(folder)
+
+
 async def _subject(pool: Any, config: Settings, model: str | None) -> tuple[Any, str, Any]:
     """The spec, label and registry version (if any) of `--model`: a path or architecture,
     or a registry version (default: the newest classifier)."""
@@ -198,11 +210,12 @@ async def _agreement(
     from pipeline.scorers import load_scorers
     from pipeline.train_classifier import load_examples
 
-    async with database(config) as pool:
+    async with database(config) as pool, _image_copies(config) as copies:
         if data is not None and is_pickapic(data):
             examples, read = examples_from_pickapic(data, split)
         else:
-            examples, read = await load_examples(None if data else pool, config.train, data, config)
+            db = None if data else pool
+            examples, read = await load_examples(db, config.train, data, config, copies)
             examples = [e for e in examples if e.split == split]
         if not examples:
             raise models.ModelError(f"the {split} split has no examples")
@@ -240,9 +253,10 @@ async def _evaluate(
     from pipeline.hps_model import ModelLoadError
     from pipeline.train_classifier import evaluate_models, load_examples
 
-    async with database(config) as pool:
+    async with database(config) as pool, _image_copies(config) as copies:
         spec, label, version = await _subject(pool, config, model)
-        examples, read = await load_examples(None if data else pool, config.train, data, config)
+        db = None if data else pool
+        examples, read = await load_examples(db, config.train, data, config, copies)
         examples = [e for e in examples if e.split == split]
         if not examples:
             raise models.ModelError(f"the {split} split has no examples")

@@ -15,7 +15,7 @@ exports see no negative prompt, so one text with and without one is one prompt, 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +149,7 @@ FORGOTTEN = "forgotten"  # under a pseudonym a forgotten user held
 
 
 async def import_round(
-    db: Executor, record: ImportedRound, store_files: Callable[[], object] | None = None
+    db: Executor, record: ImportedRound, store_files: Callable[[], Awaitable[object]] | None = None
 ) -> str:
     """Insert one imported record (round, images, choice) in one transaction, for the
     imported user of its user hash (`users.ensure_imported_user`, never a Discord user), and
@@ -179,7 +179,7 @@ async def import_round(
             return ALREADY_THERE
         await insert_images(conn, round_id, record.images)
         if store_files is not None:
-            store_files()
+            await store_files()
         await conn.execute(INSERT_IMPORTED_CHOICE_SQL, round_id, user.id, record.chosen_position)
         return IMPORTED
 

@@ -24,7 +24,10 @@ downloaded on first use (streamed to disk, hashed as it arrives, published whole
 rename) and verified again at every use, so that a corrupt cached file is detected and
 fetched again. After a download, the least recently used versions (by last use) are
 removed until the cache fits `store.cache_max_gib`; the version just fetched always stays.
-Processes sharing a cache folder take a file lock per version while fetching it.
+Processes and threads sharing a cache folder take a file lock per version: exclusive while
+fetching it (one download; the others wait and find it whole), shared while loading it
+(`opened`), and eviction passes over a version whose lock it cannot take at once, so a
+version being loaded is never removed under its loader.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hps.files import remove, replacing
+from hps.files import remove, replacing, sha256_file
 from hps.store import LocalObjects, ObjectStore, StoreError, check_object_key
 
 log = logging.getLogger(__name__)
@@ -70,14 +73,6 @@ def _parse(key: str) -> tuple[str, str]:
     if match is None:
         raise StoreError(f"malformed model key {key!r}")
     return match[1], match[2]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_of(folder: Path, name: str, weights: str) -> dict[str, Any]:
@@ -115,7 +110,10 @@ def _checked_manifest(raw: bytes, key: str) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError, StoreError):
         ok = False
     if not ok:
-        raise StoreError(f"the manifest of {key} does not describe that version")
+        raise StoreError(
+            f"the manifest of {key} is corrupt or does not describe that version: publish "
+            "the version again (`hps store migrate` from the machine that has its files)"
+        )
     return manifest
 
 
@@ -138,12 +136,28 @@ class Published:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, shared: bool = False) -> Iterator[None]:
+    """A lock on `path` (flock: held by this open file, so threads exclude each other too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _locked_now(path: Path) -> Iterator[bool]:
+    """An exclusive lock on `path` if it can be had at once: yields whether it was."""
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -173,7 +187,11 @@ class ModelStore:
         sha = manifest["files"][weights]["sha256"]
         key = key_of(name, sha)
         size = sum(entry["size"] for entry in manifest["files"].values())
-        existing = self.manifest(key)
+        try:
+            existing = self.manifest(key)
+        except StoreError as exc:  # a damaged manifest: the files and it are written again
+            log.warning("%s: publishing it again", exc)
+            existing = None
         if existing is not None:
             if existing != manifest:
                 raise StoreError(f"{key} is published already, with other files")
@@ -191,20 +209,45 @@ class ModelStore:
         version, else the artifact itself (a base model's hub id or folder)."""
         return str(self.fetch(artifact)) if is_key(artifact) else artifact
 
+    @contextlib.contextmanager
+    def opened(self, artifact: str) -> Iterator[str]:
+        """`local_path` held for the block: a cached version cannot be evicted while the
+        block loads it (another process's fetch passes over it)."""
+        if not is_key(artifact) or self.cache is None:
+            yield self.local_path(artifact)
+            return
+        name, sha = _parse(artifact)
+        while True:
+            entry = self.fetch(artifact)
+            with _locked(self._lock_of(name, sha), shared=True):
+                # Evicted between the fetch and the lock (rare): fetch it again.
+                if (entry / MANIFEST).is_file():
+                    yield str(entry)
+                    return
+
+    def _lock_of(self, name: str, sha: str) -> Path:
+        assert self.cache is not None
+        return self.cache / ".locks" / f"{name}-{sha}.lock"
+
     def fetch(self, key: str) -> Path:
         """A local folder holding the version `key`, verified (see the module docstring)."""
         name, sha = _parse(key)
         if self.cache is None:
             return self._in_place(key)
         entry = self.cache / name / sha
-        with _locked(self.cache / ".locks" / f"{name}-{sha}.lock"):
+        with _locked(self._lock_of(name, sha)):
             manifest_file = entry / MANIFEST
             if manifest_file.is_file():
-                bad = verify(entry, _checked_manifest(manifest_file.read_bytes(), key))
+                try:
+                    bad = verify(entry, _checked_manifest(manifest_file.read_bytes(), key))
+                except StoreError:
+                    bad = [MANIFEST]
                 if not bad:
                     os.utime(entry)  # its last use, for the eviction order
                     return entry
                 log.warning("cached %s is corrupt (%s): fetching it again", key, ", ".join(bad))
+                remove(entry)
+            elif entry.exists():  # a folder without its manifest (not one of ours): replaced
                 remove(entry)
             self._download(key, entry)
         self._evict(keep=entry)
@@ -264,13 +307,15 @@ class ModelStore:
                     break
                 if entry == keep:
                     continue
-                with _locked(self.cache / ".locks" / f"{entry.parent.name}-{entry.name}.lock"):
+                with _locked_now(self._lock_of(entry.parent.name, entry.name)) as free:
+                    if not free:  # being fetched or loaded now: not removed under its user
+                        continue
                     remove(entry)
                 total -= size
                 log.info("evicted %s/%s from the model cache", entry.parent.name, entry.name)
             if total > self.cache_max_bytes:
                 log.warning(
-                    "the model cache holds %d bytes, above store.cache_max_gib: the version "
-                    "in use alone is larger",
+                    "the model cache holds %d bytes, above store.cache_max_gib: the versions "
+                    "in use alone are larger",
                     total,
                 )

@@ -582,6 +582,9 @@ class WorkerSettings(Section):
         return self
 
 
+AWS_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
 class StoreSettings(Section):
     """Where images and model versions live: this machine's data_dir (the default), or an
     S3-compatible object store shared by machines that share no folder."""
@@ -630,6 +633,23 @@ class StoreSettings(Section):
             )
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
             raise ValueError("names no valid bucket: s3://bucket/prefix (3-63 of a-z 0-9 . -)")
+        return value.rstrip("/")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        value = (value or "").strip()
+        if not value:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL, e.g. https://minio.example")
+        # Credentials in it would be shown in every message naming the store: refused.
+        if "@" in rest.partition("/")[0]:
+            raise ValueError(
+                "must not hold credentials: set store.access_key_id and "
+                "store.secret_access_key instead"
+            )
         return value.rstrip("/")
 
     @property
@@ -826,6 +846,8 @@ class Settings(BaseSettings):
         for secret in (self.store.secret_access_key, self.store.session_token):
             if secret is not None:
                 values.append(secret.get_secret_value())
+        # Without store.* keys the S3 client reads these from the environment.
+        values += [os.environ.get(name, "") for name in AWS_SECRET_VARIABLES]
         return list(dict.fromkeys(v for v in values if v))
 
     def redacted(self) -> dict[str, Any]:

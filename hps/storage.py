@@ -1,6 +1,6 @@
 """The configured store (`store.*` settings): its objects, the images under `images/`, the
-published model versions under `models/`, and this machine's cache folder of versions and
-training images fetched from an object store. One client per configuration and process
+published model versions under `models/`, and this machine's cache folder of versions
+fetched from an object store. One client per configuration and process
 (`storage(settings)`), so connections are reused across calls.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +21,7 @@ from hps.store import ImageCache, ImageStore, LocalObjects, ObjectStore, S3Objec
 @dataclass(frozen=True)
 class Storage:
     """The configured store: its objects, the images under `images/`, and the local cache
-    folder of model versions and training images."""
+    folder of model versions."""
 
     objects: ObjectStore
     images: ImageStore
@@ -37,9 +38,16 @@ class Storage:
         cache = None if self.is_local else self.cache_dir / "models"
         return ModelStore(self.objects, cache, self.cache_max_bytes)
 
-    def image_cache(self) -> ImageCache | None:
-        """Where training reads images from, when the store is not a local folder."""
-        return None if self.is_local else ImageCache(self.images, self.cache_dir / "images")
+    async def reader(self, keys: Iterable[str], copies: Path) -> Callable[[str], bytes]:
+        """How training and evaluation read these images (in DataLoader worker processes):
+        the store's own folder; or, for an object store, copies of them in the folder
+        `copies`, fetched now and verified by hash (obstore's client does not survive the
+        fork of a DataLoader worker, and every epoch then reads the disk). The caller
+        removes `copies` when it is done, whether it succeeded or not: images deleted from
+        the store (a person forgotten) must not live on in a copy."""
+        if self.is_local:
+            return self.images.get
+        return (await ImageCache(self.images, copies).fill(list(keys))).get
 
     def check(self) -> None:
         """`StoreUnavailable` (one line, naming the setting) unless the store answers."""

@@ -35,7 +35,7 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -109,7 +109,6 @@ class ObjectStore(Protocol):
     async def create_async(self, key: str, data: bytes) -> bool: ...
     async def get_async(self, key: str) -> bytes: ...
     async def exists_async(self, key: str) -> bool: ...
-    async def delete_async(self, key: str) -> bool: ...
     def check(self) -> None: ...  # StoreUnavailable, naming the setting, if unusable
 
 
@@ -201,9 +200,6 @@ class LocalObjects:
     async def exists_async(self, key: str) -> bool:
         return await asyncio.to_thread(self.exists, key)
 
-    async def delete_async(self, key: str) -> bool:
-        return await asyncio.to_thread(self.delete, key)
-
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -219,6 +215,10 @@ class LocalObjects:
 # Requests fail fast enough that a job (which retries with its own backoff) or a start-up
 # check never hangs on an unreachable store; obstore retries transient errors in between.
 CLIENT_OPTIONS = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=120)}
+# An image's upload (the async writes of `ImageStore`) gives up after this many seconds, its
+# retries included: callers upload inside a transaction that holds row and key locks (a
+# round's images), which a hung endpoint must not hold for minutes.
+UPLOAD_DEADLINE = 8.0
 RETRIES = {
     "max_retries": 3,
     "retry_timeout": timedelta(seconds=30),
@@ -354,7 +354,7 @@ class S3Objects:
         if not self.exists(key):
             return False
         try:
-            obstore.delete(self.store, key)
+            obstore.delete(self.store, check_object_key(key))
         except Exception as exc:
             raise self._failed(exc, key) from None
         return True
@@ -408,17 +408,6 @@ class S3Objects:
             if isinstance(error, StoreError):
                 return False
             raise error from None
-        return True
-
-    async def delete_async(self, key: str) -> bool:
-        import obstore
-
-        if not await self.exists_async(key):
-            return False
-        try:
-            await obstore.delete_async(self.store, key)
-        except Exception as exc:
-            raise self._failed(exc, key) from None
         return True
 
     def check(self) -> None:
@@ -521,8 +510,10 @@ class ImageStore:
         return self.objects.delete(check_key(key))
 
     async def put_async(self, data: bytes, suffix: str = ".png") -> StoredBlob:
+        """Store `data` (`StoreUnavailable` past `UPLOAD_DEADLINE`, as for every async
+        write here)."""
         key, digest = self._key(data, suffix)
-        created = await self.objects.create_async(key, data)
+        created = await self._deadline(self.objects.create_async(key, data), key)
         return StoredBlob(key, digest, len(data), created=created)
 
     async def ensure_async(self, data: bytes, suffix: str = ".png") -> StoredBlob:
@@ -530,10 +521,25 @@ class ImageStore:
         they are when a transaction puts its images again under their key locks (in case
         a deletion of equal bytes came in between) before it commits."""
         key, digest = self._key(data, suffix)
-        if await self.objects.exists_async(key):
-            return StoredBlob(key, digest, len(data), created=False)
-        await self.objects.put_async(key, data)
-        return StoredBlob(key, digest, len(data), created=True)
+
+        async def ensure() -> bool:
+            if await self.objects.exists_async(key):
+                return False
+            await self.objects.put_async(key, data)
+            return True
+
+        created = await self._deadline(ensure(), key)
+        return StoredBlob(key, digest, len(data), created=created)
+
+    async def _deadline(self, work: Awaitable[bool], key: str) -> bool:
+        try:
+            return await asyncio.wait_for(work, UPLOAD_DEADLINE)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the object store {self.objects.description} did not store {key} within "
+                f"{UPLOAD_DEADLINE:g} s. Check store.endpoint_url (HPS_STORE__ENDPOINT_URL) "
+                "and that the store answers."
+            ) from None
 
     async def get_async(self, key: str) -> bytes:
         check_key(key)
@@ -541,12 +547,6 @@ class ImageStore:
             return _verified(key, await self.objects.get_async(key))
         except StoreError as exc:
             raise _absent(key, exc) from None
-
-    async def exists_async(self, key: str) -> bool:
-        return await self.objects.exists_async(check_key(key))
-
-    async def delete_async(self, key: str) -> bool:
-        return await self.objects.delete_async(check_key(key))
 
 
 def _verified(key: str, data: bytes) -> bytes:
@@ -576,10 +576,10 @@ class LocalImageStore(ImageStore):
 
 class ImageCache:
     """A local copy of the images a training run reads, content-addressed like the store
-    (`cache_dir/images`): DataLoader worker processes read these files (they cannot use the
-    S3 client), and every epoch reads the disk rather than the network. Each image is
-    verified against its key's SHA-256 when it is fetched; the copy may be deleted at any
-    time."""
+    (in the run's folder, deleted when the run ends: `Storage.reader`): DataLoader worker
+    processes read these files (they cannot use the S3 client), and every epoch reads the
+    disk rather than the network. Each image is verified against its key's SHA-256 when it
+    is fetched; the copy may be deleted at any time."""
 
     def __init__(self, store: ImageStore, folder: Path) -> None:
         self.store, self.local = store, LocalImageStore(folder)

@@ -126,7 +126,9 @@ async def import_hpd(
     """Import an HPD-layout folder (see the module docstring). Raises `DatasetError`, with
     nothing written, if any record or image is malformed."""
     records = read_hpd(folder)
-    files = {path: _check_image(path) for record in records for path in record.files}
+    files = await asyncio.to_thread(
+        lambda: {path: _check_image(path) for record in records for path in record.files}
+    )
     keys = {record.id: _import_key(record, files) for record in records}
     existing = await db_datasets.imported_keys(conn, list(keys.values()))
     retired = await db_users.retired_hashes(conn, {record.user_hash for record in records})
@@ -140,12 +142,13 @@ async def import_hpd(
             if record.contain_name:  # this import flags it, even if the first did not
                 await db_prompts.ensure_prompt(conn, record.prompt, contains_name=True)
             continue
-        imported_round = _imported_round(record, keys[record.id], store, files)
+        imported_round = await _imported_round(record, keys[record.id], store, files)
 
-        def store_again(record: HPDRecord = record) -> None:
+        async def store_again(record: HPDRecord = record) -> None:
             # Under the held keys: a deletion of equal bytes may have come in between.
             for path in record.files:
-                store.put(path.read_bytes(), suffix=files[path].suffix)
+                data = await asyncio.to_thread(path.read_bytes)
+                await store.ensure_async(data, suffix=files[path].suffix)
 
         outcome = await db_datasets.import_round(conn, imported_round, store_again)
         if outcome == db_datasets.IMPORTED:
@@ -161,13 +164,16 @@ async def import_hpd(
     return ImportReport(len(records), imported, skipped, forgotten)
 
 
-def _imported_round(
+async def _imported_round(
     record: HPDRecord, key: str, store: ImageStore, files: dict[Path, _ImageFile]
 ) -> db_datasets.ImportedRound:
+    """The record's round, its images stored (the store's async API: an object store's
+    requests never block the event loop)."""
     images = []
     for position, path in enumerate(record.files, start=1):
         info = files[path]
-        blob = store.put(path.read_bytes(), suffix=info.suffix)
+        data = await asyncio.to_thread(path.read_bytes)
+        blob = await store.put_async(data, suffix=info.suffix)
         if blob.sha256 != info.sha256:
             raise DatasetError(f"{path} changed while it was being imported; import again")
         images.append(

@@ -43,6 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ from db.images import NewImage
 from db.locks import LockTimeout
 from hps.settings import GenerationSettings, Settings
 from hps.storage import storage
+from hps.store import StoreUnavailable
 from pipeline.devices import dtype as torch_dtype
 from pipeline.devices import precision, resolve_device
 from pipeline.handlers import JobContext, LeaseLost, PermanentError
@@ -67,7 +69,9 @@ log = logging.getLogger(__name__)
 SAMPLING_KEYS = ("steps", "guidance_scale", "width", "height")
 MIN_SHOWN = 2  # a choice needs at least two images
 
-Source = str | Callable[[], str]  # an adapter's folder or hub id, or what fetches it
+# An adapter's folder or hub id, or what fetches it: a context manager giving its folder,
+# held while it loads (`ModelStore.opened`: the cache does not evict it meanwhile).
+Source = str | Callable[[], AbstractContextManager[str]]
 
 
 @dataclass(frozen=True)
@@ -198,14 +202,15 @@ class Generator:
             self._sources[name] = (source, identifier)
 
     def _load(self, name: str, source: Source) -> None:
-        artifact = source() if callable(source) else source
-        try:
-            self.pipe.load_lora_weights(artifact, adapter_name=name)
-        except Exception:
-            # Leave no half-injected layers behind for the next calls.
-            with contextlib.suppress(Exception):
-                self.pipe.delete_adapters([name])
-            raise
+        opened = source() if callable(source) else contextlib.nullcontext(source)
+        with opened as artifact:
+            try:
+                self.pipe.load_lora_weights(artifact, adapter_name=name)
+            except Exception:
+                # Leave no half-injected layers behind for the next calls.
+                with contextlib.suppress(Exception):
+                    self.pipe.delete_adapters([name])
+                raise
         self.adapters[name] = artifact
         log.info("loaded adapter %s from %s", name, artifact)
 
@@ -347,7 +352,7 @@ def load_version(generator: Generator, version: models.ModelVersion, settings: S
     artifact = version.artifact
     generator.load_adapter(
         name,
-        lambda: storage(settings).models.local_path(artifact),
+        lambda: storage(settings).models.opened(artifact),
         str(version.config.get("identifier", "")),
     )
     return name
@@ -375,7 +380,15 @@ async def _serving_versions(ctx: JobContext, generator: Generator) -> _Versions:
     for version in await models.testing(ctx.pool, "sd_adapter"):
         try:
             await asyncio.to_thread(load_version, generator, version, ctx.settings)
+        except StoreUnavailable as exc:
+            # The store, not the adapter: the job fails and is retried (its round waits),
+            # rather than the rounds silently going without the candidate.
+            raise StoreUnavailable(
+                f"cannot fetch the candidate adapter {version.name} for A/B rounds: {exc}"
+            ) from None
         except Exception:
+            # The adapter itself is broken (missing or corrupt in the store, or it does not
+            # load): rounds go on without it, rather than stopping for every version.
             ctx.log.exception("adapter %s does not load: left out of A/B rounds", version.name)
             continue
         candidates.append(version)

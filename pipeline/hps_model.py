@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as torchvision_transforms
 
-from hps.files import replacing
+from hps.files import replacing, sha256_file
 from pipeline import devices
 from pipeline.images import ImageError, ImageInput, open_image
 from pipeline.model_files import (
@@ -50,7 +50,6 @@ from pipeline.model_files import (
     SCALE,
     WEIGHTS_FILE,
     ModelSpec,
-    sha256_file,
     write_json,
 )
 

@@ -3,7 +3,6 @@ the CLI's registry commands start fast."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,6 @@ class ModelSpec:
 
     def as_dict(self) -> dict[str, str | None]:
         return {"model": self.model, "pretrained": self.pretrained, "checkpoint": self.checkpoint}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -61,15 +61,17 @@ def load_spec(
 ) -> HPSModel:
     from pipeline.hps_model import HPSModel
 
-    return HPSModel.load(
-        # A published version is fetched into this machine's cache on its first use.
-        storage(settings).models.local_path(spec.model),
-        pretrained=spec.pretrained,
-        checkpoint=spec.checkpoint,
-        device=kwargs.pop("device", settings.models.device),
-        name=name,
-        **kwargs,
-    )
+    # A published version is fetched into this machine's cache on its first use, and held
+    # there (not evicted by another process) while it loads.
+    with storage(settings).models.opened(spec.model) as path:
+        return HPSModel.load(
+            path,
+            pretrained=spec.pretrained,
+            checkpoint=spec.checkpoint,
+            device=kwargs.pop("device", settings.models.device),
+            name=name,
+            **kwargs,
+        )
 
 
 def untuned_spec(model: HPSModel, spec: ModelSpec, settings: Settings) -> ModelSpec | None:

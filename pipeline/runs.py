@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from db import models
 from db.connect import transaction
-from hps.files import write_json_atomically
+from hps.files import remove, write_json_atomically
 from hps.settings import Settings
 from hps.storage import storage
 from pipeline import devices
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 REGISTER = "register"  # the last stage of every recipe
+IMAGE_COPIES = "image-copies"  # a run's copies of an object store's images, while it runs
 
 
 class RunError(Exception):
@@ -171,6 +172,12 @@ class RunContext:
     main: bool = True  # the main process (the only one that writes) of a distributed launch
     cache: dict[str, Any] = field(default_factory=dict)  # what a stage hands to a later one
 
+    @property
+    def image_copies(self) -> Path:
+        """Where the run's copies of the store's images go (an object store's: see
+        `Storage.reader`); removed when `run_recipe` ends, finished or failed."""
+        return self.run.path / IMAGE_COPIES
+
     @cached_property
     def options(self) -> Any:
         """The recipe's settings section as the run recorded it (e.g. `AdaptSettings`)."""
@@ -275,11 +282,29 @@ async def run_recipe(
     )  # fmt: skip
     if run.last_stage:
         log.info("run %s resumes after its %s stage", name, run.last_stage, extra=rc.context)
+    try:
+        return await _walk(recipe, run, rc, name, until, processes.num_processes, actor)
+    finally:
+        if rc.main:  # images deleted from the store must not live on in a run's copy
+            remove(rc.image_copies)
+
+
+async def _walk(
+    recipe: Recipe,
+    run: Run,
+    rc: RunContext,
+    name: str,
+    until: str,
+    num_processes: int,
+    actor: str | None,
+) -> Outcome:
+    """`run_recipe`'s walk through the stages."""
+    pool = rc.pool
     shared = [i for i, stage in enumerate(recipe.stages) if stage.every_process]
     ran = []
     for i, stage in enumerate(recipe.stages):
         if not run.done(stage.name):
-            if processes.num_processes > 1 and not stage.every_process:
+            if num_processes > 1 and not stage.every_process:
                 if shared and i < shared[-1]:
                     raise RunError(
                         f"run {name} has not finished its {stage.name} stage: under a "

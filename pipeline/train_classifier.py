@@ -107,37 +107,43 @@ def _brief(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report.get(k) for k in keys}
 
 
-async def load_examples(
-    db: Executor | None, recipe: TrainSettings, data: Path | None, settings: Settings
-) -> tuple[list[Example], Reader]:
-    """Examples from a dataset folder, or else from the database; and how to read images."""
+async def examples_of(
+    db: Executor | None, recipe: TrainSettings, data: Path | None
+) -> list[Example]:
+    """Examples from a dataset folder, or else from the database."""
     fractions = {"val_fraction": recipe.val_fraction, "test_fraction": recipe.test_fraction}
     if data is not None:
-        examples = examples_from_folder(
+        return examples_from_folder(
             data, include_contains_name=recipe.include_contains_name, **fractions
         )
-        return examples, read_path
     assert db is not None
-    examples = await examples_from_db(
+    return await examples_from_db(
         db,
         all_choosers=recipe.choosers == "all",
         include_contains_name=recipe.include_contains_name,
         **fractions,
     )
-    return examples, await image_reader(settings, examples)
 
 
-async def image_reader(settings: Settings, examples: Sequence[Example]) -> Reader:
-    """How training and evaluation read the examples' images (in DataLoader worker
-    processes): the store's own folder, or for an object store a local copy of them, fetched
-    now and verified by hash (`hps.store.ImageCache`: obstore's client does not survive the
-    fork of a DataLoader worker, and every epoch then reads the disk)."""
-    store = storage(settings)
-    cache = store.image_cache()
-    if cache is None:
-        return store.images.get
-    local = await cache.fill([key for e in examples for key in e.images])
-    return local.get
+async def load_examples(
+    db: Executor | None,
+    recipe: TrainSettings,
+    data: Path | None,
+    settings: Settings,
+    copies: Path,
+) -> tuple[list[Example], Reader]:
+    """`examples_of`, and how to read their images: a dataset folder's files, else the
+    store's (`Storage.reader`: an object store's through copies in `copies`, which the
+    caller removes when done)."""
+    examples = await examples_of(db, recipe, data)
+    return examples, read_path if data is not None else await image_reader(
+        settings, examples, copies
+    )
+
+
+async def image_reader(settings: Settings, examples: Sequence[Example], copies: Path) -> Reader:
+    """How training and evaluation read the examples' images (`Storage.reader`)."""
+    return await storage(settings).reader((k for e in examples for k in e.images), copies)
 
 
 def evaluate_models(
@@ -193,7 +199,7 @@ def _data(rc: RunContext) -> Path | None:
 
 
 async def _reader(rc: RunContext, examples: Sequence[Example]) -> Reader:
-    return read_path if _data(rc) else await image_reader(rc.settings, examples)
+    return read_path if _data(rc) else await image_reader(rc.settings, examples, rc.image_copies)
 
 
 def _examples(rc: RunContext) -> list[Example]:
@@ -210,7 +216,7 @@ def _examples(rc: RunContext) -> list[Example]:
 async def take_examples(rc: RunContext) -> dict[str, Any]:
     """The examples (the database's choices, or a dataset folder's), split by prompt;
     `TooFewExamples` if the train split is too small."""
-    examples, _ = await load_examples(rc.pool, rc.options, _data(rc), rc.settings)
+    examples = await examples_of(rc.pool, rc.options, _data(rc))
     counts = split_counts(examples)
     needed = rc.options.min_examples
     if counts["train"] < needed:

@@ -147,3 +147,79 @@ def test_a_local_store_reads_versions_in_place_and_refuses_corrupt_ones(tmp_path
     (folder / "hps.json").write_text("tampered")
     with pytest.raises(StoreError, match=f"model version {key} in the store is corrupt: hps.json"):
         store.fetch(key)
+
+
+def test_concurrent_fetches_of_one_version_download_it_once(
+    s3_store: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = _version(tmp_path / "run", os.urandom(300_000))
+    key = _stores(s3_store, tmp_path, "trainer").publish(source, "c-3", "model.safetensors").key
+    worker = _stores(s3_store, tmp_path, "worker")
+    downloads, started = [], threading.Barrier(4)
+    real = ModelStore._download
+
+    def counted(self: ModelStore, key: str, entry: Path) -> None:
+        downloads.append(key)
+        real(self, key, entry)
+
+    monkeypatch.setattr(ModelStore, "_download", counted)
+
+    def fetch(_: int) -> bytes:
+        started.wait()
+        return (worker.fetch(key) / "model.safetensors").read_bytes()
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(fetch, range(4)))
+    assert downloads == [key]  # the others waited on its lock and found it whole
+    assert got == [(source / "model.safetensors").read_bytes()] * 4
+    leftovers = [p.name for p in (worker.cache / "c-3").iterdir()]  # type: ignore[operator]
+    assert leftovers == [key.rsplit("/", 1)[1]]  # no temporary folder left
+
+
+def test_a_version_being_loaded_is_not_evicted(s3_store: dict[str, Any], tmp_path: Path) -> None:
+    trainer = _stores(s3_store, tmp_path, "trainer")
+    keys = [
+        trainer.publish(
+            _version(tmp_path / f"v{i}", os.urandom(400_000)), f"v{i}", "model.safetensors"
+        ).key
+        for i in range(3)
+    ]
+    # Room for one version: each fetch would evict every other.
+    worker = _stores(s3_store, tmp_path, "worker", cache_max_gib=500_000 / 1024**3)
+    with worker.opened(keys[0]) as loading:
+        assert worker.fetch(keys[1]).is_dir()  # evicts nothing in use
+        assert (Path(loading) / "model.safetensors").is_file()
+    third = worker.fetch(keys[2])  # keys[0] is no longer in use: evicted now
+    assert third.is_dir() and not Path(loading).exists()
+    with worker.opened("CompVis/stable-diffusion-v1-4") as hub_id:
+        assert hub_id == "CompVis/stable-diffusion-v1-4"
+
+
+def test_a_damaged_manifest_is_fetched_again_or_refused_saying_so(
+    s3_store: dict[str, Any], tmp_path: Path
+) -> None:
+    source = _version(tmp_path / "run", os.urandom(5000))
+    trainer = _stores(s3_store, tmp_path, "trainer")
+    key = trainer.publish(source, "c-9", "model.safetensors").key
+    worker = _stores(s3_store, tmp_path, "worker")
+
+    # In the cache (a partial write, a bad disk): fetched again, not a crash.
+    cached = worker.fetch(key)
+    (cached / MANIFEST).write_text('{"format": "hps-mo')
+    assert worker.fetch(key) == cached
+    assert json.loads((cached / MANIFEST).read_text())["name"] == "c-9"
+
+    # In the store: refused with a line that says what to do, never loaded.
+    trainer.objects.put(f"{key}/{MANIFEST}", b'{"truncated": ')
+    with pytest.raises(StoreError) as caught:
+        _stores(s3_store, tmp_path, "other").fetch(key)
+    assert str(caught.value) == (
+        f"the manifest of {key} is corrupt or does not describe that version: publish the "
+        "version again (`hps store migrate` from the machine that has its files)"
+    )
+    # Publishing again repairs it.
+    assert trainer.publish(source, "c-9", "model.safetensors").key == key
+    assert (_stores(s3_store, tmp_path, "third").fetch(key) / "hps.json").is_file()

@@ -38,7 +38,7 @@ async def test_images_on_s3_are_keyed_and_deduplicated_as_on_a_folder(
     assert first.key == LocalImageStore(tmp_path / "local").put(data).key  # same keys
     assert (first.created, second.created) == (True, False)
     assert await store.get_async(first.key) == data == store.get(first.key)
-    assert await store.exists_async(first.key) and store.exists(first.key)
+    assert store.exists(first.key)
     # Under the URL's prefix, below images/.
     keys = [k for k, _ in store.objects.listing()]
     assert keys == [first.key] and store.objects.description.startswith(
@@ -49,8 +49,8 @@ async def test_images_on_s3_are_keyed_and_deduplicated_as_on_a_folder(
         await store.get_async(missing)
     with pytest.raises(StoreError, match="malformed"):
         store.get("../../etc/passwd")
-    assert await store.delete_async(first.key) and not store.delete(first.key)
-    assert not await store.exists_async(first.key)
+    assert store.delete(first.key) and not store.delete(first.key)
+    assert not store.exists(first.key)
 
 
 def test_store_settings_are_checked_and_secrets_redacted(tmp_path: Path) -> None:
@@ -66,6 +66,15 @@ def test_store_settings_are_checked_and_secrets_redacted(tmp_path: Path) -> None
         _settings({"url": "s3://key:secret@bucket/x"}, tmp_path)
     with pytest.raises(ConfigError, match=r"HPS_STORE__URL \(store.url\): .*s3://bucket/prefix"):
         _settings({"url": "gs://bucket"}, tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        _settings({**section, "endpoint_url": "https://key:s3cr3t@minio.example"}, tmp_path)
+    assert (
+        "HPS_STORE__ENDPOINT_URL (store.endpoint_url): Value error, must not hold credentials"
+        in str(caught.value)
+    )
+    assert "s3cr3t" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"store.endpoint_url\): Value error, must be an http"):
+        _settings({**section, "endpoint_url": "minio.example:9000"}, tmp_path)
 
 
 def test_a_missing_bucket_bad_credentials_or_no_server_is_one_line_naming_the_setting(
@@ -137,3 +146,58 @@ async def test_forgetting_deletes_the_users_images_from_the_bucket(
     left = sorted(k for k, _ in store.objects.listing())
     rows = await pool.fetch("SELECT storage_key FROM images WHERE round_id = $1", kept)
     assert left == sorted(r["storage_key"] for r in rows)
+
+
+async def test_an_upload_to_a_store_that_hangs_gives_up_at_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts connections and never answers: the upload (made inside a
+    round's transaction) fails at the deadline with a line naming the setting, rather than
+    holding the transaction for minutes."""
+    import socket
+    import time
+
+    import hps.store
+
+    monkeypatch.setattr(hps.store, "UPLOAD_DEADLINE", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        images = storage(_settings(store_section(endpoint, "hung"), tmp_path)).images
+        for upload in (images.put_async, images.ensure_async):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as caught:
+                await upload(b"image bytes", ".png")
+            assert time.monotonic() - started < 3
+            assert str(caught.value).startswith(
+                f"the object store s3://hung/hps/images at {endpoint} did not store "
+            )
+            assert "within 0.5 s. Check store.endpoint_url (HPS_STORE__ENDPOINT_URL)" in str(
+                caught.value
+            )
+    finally:
+        listener.close()
+
+
+async def test_import_writes_images_to_the_bucket_without_blocking_the_event_loop(
+    pool: Any, s3_store: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hps import` into an object store uses the async API only: a blocking S3 call in the
+    event loop would stall every other task of the process (the bot's, the worker's)."""
+    from pipeline.datasets import import_hpd
+    from tests.colour_task import write_colour_hpd
+
+    def blocking(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a blocking S3 call in the event loop")
+
+    for name in ("put", "create", "get", "size", "exists", "delete"):
+        monkeypatch.setattr(S3Objects, name, blocking)
+    store = storage(_settings(s3_store, tmp_path)).images
+    hpd = write_colour_hpd(tmp_path / "hpd", n_train=3, n_test=1, k=2)
+    async with pool.acquire() as conn:
+        report = await import_hpd(conn, store, hpd, progress=False)
+    assert report.imported == 4
+    keys = [r["storage_key"] for r in await pool.fetch("SELECT storage_key FROM images")]
+    assert len(keys) == 8
+    for key in keys:
+        assert hashlib.sha256(await store.get_async(key)).hexdigest() in key

@@ -69,6 +69,15 @@ def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-d
     )
 
 
+def test_aws_secrets_the_s3_client_reads_from_the_environment_are_redacted_in_logs(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-S3CRET")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "aws-T0KEN")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")  # an id, not a secret
+    assert load_settings().secret_values() == ["aws-S3CRET", "aws-T0KEN"]
+
+
 def test_a_password_with_reserved_characters_is_never_shown(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # Written raw, a `#` or `/` would end the URL's user part early; both ways it stays hidden.
     assert redact_url("postgresql://u:pa#ss/x@h/db") == "postgresql://u:***@h/db"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hps.settings import get_settings, load_settings
 from hps.storage import storage
 from tests.s3 import store_env
 
+JOB = "INSERT INTO jobs (kind, payload) VALUES ('score', $1::jsonb)"
 INSERT = """
 INSERT INTO model_versions (kind, name, artifact, sha256, status)
 VALUES ($1, $2, $3, $4, 'candidate')
@@ -108,6 +110,8 @@ def test_hps_store_migrate_copies_images_and_versions_into_a_bucket_resumably(
     asyncio.run(_sql(database_url, INSERT, "classifier", "classifier-3", key, sha))
     images = [_image(data_dir, bytes([i]) * 500) for i in range(3)]
     corrupt = _image(data_dir, b"bytes that do not match the name", name="f" * 64)
+    unused = _image(data_dir, b"a file nothing names (a forgotten person's, say)")
+    asyncio.run(_sql(database_url, JOB, json.dumps({"image_keys": [*images, corrupt]})))
     for name, value in store_env({k: v for k, v in s3_store.items() if k != "url"}).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("HPS_DATABASE_URL", database_url)
@@ -117,18 +121,44 @@ def test_hps_store_migrate_copies_images_and_versions_into_a_bucket_resumably(
 
     first = _hps("store", "migrate", "--to", s3_store["url"])
     assert first.exit_code == 1  # something could not be copied: said, not hidden
-    assert "images: 3 copied, 0 already there, 1 corrupt (not copied)" in first.output
+    assert (
+        "images: 3 copied, 0 already there, 1 corrupt (not copied), 1 unused (not copied)"
+        in first.output
+    )
     assert f"corrupt image (its bytes do not match its name): {corrupt}" in first.output
     assert "model versions: 1 copied, 0 already there" in first.output
 
     (data_dir / "images" / corrupt).unlink()
     again = _hps("store", "migrate", "--to", s3_store["url"])
     assert again.exit_code == 0, again.output
-    assert "images: 0 copied, 3 already there" in again.output
+    assert "images: 0 copied, 3 already there, 1 unused (not copied)" in again.output
     assert "model versions: 0 copied, 1 already there" in again.output
 
     bucket = storage(load_settings(data_dir=tmp_path / "gpu-node", store=s3_store))
     assert sorted(k for k, _ in bucket.images.objects.listing()) == sorted(images)
+    assert unused not in images
     fetched = bucket.models.fetch(key)  # a GPU node with an empty cache
     assert (fetched / "model.safetensors").read_bytes() == b"classifier-3" * 1000
     assert (fetched / MANIFEST).is_file()
+
+
+def test_hps_store_gc_lists_then_deletes_only_the_images_nothing_uses(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_store: dict[str, Any]
+) -> None:
+    bucket = storage(load_settings(data_dir=tmp_path / "data", store=s3_store)).images
+    used = [bucket.put(bytes([i]) * 300).key for i in range(2)]
+    unused = bucket.put(b"nothing names this one").key
+    asyncio.run(_sql(database_url, JOB, json.dumps({"image_keys": used})))
+    for name, value in store_env(s3_store).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HPS_DATABASE_URL", database_url)
+
+    listed = _hps("store", "gc")  # a dry run by default
+    assert listed.exit_code == 0, listed.output
+    assert f"unused: {unused}" in listed.output and "1 of 3 images" in listed.output
+    assert bucket.exists(unused)
+
+    deleted = _hps("store", "gc", "--delete")
+    assert deleted.exit_code == 0, deleted.output
+    assert "deleted 1 unused images of 3" in deleted.output
+    assert not bucket.exists(unused) and all(bucket.exists(k) for k in used)

@@ -170,15 +170,14 @@ def _platform_store(rc: RunContext) -> ImageStore:
 
 async def _reader(rc: RunContext, pairs: list[Pair]) -> Any:
     """How the pairs' images are read (in DataLoader worker processes): from the run's own
-    store (a folder's images), or from the image store, through a local copy when that is
-    an object store (`train_classifier.image_reader`: its client does not survive a fork)."""
+    store (a folder's images), or from the image store, through the run's copies when that
+    is an object store (`Storage.reader`: its client does not survive a fork)."""
     if rc.run.stage("pairs")["images"] == "run":
         return LocalImageStore(rc.run.path / IMAGES_DIR).get
-    cache = storage(rc.settings).image_cache()
-    if cache is None:
+    store = storage(rc.settings)
+    if store.is_local:
         return _platform_store(rc).get
-    local = await cache.fill([key for p in pairs for key in (p.winner, p.loser)])
-    return local.get
+    return await store.reader((k for p in pairs for k in (p.winner, p.loser)), rc.image_copies)
 
 
 async def take_pairs(rc: RunContext) -> dict[str, Any]:

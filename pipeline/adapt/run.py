@@ -349,7 +349,7 @@ async def evaluate_offline(
     try:
         with generator.pinned([name, parent_adapter]):
             models_store = storage(settings).models
-            source = partial(models_store.local_path, folder)
+            source = partial(models_store.opened, folder)
             await asyncio.to_thread(generator.load_adapter, name, source, identifier)
             if parent_adapter is not None:
                 await asyncio.to_thread(load_version, generator, parent, settings)

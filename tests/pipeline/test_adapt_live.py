@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from statistics import NormalDist
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -423,3 +424,40 @@ async def test_a_new_configured_base_serves_and_a_b_rounds_count_against_it(pool
     assert decided.opponent.id == served.base.id
     assert (decided.live.rounds, decided.live.wins) == (6, 6)
     assert decided.decision.action == "promote"
+
+
+class _LoadingGenerator(_Generator):
+    """Loads as the real one does: the source fetches the version from the store."""
+
+    def load_adapter(self, name: str, source: Any, identifier: str = "") -> None:
+        with source() as artifact:
+            self.adapters[name] = artifact
+
+
+async def test_a_candidate_the_store_cannot_serve_now_fails_the_job_rather_than_the_ab(
+    pool,
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """An unreachable store is not a broken adapter: the generate job fails, saying which
+    candidate could not be fetched (and is retried), instead of rounds silently serving the
+    incumbent alone. A candidate that is not in the store at all is left out, as before."""
+    from hps.store import StoreUnavailable
+    from tests.s3 import store_section
+
+    await models.ensure_base(pool, kind="sd_base", artifact="sd")
+    candidate = await models.register(pool, kind="sd_adapter", artifact="models/a-1/" + "a" * 64)
+    await models.start_testing(pool, candidate.id, actor="test")
+    settings = load_settings(
+        data_dir=tmp_path, store=store_section("http://127.0.0.1:9", "hps-bucket")
+    )  # nothing listens there
+    ctx = SimpleNamespace(pool=pool, log=logging.getLogger("test"), settings=settings)
+    with pytest.raises(StoreUnavailable) as caught:
+        await _serving_versions(ctx, _LoadingGenerator("sd"))  # type: ignore[arg-type]
+    assert str(caught.value).startswith(
+        f"cannot fetch the candidate adapter {candidate.name} for A/B rounds: cannot reach "
+        "the object store s3://hps-bucket/hps at http://127.0.0.1:9"
+    )
+
+    local = SimpleNamespace(pool=pool, log=logging.getLogger("test"), settings=load_settings())
+    served = await _serving_versions(local, _LoadingGenerator("sd"))  # type: ignore[arg-type]
+    assert served.candidates == []  # not in the store: left out, logged

@@ -14,6 +14,7 @@ from PIL import Image
 
 import pipeline.adapt.lora_train as lora_train
 from db import jobs, models, rounds
+from hps.files import sha256_file
 from hps.store import LocalImageStore
 from pipeline.adapt.prompts import is_held_out
 from pipeline.adapt.recipes import handle_adapt_sd
@@ -21,7 +22,6 @@ from pipeline.adapt.run import evaluate_version
 from pipeline.generate import Generator, load_version
 from pipeline.handlers import JobContext
 from pipeline.hps_model import HPSModel
-from pipeline.model_files import sha256_file
 from pipeline.runs import Resources, Run
 from pipeline.worker import Worker
 from tests.colour_task import COLOURS, OBJECTS

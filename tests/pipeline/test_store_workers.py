@@ -70,9 +70,12 @@ async def test_a_classifier_trained_on_one_worker_scores_on_another_with_an_empt
     assert version.artifact == f"models/{version.name}/{version.sha256}"
     if version.status != "serving":  # the tiny model may tie the untuned one: serve it anyway
         await models.promote(pool, version.id, actor="test")
-    # Published to the bucket only: the trainer keeps no model folder, its images a cache.
+    # Published to the bucket only: the trainer keeps no model folder, and the run's copies
+    # of the bucket's images are gone with the run.
     assert not (tmp_path / "trainer" / "models").exists()
-    assert len(list((tmp_path / "trainer" / "cache" / "images").rglob("*.jpg"))) == 4 * 64
+    run = tmp_path / "trainer" / "runs" / version.name
+    assert (run / "examples.jsonl").is_file() and not (run / "image-copies").exists()
+    assert not list((tmp_path / "trainer").rglob("*.jpg"))
 
     scorer = make_settings(
         data_dir=tmp_path / "scorer",

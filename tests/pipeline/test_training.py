@@ -501,3 +501,39 @@ def test_every_process_agrees_on_the_run_name(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     with pytest.raises(RunExists, match=f"a run named mine exists in {tmp_path}"):
         agree_run_name(tmp_path, "mine")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_runs_image_copies_are_removed_when_it_ends(tmp_path: Path, fails: bool) -> None:
+    """Copies of an object store's images in the run folder live as long as the run: gone
+    when it finishes, and when it fails (the store's deletions must reach them)."""
+    from pipeline.runs import Outcome, Recipe, Run, Stage, run_recipe
+
+    settings = load_settings(data_dir=tmp_path)
+
+    async def open_run(pool: Any, settings: Any, name: str, **_: Any) -> Run:
+        return Run.create(settings.runs_dir / name, name=name, recipe={})
+
+    async def copy(rc: Any) -> dict[str, Any]:
+        (rc.image_copies / "ab").mkdir(parents=True)
+        (rc.image_copies / "ab" / "abcd.png").write_bytes(b"an image")
+        return {}
+
+    async def train(rc: Any) -> dict[str, Any]:
+        assert (rc.image_copies / "ab" / "abcd.png").is_file()  # there while it runs
+        if fails:
+            raise RuntimeError("training died")
+        return {}
+
+    recipe = Recipe(
+        kind="hps_classifier", section="train", title="test", open=open_run,
+        stages=(Stage("copy", copy), Stage("train", train)), gate=lambda rc: None,  # type: ignore[arg-type,return-value]
+        outcome=Outcome, passed="promoted",
+    )  # fmt: skip
+    if fails:
+        with pytest.raises(RuntimeError, match="training died"):
+            await run_recipe(recipe, None, settings, name="r1", progress=False)
+    else:
+        await run_recipe(recipe, None, settings, name="r1", progress=False)
+    assert (settings.runs_dir / "r1" / "manifest.json").is_file()
+    assert not (settings.runs_dir / "r1" / "image-copies").exists()

@@ -536,6 +536,12 @@ class ScheduleSettings(Section):
         description="Cron of closing rounds past their TTL and failing rounds no worker "
         "started in time (limits.queued_round_minutes); empty = off.",
     )
+    requeue_expired_jobs: str | None = Field(
+        "* * * * *",
+        description="Cron of taking back the jobs whose worker stopped heartbeating (their "
+        "lease expired): requeued, or dead-lettered when their attempts are spent (a "
+        "generate job's round then fails), even while no other worker runs; empty = off.",
+    )
     review_adapters: str | None = Field(
         "*/10 * * * *",
         description="Cron of the live review of adapters in A/B testing; empty = off.",

@@ -2,7 +2,8 @@
 
 Sections are nested models; in the environment a section and its key are joined by a double
 underscore (`HPS_DISCORD__TOKEN`, `HPS_LIMITS__ROUNDS_PER_HOUR`); in TOML they are tables
-(`[discord] token = "..."`). The TOML file is `HPS_CONFIG` if set, else `./hps.toml` if present.
+(`[discord] token = "..."`). The TOML file is `HPS_CONFIG` if set, else `./hps.toml` if present
+(`HPS_CONFIG=`, empty, reads no TOML file).
 `./.env` (the file Docker Compose reads too) holds `HPS_*` variables in the environment's
 spelling; its other variables (e.g. Compose's `POSTGRES_PASSWORD`) are left alone.
 Environment variables win over `.env`, `.env` over the TOML file, the file over the defaults.
@@ -682,7 +683,11 @@ class AnalystSettings(Section):
 
 
 def _toml_path() -> Path | None:
+    """`HPS_CONFIG`'s file; `HPS_CONFIG=` (empty) means no file at all, not even
+    `./hps.toml`; unset means `./hps.toml` if present."""
     configured = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if configured is not None and not configured.strip():
+        return None
     if configured:
         path = Path(configured)
         if not path.is_file():

@@ -52,6 +52,18 @@ def test_unknown_variables_and_files_are_errors(monkeypatch, tmp_path: Path) -> 
         load_settings()
 
 
+def test_an_empty_hps_config_means_no_toml_file(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`HPS_CONFIG=` reads no file: not `./hps.toml`, and no error about a missing one."""
+    config = tmp_path / "hps.toml"
+    config.write_text("[limits]\nrounds_per_hour = 3\n")
+    monkeypatch.setattr("hps.settings.DEFAULT_CONFIG_FILE", config)
+    monkeypatch.delenv("HPS_CONFIG", raising=False)
+    assert load_settings().limits.rounds_per_hour == 3  # unset: ./hps.toml
+    for empty in ("", "  "):
+        monkeypatch.setenv("HPS_CONFIG", empty)
+        assert load_settings().limits.rounds_per_hour != 3
+
+
 def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("HPS_DISCORD__TOKEN", "tok-ABC.123")
     monkeypatch.setenv("HPS_DATABASE_URL", "postgresql://app:pa55word@db:5432/hps")

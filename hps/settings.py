@@ -76,8 +76,8 @@ class DiscordSettings(Section):
     shard_count: int | None = Field(None, ge=1, description="Shards; empty = Discord's advice.")
     dream_in_dms: bool = Field(
         False,
-        description="Allow /dream, /score and /stats in direct messages with the bot, outside "
-        "every server's moderation (off: servers only).",
+        description="Allow /dream and /score in direct messages with the bot, outside every "
+        "server's moderation (off: servers only; /stats and /forget-me work anywhere).",
     )
 
 
@@ -837,6 +837,9 @@ class Settings(BaseSettings):
         for secret in (self.store.secret_access_key, self.store.session_token):
             if secret is not None:
                 values.append(secret.get_secret_value())
+        # The Hugging Face hub's token (gated or private models), which the hub library
+        # reads from the environment itself.
+        values += [os.environ.get(name, "") for name in HF_TOKEN_VARS]
         return list(dict.fromkeys(v for v in values if v))
 
     def redacted(self) -> dict[str, Any]:
@@ -882,6 +885,9 @@ def _setting_name(loc: tuple[Any, ...]) -> str:
     env = ENV_PREFIX + NESTED_DELIMITER.join(key.upper() for key in keys)
     return f"{env} ({'.'.join(keys)})"
 
+
+# The environment variables huggingface_hub reads its token from (redacted in logs).
+HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 # HPS_* variables that are not settings but are read elsewhere.
 OTHER_ENV_VARS = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}TEST_DATABASE_URL"}

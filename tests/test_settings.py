@@ -65,6 +65,8 @@ def test_an_empty_hps_config_means_no_toml_file(monkeypatch, tmp_path: Path) -> 
 
 
 def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setenv("HPS_DISCORD__TOKEN", "tok-ABC.123")
     monkeypatch.setenv("HPS_DATABASE_URL", "postgresql://app:pa55word@db:5432/hps")
     settings = load_settings()
@@ -79,6 +81,9 @@ def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-d
     assert redact_url("postgresql://app@db/hps?sslmode=require&password=q-s3cret") == (
         "postgresql://app@db/hps?sslmode=require&password=***"
     )
+    # The hub's token for gated models (docs/deploy.md) is redacted in the logs too.
+    monkeypatch.setenv("HF_TOKEN", "hf_s3cretHubToken")
+    assert "hf_s3cretHubToken" in load_settings().secret_values()
 
 
 def test_a_password_with_reserved_characters_is_never_shown(monkeypatch) -> None:  # type: ignore[no-untyped-def]

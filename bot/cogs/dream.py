@@ -59,9 +59,11 @@ CATCH_UP_WINDOW = timedelta(days=7)
 # posted instead.
 REGISTRATION_GRACE = timedelta(minutes=2)
 SHOWN_STATUSES = ("ready", "failed", "closed")
-# A round whose images the store could not give (unreachable for a moment) is shown again
-# after these many seconds, one after the other; then at the next catch-up.
-STORE_RETRY_SECONDS = (1, 2, 5, 10, 30, 60, 120)
+# A round that could not be shown for a passing reason (the store unreachable for a moment,
+# Discord answering 5xx after discord.py's own retries, the connection to it failing) is
+# shown again after these many seconds, one after the other; then at the next catch-up.
+SHOW_RETRY_SECONDS = (1, 2, 5, 10, 30, 60, 120)
+TRANSIENT = (StoreUnavailable, discord.DiscordServerError, aiohttp.ClientError, TimeoutError)
 PER_ROW = 5  # Discord's limit of buttons in an action row
 PICK = re.compile(r"hps:pick:(?P<round_id>\d+):(?P<position>\d+)")
 
@@ -371,11 +373,11 @@ class Dream(ButtonCog):
     async def _show_safely(self, round_id: int, attempt: int = 0) -> None:
         try:
             await self.show_round(round_id)
-        except StoreUnavailable as exc:
-            if attempt >= len(STORE_RETRY_SECONDS):
+        except TRANSIENT as exc:
+            if attempt >= len(SHOW_RETRY_SECONDS):
                 log.error("could not show the round: %s", exc, extra={"round_id": round_id})
                 return
-            delay = STORE_RETRY_SECONDS[attempt]
+            delay = SHOW_RETRY_SECONDS[attempt]
             log.warning(
                 "could not show the round: %s; trying again in %d s",
                 exc,

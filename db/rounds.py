@@ -448,10 +448,12 @@ async def set_shown(db: Executor, round_id: int, status: str) -> None:
 
 
 # Rounds whose message lags behind their status: the bot shows ready, failed and closed
-# rounds (queued and generating are shown by the command that created or retried them).
+# rounds (queued and generating are shown by the command that created or retried them),
+# and a failed round retried elsewhere (`hps jobs retry`), whose message shows the failure.
 ROUNDS_TO_SHOW_SQL = """
 SELECT id FROM rounds
-WHERE status IN ('ready', 'failed', 'closed') AND shown_status IS DISTINCT FROM status
+WHERE (status IN ('ready', 'failed', 'closed') AND shown_status IS DISTINCT FROM status
+       OR status IN ('queued', 'generating') AND shown_status = 'failed')
   AND source = 'discord' AND channel_id IS NOT NULL AND created_at > now() - $1::interval
 ORDER BY id
 LIMIT $2

@@ -4,8 +4,9 @@ Sections are nested models; in the environment a section and its key are joined 
 underscore (`HPS_DISCORD__TOKEN`, `HPS_LIMITS__ROUNDS_PER_HOUR`); in TOML they are tables
 (`[discord] token = "..."`). The TOML file is `HPS_CONFIG` if set, else `./hps.toml` if present
 (`HPS_CONFIG=`, empty, reads no TOML file).
-`./.env` (the file Docker Compose reads too) holds `HPS_*` variables in the environment's
-spelling; its other variables (e.g. Compose's `POSTGRES_PASSWORD`) are left alone.
+`./.env` (the file Docker Compose reads too; `HPS_ENV_FILE` names another, `HPS_ENV_FILE=`
+empty none) holds `HPS_*` variables in the environment's spelling; its other variables
+(e.g. Compose's `POSTGRES_PASSWORD`) are left alone.
 Environment variables win over `.env`, `.env` over the TOML file, the file over the defaults.
 """
 
@@ -696,6 +697,20 @@ def _toml_path() -> Path | None:
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
 
 
+def _env_file_path() -> Path | None:
+    """`HPS_ENV_FILE`'s file; `HPS_ENV_FILE=` (empty) means no env file at all, not even
+    `./.env`; unset means `./.env` if present."""
+    configured = os.environ.get(f"{ENV_PREFIX}ENV_FILE")
+    if configured is not None and not configured.strip():
+        return None
+    if configured:
+        path = Path(configured)
+        if not path.is_file():
+            raise ConfigError(f"{ENV_PREFIX}ENV_FILE: no such file: {path}")
+        return path
+    return DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None
+
+
 class Settings(BaseSettings):
     """Everything configurable. Secrets are `SecretStr` and never printed."""
 
@@ -772,11 +787,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if DEFAULT_ENV_FILE.is_file():
+        env_file = _env_file_path()
+        if env_file is not None:
             # Its HPS_* names only (unknown ones are refused by `load_settings`).
             sources.append(
                 DotEnvSettingsSource(
-                    settings_cls, env_file=DEFAULT_ENV_FILE, dotenv_filtering="only_existing"
+                    settings_cls, env_file=env_file, dotenv_filtering="only_existing"
                 )
             )
         path = _toml_path()
@@ -890,7 +906,7 @@ def _setting_name(loc: tuple[Any, ...]) -> str:
 HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 # HPS_* variables that are not settings but are read elsewhere.
-OTHER_ENV_VARS = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}TEST_DATABASE_URL"}
+OTHER_ENV_VARS = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}ENV_FILE", f"{ENV_PREFIX}TEST_DATABASE_URL"}
 
 
 def known_env_vars() -> set[str]:
@@ -908,10 +924,11 @@ def known_env_vars() -> set[str]:
 def _unknown_env_vars() -> list[str]:
     known = known_env_vars()
     names = list(os.environ)
-    if DEFAULT_ENV_FILE.is_file():
+    env_file = _env_file_path()
+    if env_file is not None:
         from dotenv import dotenv_values
 
-        names += [f"{name} (in {DEFAULT_ENV_FILE})" for name in dotenv_values(DEFAULT_ENV_FILE)]
+        names += [f"{name} (in {env_file})" for name in dotenv_values(env_file)]
     return sorted(
         k
         for k in names

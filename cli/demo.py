@@ -239,9 +239,12 @@ def _models(folder: Path, sd_model: str | None, hps_model: str | None) -> dict[s
 
 def _environment(url: str, root: Path, fake, models: dict[str, str]) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """The children's settings: this demo's database, server and models only (the user's
-    own HPS_* variables are left out, so the demo never touches a real deployment)."""
+    own HPS_* variables are left out, and so are ./.env and ./hps.toml, so the demo never
+    touches a real deployment: its bucket, its Discord)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HPS_")}
     env.update(
+        HPS_CONFIG="",
+        HPS_ENV_FILE="",
         HPS_DATABASE_URL=url,
         HPS_DATA_DIR=str(root),
         HPS_DISCORD__TOKEN=fake.token,

@@ -199,3 +199,31 @@ def test_the_demo_deletes_its_temporary_folder_after_everything_stopped() -> Non
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def test_the_demos_processes_read_no_env_file_or_toml_of_the_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real deployment's ./.env or ./hps.toml where `hps demo` runs (its bucket, say)
+    never reaches the demo's bot, scheduler and worker."""
+    from types import SimpleNamespace
+
+    from cli.demo import _environment
+    from hps.settings import load_settings
+
+    (tmp_path / ".env").write_text("HPS_STORE__URL=s3://production/images\n")
+    (tmp_path / "hps.toml").write_text("[limits]\nrounds_per_hour = 3\n")
+    monkeypatch.setattr("hps.settings.DEFAULT_ENV_FILE", tmp_path / ".env")
+    monkeypatch.setattr("hps.settings.DEFAULT_CONFIG_FILE", tmp_path / "hps.toml")
+    assert load_settings().store.url == "s3://production/images"  # what the user has
+    fake = SimpleNamespace(token="t", api_base_url="http://x/api", gateway_url="ws://x")
+    env = _environment("postgresql://demo@h/db", tmp_path / "demo", fake, {})
+    for key in [k for k in os.environ if k.startswith("HPS_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("HPS_"):
+            monkeypatch.setenv(key, value)
+    child = load_settings()
+    assert child.store.url != "s3://production/images"
+    assert child.limits.rounds_per_hour != 3
+    assert child.data_dir == tmp_path / "demo"

@@ -190,6 +190,8 @@ class Scheduler:
         if name == "requeue_expired_jobs":
             backoff = timedelta(seconds=self.settings.worker.backoff_seconds)
             taken = await worker.requeue_expired(self.pool, backoff)
+            if not taken:
+                return Firing(name, period, "skipped", detail="no expired lease")
             dead = [job.id for job in taken if job.state == "dead"]
             detail = f"{len(taken) - len(dead)} job(s) requeued, {len(dead)} dead-lettered"
             return Firing(name, period, "requeued", detail=detail)
@@ -231,7 +233,10 @@ class Scheduler:
         except Exception:
             log.exception("schedule %s failed", name, extra={"schedule": name})
             return
-        log.info(
+        # Every minute with nothing to take back: not worth a line at INFO.
+        quiet = name == "requeue_expired_jobs" and firing.action == "skipped"
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
             "schedule %s: %s %s",
             name,
             firing.action,

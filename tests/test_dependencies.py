@@ -77,3 +77,89 @@ def test_the_check_sees_a_module_only_a_dependency_brings() -> None:
     declared = _declared() - {"yarl", "python-dotenv"}
     missing = _undeclared(BASE_ONLY, declared)
     assert [m.split()[0] for m in missing] == ["dotenv", "yarl"]
+
+
+def _closure(requirements: set[str]) -> set[str]:
+    """The distributions `requirements` install, their dependencies' too (extras aside)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    seen: set[str] = set()
+    stack = list(requirements)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            needs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        stack += [
+            _normalise(re.match(r"[A-Za-z0-9._-]+", r).group())
+            for r in needs
+            if "extra ==" not in r
+        ]
+    return seen
+
+
+# What the bot image (`pip install .`, no extras) runs: compose's migrate, bot and scheduler
+# services, and the operators' commands run in that container.
+BOT_IMAGE_MODULES = (
+    "cli",
+    "cli.bot",
+    "cli.scheduler",
+    "cli.db",
+    "cli.health",
+    "cli.jobs",
+    "cli.users",
+    "cli.config",
+    "cli.models",
+    "db.migrate",
+    "pipeline.scheduler",
+    "bot.client",
+)
+
+
+def test_the_bot_image_runs_without_the_worker_extra() -> None:
+    """Importing what the bot, the scheduler and the database tools run, with every module
+    only the worker extra installs (torch, numpy, ...) made unimportable, works: the bot
+    image has none of them."""
+    import json
+    import subprocess
+
+    from bot.client import INITIAL_EXTENSIONS
+
+    base = _closure(_declared())
+    worker_only = _closure(_declared("worker")) - base
+    blocked = sorted(
+        module
+        for module, dists in packages_distributions().items()
+        if {_normalise(d) for d in dists} <= worker_only
+    )
+    assert {"torch", "numpy", "diffusers"} <= set(blocked)
+    script = """
+import importlib, json, sys
+
+blocked = set(json.loads(sys.argv[1]))
+
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in the bot image)")
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+for module in json.loads(sys.argv[2]):
+    importlib.import_module(module)
+"""
+    modules = [*BOT_IMAGE_MODULES, *INITIAL_EXTENSIONS]
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(blocked), json.dumps(modules)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -11,11 +11,12 @@ ENV PYTHONUNBUFFERED=1 \
     HPS_DATA_DIR=/data
 RUN useradd --create-home --uid 10001 hps && mkdir -p /data && chown hps:hps /data
 WORKDIR /app
-COPY pyproject.toml README.md constraints.txt alembic.ini ./
+COPY pyproject.toml README.md LICENSE constraints.txt alembic.ini ./
 COPY hps ./hps
 COPY db ./db
 COPY bot ./bot
 COPY pipeline ./pipeline
+COPY cli ./cli
 
 FROM base AS bot
 RUN pip install -c constraints.txt .

@@ -1,5 +1,7 @@
 # On a fresh clone:  `make demo`, `make test`  and  `make serve`.
 # Both create the virtual environment (.venv) first if it is missing or out of date.
+# No GPU needed: torch's default PyPI wheel is the CUDA build, which runs on the CPU too
+# (about 4.5 GB of .venv with its NVIDIA libraries).
 
 PYTHON ?= python3
 VENV ?= .venv

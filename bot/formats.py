@@ -98,6 +98,14 @@ def queued(prompt: str, negative_prompt: str, position: int, *, again: bool = Fa
     return text + f"\n{what}: {place}. I'll post the images here when they are ready."
 
 
+def retried(view: RoundView) -> str:
+    """A failed round a maintainer queued again (`hps jobs retry`)."""
+    return (
+        f"{_prompt_lines(view)}\nA maintainer queued this round again: "
+        "I'll post the images here when they are ready."
+    )
+
+
 def ready(view: RoundView, labels: int, *, others_may_vote: bool) -> str:
     who = f"<@{view.requester_discord_id}>, pick" if view.requester_discord_id else "Pick"
     others = " Anyone may vote." if others_may_vote else ""

@@ -28,10 +28,14 @@ import sys
 import tempfile
 import webbrowser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from cli.common import console, err_console
+
+if TYPE_CHECKING:
+    from hps.settings import Settings
 
 GUILD_ID = 900000000000000001
 DREAM_CHANNEL_ID = 900000000000000011
@@ -69,10 +73,19 @@ def demo(
     temporary = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="hps-demo-")) if data_dir is None else data_dir
     root.mkdir(parents=True, exist_ok=True)
+    from db.embedded import stop_embedded
+    from hps.settings import load_settings
+
+    settings = None
     try:
-        code = asyncio.run(_demo(root, host, port, sd_model, hps_model, open_browser))
+        settings = load_settings(data_dir=root, database_url="")
+        code = asyncio.run(_demo(settings, host, port, sd_model, hps_model, open_browser))
     finally:
+        # In this order: the bot, scheduler and worker stopped (in `_demo`), then the
+        # embedded PostgreSQL (else it would outlive its deleted files), then the folder.
         if temporary:
+            if settings is not None:
+                stop_embedded(settings.postgres_dir)
             shutil.rmtree(root, ignore_errors=True)
     raise typer.Exit(code)
 
@@ -82,7 +95,7 @@ def _say(text: str) -> None:
 
 
 async def _demo(
-    root: Path,
+    settings: Settings,
     host: str,
     port: int,
     sd_model: str | None,
@@ -93,14 +106,13 @@ async def _demo(
     from bot.fake_discord.web import Channel, DemoPage
     from db import migrate
     from db.connect import database_url
-    from hps.settings import load_settings
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    settings = load_settings(data_dir=root, database_url="")
+    root = settings.data_dir
     _say(f"data in {root}; starting the embedded PostgreSQL")
     url = await asyncio.to_thread(database_url, settings)
     await asyncio.to_thread(migrate.upgrade, url)
@@ -227,9 +239,12 @@ def _models(folder: Path, sd_model: str | None, hps_model: str | None) -> dict[s
 
 def _environment(url: str, root: Path, fake, models: dict[str, str]) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """The children's settings: this demo's database, server and models only (the user's
-    own HPS_* variables are left out, so the demo never touches a real deployment)."""
+    own HPS_* variables are left out, and so are ./.env and ./hps.toml, so the demo never
+    touches a real deployment: its bucket, its Discord)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HPS_")}
     env.update(
+        HPS_CONFIG="",
+        HPS_ENV_FILE="",
         HPS_DATABASE_URL=url,
         HPS_DATA_DIR=str(root),
         HPS_DISCORD__TOKEN=fake.token,

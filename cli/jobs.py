@@ -96,7 +96,7 @@ def show(job_id: int = typer.Argument(..., help="The job's id.")) -> None:
 @app.command("retry")
 def retry(job_ids: list[int] = typer.Argument(..., help="Dead or cancelled jobs.")) -> None:
     """Queue dead or cancelled jobs again with fresh attempts (a generate job: its failed
-    round, which its requester's message then shows as queued)."""
+    round, whose message in Discord then says a maintainer queued it again)."""
     from db import jobs, rounds
 
     async def _retry() -> list[str]:

@@ -97,7 +97,7 @@ def list_(
 
 def _recipe_row(row: dict[str, Any]) -> dict[str, Any]:
     """A recipe's live record with its win rate and Wilson 95% interval."""
-    from pipeline.evaluate import wilson_interval
+    from pipeline.intervals import wilson_interval
 
     rounds, wins = row["rounds"], row["wins"]
     return {**row, "win_rate": wins / rounds, "win_rate_ci": list(wilson_interval(wins, rounds))}

@@ -455,13 +455,14 @@ async def stop_worker(db: Executor, worker_id: str) -> None:
 
 LIST_WORKERS_SQL = """
 SELECT * FROM workers
-WHERE stopped_at IS NULL OR stopped_at > now() - $1::interval
+WHERE coalesce(stopped_at, last_seen_at) > now() - $1::interval
 ORDER BY last_seen_at DESC
 """
 
 
 async def list_workers(db: Executor, recent: timedelta = timedelta(days=1)) -> list[Worker]:
-    """Running workers and those stopped within `recent`."""
+    """Workers heard from within `recent`: running, or stopped or silent since (a killed
+    worker never says it stopped); older rows are history, not news."""
     return [Worker(**dict(r)) for r in await db.fetch(LIST_WORKERS_SQL, recent)]
 
 

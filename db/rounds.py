@@ -394,7 +394,8 @@ WITH stale AS (
     FROM rounds r
     JOIN jobs j ON j.kind = 'generate' AND j.state = 'queued'
                AND (j.payload->>'round_id')::bigint = r.id
-    WHERE r.status = 'queued' AND greatest(j.created_at, j.run_after) < now() - $1::interval
+    WHERE r.status IN ('queued', 'generating')
+      AND greatest(j.created_at, j.run_after) < now() - $1::interval
     FOR UPDATE OF r, j SKIP LOCKED
 ), cancelled AS (
     UPDATE jobs SET state = 'cancelled', finished_at = now(), error = $2
@@ -410,7 +411,10 @@ async def fail_unstarted_rounds(db: Executor, deadline: timedelta, error: str) -
     """Fail the rounds whose generate job has waited in the queue longer than `deadline`
     (no worker took it: none runs, or all are busy), cancelling those jobs, so that their
     requesters hear why and are no longer held at their in-flight limit; returns the ids.
-    Rounds or jobs being taken just now are skipped (the next sweep sees them again)."""
+    A generating round whose job is back in the queue (its worker died, or an attempt
+    failed) counts too, from when the job became runnable again; a job being run is never
+    touched. Rounds or jobs being taken just now are skipped (the next sweep sees them
+    again)."""
     async with transaction(db) as conn:
         ids = [r["id"] for r in await conn.fetch(FAIL_UNSTARTED_SQL, deadline, error[:1000])]
         for round_id in ids:
@@ -444,10 +448,12 @@ async def set_shown(db: Executor, round_id: int, status: str) -> None:
 
 
 # Rounds whose message lags behind their status: the bot shows ready, failed and closed
-# rounds (queued and generating are shown by the command that created or retried them).
+# rounds (queued and generating are shown by the command that created or retried them),
+# and a failed round retried elsewhere (`hps jobs retry`), whose message shows the failure.
 ROUNDS_TO_SHOW_SQL = """
 SELECT id FROM rounds
-WHERE status IN ('ready', 'failed', 'closed') AND shown_status IS DISTINCT FROM status
+WHERE (status IN ('ready', 'failed', 'closed') AND shown_status IS DISTINCT FROM status
+       OR status IN ('queued', 'generating') AND shown_status = 'failed')
   AND source = 'discord' AND channel_id IS NOT NULL AND created_at > now() - $1::interval
 ORDER BY id
 LIMIT $2

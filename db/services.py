@@ -60,15 +60,18 @@ LIST_SQL = """
 SELECT *, stopped_at IS NULL AND last_seen_at > now() - $2::interval AS alive
 FROM services
 WHERE ($1::text IS NULL OR kind = $1)
-  AND (stopped_at IS NULL OR stopped_at > now() - interval '1 day')
+  AND coalesce(stopped_at, last_seen_at) > now() - $3::interval
 ORDER BY last_seen_at DESC
 """
 
 
-async def list_services(db: Executor, kind: str | None, fresh: timedelta) -> list[Service]:
-    """Running services of `kind` (all with None) and those stopped within a day; `alive`
-    when the last heartbeat is younger than `fresh`."""
-    return [Service(**dict(r)) for r in await db.fetch(LIST_SQL, kind, fresh)]
+async def list_services(
+    db: Executor, kind: str | None, fresh: timedelta, recent: timedelta = timedelta(days=1)
+) -> list[Service]:
+    """Services of `kind` (all with None) heard from within `recent`: running, or stopped or
+    silent (crashed: a killed process never says it stopped) since; older rows are history,
+    not news. `alive` when the last heartbeat is younger than `fresh`."""
+    return [Service(**dict(r)) for r in await db.fetch(LIST_SQL, kind, fresh, recent)]
 
 
 LIVE_WORKERS_SQL = """

@@ -2,9 +2,11 @@
 
 Sections are nested models; in the environment a section and its key are joined by a double
 underscore (`HPS_DISCORD__TOKEN`, `HPS_LIMITS__ROUNDS_PER_HOUR`); in TOML they are tables
-(`[discord] token = "..."`). The TOML file is `HPS_CONFIG` if set, else `./hps.toml` if present.
-`./.env` (the file Docker Compose reads too) holds `HPS_*` variables in the environment's
-spelling; its other variables (e.g. Compose's `POSTGRES_PASSWORD`) are left alone.
+(`[discord] token = "..."`). The TOML file is `HPS_CONFIG` if set, else `./hps.toml` if present
+(`HPS_CONFIG=`, empty, reads no TOML file).
+`./.env` (the file Docker Compose reads too; `HPS_ENV_FILE` names another, `HPS_ENV_FILE=`
+empty none) holds `HPS_*` variables in the environment's spelling; its other variables
+(e.g. Compose's `POSTGRES_PASSWORD`) are left alone.
 Environment variables win over `.env`, `.env` over the TOML file, the file over the defaults.
 """
 
@@ -75,8 +77,8 @@ class DiscordSettings(Section):
     shard_count: int | None = Field(None, ge=1, description="Shards; empty = Discord's advice.")
     dream_in_dms: bool = Field(
         False,
-        description="Allow /dream, /score and /stats in direct messages with the bot, outside "
-        "every server's moderation (off: servers only).",
+        description="Allow /dream and /score in direct messages with the bot, outside every "
+        "server's moderation (off: servers only; /stats and /forget-me work anywhere).",
     )
 
 
@@ -536,6 +538,12 @@ class ScheduleSettings(Section):
         description="Cron of closing rounds past their TTL and failing rounds no worker "
         "started in time (limits.queued_round_minutes); empty = off.",
     )
+    requeue_expired_jobs: str | None = Field(
+        "* * * * *",
+        description="Cron of taking back the jobs whose worker stopped heartbeating (their "
+        "lease expired): requeued, or dead-lettered when their attempts are spent (a "
+        "generate job's round then fails), even while no other worker runs; empty = off.",
+    )
     review_adapters: str | None = Field(
         "*/10 * * * *",
         description="Cron of the live review of adapters in A/B testing; empty = off.",
@@ -696,13 +704,31 @@ class AnalystSettings(Section):
 
 
 def _toml_path() -> Path | None:
+    """`HPS_CONFIG`'s file; `HPS_CONFIG=` (empty) means no file at all, not even
+    `./hps.toml`; unset means `./hps.toml` if present."""
     configured = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if configured is not None and not configured.strip():
+        return None
     if configured:
         path = Path(configured)
         if not path.is_file():
             raise ConfigError(f"{ENV_PREFIX}CONFIG: no such file: {path}")
         return path
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _env_file_path() -> Path | None:
+    """`HPS_ENV_FILE`'s file; `HPS_ENV_FILE=` (empty) means no env file at all, not even
+    `./.env`; unset means `./.env` if present."""
+    configured = os.environ.get(f"{ENV_PREFIX}ENV_FILE")
+    if configured is not None and not configured.strip():
+        return None
+    if configured:
+        path = Path(configured)
+        if not path.is_file():
+            raise ConfigError(f"{ENV_PREFIX}ENV_FILE: no such file: {path}")
+        return path
+    return DEFAULT_ENV_FILE if DEFAULT_ENV_FILE.is_file() else None
 
 
 class Settings(BaseSettings):
@@ -781,11 +807,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if DEFAULT_ENV_FILE.is_file():
+        env_file = _env_file_path()
+        if env_file is not None:
             # Its HPS_* names only (unknown ones are refused by `load_settings`).
             sources.append(
                 DotEnvSettingsSource(
-                    settings_cls, env_file=DEFAULT_ENV_FILE, dotenv_filtering="only_existing"
+                    settings_cls, env_file=env_file, dotenv_filtering="only_existing"
                 )
             )
         path = _toml_path()
@@ -848,6 +875,9 @@ class Settings(BaseSettings):
                 values.append(secret.get_secret_value())
         # Without store.* keys the S3 client reads these from the environment.
         values += [os.environ.get(name, "") for name in AWS_SECRET_VARIABLES]
+        # The Hugging Face hub's token (gated or private models), which the hub library
+        # reads from the environment itself.
+        values += [os.environ.get(name, "") for name in HF_TOKEN_VARS]
         return list(dict.fromkeys(v for v in values if v))
 
     def redacted(self) -> dict[str, Any]:
@@ -894,8 +924,11 @@ def _setting_name(loc: tuple[Any, ...]) -> str:
     return f"{env} ({'.'.join(keys)})"
 
 
+# The environment variables huggingface_hub reads its token from (redacted in logs).
+HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
 # HPS_* variables that are not settings but are read elsewhere.
-OTHER_ENV_VARS = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}TEST_DATABASE_URL"}
+OTHER_ENV_VARS = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}ENV_FILE", f"{ENV_PREFIX}TEST_DATABASE_URL"}
 
 
 def known_env_vars() -> set[str]:
@@ -913,10 +946,11 @@ def known_env_vars() -> set[str]:
 def _unknown_env_vars() -> list[str]:
     known = known_env_vars()
     names = list(os.environ)
-    if DEFAULT_ENV_FILE.is_file():
+    env_file = _env_file_path()
+    if env_file is not None:
         from dotenv import dotenv_values
 
-        names += [f"{name} (in {DEFAULT_ENV_FILE})" for name in dotenv_values(DEFAULT_ENV_FILE)]
+        names += [f"{name} (in {env_file})" for name in dotenv_values(env_file)]
     return sorted(
         k
         for k in names

@@ -21,7 +21,6 @@ deterministic (a fixed seed).
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from itertools import accumulate, pairwise
@@ -30,25 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.data import Example, Reader, fingerprint
+from pipeline.intervals import wilson_interval
 
 if TYPE_CHECKING:
     from pipeline.hps_model import HPSModel
     from pipeline.scorers import Scorer
 
-Z95 = 1.959963984540054
 BOOTSTRAP_SAMPLES = 1000
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of successes / n at the normal quantile `z` (95%: `Z95`);
-    (0, 1) when n is 0. Accuracy reports, the live A/B test and the report's plots use it."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def bootstrap_interval(

@@ -56,7 +56,7 @@ from db.connect import Executor
 from hps.files import write_atomically
 from hps.settings import AdaptSettings
 from pipeline.adapt.live import Design, Look
-from pipeline.evaluate import wilson_interval
+from pipeline.intervals import wilson_interval
 
 Rows = list[dict[str, Any]]
 Data = dict[str, Any]

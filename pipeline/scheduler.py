@@ -9,8 +9,13 @@ fires the schedules; each firing only touches the database:
 - `adapt_sd` enqueues an `adapt_sd` job;
 - `close_stale_rounds` closes rounds ready for longer than `limits.round_ttl_minutes`
   (a single idempotent UPDATE, run in place), and fails the rounds no worker started within
-  `limits.queued_round_minutes`, cancelling their generate jobs (their requesters see why
-  and may retry; their in-flight slots are free again);
+  `limits.queued_round_minutes` (a round back in the queue after its worker died or a
+  failed attempt included), cancelling their generate jobs (their requesters see why and
+  may retry; their in-flight slots are free again);
+- `requeue_expired_jobs` takes back the jobs whose worker stopped heartbeating
+  (`pipeline.worker.requeue_expired`: requeued with backoff, or dead-lettered with their
+  kind's `on_dead` hook when their attempts are spent), as every worker does too, so that a
+  dead worker's jobs come back even when no other worker runs;
 - `score_images` enqueues a `score_images` job when served images lack an HPS score;
 - `review_adapters` reviews the adapters in live A/B testing (`pipeline.adapt.live`:
   promote the significantly better, retire the worse), DB-only work run in place, in one
@@ -45,6 +50,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from db import images, jobs, rounds, services, stats
 from hps.settings import Settings
+from pipeline import worker
 from pipeline.adapt import live
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,7 @@ SCHEDULES = (
     "retrain_classifier",
     "adapt_sd",
     "close_stale_rounds",
+    "requeue_expired_jobs",
     "score_images",
     "review_adapters",
 )
@@ -135,7 +142,7 @@ class Firing:
 
     schedule: str
     period: datetime
-    action: str  # enqueued | existing | skipped | closed | reviewed
+    action: str  # enqueued | existing | skipped | closed | requeued | reviewed
     job_id: int | None = None
     detail: str = ""
 
@@ -180,6 +187,14 @@ class Scheduler:
                 if failed:
                     detail += f", {len(failed)} never started failed"
             return Firing(name, period, "closed", detail=detail)
+        if name == "requeue_expired_jobs":
+            backoff = timedelta(seconds=self.settings.worker.backoff_seconds)
+            taken = await worker.requeue_expired(self.pool, backoff)
+            if not taken:
+                return Firing(name, period, "skipped", detail="no expired lease")
+            dead = [job.id for job in taken if job.state == "dead"]
+            detail = f"{len(taken) - len(dead)} job(s) requeued, {len(dead)} dead-lettered"
+            return Firing(name, period, "requeued", detail=detail)
         if name == "review_adapters":
             reviews = await live.review(self.pool, self.settings.adapt, actor=f"schedule:{name}")
             decided = ", ".join(f"{r.version.name}: {r.decision.action}" for r in reviews)
@@ -218,7 +233,10 @@ class Scheduler:
         except Exception:
             log.exception("schedule %s failed", name, extra={"schedule": name})
             return
-        log.info(
+        # Every minute with nothing to take back: not worth a line at INFO.
+        quiet = name == "requeue_expired_jobs" and firing.action == "skipped"
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
             "schedule %s: %s %s",
             name,
             firing.action,

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,15 @@ async def test_the_demo_runs_the_whole_loop_in_a_browser(tmp_path: Path) -> None
                 await page.wait("document.body && document.body.dataset.ready === '1'")
                 notice = await page.js("document.getElementById('notice').textContent")
                 assert notice.startswith("Demo with tiny untrained models: the images are noise")
+                # "you" is a maintainer: the maintainer commands are offered beside /dream,
+                # and the log channel (where /retrain's outcomes go) is on the page.
+                offered = await page.js(
+                    "[...document.getElementById('name').options].map(o => o.textContent)"
+                )
+                assert {"/dream", "/status (maintainers)", "/retrain (maintainers)"} <= set(
+                    offered
+                ), offered
+                assert "hps-log" in await page.js("document.getElementById('log').textContent")
                 # /dream, typed into the page's form as a person would.
                 await page.js(
                     "const name = document.getElementById('name'); name.value = 'dream';"
@@ -163,3 +173,57 @@ async def test_the_demo_runs_the_whole_loop_in_a_browser(tmp_path: Path) -> None
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@pytest.mark.slow
+def test_the_demo_deletes_its_temporary_folder_after_everything_stopped() -> None:
+    """Without --data-dir the demo's folder is temporary: Ctrl-C stops the bot, scheduler and
+    worker, then the embedded PostgreSQL, and only then deletes the folder (a server left
+    running on deleted files would outlive the demo)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPS_")}
+    demo = _popen(
+        [sys.executable, "-m", "cli", "demo", "--port", "0", "--no-open"],
+        cwd=ROOT, env=env, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        output = Lines(demo.stdout)
+        root = Path(output.wait_for(r"data in (\S+);", 120)[1])
+        output.wait_for(r"open (http://\S+)", 180)
+        pid = int((root / "postgres" / "postmaster.pid").read_text().splitlines()[0])
+        assert psutil.pid_exists(pid)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(90) == 0
+        assert not root.exists()
+        assert not psutil.pid_exists(pid), "the embedded PostgreSQL outlived the demo"
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+
+
+def test_the_demos_processes_read_no_env_file_or_toml_of_the_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real deployment's ./.env or ./hps.toml where `hps demo` runs (its bucket, say)
+    never reaches the demo's bot, scheduler and worker."""
+    from types import SimpleNamespace
+
+    from cli.demo import _environment
+    from hps.settings import load_settings
+
+    (tmp_path / ".env").write_text("HPS_STORE__URL=s3://production/images\n")
+    (tmp_path / "hps.toml").write_text("[limits]\nrounds_per_hour = 3\n")
+    monkeypatch.setattr("hps.settings.DEFAULT_ENV_FILE", tmp_path / ".env")
+    monkeypatch.setattr("hps.settings.DEFAULT_CONFIG_FILE", tmp_path / "hps.toml")
+    assert load_settings().store.url == "s3://production/images"  # what the user has
+    fake = SimpleNamespace(token="t", api_base_url="http://x/api", gateway_url="ws://x")
+    env = _environment("postgresql://demo@h/db", tmp_path / "demo", fake, {})
+    for key in [k for k in os.environ if k.startswith("HPS_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("HPS_"):
+            monkeypatch.setenv(key, value)
+    child = load_settings()
+    assert child.store.url != "s3://production/images"
+    assert child.limits.rounds_per_hour != 3
+    assert child.data_dir == tmp_path / "demo"

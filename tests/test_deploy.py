@@ -205,3 +205,47 @@ def test_the_invite_url_in_the_docs_asks_for_what_the_bot_uses() -> None:
     listed = [row.split("|")[1].strip() for row in table.splitlines()[2:]]
     assert listed == list(names.values())
     assert "Use External Emojis" not in deploy
+
+
+def _copied_into_base() -> set[str]:
+    """The paths the Dockerfile's `base` stage COPYs from the build context (both images
+    build from it: `pip install .` sees only these)."""
+    text = DOCKERFILE.read_text()
+    base = text[text.index(" AS base\n") : text.index("\nFROM ", text.index(" AS base\n"))]
+    copied = set()
+    for line in base.splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            copied.update(Path(w).as_posix().rstrip("/") for w in words[1:-1])
+    return copied
+
+
+def _ignored_by_docker(path: str) -> bool:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    return any(Path(path).match(p) or path == p for p in patterns)
+
+
+def test_the_image_gets_every_file_pip_install_needs() -> None:
+    """Every package pyproject.toml installs, the console script's module, and the files the
+    build reads (readme, license files, the constraints pip installs with) are COPYed."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    includes = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*").rstrip(".") for pattern in includes}
+    scripts = {
+        target.split(":")[0].split(".")[0] for target in project["project"]["scripts"].values()
+    }
+    files = {project["project"]["readme"], *project["project"]["license-files"]}
+    files |= set(re.findall(r"pip install -c (\S+)", DOCKERFILE.read_text()))
+    files.add("pyproject.toml")
+    needed = packages | scripts | files
+    assert {"hps", "bot", "db", "pipeline", "cli", "LICENSE", "constraints.txt"} <= needed
+    copied = _copied_into_base()
+    assert needed <= copied, f"the Dockerfile does not COPY {sorted(needed - copied)}"
+    for path in needed:
+        assert (ROOT / path).exists() and not _ignored_by_docker(path), path

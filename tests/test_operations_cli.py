@@ -50,6 +50,37 @@ async def test_health_says_which_process_is_down_and_exits_1(
     assert hps("health", "nonsense", env=env).returncode == 2
 
 
+async def test_health_forgets_processes_silent_for_over_a_day(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """A process killed last week (it never said it stopped) is no longer reported, nor does
+    it make `hps health --here` fail on a machine where only the bot runs now."""
+    env = {"HPS_DATABASE_URL": database_url}
+    await jobs.register_worker(pool, "gpu-1:7", ["generate"], "cuda:0")
+    await services.heartbeat(pool, "scheduler", {"schedules": []})
+    await services.heartbeat(pool, "bot", {"gateway": True, "guilds": 1})
+    await pool.execute(
+        "UPDATE services SET last_seen_at = now() - interval '7 days', id = 'scheduler:old:1',"
+        " started_at = now() - interval '8 days' WHERE kind = 'scheduler'"
+    )
+    await pool.execute("UPDATE workers SET last_seen_at = now() - interval '7 days'")
+    await services.heartbeat(pool, "scheduler", {"schedules": []})  # a scheduler elsewhere
+    await pool.execute(
+        "UPDATE services SET hostname = 'elsewhere' WHERE kind = 'scheduler'"
+        " AND id <> 'scheduler:old:1'"
+    )
+    shown = hps("health", env=env)
+    assert "scheduler:old:1" not in shown.stdout and "gpu-1:7" not in shown.stdout
+    assert "ok   scheduler" in shown.stdout and "down worker    none healthy" in shown.stdout
+    here = hps("health", "--here", env=env)
+    assert here.returncode == 0, here.stdout
+    assert "ok   bot" in here.stdout and "scheduler" not in here.stdout
+    # Silent for less than a day: still reported, as down.
+    await pool.execute("UPDATE workers SET last_seen_at = now() - interval '3 hours'")
+    recent = hps("health", "worker", env=env)
+    assert recent.returncode == 1 and "down worker    gpu-1:7: last heartbeat" in recent.stdout
+
+
 async def test_jobs_list_dead_retry_and_cancel(pool: asyncpg.Pool, database_url: str) -> None:
     env = {"HPS_DATABASE_URL": database_url, "COLUMNS": "200"}  # tables unwrapped
     score, _ = await jobs.enqueue(pool, "score", {"prompt": "x", "image_keys": []})

@@ -52,7 +52,44 @@ def test_unknown_variables_and_files_are_errors(monkeypatch, tmp_path: Path) -> 
         load_settings()
 
 
+def test_an_empty_hps_config_means_no_toml_file(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`HPS_CONFIG=` reads no file: not `./hps.toml`, and no error about a missing one."""
+    config = tmp_path / "hps.toml"
+    config.write_text("[limits]\nrounds_per_hour = 3\n")
+    monkeypatch.setattr("hps.settings.DEFAULT_CONFIG_FILE", config)
+    monkeypatch.delenv("HPS_CONFIG", raising=False)
+    assert load_settings().limits.rounds_per_hour == 3  # unset: ./hps.toml
+    for empty in ("", "  "):
+        monkeypatch.setenv("HPS_CONFIG", empty)
+        assert load_settings().limits.rounds_per_hour != 3
+
+
+def test_hps_env_file_names_the_env_file_and_empty_means_none(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    default = tmp_path / ".env"
+    default.write_text("HPS_LIMITS__ROUNDS_PER_HOUR=3\nPOSTGRES_PASSWORD=x\n")
+    monkeypatch.setattr("hps.settings.DEFAULT_ENV_FILE", default)
+    assert load_settings().limits.rounds_per_hour == 3  # unset: ./.env
+    other = tmp_path / "other.env"
+    other.write_text("HPS_LIMITS__ROUNDS_PER_HOUR=4\n")
+    monkeypatch.setenv("HPS_ENV_FILE", str(other))
+    assert load_settings().limits.rounds_per_hour == 4
+    for empty in ("", " "):
+        monkeypatch.setenv("HPS_ENV_FILE", empty)
+        assert load_settings().limits.rounds_per_hour == 10  # the default: no file read
+    # A typo in a file that is not read is no error; in the one read, it is.
+    default.write_text("HPS_LIMITS__ROUND_PER_HOUR=3\n")
+    assert load_settings().limits.rounds_per_hour == 10
+    monkeypatch.delenv("HPS_ENV_FILE")
+    with pytest.raises(ConfigError, match="HPS_LIMITS__ROUND_PER_HOUR"):
+        load_settings()
+    monkeypatch.setenv("HPS_ENV_FILE", str(tmp_path / "missing.env"))
+    with pytest.raises(ConfigError, match="HPS_ENV_FILE: no such file"):
+        load_settings()
+
+
 def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setenv("HPS_DISCORD__TOKEN", "tok-ABC.123")
     monkeypatch.setenv("HPS_DATABASE_URL", "postgresql://app:pa55word@db:5432/hps")
     settings = load_settings()
@@ -67,6 +104,9 @@ def test_secrets_are_redacted(monkeypatch) -> None:  # type: ignore[no-untyped-d
     assert redact_url("postgresql://app@db/hps?sslmode=require&password=q-s3cret") == (
         "postgresql://app@db/hps?sslmode=require&password=***"
     )
+    # The hub's token for gated models (docs/deploy.md) is redacted in the logs too.
+    monkeypatch.setenv("HF_TOKEN", "hf_s3cretHubToken")
+    assert "hf_s3cretHubToken" in load_settings().secret_values()
 
 
 def test_aws_secrets_the_s3_client_reads_from_the_environment_are_redacted_in_logs(

@@ -179,6 +179,7 @@ def serve_env(
         "HPS_SCHEDULES__ADAPT_SD": "",
         "HPS_SCHEDULES__CLOSE_STALE_ROUNDS": "",
         "HPS_SCHEDULES__SCORE_IMAGES": "",
+        "HPS_SCHEDULES__REQUEUE_EXPIRED_JOBS": "",
         "HPS_SCHEDULES__REVIEW_ADAPTERS": "*/2 * * * * *",
         "HPS_WORKER__LEASE_SECONDS": "60",
         "HPS_WORKER__HEARTBEAT_SECONDS": "2",

@@ -59,9 +59,14 @@ CATCH_UP_WINDOW = timedelta(days=7)
 # posted instead.
 REGISTRATION_GRACE = timedelta(minutes=2)
 SHOWN_STATUSES = ("ready", "failed", "closed")
-# A round whose images the store could not give (unreachable for a moment) is shown again
-# after these many seconds, one after the other; then at the next catch-up.
-STORE_RETRY_SECONDS = (1, 2, 5, 10, 30, 60, 120)
+# In flight again: shown only over a message that still shows the round failed (a retry by
+# `hps jobs retry`; the Retry button shows its own).
+RETRIED_STATUSES = ("queued", "generating")
+# A round that could not be shown for a passing reason (the store unreachable for a moment,
+# Discord answering 5xx after discord.py's own retries, the connection to it failing) is
+# shown again after these many seconds, one after the other; then at the next catch-up.
+SHOW_RETRY_SECONDS = (1, 2, 5, 10, 30, 60, 120)
+TRANSIENT = (StoreUnavailable, discord.DiscordServerError, aiohttp.ClientError, TimeoutError)
 PER_ROW = 5  # Discord's limit of buttons in an action row
 PICK = re.compile(r"hps:pick:(?P<round_id>\d+):(?P<position>\d+)")
 
@@ -357,7 +362,7 @@ class Dream(ButtonCog):
 
     @commands.Cog.listener()
     async def on_hps_round(self, round_id: int, status: str) -> None:
-        if status in SHOWN_STATUSES:
+        if status in SHOWN_STATUSES or status in RETRIED_STATUSES:
             await self._show_safely(round_id)
 
     @commands.Cog.listener()
@@ -371,11 +376,11 @@ class Dream(ButtonCog):
     async def _show_safely(self, round_id: int, attempt: int = 0) -> None:
         try:
             await self.show_round(round_id)
-        except StoreUnavailable as exc:
-            if attempt >= len(STORE_RETRY_SECONDS):
+        except TRANSIENT as exc:
+            if attempt >= len(SHOW_RETRY_SECONDS):
                 log.error("could not show the round: %s", exc, extra={"round_id": round_id})
                 return
-            delay = STORE_RETRY_SECONDS[attempt]
+            delay = SHOW_RETRY_SECONDS[attempt]
             log.warning(
                 "could not show the round: %s; trying again in %d s",
                 exc,
@@ -395,14 +400,16 @@ class Dream(ButtonCog):
         await self._show_safely(round_id, attempt)
 
     async def show_round(self, round_id: int) -> None:
-        """Bring the round's message up to date with its status (ready, failed or closed)."""
+        """Bring the round's message up to date with its status (ready, failed or closed;
+        queued or generating over a message that still shows it failed)."""
         pool = self.bot.pool
         async with self._lock(round_id):
             view = await rounds.get_round_view(pool, round_id)
             if view is None:
                 return
             r = view.round
-            if r.status not in SHOWN_STATUSES or r.shown_status == r.status:
+            retried = r.status in RETRIED_STATUSES and r.shown_status == "failed"
+            if (r.status not in SHOWN_STATUSES and not retried) or r.shown_status == r.status:
                 return
             if r.channel_id is None or not self.bot.handles_guild(r.guild_id):
                 return
@@ -430,6 +437,8 @@ class Dream(ButtonCog):
         r = view.round
         if r.status == "failed":
             return formats.failed(view), retry_view(r.id), []
+        if r.status in RETRIED_STATUSES:
+            return formats.retried(view), None, []
         positions = [image.position for image in view.images]
         if not positions:
             return formats.nothing_to_show(view), None, []

@@ -47,7 +47,7 @@ from typing import Any
 from db import models, stats
 from db.connect import Executor, transaction
 from hps.settings import AdaptSettings
-from pipeline.evaluate import wilson_interval
+from pipeline.intervals import wilson_interval
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,14 @@ async def test_rounds_to_show_are_those_whose_message_lags_behind(pool: asyncpg.
     assert await rounds.rounds_to_show(pool, timedelta(days=7)) == [shown, lagging, failed]
     assert (await rounds.get_round(pool, shown)).shown_status == "ready"
     assert await rounds.rounds_to_show(pool, timedelta(days=7), limit=1) == [shown]
+    # A failed round shown failed, then retried by `hps jobs retry`: its message lags too
+    # (it still shows the failure), until it shows the round in flight again.
+    await rounds.set_shown(pool, failed, "failed")
+    assert await rounds.rounds_to_show(pool, timedelta(days=7)) == [shown, lagging]
+    assert await rounds.retry_round(pool, failed) is not None
+    assert await rounds.rounds_to_show(pool, timedelta(days=7)) == [shown, lagging, failed]
+    await rounds.set_shown(pool, failed, "queued")
+    assert await rounds.rounds_to_show(pool, timedelta(days=7)) == [shown, lagging]
     await pool.execute("UPDATE rounds SET created_at = now() - interval '8 days'")
     assert await rounds.rounds_to_show(pool, timedelta(days=7)) == []
     with pytest.raises(asyncpg.CheckViolationError):

@@ -505,3 +505,30 @@ async def test_a_click_failing_after_its_choice_committed_says_it_was_recorded(
     )
     [choice] = await choices_of_round(pool, await pool.fetchval("SELECT id FROM rounds"))
     assert (choice.verdict, choice.chosen_position) == ("pick", 1)
+
+
+async def test_a_round_a_maintainer_retried_from_the_shell_shows_it(
+    bot, fake: FakeDiscord, pool: asyncpg.Pool, worker: TestWorker
+) -> None:
+    """`hps jobs retry` (rounds.retry_round, no click): the message stops showing the
+    failure and its Retry button, then shows the images when they are ready."""
+    _, queued = await dream(fake, ALICE, "a broken cube")
+    message_id = int(queued["id"])
+    worker.fail_with = "the GPU ran out of memory"
+    await worker.run_once()
+    await wait_buttons(fake, message_id, 1)
+    await wait_db(pool, "SELECT shown_status FROM rounds", "failed")
+    round_id = (await _round(pool))["id"]
+    assert await rounds.retry_round(pool, round_id) is not None
+    await fake.wait_for(lambda: "queued this round again" in fake.messages[message_id]["content"])
+    assert fake.messages[message_id]["content"] == (
+        "**a broken cube**\nA maintainer queued this round again: "
+        "I'll post the images here when they are ready."
+    )
+    assert fake.messages[message_id]["components"] == []
+    await wait_db(pool, "SELECT shown_status FROM rounds", "queued")
+    worker.fail_with = None
+    await worker.run_once()
+    await wait_buttons(fake, message_id, 6)
+    assert len(fake.messages[message_id]["attachments"]) == 4
+    await wait_db(pool, "SELECT shown_status FROM rounds", "ready")

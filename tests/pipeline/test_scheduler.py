@@ -236,6 +236,12 @@ async def test_rounds_no_worker_started_in_time_fail_and_free_their_requesters(p
     await pool.execute(
         "UPDATE jobs SET state = 'queued', worker_id = NULL WHERE id = $1", claimed.id
     )
+    # A worker runs the third (its lease held): a job being run is never touched.
+    await pool.execute(
+        "UPDATE jobs SET state = 'running', worker_id = 'w2', attempts = 1, "
+        "lease_expires_at = now() + interval '1 hour' WHERE (payload->>'round_id')::int = $1",
+        started,
+    )
     await rounds.start_generating(pool, started)
     fired = await Scheduler(pool, settings).fire("close_stale_rounds")
     assert fired.detail == "0 round(s) closed, 1 never started failed"
@@ -245,7 +251,7 @@ async def test_rounds_no_worker_started_in_time_fail_and_free_their_requesters(p
     assert (await rounds.get_round(pool, fresh)).status == "queued"
     assert (await rounds.get_round(pool, started)).status == "generating"
     states = dict(await pool.fetch("SELECT (payload->>'round_id')::int, state FROM jobs"))
-    assert states == {waited: "cancelled", fresh: "queued", started: "queued"}
+    assert states == {waited: "cancelled", fresh: "queued", started: "running"}
     # The requester is no longer held at the in-flight limit, and a retry waits anew.
     await rounds.check_may_dream(pool, 1, rounds.Limits(in_flight=1))
     job = await rounds.retry_round(pool, waited)
@@ -261,11 +267,59 @@ async def test_rounds_no_worker_started_in_time_fail_and_free_their_requesters(p
     assert (await Scheduler(pool, off).fire("close_stale_rounds")).detail == "0 round(s) closed"
 
 
+async def test_a_dead_workers_jobs_come_back_without_another_worker(pool) -> None:  # type: ignore[no-untyped-def]
+    """The only worker died mid-job: the scheduler takes its expired leases back (requeued,
+    or dead with the round failed at the last attempt), and a round whose job then waits in
+    the queue past `limits.queued_round_minutes` fails like one never started."""
+    settings = make_settings(limits={"queued_round_minutes": 30})
+    scheduler = Scheduler(pool, settings)
+    assert "requeue_expired_jobs" in scheduler.triggers  # on by default
+    retried = await queued_round(pool, requester=1)
+    last = await queued_round(pool, requester=2, prompt="a blue cone")
+    held = await queued_round(pool, requester=3, prompt="a green ball")
+    claimed = await jobs.claim(pool, ["generate"], "dead-worker", LEASE, limit=3)
+    assert len(claimed) == 3
+    for round_id in (retried, last, held):
+        await rounds.start_generating(pool, round_id)
+    await pool.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second', "
+        "attempts = CASE WHEN (payload->>'round_id')::int = $1 THEN max_attempts ELSE 1 END "
+        "WHERE (payload->>'round_id')::int <> $2",
+        last,
+        held,
+    )
+    fired = await scheduler.fire("requeue_expired_jobs")
+    assert (fired.action, fired.detail) == ("requeued", "1 job(s) requeued, 1 dead-lettered")
+    states = dict(await pool.fetch("SELECT (payload->>'round_id')::int, state FROM jobs"))
+    assert states == {retried: "queued", last: "dead", held: "running"}
+    dead = await rounds.get_round(pool, last)
+    assert dead.status == "failed" and dead.error.startswith("Generation failed after")
+    assert (await rounds.get_round(pool, retried)).status == "generating"
+    again = await scheduler.fire("requeue_expired_jobs")
+    assert (again.action, again.detail) == ("skipped", "no expired lease")
+    # No worker takes the requeued job: past the deadline its generating round fails.
+    assert (await scheduler.fire("close_stale_rounds")).detail == "0 round(s) closed"
+    await pool.execute(
+        "UPDATE jobs SET run_after = now() - interval '31 minutes', "
+        "created_at = now() - interval '40 minutes' WHERE state = 'queued'"
+    )
+    swept = await scheduler.fire("close_stale_rounds")
+    assert swept.detail == "0 round(s) closed, 1 never started failed"
+    failed = await rounds.get_round(pool, retried)
+    assert (failed.status, failed.error) == ("failed", unstarted_error(30))
+    assert (await rounds.get_round(pool, held)).status == "generating"
+
+
 async def test_the_scheduler_heartbeats_while_it_runs(pool) -> None:  # type: ignore[no-untyped-def]
     from db import services
 
     settings = make_settings(
-        schedules={"close_stale_rounds": None, "score_images": None, "review_adapters": None},
+        schedules={
+            "close_stale_rounds": None,
+            "requeue_expired_jobs": None,
+            "score_images": None,
+            "review_adapters": None,
+        },
         health={"heartbeat_seconds": 0.05, "stale_seconds": 1},
     )
     stop = asyncio.Event()

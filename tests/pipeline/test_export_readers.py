@@ -269,7 +269,7 @@ async def test_datasets_folders_use_only_feature_types_datasets_2_and_3_know(
 
 # Python interpreters with other `datasets` versions (e.g. a venv with datasets==2.10.1 and
 # one with 3.6.0), colon-separated: this test then loads the exports with each.
-OLD_DATASETS = os.environ.get("HPS_TEST_OLD_DATASETS_PYTHONS", "")
+OLD_DATASETS = os.environ.get("OLD_DATASETS_PYTHONS", "")
 
 LOAD_SCRIPT = """
 import json, sys
@@ -288,7 +288,7 @@ print(json.dumps(seen))
 """
 
 
-@pytest.mark.skipif(not OLD_DATASETS, reason="HPS_TEST_OLD_DATASETS_PYTHONS is not set")
+@pytest.mark.skipif(not OLD_DATASETS, reason="OLD_DATASETS_PYTHONS is not set")
 async def test_exports_load_with_older_datasets_versions(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     store = LocalImageStore(tmp_path / "store")
     await _choices(pool, store)

@@ -282,7 +282,15 @@ def gc(
             highlight=False,
         )
         return
-    deleted = run(_delete_unused(config, store, unused))
+    from db.locks import LockTimeout
+
+    try:
+        deleted = run(_delete_unused(config, store, unused))
+    except LockTimeout as exc:  # a round committing holds some keys for longer
+        raise fail(
+            f"{exc} (That batch only: the images deleted before it stay deleted; run "
+            "`hps store gc --delete` again.)"
+        ) from None
     console.print(
         f"deleted {deleted} unused images of {len(keys)} in {store.objects.description}",
         highlight=False,

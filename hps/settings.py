@@ -621,6 +621,12 @@ class StoreSettings(Section):
     cache_max_gib: float = Field(
         50.0, gt=0, description="Size of the model cache; the least recently used go first."
     )
+    upload_timeout_seconds: float = Field(
+        8.0,
+        gt=0,
+        description="An image's upload (retries included) gives up after this long, so a "
+        "store that hangs cannot hold a round's transaction; raise it for a slow link.",
+    )
 
     @field_validator("url")
     @classmethod

@@ -76,7 +76,7 @@ def storage(settings: Settings) -> Storage:
         objects = open_objects(settings)
         found = _OPENED[ident] = Storage(
             objects,
-            ImageStore(objects.within("images")),
+            ImageStore(objects.within("images"), settings.store.upload_timeout_seconds),
             settings.cache_dir,
             int(settings.store.cache_max_gib * 1024**3),
         )

@@ -218,7 +218,7 @@ CLIENT_OPTIONS = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(
 # An image's upload (the async writes of `ImageStore`) gives up after this many seconds, its
 # retries included: callers upload inside a transaction that holds row and key locks (a
 # round's images), which a hung endpoint must not hold for minutes.
-UPLOAD_DEADLINE = 8.0
+UPLOAD_DEADLINE = 8.0  # seconds, store.upload_timeout_seconds
 RETRIES = {
     "max_retries": 3,
     "retry_timeout": timedelta(seconds=30),
@@ -475,11 +475,12 @@ class ImageStore:
     the same bytes twice stores them once, and what is read is checked against its key (a
     corrupt file or a damaged transfer is a `StoreError`, never an image shown)."""
 
-    def __init__(self, objects: ObjectStore) -> None:
+    def __init__(self, objects: ObjectStore, upload_timeout: float = UPLOAD_DEADLINE) -> None:
         self.objects = objects
+        self.upload_timeout = upload_timeout
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ImageStore, (self.objects,))
+        return (ImageStore, (self.objects, self.upload_timeout))
 
     @staticmethod
     def _key(data: bytes, suffix: str) -> tuple[str, str]:
@@ -510,7 +511,7 @@ class ImageStore:
         return self.objects.delete(check_key(key))
 
     async def put_async(self, data: bytes, suffix: str = ".png") -> StoredBlob:
-        """Store `data` (`StoreUnavailable` past `UPLOAD_DEADLINE`, as for every async
+        """Store `data` (`StoreUnavailable` past `upload_timeout`, as for every async
         write here)."""
         key, digest = self._key(data, suffix)
         created = await self._deadline(self.objects.create_async(key, data), key)
@@ -533,12 +534,15 @@ class ImageStore:
 
     async def _deadline(self, work: Awaitable[bool], key: str) -> bool:
         try:
-            return await asyncio.wait_for(work, UPLOAD_DEADLINE)
+            return await asyncio.wait_for(work, self.upload_timeout)
         except TimeoutError:
+            # An upload cut off here may still land later: the file is unreferenced, and
+            # `hps store gc` collects it.
             raise StoreUnavailable(
                 f"the object store {self.objects.description} did not store {key} within "
-                f"{UPLOAD_DEADLINE:g} s. Check store.endpoint_url (HPS_STORE__ENDPOINT_URL) "
-                "and that the store answers."
+                f"{self.upload_timeout:g} s. Check store.endpoint_url (HPS_STORE__ENDPOINT_URL) "
+                "and that the store answers; on a slow link, raise store.upload_timeout_seconds "
+                "(HPS_STORE__UPLOAD_TIMEOUT_SECONDS)."
             ) from None
 
     async def get_async(self, key: str) -> bytes:

@@ -149,7 +149,7 @@ async def test_forgetting_deletes_the_users_images_from_the_bucket(
 
 
 async def test_an_upload_to_a_store_that_hangs_gives_up_at_its_deadline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """A server that accepts connections and never answers: the upload (made inside a
     round's transaction) fails at the deadline with a line naming the setting, rather than
@@ -157,13 +157,11 @@ async def test_an_upload_to_a_store_that_hangs_gives_up_at_its_deadline(
     import socket
     import time
 
-    import hps.store
-
-    monkeypatch.setattr(hps.store, "UPLOAD_DEADLINE", 0.5)
     listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
     endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
-        images = storage(_settings(store_section(endpoint, "hung"), tmp_path)).images
+        section = {**store_section(endpoint, "hung"), "upload_timeout_seconds": 0.5}
+        images = storage(_settings(section, tmp_path)).images
         for upload in (images.put_async, images.ensure_async):
             started = time.monotonic()
             with pytest.raises(StoreUnavailable) as caught:
@@ -173,6 +171,9 @@ async def test_an_upload_to_a_store_that_hangs_gives_up_at_its_deadline(
                 f"the object store s3://hung/hps/images at {endpoint} did not store "
             )
             assert "within 0.5 s. Check store.endpoint_url (HPS_STORE__ENDPOINT_URL)" in str(
+                caught.value
+            )
+            assert "raise store.upload_timeout_seconds (HPS_STORE__UPLOAD_TIMEOUT_SECONDS)" in str(
                 caught.value
             )
     finally:

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,41 @@ def test_hps_store_gc_lists_then_deletes_only_the_images_nothing_uses(
     listed = _hps("store", "gc")  # a dry run by default
     assert listed.exit_code == 0, listed.output
     assert f"unused: {unused}" in listed.output and "1 of 3 images" in listed.output
+    assert bucket.exists(unused)
+
+    # A writer holding the unused image's key (a round committing equal bytes): gc says so
+    # and deletes nothing of that batch.
+    from datetime import timedelta
+
+    from db import images
+
+    monkeypatch.setitem(
+        images.delete_unreferenced.__kwdefaults__, "lock_timeout", timedelta(0.3 / 86400)
+    )
+    held, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with conn.transaction():
+                await images.hold_keys(conn, [unused])
+                held.set()
+                await asyncio.to_thread(release.wait, 30)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold(),))
+    holder.start()
+    try:
+        assert held.wait(30)
+        refused = _hps("store", "gc", "--delete")
+    finally:
+        release.set()
+        holder.join()
+    assert refused.exit_code == 1
+    assert "could not lock" in refused.output and "run `hps store gc --delete` again" in (
+        " ".join(refused.output.split())
+    )
     assert bucket.exists(unused)
 
     deleted = _hps("store", "gc", "--delete")

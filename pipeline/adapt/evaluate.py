@@ -122,12 +122,22 @@ async def load_judges(
         try:
             judges += await load([name])
         except Exception as exc:  # missing, unreadable or undownloadable weights
+            if _passing(exc):
+                raise  # an outage (the store, the network) or a full GPU: the job retries
             raise JudgeUnavailable(
                 f"adapt.offline_scorers (HPS_ADAPT__OFFLINE_SCORERS) lists {name}, so the "
                 f"offline evaluation needs its weights, and they cannot be loaded: {exc}. "
                 f"Make them loadable, or remove {name} from adapt.offline_scorers"
             ) from exc
     return judges
+
+
+def _passing(exc: BaseException) -> bool:
+    """A failure that trying again later may not meet (`StoreUnavailable` is a
+    ConnectionError), as opposed to weights that are missing or unreadable."""
+    import torch
+
+    return isinstance(exc, ConnectionError | TimeoutError | torch.OutOfMemoryError)
 
 
 def gate_scorer(recipe: AdaptSettings) -> str:

@@ -12,6 +12,7 @@ import pytest
 
 from db import models
 from hps.settings import AdaptSettings
+from hps.store import StoreUnavailable
 from pipeline.adapt import dataset as data
 from pipeline.adapt.evaluate import PAIRS_FILE, evaluate_adapter
 from pipeline.adapt.run import EVAL_DIR, PROMPTS_FILE, SD_ADAPTATION, open_run
@@ -313,6 +314,14 @@ async def test_a_listed_judge_whose_weights_cannot_load_fails_the_evaluation(
     )
     [aesthetic] = await load_judges(["aesthetic"], load)
     assert aesthetic.name == "aesthetic"
+
+    # An outage while loading is not a setting to fix: it stays itself, and the job retries.
+    async def store_down(names: Any) -> Any:
+        raise StoreUnavailable("the object store s3://b/hps cannot be reached")
+
+    with pytest.raises(StoreUnavailable):
+        await load_judges(["aesthetic"], store_down)
+    assert not any(issubclass(StoreUnavailable, e) for e in SD_ADAPTATION.user_errors)
     # A person's setting to fix: the adapt_sd job is dead-lettered, the CLI says why.
     assert JudgeUnavailable in SD_ADAPTATION.user_errors
     assert JudgeUnavailable in DIFFUSION_DPO.user_errors

@@ -322,7 +322,6 @@ def build_sdxl_architecture(folder: Path) -> Path:
     only: it takes about 14 GB of memory."""
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -333,7 +332,7 @@ def build_sdxl_architecture(folder: Path) -> Path:
         CLIPTokenizer,
     )
 
-    from pipeline.tiny_models import write_clip_tokenizer_files
+    from pipeline.tiny_models import sdxl_scheduler, write_clip_tokenizer_files
 
     bpe = write_clip_tokenizer_files(folder / "bpe")
     tokenizer = CLIPTokenizer.from_pretrained(bpe, model_max_length=77)
@@ -357,13 +356,7 @@ def build_sdxl_architecture(folder: Path) -> Path:
         text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, big_g)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
+        scheduler=sdxl_scheduler(),
     )
     pipe.to(torch.bfloat16)
     pipe.save_pretrained(folder / "sdxl", safe_serialization=True)

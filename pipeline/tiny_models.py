@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import EulerDiscreteScheduler
 
 SIZE = 64  # pixels (the default image size); the VAE halves once, so latents are 32×32
 CROSS_DIM = 8
@@ -168,6 +169,19 @@ def _text_config(tokenizer, **extra):  # type: ignore[no-untyped-def]
 TIME_EMBED_DIM = 4  # SDXL's addition_time_embed_dim, tiny
 
 
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base 1.0's scheduler (its scheduler_config.json)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
 def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
     """Build a tiny SDXL pipeline from configs (diffusers' SDXL tests, smaller) and save it
     in the diffusers layout: two text encoders (the second with a projection, whose output
@@ -177,7 +191,6 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
     import torch
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -223,13 +236,7 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
+        scheduler=sdxl_scheduler(),
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -75,56 +75,18 @@ def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = Non
     """Build a tiny SD 1.x pipeline from configs and save it in the diffusers layout."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         StableDiffusionPipeline,
-        UNet2DConditionModel,
     )
-    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPImageProcessor, CLIPTextModel
 
     from pipeline.tiny_safety import FlagEveryNth
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CROSS_DIM,
-        norm_num_groups=2,
-        attention_head_dim=2,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=SIZE,
-    )
-    with tempfile.TemporaryDirectory() as bpe:
-        tokenizer = CLIPTokenizer.from_pretrained(
-            write_clip_tokenizer_files(Path(bpe)), model_max_length=77
-        )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            hidden_size=CROSS_DIM,
-            intermediate_size=16,
-            layer_norm_eps=1e-05,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            pad_token_id=tokenizer.pad_token_id,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=tokenizer.model_max_length,
-        )
-    )
+    unet = _unet(cross_attention_dim=CROSS_DIM)
+    vae = _vae()
+    tokenizer = _tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -146,6 +108,48 @@ def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = Non
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _unet(**extra):  # type: ignore[no-untyped-def]
+    """The tiny UNet both tiny pipelines share (64 px images, 32×32 latents)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=2,
+        attention_head_dim=2,
+        **extra,
+    )
+
+
+def _vae():  # type: ignore[no-untyped-def]
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=SIZE,
+    )
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as bpe:
+        return CLIPTokenizer.from_pretrained(
+            write_clip_tokenizer_files(Path(bpe)), model_max_length=77
+        )
 
 
 def _text_config(tokenizer, **extra):  # type: ignore[no-untyped-def]
@@ -190,43 +194,20 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
     the pooled embedding and the six size ids)."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         StableDiffusionXLPipeline,
-        UNet2DConditionModel,
     )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
         cross_attention_dim=2 * CROSS_DIM,
-        norm_num_groups=2,
-        attention_head_dim=2,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + CROSS_DIM,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=SIZE,
-    )
-    with tempfile.TemporaryDirectory() as bpe:
-        tokenizer = CLIPTokenizer.from_pretrained(
-            write_clip_tokenizer_files(Path(bpe)), model_max_length=77
-        )
+    vae = _vae()
+    tokenizer = _tokenizer()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(_text_config(tokenizer)),

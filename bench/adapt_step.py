@@ -229,13 +229,12 @@ def build_sd15_architecture(folder: Path) -> Path:
     text tower) with random weights, saved as a pipeline folder."""
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from pipeline.tiny_models import write_clip_tokenizer_files
+    from pipeline.tiny_models import sd_scheduler, write_clip_tokenizer_files
 
     tokenizer = CLIPTokenizer.from_pretrained(
         write_clip_tokenizer_files(folder / "bpe"), model_max_length=77
@@ -262,14 +261,7 @@ def build_sd15_architecture(folder: Path) -> Path:
             )
         ),
         tokenizer=tokenizer,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 SIZE = 64  # pixels (the default image size); the VAE halves once, so latents are 32×32
 CROSS_DIM = 8
@@ -75,7 +75,6 @@ def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = Non
     """Build a tiny SD 1.x pipeline from configs and save it in the diffusers layout."""
     import torch
     from diffusers import (
-        DDIMScheduler,
         StableDiffusionPipeline,
     )
     from transformers import CLIPImageProcessor, CLIPTextModel
@@ -87,14 +86,7 @@ def build_tiny_sd(folder: Path, *, seed: int = 0, safety_every: int | None = Non
     vae = _vae()
     tokenizer = _tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     safety = FlagEveryNth(every=safety_every) if safety_every else None
     pipe = StableDiffusionPipeline(
         unet=unet,
@@ -171,6 +163,20 @@ def _text_config(tokenizer, **extra):  # type: ignore[no-untyped-def]
 
 
 TIME_EMBED_DIM = 4  # SDXL's addition_time_embed_dim, tiny
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """A DDIM scheduler with SD 1.x's noise schedule (its scheduler_config.json's betas)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
 
 def sdxl_scheduler() -> EulerDiscreteScheduler:
